@@ -1,0 +1,155 @@
+"""Configs of the SAE and of its training. Each field's docstring is its help text."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class SaeConfig:
+    """Shape of a TopK sparse autoencoder (the fields of sparsify's `cfg.json`)."""
+
+    expansion_factor: int = 8
+    """Number of latents as a multiple of the input width d_in."""
+
+    num_latents: int = 0
+    """Number of latents. When > 0 it overrides expansion_factor."""
+
+    k: int = 32
+    """Number of latents kept active per input (TopK)."""
+
+    normalize_decoder: bool = True
+    """Keep every decoder row at unit norm during training."""
+
+    activation: Literal["topk"] = "topk"
+    """Sparsity function; only TopK. Kept so that sparsify reads our cfg.json unchanged."""
+
+    def resolve_num_latents(self, d_in: int) -> int:
+        """Width of the SAE for an input of width d_in."""
+        return self.num_latents if self.num_latents > 0 else d_in * self.expansion_factor
+
+    def validate(self, d_in: int | None = None) -> None:
+        if self.expansion_factor <= 0 and self.num_latents <= 0:
+            raise ValueError(
+                f"expansion_factor must be > 0 (got {self.expansion_factor}) "
+                "unless num_latents is set"
+            )
+        if self.num_latents < 0:
+            raise ValueError(f"num_latents must be >= 0 (got {self.num_latents})")
+        if self.k <= 0:
+            raise ValueError(f"k must be > 0 (got {self.k})")
+        if self.activation != "topk":
+            raise ValueError(f"activation must be 'topk' (got {self.activation!r})")
+        if d_in is not None:
+            if d_in <= 0:
+                raise ValueError(f"d_in must be > 0 (got {d_in})")
+            m = self.resolve_num_latents(d_in)
+            if self.k > m:
+                raise ValueError(
+                    f"k={self.k} is larger than num_latents={m}: lower k or widen the SAE"
+                )
+
+
+@dataclass
+class TrainConfig:
+    """How to train one SAE on a matrix of activations."""
+
+    lr: float | None = None
+    """Peak Adam learning rate. Unset: 2e-4 / sqrt(num_latents / 2**14), as in sparsify."""
+
+    batch_size: int = 4096
+    """Activations per optimizer step."""
+
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss that revives dead latents (0 turns it off)."""
+
+    dead_feature_threshold: int = 100_000
+    """A latent is dead once it has not fired for this many training activations. The default
+    is about one epoch of a 10^5-image CLS dataset and a small fraction of an epoch at 10^7;
+    sparsify's 10M counts text tokens and would never fire on a CLS dataset of 10^4..10^6."""
+
+    lr_warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """Decay after warmup: constant, linear to 0 (sparsify's), or cosine to 0."""
+
+    steps: int = 0
+    """Optimizer steps to train. When 0, `epochs` decides."""
+
+    epochs: float = 1.0
+    """Passes over the training split, used when steps is 0."""
+
+    val_fraction: float = 0.05
+    """Fraction of rows held out for validation when no validation set is given."""
+
+    eval_every: int = 100
+    """Steps between validation passes (each one calls the callback)."""
+
+    checkpoint_every: int = 0
+    """Steps between full-state checkpoints offered to the callback (0: at every eval)."""
+
+    seed: int = 0
+    """Seed of initialisation, split and shuffling."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: cuda when available under auto."""
+
+    def validate(self) -> None:
+        checks = [
+            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr must be > 0"),
+            (self.batch_size > 0, "batch_size must be > 0"),
+            (self.auxk_alpha >= 0 and math.isfinite(self.auxk_alpha), "auxk_alpha must be >= 0"),
+            (self.dead_feature_threshold > 0, "dead_feature_threshold must be > 0"),
+            (self.lr_warmup_steps >= 0, "lr_warmup_steps must be >= 0"),
+            (self.lr_schedule in ("constant", "linear", "cosine"),
+             "lr_schedule must be constant, linear or cosine"),
+            (self.steps >= 0, "steps must be >= 0"),
+            (self.steps > 0 or self.epochs > 0, "set steps > 0 or epochs > 0"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.eval_every > 0, "eval_every must be > 0"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                name = message.split()[0]
+                raise ValueError(f"{message} (got {getattr(self, name, None)!r})")
+
+
+def from_dict(cls, values: dict, where: str = ""):
+    """Build a config dataclass from a dict, naming unknown keys instead of ignoring them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown {where or cls.__name__} field(s): {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(names))}"
+        )
+    return cls(**values)
+
+
+def field_help(cls) -> dict[str, str]:
+    """Field docstrings of a config dataclass, read from its source: the CLI's help text."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+__all__ = ["SaeConfig", "TrainConfig", "from_dict", "field_help"]
