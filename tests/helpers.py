@@ -1,0 +1,154 @@
+"""Offline test material: a tiny CLIP checkpoint and generated image datasets."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TINY_IMAGE_SIZE = 32
+
+
+def make_tiny_clip(
+    directory,
+    num_layers: int = 4,
+    hidden_size: int = 32,
+    image_size: int = TINY_IMAGE_SIZE,
+    patch_size: int = 8,
+    full_clip: bool = False,
+    seed: int = 0,
+) -> str:
+    """Save a random CLIPVisionModel (or a whole CLIPModel) plus its image processor config."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    vision = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    if full_clip:
+        text = dict(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=49408,
+        )
+        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(**vision))
+    directory = str(directory)
+    model.save_pretrained(directory)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(directory)
+    return directory
+
+
+def random_image(rng: np.random.Generator, h: int | None = None, w: int | None = None):
+    """A smooth random RGB image (so JPEG round trips stay close), sizes 24..64 by default."""
+    h = h or int(rng.integers(24, 65))
+    w = w or int(rng.integers(24, 65))
+    coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR)
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_image_folder(root, n: int = 24, classes=("cat", "dog"), seed: int = 0) -> str:
+    """An ImageFolder: root/<class>/<i>.png, images of varied sizes."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for i in range(n):
+        cls = classes[i % len(classes)]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        random_image(rng).save(root / cls / f"{i:04d}.png")
+    return str(root)
+
+
+def make_hf_dataset(root, n: int = 24, seed: int = 0, with_label: bool = True) -> str:
+    """A `datasets` save_to_disk directory with an Image column and a ClassLabel column."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    features = {"image": datasets.Image()}
+    data = {"image": [{"bytes": encode(random_image(rng)), "path": None} for _ in range(n)]}
+    if with_label:
+        features["label"] = datasets.ClassLabel(names=["a", "b", "c"])
+        data["label"] = [i % 3 for i in range(n)]
+    ds = datasets.Dataset.from_dict(data, features=datasets.Features(features))
+    ds.save_to_disk(str(root))
+    return str(root)
+
+
+def make_parquet(path, n: int = 24, seed: int = 0, rows_per_group: int = 5) -> str:
+    """A Parquet file with an `img` binary column and an `y` label column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    table = pa.table(
+        {
+            "img": [encode(random_image(rng)) for _ in range(n)],
+            "y": pa.array([i % 4 for i in range(n)], pa.int64()),
+        }
+    )
+    pq.write_table(table, str(path), row_group_size=rows_per_group)
+    return str(path)
+
+
+# file name -> None if it must be converted and kept, else the skip reason
+BAD_IMAGES = {
+    "empty.jpg": "empty",
+    "text.jpg": "not_an_image",
+    "truncated.jpg": "truncated",
+    "huge.png": "too_large",
+    "cmyk.jpg": None,
+    "la.png": None,
+    "p.png": None,
+    "rgba.png": None,
+    "i16.png": None,
+    "onebit.png": None,
+    "one_pixel.png": None,
+    "large.jpg": None,
+}
+
+
+def make_bad_images(root, seed: int = 0, huge_side: int = 12_000) -> dict[str, str | None]:
+    """Write one file of each troublesome kind into root; returns BAD_IMAGES.
+
+    huge.png is huge_side**2 pixels (a zero 1-bit image, tiny on disk): above a
+    max_image_pixels of 10**8 it must be skipped from its header alone."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rgb = random_image(rng, 40, 56)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_bytes(b"this is not an image\n" * 10)
+    (root / "truncated.jpg").write_bytes(encode(random_image(rng, 64, 64), "JPEG")[:300])
+    Image.new("1", (huge_side, huge_side)).save(root / "huge.png")
+    rgb.convert("CMYK").save(root / "cmyk.jpg")
+    rgb.convert("LA").save(root / "la.png")
+    p = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    p.save(root / "p.png", transparency=0)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "rgba.png")
+    gray16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(gray16, mode="I;16").save(root / "i16.png")
+    rgb.convert("1").save(root / "onebit.png")
+    Image.new("RGB", (1, 1), (200, 10, 30)).save(root / "one_pixel.png")
+    random_image(rng, 3000, 4000).save(root / "large.jpg", quality=90)
+    return dict(BAD_IMAGES)
