@@ -1,0 +1,204 @@
+"""The content-addressed activation cache: keys, atomic publication, and the loader trials call.
+
+Layout: `<cache_root>/<key>/part-*.parquet` + `manifest.json`. A run writes into a fresh
+`<cache_root>/.tmp-<key>-<uuid>/`, writes its manifest there last, then renames the directory
+into place, so a cache directory either is complete or does not exist, and two runs never
+share files. Columns: `row_id` int64, `label` int64 (-1: none), `layer_<L>` fixed_shape_tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+Split = Literal["train", "val", "all"]
+
+
+def cache_key(inputs: dict) -> str:
+    """Hash of everything that decides the cache's content (canonical JSON)."""
+    blob = json.dumps({"format": FORMAT_VERSION, **inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def files_fingerprint(paths: list[Path], root: Path) -> str:
+    """Cheap fingerprint of a file set: relative paths, sizes and modification times."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def model_identity(name_or_path: str, revision: str | None) -> dict:
+    """What pins a checkpoint's weights: a content hash for a local directory, else the hub
+    commit the revision resolved to."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+        return {"name_or_path": str(local.resolve()), "weights_sha256": h.hexdigest()}
+    from transformers import AutoConfig
+
+    commit = getattr(
+        AutoConfig.from_pretrained(name_or_path, revision=revision), "_commit_hash", None
+    )
+    return {"name_or_path": name_or_path, "revision": revision, "commit": commit}
+
+
+def unit_hash(row_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A uniform number in [0, 1) per row id (splitmix64): splits that never depend on order."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(row_ids, np.uint64) + np.uint64(seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def start_run(cache_root: str | Path, key: str) -> Path:
+    """A fresh private directory for one run; removes those of dead runs of the same key."""
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for stale in cache_root.glob(f".tmp-{key}-*"):
+        try:
+            owner = json.loads((stale / "owner.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if owner["host"] == host and not _pid_alive(owner["pid"]):
+            shutil.rmtree(stale, ignore_errors=True)
+    run_dir = cache_root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    run_dir.mkdir()
+    (run_dir / "owner.json").write_text(json.dumps({"host": host, "pid": os.getpid()}))
+    return run_dir
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_part(
+    run_dir: str | Path, row_ids: np.ndarray, labels: np.ndarray, acts: dict[int, np.ndarray]
+) -> str:
+    """Write one Parquet part named by its first row id; a retried batch overwrites itself."""
+    columns = {
+        "row_id": pa.array(row_ids, pa.int64()),
+        "label": pa.array(labels, pa.int64()),
+    }
+    for layer in sorted(acts):
+        columns[f"layer_{layer}"] = pa.FixedShapeTensorArray.from_numpy_ndarray(acts[layer])
+    name = f"part-{int(np.min(row_ids)):012d}.parquet"
+    tmp = Path(run_dir) / f".{name}.{uuid.uuid4().hex[:8]}"
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, Path(run_dir) / name)
+    return name
+
+
+def read_columns(cache_dir: str | Path, parts: list[str], columns: list[str]) -> pa.Table:
+    """Columns of the given parts, sorted by row id (Ray finishes parts in any order)."""
+    table = pads.dataset([str(Path(cache_dir) / p) for p in parts], format="parquet").to_table(
+        columns=sorted(set(columns) | {"row_id"})
+    )
+    return table.sort_by("row_id")
+
+
+def finish_run(run_dir: Path, manifest: dict) -> tuple[Path, bool]:
+    """Write the manifest last and atomically, then publish the directory under its key.
+
+    Returns (cache_dir, published); published is False when an identical run got there first.
+    """
+    tmp = run_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, run_dir / "manifest.json")
+    (run_dir / "owner.json").unlink()
+    final = run_dir.parent / manifest["key"]
+    if final.exists() and not (final / "manifest.json").exists():
+        shutil.rmtree(final)  # debris from outside this protocol: never a cache
+    try:
+        os.rename(run_dir, final)
+    except OSError:
+        if not (final / "manifest.json").exists():
+            raise
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return final, False
+    return final, True
+
+
+def find_cache(cache_root: str | Path, key: str) -> Path | None:
+    """The complete cache for key, if any."""
+    cache_dir = Path(cache_root) / key
+    return cache_dir if (cache_dir / "manifest.json").exists() else None
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    path = Path(cache_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{cache_dir} is not a complete activation cache (no manifest.json): "
+            "run `run_sweep.py extract` again to rebuild it"
+        )
+    return json.loads(path.read_text())
+
+
+def _split_table(cache_dir, columns: list[str], split: Split, val_fraction: float, seed: int):
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be train, val or all (got {split!r})")
+    manifest = read_manifest(cache_dir)
+    table = read_columns(cache_dir, manifest["parts"], columns)
+    if split == "all":
+        return table
+    is_val = unit_hash(table["row_id"].to_numpy(), seed) < val_fraction
+    return table.filter(pa.array(is_val if split == "val" else ~is_val))
+
+
+def load_layer(
+    cache_dir: str | Path,
+    layer: int,
+    split: Split = "train",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+) -> np.ndarray:
+    """One layer's activations in the cache dtype, rows ordered by row id: (N, d) in `cls`
+    mode, (N * T, d) in `all` mode. The split is by image (hash of row id), never by token."""
+    column = f"layer_{layer}"
+    layers = read_manifest(cache_dir)["layers"]
+    if layer not in layers:
+        raise KeyError(f"layer {layer} is not in cache {cache_dir} (layers: {layers})")
+    table = _split_table(cache_dir, [column], split, val_fraction, seed)
+    col = table[column]
+    d = col.type.shape[-1]
+    if len(col) == 0:
+        return np.zeros((0, d), col.type.value_type.to_pandas_dtype())
+    flat = [c.storage.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
+    return np.concatenate(flat).reshape(-1, d)
+
+
+def load_labels(cache_dir, split: Split = "train", val_fraction: float = 0.05, seed: int = 0):
+    """Labels (int64, -1: none) per image, in load_layer's image order."""
+    return _split_table(cache_dir, ["label"], split, val_fraction, seed)["label"].to_numpy()
+
+
+def load_row_ids(cache_dir, split: Split = "train", val_fraction: float = 0.05, seed: int = 0):
+    """Row ids (int64) per image, in load_layer's image order."""
+    return _split_table(cache_dir, [], split, val_fraction, seed)["row_id"].to_numpy()

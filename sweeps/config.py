@@ -1,0 +1,256 @@
+"""The sweep service's YAML config: one dataclass per section, field docstrings as help text.
+
+A config file is a mapping of sections (`model:`, `data:`, `extract:`) to fields; `--set
+section.field=value` overrides take YAML values. Adding a section is adding a field to Config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from sae.config import field_help, from_dict
+
+
+@dataclass
+class ModelConfig:
+    """The CLIP checkpoint whose vision activations are cached."""
+
+    name_or_path: str = "openai/clip-vit-base-patch32"
+    """Hub id or local directory of a CLIPModel or CLIPVisionModel checkpoint."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); null: the default branch."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Compute dtype on CUDA (auto: float16). CPU always computes in float32."""
+
+    def validate(self) -> None:
+        _check(bool(self.name_or_path), "model.name_or_path", "set a hub id or a local directory")
+        _check(
+            self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "model.dtype",
+            "use auto, float32, float16 or bfloat16",
+            self.dtype,
+        )
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from."""
+
+    source: Literal["hf", "folder", "parquet"] = "hf"
+    """hf: a Hugging Face dataset; folder: a directory of images (class subdirectories give
+    labels); parquet: Parquet files with an image column."""
+
+    path: str = ""
+    """hf: hub name or local save_to_disk directory; folder: the directory; parquet: a file, a
+    directory or a glob."""
+
+    config: str | None = None
+    """hf: the dataset configuration name, if it has several."""
+
+    split: str = "train"
+    """hf: the split to read."""
+
+    image_column: str = "image"
+    """hf/parquet: column holding the images (HF Image feature, bytes, or file paths)."""
+
+    label_column: str | None = "label"
+    """hf/parquet: integer label column; null when there are no labels (labels are -1)."""
+
+    limit: int = 0
+    """Keep only the first this many selected rows (0: all)."""
+
+    fraction: float = 1.0
+    """Keep this fraction of rows, chosen by a hash of the row id (stable across runs)."""
+
+    seed: int = 0
+    """Seed of the fraction's row hash."""
+
+    def validate(self) -> None:
+        _check(
+            self.source in ("hf", "folder", "parquet"),
+            "data.source",
+            "use hf, folder or parquet",
+            self.source,
+        )
+        _check(bool(self.path), "data.path", "set the dataset name, directory or Parquet path")
+        _check(self.limit >= 0, "data.limit", "use 0 (all) or a positive count", self.limit)
+        _check(0 < self.fraction <= 1, "data.fraction", "use a value in (0, 1]", self.fraction)
+        _check(bool(self.image_column), "data.image_column", "name the image column")
+
+
+@dataclass
+class ExtractConfig:
+    """How the activation cache is built."""
+
+    layers: list[int] = field(default_factory=lambda: [9, 11])
+    """Encoder blocks to cache (0-based; layer L = hidden_states[L + 1]), all in one forward."""
+
+    token_mode: Literal["cls", "all"] = "cls"
+    """cls: the class token only, (N, d); all: every token, (N, T, d)."""
+
+    cache_dir: str = "cache"
+    """Root of the content-addressed caches; shared storage (NFS/...) on a multi-node cluster."""
+
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of the activations."""
+
+    batch_size: int = 64
+    """Images per model forward (and per Parquet part)."""
+
+    rows_per_task: int = 128
+    """Images decoded and preprocessed per CPU task."""
+
+    num_actors: int = 1
+    """Model actors (one model copy each)."""
+
+    num_gpus_per_actor: float | None = None
+    """GPUs per model actor; null: 1 when the cluster has GPUs, else 0 (CPU)."""
+
+    cpu_threads: int = 0
+    """Torch threads per actor when it runs on CPU; 0: this machine's cores / num_actors."""
+
+    max_bad_fraction: float = 0.01
+    """Fail when more than this fraction of images is unusable (they are skipped below it)."""
+
+    max_image_pixels: int = 100_000_000
+    """Images with more pixels (before or after resizing) are skipped as too_large."""
+
+    def validate(self) -> None:
+        layers_ok = (
+            isinstance(self.layers, list)
+            and len(self.layers) > 0
+            and all(isinstance(x, int) and x >= 0 for x in self.layers)
+            and len(set(self.layers)) == len(self.layers)
+        )
+        _check(
+            layers_ok, "extract.layers", "give distinct layers >= 0, e.g. [7, 9, 11]", self.layers
+        )
+        _check(
+            self.token_mode in ("cls", "all"),
+            "extract.token_mode",
+            "use cls or all",
+            self.token_mode,
+        )
+        _check(
+            self.cache_dtype in ("float16", "float32"),
+            "extract.cache_dtype",
+            "use float16 or float32",
+            self.cache_dtype,
+        )
+        for name in ("batch_size", "rows_per_task", "num_actors", "max_image_pixels"):
+            _check(
+                getattr(self, name) > 0, f"extract.{name}", "use a value > 0", getattr(self, name)
+            )
+        _check(
+            self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0,
+            "extract.num_gpus_per_actor",
+            "use null or a value >= 0",
+            self.num_gpus_per_actor,
+        )
+        _check(
+            self.cpu_threads >= 0,
+            "extract.cpu_threads",
+            "use 0 (auto) or a count",
+            self.cpu_threads,
+        )
+        _check(
+            0 <= self.max_bad_fraction <= 1,
+            "extract.max_bad_fraction",
+            "use a value in [0, 1]",
+            self.max_bad_fraction,
+        )
+
+
+@dataclass
+class Config:
+    """A whole config file: one attribute per section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(ok: bool, name: str, fix: str, value=dataclasses.MISSING) -> None:
+    if not ok:
+        got = "" if value is dataclasses.MISSING else f" (got {value!r})"
+        raise ConfigError(f"{name}{got}: {fix}")
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def from_mapping(values: dict) -> Config:
+    """Build and validate a Config; unknown sections and fields are errors that list the valid
+    ones."""
+    sections = _sections()
+    unknown = sorted(set(values) - set(sections))
+    if unknown:
+        raise ConfigError(
+            f"unknown config section(s): {', '.join(unknown)}; valid: {', '.join(sections)}"
+        )
+    built = {}
+    for name, cls in sections.items():
+        body = values.get(name) or {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"section {name} must be a mapping of fields (got {body!r})")
+        try:
+            built[name] = from_dict(cls, body, where=name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    cfg = Config(**built)
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `section.field=value` strings (value parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        target, sep, raw = item.partition("=")
+        section, dot, name = target.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"override {item!r}: write it as section.field=value")
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ConfigError(f"section {section} must be a mapping of fields")
+        values[section][name] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (None: all defaults), apply overrides, validate."""
+    values = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a config is a mapping of sections (model:, data:, ...)")
+    return from_mapping(apply_overrides(values, list(overrides)))
+
+
+def config_help() -> str:
+    """Every `section.field` with its default and help text, for the CLI."""
+    lines = []
+    for name, cls in _sections().items():
+        lines.append(f"{name}:")
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            lines.append(f"  {name}.{f.name} = {default!r}\n      {helps.get(f.name, '')}")
+    return "\n".join(lines)
