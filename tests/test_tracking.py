@@ -1,0 +1,253 @@
+"""MLflow tracking of real tiny Ray Tune sweeps, against SQLite and a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import ray.cloudpickle  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+
+from sweeps.tracking import (  # noqa: E402
+    MlflowTrialCallback,
+    TrackingError,
+    check_tracking_uri,
+    default_tracking_uri,
+    log_sweep_summary,
+    pareto_front,
+    start_sweep_run,
+)
+
+STEPS = 4
+
+# Ray workers cannot import this test module: ship its functions and classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def trainable(config):
+    """Fake SAE training: reports metrics and checkpoints each step; fails or stops on request.
+
+    config: lr; steps; raise_at: a step that raises, once when `marker` is set; interrupt: the
+    driver's pid, interrupted at step 1 (once, with `marker`).
+    """
+    start = 0
+    if checkpoint := tune.get_checkpoint():
+        with checkpoint.as_directory() as d:
+            start = json.loads(Path(d, "state.json").read_text())["step"] + 1
+    steps = config.get("steps", STEPS)
+    for step in range(start, steps):
+        marker = config.get("marker")
+        if step == config.get("raise_at") and not (marker and Path(marker).exists()):
+            if marker:
+                Path(marker).touch()
+            raise RuntimeError(f"boom at step {step}")
+        if step == 1 and config.get("interrupt") and not Path(marker + ".interrupted").exists():
+            Path(marker + ".interrupted").touch()
+            os.kill(config["interrupt"], signal.SIGUSR1)  # Tune's Ctrl-C: checkpoint, then end
+            time.sleep(2)  # still mid-trial when the driver stops
+        metrics = {
+            "step": step,
+            "train/fvu": config["lr"] / (step + 1),
+            "val/fvu": config["lr"] / (step + 1) + 0.01,
+            "val/l0": 8.0,
+            "dead_frac": 0.1,
+            "lr": config["lr"],
+            "ignored": "not a number",
+        }
+        if step == steps - 1:
+            sae_dir = Path(tune.get_context().get_trial_dir(), "sae")
+            sae_dir.mkdir(parents=True, exist_ok=True)
+            (sae_dir / "cfg.json").write_text('{"k": 4}')
+            (sae_dir / "fvu.png").write_bytes(b"\x89PNG fake")
+            metrics["sae_dir"] = str(sae_dir)
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "state.json").write_text(json.dumps({"step": step}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def tracking_uri(request, tmp_path):
+    if request.param == "server":
+        return request.getfixturevalue("mlflow_server")
+    return default_tracking_uri(tmp_path / "out")
+
+
+def run_sweep(tmp_path, uri, param_space, sweep_id="s1", **tune_kwargs):
+    """A tiny sweep with a parent run, as the sweep driver wires it."""
+    parent = start_sweep_run(uri, "sweep", sweep_id, {"tune": {"num_samples": 1}}, {"lr": "grid"})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, **tune_kwargs.pop("tune", {})),
+        run_config=tune.RunConfig(
+            name=sweep_id,
+            storage_path=str(tmp_path / "ray"),
+            callbacks=[MlflowTrialCallback(uri, parent)],
+            verbose=0,
+            **tune_kwargs,
+        ),
+    )
+    return parent, tuner.fit()
+
+
+def children(uri, parent):
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {r.data.params["lr"]: r for r in runs}
+
+
+def test_sweep_logs_parent_children_metrics_artifacts(ray_session, tmp_path, tracking_uri):
+    # Sequential trials: lr 0.1 completes, ASHA stops lr 0.9 (worse at rung 1), lr 0.5 raises.
+    space = {
+        "lr": tune.grid_search([0.1, 0.9, 0.5]),
+        "steps": STEPS,
+        "raise_at": tune.sample_from(lambda spec: 0 if spec.config.lr == 0.5 else None),
+    }
+    asha = ASHAScheduler(max_t=100, grace_period=1, reduction_factor=2)
+    tune_cfg = {"metric": "val/fvu", "mode": "min", "scheduler": asha}
+    parent, grid = run_sweep(tmp_path, tracking_uri, space, tune=tune_cfg)
+    client = MlflowClient(tracking_uri)
+
+    runs = children(tracking_uri, parent)
+    assert sorted(runs) == ["0.1", "0.5", "0.9"]
+    done, stopped, failed = runs["0.1"], runs["0.9"], runs["0.5"]
+    assert done.info.status == "FINISHED" and "stopped_early" not in done.data.tags
+    assert done.data.params["steps"] == str(STEPS)
+    history = client.get_metric_history(done.info.run_id, "val/fvu")
+    assert [m.step for m in history] == list(range(STEPS))
+    assert done.data.metrics["fvu"] == pytest.approx(0.1 / STEPS + 0.01)
+    assert done.data.metrics["train_fvu"] == pytest.approx(0.1 / STEPS)
+    assert {"l0", "dead_frac", "lr", "val/l0", "train/fvu"} <= set(done.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(done.info.run_id, "sae")}
+    assert artifacts == {"sae/cfg.json", "sae/fvu.png"}
+
+    assert stopped.info.status == "FINISHED" and stopped.data.tags["stopped_early"] == "true"
+    assert failed.info.status == "FAILED" and "boom at step 0" in failed.data.tags["error"]
+    error_txt = Path(client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path)))
+    assert "RuntimeError" in error_txt.read_text()
+
+    best = log_sweep_summary(tracking_uri, parent, grid, {"val/fvu": "min"})
+    assert best[0]["run_id"] == done.info.run_id
+    summary = client.get_run(parent).data
+    assert summary.tags["best.run_id"] == done.info.run_id
+    assert summary.tags["best.params.lr"] == "0.1"
+    assert summary.metrics["best/fvu"] == pytest.approx(0.1 / STEPS + 0.01)
+    assert summary.params["tune.num_samples"] == "1"
+    assert summary.params["search_space.lr"] == "grid"
+
+
+def test_retry_from_checkpoint_keeps_one_finished_run(ray_session, tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    space = {"lr": 0.2, "raise_at": 2, "marker": str(tmp_path / "failed_once")}
+    parent, grid = run_sweep(
+        tmp_path, uri, space, failure_config=tune.FailureConfig(max_failures=1)
+    )
+
+    assert not grid.errors
+    (run,) = children(uri, parent).values()
+    assert run.info.status == "FINISHED" and run.data.tags["num_failures"] == "1"
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "val/fvu")
+    assert [m.step for m in history] == list(range(STEPS))  # resumed at step 2, not step 0
+
+
+def test_restore_reopens_the_same_parent_and_children(ray_session, tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    driver = os.getpid()
+    space = {
+        "lr": tune.grid_search([0.3, 0.4]),
+        "steps": 6,
+        "marker": str(tmp_path / "failed_once"),
+        "raise_at": tune.sample_from(lambda spec: 2 if spec.config.lr == 0.3 else None),
+        "interrupt": tune.sample_from(lambda spec: driver if spec.config.lr == 0.4 else None),
+    }
+    # First run: lr 0.3 errors at step 2, then the sweep is interrupted during lr 0.4.
+    parent, _ = run_sweep(tmp_path, uri, space)
+    runs = children(uri, parent)
+    assert runs["0.3"].info.status == "FAILED"
+    assert runs["0.4"].info.status == "KILLED"
+
+    again = start_sweep_run(uri, "sweep", "s1", {}, {})
+    assert again == parent
+    tuner = tune.Tuner.restore(str(tmp_path / "ray" / "s1"), trainable, resume_errored=True)
+    assert not tuner.fit().errors
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep")
+    all_runs = client.search_runs([experiment.experiment_id])
+    assert len(all_runs) == 3  # one parent, two children
+    assert [r.info.status for r in all_runs if r.info.run_id != parent] == ["FINISHED"] * 2
+    runs = children(uri, parent)
+    assert "error" not in runs["0.3"].data.tags
+    for run in runs.values():
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/fvu")]
+        assert sorted(set(steps)) == list(range(6))
+
+
+def test_pareto_front():
+    points = [
+        {"fvu": 0.1, "l0": 64},
+        {"fvu": 0.2, "l0": 32},
+        {"fvu": 0.3, "l0": 64},  # dominated by the first
+        {"fvu": 0.1, "l0": 64},  # a tie stays on the front
+        {"fvu": float("nan"), "l0": 1},
+        {"l0": 1},
+    ]
+    assert pareto_front(points, {"fvu": "min", "l0": "min"}) == [0, 3, 1]
+    assert pareto_front(points, {"fvu": "min"}) == [0, 3]
+    assert pareto_front(points, {"l0": "max"}) == [0, 2, 3]
+    with pytest.raises(ValueError, match="'min' or 'max'"):
+        pareto_front(points, {"fvu": "minimize"})
+
+
+def test_pareto_summary_on_parent(tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    parent = start_sweep_run(uri, "pareto", "p1", {}, {})
+    trials = [
+        {"trial_id": "a", "config": {"k": 8}, "metrics": {"val/fvu": 0.1, "val/l0": 64}},
+        {"trial_id": "b", "config": {"k": 4}, "metrics": {"val/fvu": 0.2, "val/l0": 32}},
+        {"trial_id": "c", "config": {"k": 8}, "metrics": {"val/fvu": 0.3, "val/l0": 64}},
+        {"trial_id": "d", "config": {"k": 2}, "metrics": {"val/fvu": 0.0}, "error": "diverged"},
+    ]
+    front = log_sweep_summary(uri, parent, trials, {"val/fvu": "min", "val/l0": "min"})
+    assert [t["trial_id"] for t in front] == ["a", "b"]
+    client = MlflowClient(uri)
+    tags = client.get_run(parent).data.tags
+    assert tags["pareto.trial_ids"] == "a,b" and tags["pareto.size"] == "2"
+    saved = json.loads(
+        Path(client.download_artifacts(parent, "pareto_front.json", str(tmp_path))).read_text()
+    )
+    assert [t["metrics"] for t in saved] == [
+        {"val/fvu": 0.1, "val/l0": 64},
+        {"val/fvu": 0.2, "val/l0": 32},
+    ]
+
+
+def test_check_tracking_uri(tmp_path, mlflow_server):
+    check_tracking_uri(mlflow_server)
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(TrackingError, match=f"{dead} is not reachable.*mlflow server"):
+        check_tracking_uri(dead, timeout_s=1)
+
+    check_tracking_uri(default_tracking_uri(tmp_path / "new" / "dir"))
+    assert (tmp_path / "new" / "dir").is_dir()
+    (tmp_path / "file").touch()
+    with pytest.raises(TrackingError, match="Cannot create the directory"):
+        check_tracking_uri(default_tracking_uri(tmp_path / "file" / "out"))
+    for uri in (f"file://{tmp_path}", str(tmp_path)):
+        with pytest.raises(TrackingError, match="file store.*sqlite:///"):
+            check_tracking_uri(uri)
