@@ -105,8 +105,10 @@ class TrainConfig:
             (self.auxk_alpha >= 0 and math.isfinite(self.auxk_alpha), "auxk_alpha must be >= 0"),
             (self.dead_feature_threshold > 0, "dead_feature_threshold must be > 0"),
             (self.lr_warmup_steps >= 0, "lr_warmup_steps must be >= 0"),
-            (self.lr_schedule in ("constant", "linear", "cosine"),
-             "lr_schedule must be constant, linear or cosine"),
+            (
+                self.lr_schedule in ("constant", "linear", "cosine"),
+                "lr_schedule must be constant, linear or cosine",
+            ),
             (self.steps >= 0, "steps must be >= 0"),
             (self.steps > 0 or self.epochs > 0, "set steps > 0 or epochs > 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),

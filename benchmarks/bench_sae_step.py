@@ -1,0 +1,122 @@
+"""Activations per second of one SAE training step: this project vs a dense PyTorch reference
+vs EleutherAI sparsify (when installed), same inputs, same Adam, measured in one run.
+
+    python benchmarks/bench_sae_step.py [--steps 7] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sae import SaeConfig, TrainConfig
+from sae.trainer import Trainer, _adam
+
+SHAPES = [(768, 6144, 32, 4096), (768, 3072, 64, 500)]  # (d, M, k, B)
+
+
+def dense_reference(d, M, k, device):
+    """Stock autograd: dense (B, M) latents, dense decoder matmul."""
+    torch.manual_seed(0)
+    W_enc = torch.nn.Parameter(torch.randn(M, d, device=device) / d**0.5)
+    b_enc = torch.nn.Parameter(torch.zeros(M, device=device))
+    W_dec = torch.nn.Parameter(W_enc.data.clone() / W_enc.data.norm(dim=1, keepdim=True))
+    b_dec = torch.nn.Parameter(torch.zeros(d, device=device))
+    params = [W_enc, b_enc, W_dec, b_dec]
+    opt = _adam(params, 1e-4)
+
+    def step(x):
+        pre = torch.relu((x - b_dec) @ W_enc.T + b_enc)
+        vals, idx = pre.topk(k, dim=1, sorted=False)
+        z = torch.zeros_like(pre).scatter(1, idx, vals)
+        e = x - (z @ W_dec + b_dec)
+        loss = e.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+        opt.step()
+        with torch.no_grad():
+            W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+
+    return step
+
+
+def sparsify_step(d, M, k, device):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=M, k=k), device=device)
+    opt = _adam(list(sae.parameters()), 1e-4)
+    dead = torch.zeros(M, dtype=torch.bool, device=device)
+
+    def step(x):
+        out = sae(x, dead_mask=dead)
+        loss = out.fvu + out.auxk_loss / 32
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
+def ours(d, M, k, B, device):
+    acts = torch.randn(B * 4, d)
+    cfg = TrainConfig(batch_size=B, val_fraction=0, steps=10**9, device=device, lr=1e-4)
+    trainer = Trainer(acts, SaeConfig(num_latents=M, k=k), cfg)
+    return lambda x: trainer.train_step(x)
+
+
+def measure(step, x, steps, sync):
+    step(x)  # warm-up: allocations, autotuning
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return len(x) / statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per method")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    try:
+        import sparsify  # noqa: F401
+
+        have_sparsify = True
+    except ImportError:
+        have_sparsify = False
+        print("eai-sparsify not installed (pip install -e '.[bench]'): its column is skipped")
+
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    header = f"{'d':>4} {'M':>5} {'k':>3} {'B':>5} | {'ours':>9} {'dense':>9}"
+    header += f" {'sparsify':>9} | {'ours/dense':>10} {'ours/sparsify':>13}"
+    print(header + "\n" + "-" * len(header))
+    for d, M, k, B in SHAPES:
+        x = torch.randn(B, d, device=device)
+        rate = {"ours": measure(ours(d, M, k, B, args.device), x, args.steps, sync)}
+        rate["dense"] = measure(dense_reference(d, M, k, device), x, args.steps, sync)
+        if have_sparsify:
+            rate["sparsify"] = measure(sparsify_step(d, M, k, device), x, args.steps, sync)
+        sp = rate.get("sparsify", float("nan"))
+        print(
+            f"{d:>4} {M:>5} {k:>3} {B:>5} | {rate['ours']:>9,.0f} {rate['dense']:>9,.0f} "
+            f"{sp:>9,.0f} | {rate['ours'] / rate['dense']:>9.2f}x "
+            f"{rate['ours'] / sp:>12.2f}x"
+        )
+    print("(activations per second, median of timed steps; higher is better)")
+
+
+if __name__ == "__main__":
+    main()

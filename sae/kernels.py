@@ -1,0 +1,138 @@
+"""Fused TopK encoder and sparse decoder with hand-written backward passes.
+
+The one dense product a training step cannot avoid is the encoder matmul. Everything after it
+touches only the k (plus k_aux) selected latents of each row: the encoder's weight gradient is
+a sparse (M, B) x dense (B, d) product, the decoder is an embedding bag. Stock autograd would
+instead materialise dense (B, M) gradients, and sparsify's fused encoder builds a (B*k, d)
+tensor of per-row contributions; both cost more than the matmul we keep.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Sparse CSR is "beta" in PyTorch; the ops used here are stable, the warning is noise in every
+# trial's log.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def _scatter_t_mm(idx_BK: Tensor, vals_BK: Tensor, dense_BD: Tensor, num_latents: int) -> Tensor:
+    """S.T @ dense for the sparse (B, M) matrix S holding `vals_BK` at columns `idx_BK`.
+
+    Built as CSR over latents (rows of S.T), which multiplies faster than COO on CPU.
+    """
+    B, K = idx_BK.shape
+    flat = idx_BK.reshape(-1)
+    order = flat.argsort()
+    crow = torch.zeros(num_latents + 1, dtype=torch.int64, device=flat.device)
+    crow[1:] = torch.bincount(flat, minlength=num_latents).cumsum(0)
+    rows = torch.arange(B, device=flat.device).repeat_interleave(K)
+    S_t = torch.sparse_csr_tensor(
+        crow, rows[order], vals_BK.reshape(-1)[order], (num_latents, B), check_invariants=False
+    )
+    return S_t @ dense_BD
+
+
+def _sampled_dots(idx_BK: Tensor, a_BD: Tensor, W_MD: Tensor) -> Tensor:
+    """<a_b, W[idx_bj]> for every selected (b, j), without gathering (B, K, D) rows."""
+    B, K = idx_BK.shape
+    sorted_BK, perm_BK = idx_BK.sort(dim=1)  # CSR wants sorted columns within a row
+    crow = torch.arange(0, B * K + 1, K, device=idx_BK.device)
+    pattern = torch.sparse_csr_tensor(
+        crow,
+        sorted_BK.reshape(-1),
+        a_BD.new_zeros(B * K),
+        (B, W_MD.shape[0]),
+        check_invariants=False,
+    )
+    dots = torch.sparse.sampled_addmm(pattern, a_BD, W_MD.t(), beta=0.0).values().view(B, K)
+    return torch.empty_like(dots).scatter_(1, perm_BK, dots)
+
+
+class TopKEncode(torch.autograd.Function):
+    """relu(TopK((x - b_dec) @ W_enc.T + b_enc)), plus the AuxK selection among dead latents.
+
+    Returns (acts_BK, indices_BK, aux_acts_BA, aux_indices_BA). The AuxK outputs are empty
+    when `dead_M` is None. Gradients from both selections flow to W_enc, b_enc and b_dec:
+    sparsify's fused encoder drops the AuxK part (its backward ignores the pre-activations'
+    gradient), which leaves dead latents' encoder rows frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_MD, b_enc_M, b_dec_D, k: int, dead_M, k_aux: int):
+        xc_BD = x_BD - b_dec_D
+        pre_BM = torch.addmm(b_enc_M, xc_BD, W_enc_MD.t())
+        # TopK then ReLU selects the same values as ReLU then TopK, on k instead of M columns.
+        acts_BK, idx_BK = pre_BM.topk(k, dim=1, sorted=False)
+        acts_BK = acts_BK.relu_()
+        if dead_M is not None and k_aux > 0:
+            dead_idx = dead_M.nonzero().squeeze(1)
+            aux_acts_BA, local_BA = pre_BM.index_select(1, dead_idx).topk(k_aux, dim=1)
+            aux_acts_BA = aux_acts_BA.relu_()
+            aux_idx_BA = dead_idx[local_BA]
+        else:
+            aux_acts_BA = pre_BM.new_empty(x_BD.shape[0], 0)
+            aux_idx_BA = idx_BK.new_empty(x_BD.shape[0], 0)
+        ctx.save_for_backward(xc_BD, W_enc_MD, idx_BK, acts_BK, aux_idx_BA, aux_acts_BA)
+        ctx.mark_non_differentiable(idx_BK, aux_idx_BA)
+        return acts_BK, idx_BK, aux_acts_BA, aux_idx_BA
+
+    @staticmethod
+    def backward(ctx, g_acts_BK, _g_idx, g_aux_BA, _g_aux_idx):
+        xc_BD, W_enc_MD, idx_BK, acts_BK, aux_idx_BA, aux_acts_BA = ctx.saved_tensors
+        # Gradient w.r.t. the pre-activations, only where something was selected and positive.
+        g_BK = g_acts_BK * (acts_BK > 0)
+        if aux_idx_BA.shape[1] > 0 and g_aux_BA is not None:
+            g_BK = torch.cat([g_BK, g_aux_BA * (aux_acts_BA > 0)], dim=1)
+            idx_BK = torch.cat([idx_BK, aux_idx_BA], dim=1)
+        g_BK = g_BK.to(W_enc_MD.dtype)
+        M = W_enc_MD.shape[0]
+        g_x = g_W = g_b_enc = g_b_dec = None
+        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
+        if need_W:
+            g_W = _scatter_t_mm(idx_BK, g_BK, xc_BD.to(W_enc_MD.dtype), M)
+        if need_b_enc or need_b_dec:
+            g_pre_M = torch.zeros(M, dtype=g_BK.dtype, device=g_BK.device)
+            g_pre_M.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+            g_b_enc = g_pre_M if need_b_enc else None
+            # d/d b_dec of sum_bj g_bj W_enc[j] . (x_b - b_dec) = -(sum_b g_b) @ W_enc
+            g_b_dec = -(g_pre_M @ W_enc_MD) if need_b_dec else None
+        if need_x:
+            g_x = F.embedding_bag(idx_BK, W_enc_MD, per_sample_weights=g_BK, mode="sum")
+        return g_x, g_W, g_b_enc, g_b_dec, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """sum_j acts[b, j] * W_dec[indices[b, j]]: an embedding bag with a sparse backward."""
+
+    @staticmethod
+    def forward(ctx, acts_BK, idx_BK, W_dec_MD):
+        ctx.save_for_backward(acts_BK, idx_BK, W_dec_MD)
+        return F.embedding_bag(
+            idx_BK, W_dec_MD, per_sample_weights=acts_BK.to(W_dec_MD.dtype), mode="sum"
+        )
+
+    @staticmethod
+    def backward(ctx, g_out_BD):
+        acts_BK, idx_BK, W_dec_MD = ctx.saved_tensors
+        g_acts = g_W = None
+        if ctx.needs_input_grad[0]:
+            g_acts = _sampled_dots(idx_BK, g_out_BD.to(W_dec_MD.dtype), W_dec_MD)
+            g_acts = g_acts.to(acts_BK.dtype)
+        if ctx.needs_input_grad[2]:
+            g_W = _scatter_t_mm(
+                idx_BK, acts_BK.to(W_dec_MD.dtype), g_out_BD.to(W_dec_MD.dtype), W_dec_MD.shape[0]
+            )
+        return g_acts, None, g_W
+
+
+def topk_encode(x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M=None, k_aux=0):
+    return TopKEncode.apply(x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M, k_aux)
+
+
+def sparse_decode(acts_BK, idx_BK, W_dec_MD):
+    return SparseDecode.apply(acts_BK, idx_BK, W_dec_MD)

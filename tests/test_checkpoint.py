@@ -1,0 +1,61 @@
+"""Checkpoints: exact round trip, and EleutherAI sparsify loads ours unchanged."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sae import SaeConfig, TopKSae
+
+
+def _trained_like_sae():
+    torch.manual_seed(0)
+    sae = TopKSae(16, SaeConfig(expansion_factor=4, k=5))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return sae
+
+
+def test_save_writes_sparsify_layout_and_load_is_exact(tmp_path):
+    sae = _trained_like_sae()
+    sae.save(tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "cfg.json").read_text())
+    assert cfg["d_in"] == 16 and cfg["k"] == 5 and cfg["expansion_factor"] == 4
+    with safe_open(str(tmp_path / "ckpt" / "sae.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes == {
+        "encoder.weight": (64, 16),
+        "encoder.bias": (64,),
+        "W_dec": (64, 16),
+        "b_dec": (16,),
+    }
+    loaded = TopKSae.load(tmp_path / "ckpt")
+    for (name, a), (_, b) in zip(sae.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randn(8, 16)
+    assert torch.equal(sae(x).sae_out, loaded(x).sae_out)
+
+
+def test_load_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cfg.json is missing"):
+        TopKSae.load(tmp_path)
+
+
+def test_sparsify_loads_our_checkpoint_with_same_latents_and_reconstruction(tmp_path):
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is in the dev extra")
+    sae = _trained_like_sae()
+    sae.save(tmp_path / "ckpt")
+    theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "ckpt")
+    x = torch.randn(32, 16)
+    ours = sae(x)
+    out = theirs(x)
+    torch.testing.assert_close(out.sae_out, ours.sae_out)
+    order_ours = ours.latent_indices.sort(dim=1)
+    order_theirs = out.latent_indices.sort(dim=1)
+    assert torch.equal(order_ours.values, order_theirs.values)
+    torch.testing.assert_close(
+        ours.latent_acts.gather(1, order_ours.indices),
+        out.latent_acts.gather(1, order_theirs.indices),
+    )

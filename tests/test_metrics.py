@@ -1,0 +1,73 @@
+"""Whole-dataset metrics against direct computations."""
+
+import numpy as np
+import torch
+
+from sae import SaeConfig, TopKSae
+from sae.metrics import SaeStats, evaluate
+
+
+def _feed(stats, x, x_hat, batch):
+    for s in range(0, len(x), batch):
+        rows = len(x[s : s + batch])
+        stats.update(
+            x[s : s + batch],
+            x_hat[s : s + batch],
+            torch.ones(rows, 1),
+            torch.zeros(rows, 1, dtype=torch.long),
+        )
+
+
+def test_fvu_of_mean_prediction_is_one_and_of_perfect_reconstruction_is_zero():
+    x = torch.randn(1000, 8) * 3 + 5
+    mean = SaeStats(4)
+    _feed(mean, x, x.mean(0).expand_as(x), batch=128)
+    perfect = SaeStats(4)
+    _feed(perfect, x, x, batch=128)
+    assert abs(mean.result()["fvu"] - 1.0) < 1e-12
+    assert perfect.result()["fvu"] == 0.0
+
+
+def test_float64_accumulation_matches_reference_where_float32_drifts():
+    # Large offset, small spread, many rows: the regime where float32 running sums break.
+    rng = np.random.default_rng(0)
+    n, d = 400_000, 4
+    x64 = 1000.0 + rng.standard_normal((n, d))
+    x_hat64 = x64 + 0.1 * rng.standard_normal((n, d))
+    x, x_hat = torch.from_numpy(x64).float(), torch.from_numpy(x_hat64).float()
+    ref = ((x.double() - x_hat.double()) ** 2).sum() / (
+        (x.double() - x.double().mean(0)) ** 2
+    ).sum()
+
+    stats = SaeStats(4)
+    _feed(stats, x, x_hat, batch=1000)
+    assert abs(stats.result()["fvu"] - ref.item()) < 1e-9
+
+    # The naive float32 one-pass variance (sum x^2 - n mean^2) is far off on the same data.
+    s1 = torch.zeros(d)
+    s2 = torch.zeros(d)
+    for s in range(0, n, 1000):
+        s1 += x[s : s + 1000].sum(0)
+        s2 += (x[s : s + 1000] ** 2).sum(0)
+    naive_var = (s2 - s1**2 / n).sum()
+    naive = ((x - x_hat) ** 2).sum() / naive_var
+    assert abs(naive.item() - ref.item()) > 1e-3
+
+
+def test_l0_dead_and_dense_fractions_match_direct_computation():
+    torch.manual_seed(0)
+    sae = TopKSae(8, SaeConfig(num_latents=32, k=3))
+    x = torch.randn(500, 8)
+    stats = evaluate(sae, x, batch_size=64)
+    acts, idx = sae.encode(x)
+    z = torch.zeros(500, 32).scatter(1, idx, acts)
+    fired = (z > 0).float()
+    freq = fired.mean(0)
+    result = stats.result()
+    assert result["l0"] == fired.sum(1).mean().item()
+    assert result["dead_frac"] == (freq == 0).float().mean().item()
+    assert result["dense_frac"] == (freq > 0.1).float().mean().item()
+    torch.testing.assert_close(stats.firing_frequency(), freq.double())
+    x_hat = sae.decode(acts, idx)
+    direct = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert abs(result["fvu"] - direct.item()) < 1e-5
