@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import (
@@ -57,11 +58,15 @@ def default_tracking_uri(out_dir: str | Path) -> str:
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
-    """Fail before any compute when `uri` cannot be used as a tracking store."""
+    """Fail before any compute when `uri` cannot be used as a tracking store.
+
+    Checks that an http(s) server answers and that a SQLite file's directory can be created;
+    other database and hosted schemes are left to MLflow.
+    """
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
         except urllib.error.HTTPError:
             pass  # it answered: reachable; auth or routing problems surface with a clearer error
         except (OSError, ValueError) as e:
@@ -84,7 +89,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
                 f"Cannot create the directory of the MLflow SQLite store {uri} ({e}). "
                 "Choose a writable output directory or another tracking URI."
             ) from None
-    elif scheme in ("", "file"):
+    elif scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
         raise TrackingError(
             f"Tracking URI {uri} is a file store, which MLflow 3 refuses unless "
             "MLFLOW_ALLOW_FILE_STORE=true. Use a SQLite store instead, e.g. "

@@ -235,7 +235,7 @@ def test_pareto_summary_on_parent(tmp_path):
     ]
 
 
-def test_check_tracking_uri(tmp_path, mlflow_server):
+def test_check_tracking_uri(tmp_path, mlflow_server, monkeypatch):
     check_tracking_uri(mlflow_server)
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -248,6 +248,9 @@ def test_check_tracking_uri(tmp_path, mlflow_server):
     (tmp_path / "file").touch()
     with pytest.raises(TrackingError, match="Cannot create the directory"):
         check_tracking_uri(default_tracking_uri(tmp_path / "file" / "out"))
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     for uri in (f"file://{tmp_path}", str(tmp_path)):
         with pytest.raises(TrackingError, match="file store.*sqlite:///"):
             check_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's explicit opt-in
+    check_tracking_uri(f"file://{tmp_path}")
