@@ -1,0 +1,315 @@
+"""The extraction pipeline and its cache, end to end on a tiny CLIP and generated images."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import (
+    make_bad_images,
+    make_hf_dataset,
+    make_image_folder,
+    make_parquet,
+    make_tiny_clip,
+    random_image,
+)
+from PIL import Image
+
+from sae.clip import load_vision_model
+from sweeps import cache
+from sweeps.config import ConfigError, from_mapping, load_config
+from sweeps.extract import ExtractResult, extract
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"), num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("folder"), n=24)
+
+
+@pytest.fixture(scope="module")
+def built(ray_session, tiny, folder, tmp_path_factory):
+    """The folder's cache in each token mode, built once for the tests that read it."""
+    cache_root = tmp_path_factory.mktemp("cache")
+    return {mode: run(config(tiny, folder, cache_root, token_mode=mode)) for mode in ("cls", "all")}
+
+
+def config(tiny, path, cache_dir, source="folder", **extract):
+    sections = {
+        "model": {"name_or_path": tiny},
+        "data": {"source": source, "path": str(path)},
+        "extract": {
+            "layers": [0, 2],
+            "cache_dir": str(cache_dir),
+            "batch_size": 8,
+            "rows_per_task": 7,
+            **extract,
+        },
+    }
+    return sections
+
+
+def run(sections) -> ExtractResult:
+    return extract(from_mapping(sections))
+
+
+def reference_acts(tiny, images, layers, token_mode):
+    """HF processor, then the full model with output_hidden_states: the plain way."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil.from_pretrained(tiny)
+    model = load_vision_model(tiny)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    return {
+        layer: (hidden[layer + 1][:, 0] if token_mode == "cls" else hidden[layer + 1]).numpy()
+        for layer in layers
+    }
+
+
+@pytest.mark.parametrize("token_mode", ["cls", "all"])
+def test_cache_equals_direct_forward(built, tiny, folder, token_mode):
+    result = built[token_mode]
+    paths = sorted(p for p in Path(folder).rglob("*.png"))
+    want = reference_acts(tiny, [Image.open(p) for p in paths], [0, 2], token_mode)
+    assert cache.load_row_ids(result.cache_dir, split="all").tolist() == list(range(len(paths)))
+    for layer, acts in want.items():
+        got = cache.load_layer(result.cache_dir, layer, split="all")
+        assert got.dtype == np.float16
+        np.testing.assert_allclose(got, acts.reshape(-1, acts.shape[-1]), rtol=2e-3, atol=2e-3)
+    tokens = 1 if token_mode == "cls" else 17
+    assert result.manifest["tokens_per_image"] == tokens
+    assert cache.load_layer(result.cache_dir, 2, split="all").shape == (24 * tokens, 32)
+
+
+def test_cache_contract_with_plain_pyarrow_and_noop_rerun(built, tiny, folder, capsys):
+    result = built["cls"]
+    parts = sorted(glob.glob(str(result.cache_dir / "part-*.parquet")))
+    table = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("row_id")
+    assert table.schema.field("row_id").type == pa.int64()
+    assert table.schema.field("label").type == pa.int64()
+    layer = table.schema.field("layer_2").type
+    assert isinstance(layer, pa.FixedShapeTensorType)
+    assert layer.value_type == pa.float16() and list(layer.shape) == [32]
+    assert table["layer_0"].combine_chunks().to_numpy_ndarray().shape == (24, 32)
+    assert table["label"].to_pylist() == [0] * 12 + [1] * 12  # cat/*, then dog/*
+
+    manifest = json.loads((result.cache_dir / "manifest.json").read_text())
+    assert manifest["rows"] == 24 and manifest["skipped"] == {} and manifest["d_model"] == 32
+    assert manifest["label_names"] == ["cat", "dog"] and manifest["layers"] == [0, 2]
+    capsys.readouterr()
+
+    again = run(config(tiny, folder, result.cache_dir.parent))
+    assert again.reused and again.cache_dir == result.cache_dir
+    assert "cache hit, no work done" in capsys.readouterr().out
+    assert len(os.listdir(result.cache_dir.parent)) == 2  # cls and all: nothing new
+
+
+def test_train_val_split_is_deterministic_and_by_image(built):
+    cache_dir = built["all"].cache_dir
+    train = cache.load_row_ids(cache_dir, "train", val_fraction=0.3, seed=1)
+    val = cache.load_row_ids(cache_dir, "val", val_fraction=0.3, seed=1)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(24))
+    assert 0 < len(val) < 24
+    assert np.array_equal(val, cache.load_row_ids(cache_dir, "val", val_fraction=0.3, seed=1))
+    acts = cache.load_layer(cache_dir, 0, "val", val_fraction=0.3, seed=1)
+    assert acts.shape == (len(val) * 17, 32)  # every token of a validation image
+    assert len(cache.load_labels(cache_dir, "val", val_fraction=0.3, seed=1)) == len(val)
+
+
+def test_hf_dataset_source_with_limit(ray_session, tiny, tmp_path):
+    path = make_hf_dataset(tmp_path / "hf", n=30)
+    sections = config(tiny, path, tmp_path / "cache", source="hf")
+    sections["data"]["limit"] = 10
+    result = run(sections)
+    assert cache.load_row_ids(result.cache_dir, "all").tolist() == list(range(10))
+    assert cache.load_labels(result.cache_dir, "all").tolist() == [i % 3 for i in range(10)]
+    assert result.manifest["label_names"] == ["a", "b", "c"]
+
+
+def test_parquet_source_rows_across_row_groups(ray_session, tiny, tmp_path):
+    path = make_parquet(tmp_path / "data.parquet", n=23, rows_per_group=5)
+    sections = config(tiny, path, tmp_path / "cache", source="parquet")
+    sections["data"].update(image_column="img", label_column="y", fraction=0.6)
+    result = run(sections)
+    row_ids = cache.load_row_ids(result.cache_dir, "all")
+    assert row_ids.tolist() == np.flatnonzero(cache.unit_hash(np.arange(23)) < 0.6).tolist()
+    assert cache.load_labels(result.cache_dir, "all").tolist() == (row_ids % 4).tolist()
+    images = pq.read_table(path)["img"].to_pylist()
+    want = reference_acts(tiny, [Image.open(io.BytesIO(images[i])) for i in row_ids], [2], "cls")
+    got = cache.load_layer(result.cache_dir, 2, "all")
+    np.testing.assert_allclose(got, want[2], rtol=2e-3, atol=2e-3)
+
+
+def test_bad_images_are_counted_and_good_rows_kept(ray_session, tiny, tmp_path):
+    root = tmp_path / "images"
+    make_image_folder(root / "good", n=20)
+    expected = make_bad_images(root / "bad")
+    sections = config(tiny, root, tmp_path / "cache", max_bad_fraction=0.2)
+    result = run(sections)
+    reasons = [r for r in expected.values() if r]
+    assert result.manifest["skipped"] == {r: reasons.count(r) for r in reasons}
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    kept = {str(paths[i].relative_to(root)) for i in cache.load_row_ids(result.cache_dir, "all")}
+    want = {f"good/{p.relative_to(root / 'good')}" for p in (root / "good").rglob("*.png")}
+    want |= {f"bad/{name}" for name, reason in expected.items() if reason is None}
+    assert kept == want
+    acts = cache.load_layer(result.cache_dir, 0, "all")
+    assert np.isfinite(acts).all() and len(acts) == len(want)
+
+
+def test_too_many_bad_images_fail_clearly_and_leave_nothing(ray_session, tiny, tmp_path):
+    root = tmp_path / "images"
+    make_image_folder(root / "good", n=6)
+    make_bad_images(root / "bad", huge_side=100)
+    with pytest.raises(ValueError, match="max_bad_fraction"):
+        run(config(tiny, root, tmp_path / "cache", max_bad_fraction=0.05))
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_non_finite_activations_name_the_rows(ray_session, tmp_path):
+    path = make_tiny_clip(tmp_path / "nan", num_layers=2)
+    model = load_vision_model(path)
+    with torch.no_grad():
+        model.encoder.layers[1].mlp.fc2.bias.fill_(float("inf"))
+    model.save_pretrained(path)
+    folder = make_image_folder(tmp_path / "images", n=5)
+    with pytest.raises(FloatingPointError, match=r"row ids \[0, 1, 2, 3, 4\]"):
+        run(config(path, folder, tmp_path / "cache", layers=[1]))
+
+
+def test_killed_run_then_rerun_gives_a_complete_cache(ray_session, tiny, tmp_path):
+    # one slow-to-decode JPEG, copied: the run takes seconds, so it dies mid-way
+    root = tmp_path / "images"
+    root.mkdir()
+    random_image(np.random.default_rng(0), 1500, 2000).save(root / "0000.jpg", quality=95)
+    for i in range(1, 60):
+        shutil.copy(root / "0000.jpg", root / f"{i:04d}.jpg")
+    cache_root = tmp_path / "cache"
+    sections = config(tiny, root, cache_root, batch_size=2, rows_per_task=2)
+    (tmp_path / "cfg.json").write_text(json.dumps(sections))  # JSON is YAML
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "run_sweep.py",
+            "extract",
+            "--config",
+            str(tmp_path / "cfg.json"),
+            "--address",
+            address,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(cache_root / ".tmp-*" / "part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "extract never wrote a part"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not glob.glob(str(cache_root / "*" / "manifest.json")), "killed run looks complete"
+
+    result = run(sections)
+    assert not result.reused and result.manifest["rows"] == 60
+    assert [p.name for p in cache_root.iterdir()] == [result.cache_dir.name]
+    acts = cache.load_layer(result.cache_dir, 2, "all")
+    want = reference_acts(tiny, [Image.open(root / "0000.jpg")], [2], "cls")[2]
+    np.testing.assert_allclose(acts, np.repeat(want, 60, axis=0), rtol=2e-3, atol=2e-3)
+
+
+CLUSTER_SCRIPT = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from sweeps.config import from_mapping
+from sweeps.extract import extract
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+ray.init(address=cluster.address, log_to_driver=False)
+result = extract(from_mapping(json.loads(sys.argv[1])))
+print(json.dumps({"nodes": result.manifest["run"]["nodes"], "rows": result.manifest["rows"],
+                  "workers": sorted(w.node_id for w in workers)}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_two_simulated_gpu_nodes_each_run_an_actor(tiny, folder, tmp_path):
+    sections = config(
+        tiny,
+        folder,
+        tmp_path / "cache",
+        num_actors=2,
+        num_gpus_per_actor=1,
+        batch_size=2,
+        rows_per_task=2,
+    )
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(sections)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["rows"] == 24
+    assert report["nodes"] == report["workers"]
+
+
+def test_config_errors_name_the_field_and_the_fix(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  source: folder\n  path: /x\nextract:\n  layers: [9]\n")
+    cfg = load_config(cfg_file, ["extract.layers=[1, 3]", "model.dtype=float16"])
+    assert cfg.extract.layers == [1, 3] and cfg.model.dtype == "float16"
+    with pytest.raises(ConfigError, match="unknown config section.*sea"):
+        load_config(cfg_file, ["sea.x=1"])
+    with pytest.raises(ConfigError, match="unknown extract field.*layer"):
+        load_config(cfg_file, ["extract.layer=1"])
+    with pytest.raises(ConfigError, match=r"extract.layers \(got 9\).*\[7, 9, 11\]"):
+        load_config(cfg_file, ["extract.layers=9"])
+    with pytest.raises(ConfigError, match="data.fraction"):
+        load_config(cfg_file, ["data.fraction=0"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(cfg_file, ["extract"])
+
+
+def test_cli_extract_help_lists_config_fields():
+    out = subprocess.run(
+        [sys.executable, "run_sweep.py", "extract", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0
+    assert "extract.max_bad_fraction" in out.stdout and "Fail when more than" in out.stdout
+
+
+def test_layer_out_of_range_is_a_config_error(ray_session, tiny, folder, tmp_path):
+    with pytest.raises(ValueError, match=r"extract.layers.*0\.\.3"):
+        run(config(tiny, folder, tmp_path, layers=[4]))
