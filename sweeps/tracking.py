@@ -249,8 +249,8 @@ class MlflowTrialCallback(tune.Callback):
         self._close(trial, "FAILED")
 
     def on_experiment_end(self, trials, **info):
-        # Trials still open here were interrupted (stopper, Ctrl-C): KILLED until a
-        # Tuner.restore reopens them, so no run stays RUNNING with no trial behind it.
+        # Trials still open here did not finish (Ctrl-C, a stopper's stop_all, a time budget).
+        # KILLED, so no run stays RUNNING with nothing behind it; Tuner.restore reopens them.
         for trial in trials:
             if trial.trial_id in self._runs:
                 self._flush(trial.trial_id)
