@@ -75,6 +75,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def total_steps(cfg: TrainConfig, n_train: int, batch_size: int) -> int:
+    """Optimizer steps of a run: cfg.steps, or cfg.epochs passes of n_train rows."""
+    return cfg.steps or max(1, math.ceil(cfg.epochs * n_train / batch_size))
+
+
 def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     warmup = min(cfg.lr_warmup_steps, max(total_steps - 1, 0))
 
@@ -135,9 +140,7 @@ class Trainer:
         self.n_train = len(self.train_idx)
         self.batch_size = min(cfg.batch_size, self.n_train)
         self.batches_per_epoch = self.n_train // self.batch_size
-        self.total_steps = cfg.steps or max(
-            1, math.ceil(cfg.epochs * self.n_train / self.batch_size)
-        )
+        self.total_steps = total_steps(cfg, self.n_train, self.batch_size)
 
         torch.manual_seed(cfg.seed)
         self.sae = TopKSae(d_in, sae_cfg, device=self.device)

@@ -137,6 +137,11 @@ def start_sweep_run(
     return run.info.run_id
 
 
+def finish_sweep_run(tracking_uri: str, parent_run_id: str, failed: bool = False) -> None:
+    """Close the parent run: FAILED when any trial errored, else FINISHED."""
+    MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+
+
 class MlflowTrialCallback(tune.Callback):
     """Keeps exactly one MLflow child run per Tune trial, across retries and Tuner.restore.
 
