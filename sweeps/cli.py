@@ -6,7 +6,11 @@ import argparse
 import os
 import sys
 
+from pathlib import Path
+
 from sweeps.config import ConfigError, config_help, load_config
+
+DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
 
 def init_ray(address: str | None) -> None:
@@ -15,9 +19,15 @@ def init_ray(address: str | None) -> None:
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(
+                f"Ray cluster at {address} cannot be reached ({e}); check `ray status` on the "
+                "head, the address, or unset RAY_ADDRESS to run locally"
+            ) from None
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -26,6 +36,39 @@ def cmd_extract(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     init_ray(args.address)
     extract(cfg)
+    return 0
+
+
+def _sweep(cfg, args, resume: bool) -> int:
+    from sweeps.tune import check_sweep, run_sweep
+
+    check_sweep(cfg)  # before Ray starts: no compute is spent on a config that cannot run
+    init_ray(args.address)
+    result = run_sweep(cfg, resume=resume)
+    return 1 if not result.best else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    return _sweep(load_config(args.config, args.set), args, resume=False)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _sweep(load_config(args.config, args.set), args, resume=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sweeps.demo import prepare_demo
+
+    cfg = load_config(args.config or DEMO_CONFIG, args.set)
+    prepare_demo(Path(cfg.model.name_or_path).parent)
+    return _sweep(cfg, args, resume=False)
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from sweeps.best import best_trials, print_best
+
+    cfg = load_config(args.config, args.set)
+    print_best(best_trials(cfg, top=args.top), cfg)
     return 0
 
 
@@ -52,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(extract)
     extract.set_defaults(func=cmd_extract)
+    commands = [
+        ("demo", cmd_demo, "the offline demo: a tiny CLIP, generated images, a real sweep"),
+        ("sweep", cmd_sweep, "extract when the cache is missing, then run the sweep"),
+        ("resume", cmd_resume, "continue an interrupted sweep (same config)"),
+        ("best", cmd_best, "the top trials and where their SAEs are"),
+    ]
+    for name, func, text in commands:
+        cmd = sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog="config fields:\n" + config_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _common(cmd)
+        if name == "best":
+            cmd.add_argument("--top", type=int, default=5, help="how many trials to list")
+        cmd.set_defaults(func=func)
     return parser
 
 
@@ -61,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -14,7 +14,11 @@ from typing import Literal
 
 import yaml
 
-from sae.config import field_help, from_dict
+from sae.config import SaeConfig, TrainConfig, field_help, from_dict
+from sweeps.space import SearchConfig
+
+#: Fields set per trial by the search space, so not settable in the fixed sections.
+SEARCHED = {"sae": ("k", "expansion_factor", "num_latents"), "train": ("lr", "auxk_alpha")}
 
 
 @dataclass
@@ -170,16 +174,161 @@ class ExtractConfig:
 
 
 @dataclass
+class TuneSettings:
+    """How Ray Tune runs the trials."""
+
+    num_samples: int = 8
+    """Trials to run."""
+
+    max_concurrent: int = 2
+    """Trials running at once (Optuna proposes the next from the finished ones)."""
+
+    cpus_per_trial: float = 1.0
+    """CPUs reserved per trial."""
+
+    gpus_per_trial: float = 0.0
+    """GPUs per trial; fractions share a GPU between trials (0.25: four per GPU)."""
+
+    seed: int = 0
+    """Seed of the Optuna sampler."""
+
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    """Optuna sampler: tpe (multivariate; multi-objective too) or nsga2."""
+
+    objectives: list[str] = field(default_factory=lambda: ["val/fvu:min"])
+    """metric:mode pairs; several give a Pareto front, e.g. [val/fvu:min, val/l0:min]."""
+
+    asha: bool = True
+    """Stop trials early with ASHA on val/fvu (single objective only)."""
+
+    grace_period: int = 100
+    """ASHA: optimizer steps every trial runs before it can be stopped."""
+
+    reduction_factor: int = 2
+    """ASHA: keep the best 1/reduction_factor of trials at each rung."""
+
+    max_failures: int = 2
+    """Retries of a failed trial, each from its last checkpoint."""
+
+    show_top: int = 10
+    """Trials in the summary table."""
+
+    verbose: int = 1
+    """Tune's console output: 0 silent, 1 status table, 2 every result."""
+
+    def objective_modes(self) -> dict[str, str]:
+        """{metric: mode} of `objectives`, in order."""
+        return dict(o.rsplit(":", 1) for o in self.objectives)
+
+    def validate(self) -> None:
+        for name in ("num_samples", "max_concurrent", "grace_period"):
+            _check(getattr(self, name) > 0, f"tune.{name}", "use a value > 0", getattr(self, name))
+        _check(
+            self.cpus_per_trial > 0, "tune.cpus_per_trial", "use a value > 0", self.cpus_per_trial
+        )
+        _check(
+            0 <= self.gpus_per_trial <= 1,
+            "tune.gpus_per_trial",
+            "use 0 (CPU), a fraction to share a GPU, or 1: a trial trains on one GPU",
+            self.gpus_per_trial,
+        )
+        _check(
+            self.reduction_factor >= 2,
+            "tune.reduction_factor",
+            "use 2 or more",
+            self.reduction_factor,
+        )
+        _check(self.max_failures >= 0, "tune.max_failures", "use 0 or more", self.max_failures)
+        _check(self.sampler in ("tpe", "nsga2"), "tune.sampler", "use tpe or nsga2", self.sampler)
+        from sweeps.tracking import METRIC_KEYS
+
+        ok = bool(self.objectives) and all(
+            isinstance(o, str)
+            and o.count(":") == 1
+            and o.split(":")[0] in METRIC_KEYS
+            and o.split(":")[1] in ("min", "max")
+            for o in self.objectives
+        )
+        _check(
+            ok,
+            "tune.objectives",
+            f"give metric:mode pairs with a metric in {list(METRIC_KEYS)} and mode min or max",
+            self.objectives,
+        )
+        _check(
+            not (self.asha and len(self.objectives) > 1),
+            "tune.asha",
+            "ASHA stops on val/fvu alone, which would cut trials on the Pareto front of several "
+            "objectives: set tune.asha=false for a multi-objective sweep",
+            self.asha,
+        )
+
+
+@dataclass
+class SweepSettings:
+    """Names and places of a sweep's results."""
+
+    name: str = "sweep"
+    """Sweep name: the Tune experiment directory and the MLflow experiment."""
+
+    out_dir: str = "runs"
+    """Local output directory (Tune results and the MLflow SQLite store by default)."""
+
+    storage_path: str = ""
+    """Tune's storage (absolute; shared NFS on a cluster); empty: <out_dir>/ray_results."""
+
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty: sqlite:///<out_dir>/mlflow.db. On a cluster, the head's
+    `mlflow server`, e.g. http://<head-ip>:5000."""
+
+    experiment: str = ""
+    """MLflow experiment; empty: the sweep name."""
+
+    def resolved_tracking_uri(self) -> str:
+        from sweeps.tracking import default_tracking_uri
+
+        return self.tracking_uri or default_tracking_uri(self.out_dir)
+
+    def validate(self) -> None:
+        _check(
+            bool(self.name) and "/" not in self.name,
+            "sweep.name",
+            "give a name without '/'",
+            self.name,
+        )
+        _check(bool(self.out_dir), "sweep.out_dir", "give a directory")
+
+
+@dataclass
 class Config:
     """A whole config file: one attribute per section."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+
+    def __post_init__(self):
+        # Storage must be absolute for Ray; resolve against where the command runs.
+        out = Path(self.sweep.out_dir).resolve()
+        self.sweep.storage_path = str(
+            Path(self.sweep.storage_path or out / "ray_results").resolve()
+        )
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
-            getattr(self, section.name).validate()
+            try:
+                getattr(self, section.name).validate()
+            except ConfigError:
+                raise
+            except ValueError as e:
+                msg = str(e)
+                prefix = "" if msg.startswith(f"{section.name}.") else f"{section.name}."
+                raise ConfigError(prefix + msg) from None
 
 
 class ConfigError(ValueError):
@@ -211,6 +360,13 @@ def from_mapping(values: dict) -> Config:
         body = values.get(name) or {}
         if not isinstance(body, dict):
             raise ConfigError(f"section {name} must be a mapping of fields (got {body!r})")
+        for searched in SEARCHED.get(name, ()):
+            if searched in body:
+                raise ConfigError(
+                    f"{name}.{searched} is chosen per trial: set it under search.{searched}"
+                    if searched != "num_latents"
+                    else f"{name}.num_latents: the width comes from search.expansion_factor"
+                )
         try:
             built[name] = from_dict(cls, body, where=name)
         except ValueError as e:

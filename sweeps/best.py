@@ -1,0 +1,64 @@
+"""`best`: the top trials of a sweep and where their SAEs are, read back from MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from sweeps.config import Config
+from sweeps.tracking import final_name
+from sweeps.tune import SUMMARY_COLUMNS, experiment_path, format_table
+
+
+def best_trials(cfg: Config, top: int = 5) -> list[dict]:
+    """Finished trials of the sweep, best first by the first objective."""
+    uri = cfg.sweep.resolved_tracking_uri()
+    client = MlflowClient(uri)
+    name = cfg.sweep.experiment or cfg.sweep.name
+    experiment = client.get_experiment_by_name(name)
+    sweep_id = str(experiment_path(cfg))
+    parents = (
+        client.search_runs([experiment.experiment_id], f"tags.sweep_id = '{sweep_id}'")
+        if experiment
+        else []
+    )
+    if not parents:
+        raise FileNotFoundError(
+            f"no sweep {cfg.sweep.name!r} with results {sweep_id} in MLflow store {uri}: "
+            "run `sae-sweep sweep` with this config first"
+        )
+    metric, mode = next(iter(cfg.tune.objective_modes().items()))
+    order = f"metrics.{final_name(metric)} {'ASC' if mode == 'min' else 'DESC'}"
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parents[0].info.run_id}' and status = 'FINISHED'",
+        order_by=[order],
+        max_results=top,
+    )
+    rows = []
+    for run in runs:
+        trial_id = run.data.tags.get("trial_id", "")
+        sae_dir = experiment_path(cfg) / "sae" / trial_id
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": "STOPPED" if run.data.tags.get("stopped_early") else "DONE",
+                **{c: run.data.params.get(c) for c in SUMMARY_COLUMNS},
+                **{k: run.data.metrics.get(final_name(k)) for k in ("val/fvu", "val/l0")},
+                "dead_frac": run.data.metrics.get("dead_frac"),
+                "sae_dir": str(sae_dir) if (Path(sae_dir) / "cfg.json").exists() else None,
+                "mlflow_uri": f"runs:/{run.info.run_id}/sae",
+            }
+        )
+    return rows
+
+
+def print_best(rows: list[dict], cfg: Config) -> None:
+    print(format_table(rows, cfg.tune.objective_modes(), limit=len(rows)))
+    if rows:
+        best = rows[0]
+        print(f"best SAE: {best['sae_dir'] or '(stopped early: no final SAE)'}")
+        print(f"  in MLflow: {best['mlflow_uri']}  (mlflow.artifacts.download_artifacts)")
+        print("  load it: from sae import TopKSae; TopKSae.load(path)")

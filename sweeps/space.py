@@ -1,0 +1,196 @@
+"""The search space: each hyperparameter is fixed, a list of choices, or a range.
+
+The space is define-by-run for Optuna: `suggest(trial)` asks for values one by one, so
+auxk_alpha is only sampled in trials where `auxk` is on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+#: name -> (value type, log scale by default for ranges, lower bound, bound is exclusive)
+PARAMS: dict[str, tuple[type, bool, float, bool]] = {
+    "layer": (int, False, 0, False),
+    "expansion_factor": (int, False, 1, False),
+    "k": (int, False, 1, False),
+    "lr": (float, True, 0.0, True),
+    "auxk_alpha": (float, False, 0.0, False),
+}
+
+
+@dataclass
+class SearchConfig:
+    """Search space. Each of lr, k, layer, expansion_factor and auxk_alpha is a value (fixed),
+    a list (choices), or {low, high[, log][, step]} (a range; lr is log-scaled by default)."""
+
+    lr: Any = field(default_factory=lambda: {"low": 1e-4, "high": 1e-2})
+    """Adam learning rate."""
+
+    k: Any = field(default_factory=lambda: [16, 32, 64])
+    """Active latents per input."""
+
+    layer: Any = 9
+    """CLIP vision block whose output the SAE reads; must be among extract.layers."""
+
+    expansion_factor: Any = field(default_factory=lambda: [4, 8])
+    """Latents per input dimension."""
+
+    auxk_alpha: Any = 1 / 32
+    """Weight of the AuxK loss; only sampled when auxk is on."""
+
+    auxk: Any = True
+    """AuxK on (true), off (false), or searched ([true, false])."""
+
+    points_to_evaluate: list[dict] = field(default_factory=list)
+    """Known-good settings to try first, e.g. [{lr: 5e-4, k: 64, layer: 11}]."""
+
+    def validate(self) -> None:
+        SearchSpace.from_config(self)
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One hyperparameter: fixed (`values` of one), choices, or a range [low, high]."""
+
+    name: str
+    values: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def is_range(self) -> bool:
+        return self.low is not None
+
+
+def parse_dim(name: str, spec: Any) -> Dim:
+    kind, log_default, bound, exclusive = PARAMS[name]
+    where = f"search.{name}"
+
+    def check_value(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{where}: {v!r} is not a number")
+        if kind is int and v != int(v):
+            raise ValueError(f"{where}: {v!r} must be a whole number")
+        if not math.isfinite(v) or v < bound or (exclusive and v == bound):
+            op = ">" if exclusive else ">="
+            raise ValueError(f"{where}: {v!r} must be {op} {bound:g}")
+        return kind(v)
+
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"low", "high", "log", "step"}
+        if unknown or "low" not in spec or "high" not in spec:
+            raise ValueError(
+                f"{where}: a range is {{low: .., high: .., log: bool, step: ..}} (got {spec!r})"
+            )
+        low, high = check_value(spec["low"]), check_value(spec["high"])
+        if not low < high:
+            raise ValueError(f"{where}: empty range, low={low} must be < high={high}")
+        log = bool(spec.get("log", log_default))
+        if log and low <= 0:
+            raise ValueError(f"{where}: a log range needs low > 0 (got {low})")
+        return Dim(name, low=low, high=high, log=log, step=spec.get("step"))
+    if isinstance(spec, list):
+        if not spec:
+            raise ValueError(f"{where}: empty list of choices; give at least one value")
+        return Dim(name, values=tuple(dict.fromkeys(check_value(v) for v in spec)))
+    return Dim(name, values=(check_value(spec),))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    dims: dict[str, Dim]
+    auxk: tuple[bool, ...]
+    points_to_evaluate: tuple[dict, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: SearchConfig) -> SearchSpace:
+        dims = {name: parse_dim(name, getattr(cfg, name)) for name in PARAMS}
+        auxk = cfg.auxk if isinstance(cfg.auxk, list) else [cfg.auxk]
+        if not auxk or not all(isinstance(a, bool) for a in auxk):
+            raise ValueError(f"search.auxk: use true, false or [true, false] (got {cfg.auxk!r})")
+        for i, point in enumerate(cfg.points_to_evaluate):
+            unknown = set(point) - set(PARAMS) - {"auxk"}
+            if unknown:
+                raise ValueError(
+                    f"search.points_to_evaluate[{i}]: unknown keys {sorted(unknown)}; "
+                    f"use {sorted([*PARAMS, 'auxk'])}"
+                )
+        space = cls(dims, tuple(dict.fromkeys(auxk)), tuple(cfg.points_to_evaluate))
+        space.optuna_points()  # validates the points against the space
+        return space
+
+    def bounds(self, name: str) -> tuple[float, float]:
+        """Smallest and largest value a dimension can take."""
+        d = self.dims[name]
+        return (d.low, d.high) if d.is_range else (min(d.values), max(d.values))
+
+    def layers(self) -> list[int]:
+        d = self.dims["layer"]
+        return list(range(int(d.low), int(d.high) + 1)) if d.is_range else list(d.values)
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """Optuna define-by-run: sample the searched values, return the fixed ones."""
+        fixed: dict[str, Any] = {}
+
+        def ask(dim: Dim):
+            if len(dim.values) == 1:
+                fixed[dim.name] = dim.values[0]
+            elif dim.values:
+                trial.suggest_categorical(dim.name, list(dim.values))
+            elif PARAMS[dim.name][0] is int:
+                trial.suggest_int(
+                    dim.name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log
+                )
+            else:
+                trial.suggest_float(dim.name, dim.low, dim.high, step=dim.step, log=dim.log)
+
+        for name in ("layer", "expansion_factor", "k", "lr"):
+            ask(self.dims[name])
+        auxk = (
+            self.auxk[0] if len(self.auxk) == 1 else trial.suggest_categorical("auxk", [*self.auxk])
+        )
+        if auxk:
+            ask(self.dims["auxk_alpha"])
+        else:
+            fixed["auxk_alpha"] = 0.0
+        return fixed
+
+    def optuna_points(self) -> list[dict[str, Any]]:
+        """points_to_evaluate as Optuna params: searched dimensions only, checked to lie in the
+        space (a point cannot change a fixed value)."""
+        out = []
+        for i, point in enumerate(self.points_to_evaluate):
+            where = f"search.points_to_evaluate[{i}]"
+            params = {}
+            for name, value in point.items():
+                if name == "auxk":
+                    if value not in self.auxk:
+                        raise ValueError(f"{where}: auxk={value!r} is not in {list(self.auxk)}")
+                    if len(self.auxk) > 1:
+                        params[name] = value
+                    continue
+                dim = self.dims[name]
+                value = parse_dim(name, value).values[0]
+                inside = (dim.low <= value <= dim.high) if dim.is_range else value in dim.values
+                if not inside:
+                    raise ValueError(f"{where}: {name}={value!r} lies outside search.{name}")
+                if dim.is_range or len(dim.values) > 1:
+                    params[name] = value
+            out.append(params)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """A flat, loggable description of the space."""
+        out: dict[str, Any] = {}
+        for name, d in self.dims.items():
+            out[name] = (
+                f"[{d.low}, {d.high}]{' log' if d.log else ''}"
+                if d.is_range
+                else (d.values[0] if len(d.values) == 1 else list(d.values))
+            )
+        out["auxk"] = list(self.auxk) if len(self.auxk) > 1 else self.auxk[0]
+        return out

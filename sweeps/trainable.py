@@ -1,0 +1,67 @@
+"""One Ray Tune trial: train an SAE on one cached layer with `train_sae`, report, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from sae import SaeConfig, TrainConfig
+from sae.trainer import Trainer
+
+SAE_DIR_KEY = "sae_dir"
+
+
+def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeConfig, TrainConfig]:
+    """The SAE and training configs of one trial: sampled values over the fixed settings.
+
+    `fixed["train"]["batch_size"]` counts images, as in the seed's write-up; in `all` token
+    mode each image holds `tokens_per_image` activations.
+    """
+    sae_cfg = dataclasses.replace(
+        SaeConfig(**fixed["sae"]),
+        k=int(config["k"]),
+        expansion_factor=int(config["expansion_factor"]),
+    )
+    train = dict(fixed["train"])
+    train["batch_size"] = train["batch_size"] * fixed["tokens_per_image"]
+    train_cfg = TrainConfig(**train, lr=float(config["lr"]), auxk_alpha=float(config["auxk_alpha"]))
+    return sae_cfg, train_cfg
+
+
+def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str, Any]) -> None:
+    """Tune function trainable. `layers` maps a layer to object refs of its (train, val) arrays,
+    put once by the driver; ray.get maps them read-only and zero-copy on the trial's node."""
+    sae_cfg, train_cfg = trial_configs(config, fixed)
+    train_ref, val_ref = layers[int(config["layer"])]
+    acts, val_acts = ray.get([train_ref, val_ref])
+    trainer = Trainer(acts, sae_cfg, train_cfg, val_acts=val_acts)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        # A retried or restored trial continues from its last checkpoint, not from step 0.
+        with checkpoint.as_directory() as directory:
+            trainer.load_state(directory)
+
+    sae_dir = Path(fixed["sae_root"]) / tune.get_context().get_trial_id()
+
+    def report(metrics: dict, trainer: Trainer) -> None:
+        metrics = {**metrics, "layer": int(config["layer"])}
+        final = trainer.step >= trainer.total_steps
+        if final:
+            # The final SAE goes to the sweep's storage (shared on a cluster), where the
+            # driver logs it to MLflow and `best` finds it.
+            trainer.sae.save(sae_dir)
+            metrics[SAE_DIR_KEY] = str(sae_dir)
+        if trainer.checkpoint_due():
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer.save_state(tmp)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            tune.report(metrics)
+
+    trainer.fit(report)
