@@ -129,8 +129,8 @@ def _index_parquet(data: DataConfig) -> Source:
 
 
 @functools.lru_cache(maxsize=4)
-def _open_hf(path: str, config: str | None, split: str, columns: tuple[str, ...]):
-    """The split with undecoded images (bytes + path), cached per worker process."""
+def _open_hf(path: str, config: str | None, split: str, image_column: str):
+    """The split with undecoded images (bytes + path), opened once per worker process."""
     import datasets
 
     if Path(path).is_dir():
@@ -141,45 +141,49 @@ def _open_hf(path: str, config: str | None, split: str, columns: tuple[str, ...]
             ds = ds[split]
     else:
         ds = datasets.load_dataset(path, config, split=split)
-    if isinstance(ds.features.get(columns[0]), datasets.Image):
-        ds = ds.cast_column(columns[0], datasets.Image(decode=False))
-    return ds.select_columns([c for c in columns if c in ds.column_names])
+    if isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
 
 
 def _index_hf(data: DataConfig) -> Source:
-    ds = _open_hf(data.path, data.config, data.split, _hf_columns(data))
+    ds = _open_hf(data.path, data.config, data.split, data.image_column)
     _check_columns(data, ds.column_names)
     label = ds.features.get(data.label_column) if data.label_column else None
     index = pa.table({"row_id": pa.array(np.arange(len(ds)), pa.int64())})
     return Source(index, ds._fingerprint, getattr(label, "names", None))
 
 
-def _hf_columns(data: DataConfig) -> tuple[str, ...]:
-    return (data.image_column,) + ((data.label_column,) if data.label_column else ())
+def _columns(data: DataConfig) -> list[str]:
+    return [data.image_column] + ([data.label_column] if data.label_column else [])
 
 
 # ---- decode + preprocess (CPU tasks) ----
 
 
 def _fetch(index: dict[str, np.ndarray], data: DataConfig) -> tuple[list, np.ndarray]:
-    """Raw image values and labels for a block of index rows."""
-    n = len(index["row_id"])
+    """Raw image values (bytes, HF dicts or paths) and labels for a block of index rows."""
     if data.source == "folder":
-        return [Path(p).read_bytes() for p in index["path"]], index["label"]
+        return list(index["path"]), index["label"]  # read by decode_image: a row-level error
     if data.source == "hf":
-        ds = _open_hf(data.path, data.config, data.split, _hf_columns(data))
-        rows = ds[index["row_id"].tolist()]
-        labels = rows.get(data.label_column) if data.label_column else None
-        return rows[data.image_column], _labels(labels, n)
+        ds = _open_hf(data.path, data.config, data.split, data.image_column)
+        rows = ds.select_columns(_columns(data))[index["row_id"].tolist()]
+        labels = rows[data.label_column] if data.label_column else None
+        return rows[data.image_column], _labels(labels, len(index["row_id"]))
+    return _fetch_parquet(index, data)
+
+
+def _fetch_parquet(index: dict[str, np.ndarray], data: DataConfig) -> tuple[list, np.ndarray]:
+    """Read only the row groups holding the block's rows."""
+    n = len(index["row_id"])
     images, labels = [None] * n, [None] * n
-    columns = list(_hf_columns(data))
     for file in np.unique(index["file"]):
         at = np.flatnonzero(index["file"] == file)
         local = index["row"][at]
         starts = _row_group_starts(file)
         group_of = np.searchsorted(starts, local, side="right") - 1
         groups = np.unique(group_of)
-        table = pq.ParquetFile(file).read_row_groups(groups.tolist(), columns=columns)
+        table = pq.ParquetFile(file).read_row_groups(groups.tolist(), columns=_columns(data))
         # read_row_groups concatenates the groups: where each group starts in `table`
         sizes = starts[groups + 1] - starts[groups]
         base = np.cumsum(sizes) - sizes
@@ -188,7 +192,7 @@ def _fetch(index: dict[str, np.ndarray], data: DataConfig) -> tuple[list, np.nda
         for i, j in enumerate(at):
             images[j] = taken[data.image_column][i]
             labels[j] = taken[data.label_column][i] if data.label_column else None
-    return images, _labels(labels, n)
+    return images, _labels(labels if data.label_column else None, n)
 
 
 @functools.lru_cache(maxsize=64)
