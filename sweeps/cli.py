@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -12,21 +13,37 @@ from sweeps.config import ConfigError, config_help, load_config
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
 
+def check_ray_address(address: str) -> None:
+    """Fail in seconds, not after Ray's minute of retries, when a cluster does not answer."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or hostport, int(port or 10001)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"Ray cluster at {address} cannot be reached ({e}); check the address and "
+            "`ray status` on the head node, or unset RAY_ADDRESS to run locally"
+        ) from None
+
+
 def init_ray(address: str | None) -> None:
     """Connect to a cluster when an address is given (flag or RAY_ADDRESS), else start one."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ConfigError(
-                f"Ray cluster at {address} cannot be reached ({e}); check `ray status` on the "
-                "head, the address, or unset RAY_ADDRESS to run locally"
-            ) from None
+        check_ray_address(address)
+        ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        # Loopback: a local instance needs no other interface.
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
