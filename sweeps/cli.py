@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -88,6 +89,34 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from sweeps.analyze import AnalyzeOptions, analyze
+
+    fields = [f.name for f in dataclasses.fields(AnalyzeOptions)]
+    opts = AnalyzeOptions(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    analyze(load_config(args.config, args.set), opts)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give latent ids like 1,2,3") from None
+
+
+def _analyze_flags(cmd: argparse.ArgumentParser) -> None:
+    from sae.config import field_help
+    from sweeps.analyze import AnalyzeOptions
+
+    helps = field_help(AnalyzeOptions)
+    types = {"layer": int, "latents": _int_list, "top_latents": int, "top_images": int}
+    types |= {"batch_size": int, "downstream_images": int}
+    for f in dataclasses.fields(AnalyzeOptions):
+        flag = f"--{f.name.replace('_', '-')}"
+        cmd.add_argument(flag, type=types.get(f.name), help=helps[f.name])
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (default: all defaults)")
     parser.add_argument(
@@ -116,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweep", cmd_sweep, "extract when the cache is missing, then run the sweep"),
         ("resume", cmd_resume, "continue an interrupted sweep (same config)"),
         ("best", cmd_best, "the top trials and where their SAEs are"),
+        ("analyze", cmd_analyze, "latent statistics, top images, downstream checks, sweep plots"),
     ]
     for name, func, text in commands:
         cmd = sub.add_parser(
@@ -128,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(cmd)
         if name == "best":
             cmd.add_argument("--top", type=int, default=5, help="how many trials to list")
+        if name == "analyze":
+            _analyze_flags(cmd)
         cmd.set_defaults(func=func)
     return parser
 

@@ -1,0 +1,217 @@
+"""Analysis: statistics and top images against a direct computation, the splice check, the
+HTML report in headless Chromium, and `run_sweep.py analyze` end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from sae import SaeConfig, TopKSae
+from sae.clip import Preprocessing
+from sweeps import cache
+from sweeps.analysis import iter_images, scan, spliced_embeddings, zero_shot
+from sweeps.cli import DEMO_CONFIG
+from sweeps.config import load_config
+from sweeps.demo import make_image_folder, make_tiny_clip
+from sweeps.extract import index_source
+from sweeps.tune import run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("red", "green", "blue")
+
+
+def save_tiny_tokenizer(directory) -> None:
+    """A byte-level CLIP tokenizer without merges, with CLIP's special token ids."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": i + 256 for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, ray_session):
+    """A finished tiny sweep on a full CLIPModel (with tokenizer): its --set overrides."""
+    root = tmp_path_factory.mktemp("analysis")
+    model = make_tiny_clip(root / "clip", num_layers=3, hidden_size=32, full_clip=True)
+    save_tiny_tokenizer(model)
+    images = make_image_folder(root / "images", n=240, classes=CLASSES)
+    sets = [
+        f"model.name_or_path={model}",
+        f"data.path={images}",
+        f"extract.cache_dir={root / 'cache'}",
+        f"sweep.out_dir={root / 'out'}",
+        "sweep.name=analysis",
+        "extract.layers=[1, 2]",
+        "search.layer=[1, 2]",
+        "search.k=[4, 8]",
+        "tune.num_samples=3",
+        "train.epochs=2",
+        "tune.verbose=0",
+    ]
+    cfg = load_config(DEMO_CONFIG, sets)
+    run_sweep(cfg)
+    (cache_dir,) = [p for p in (root / "cache").iterdir() if (p / "manifest.json").exists()]
+    return {"sets": sets, "cfg": cfg, "root": root, "cache_dir": cache_dir}
+
+
+def synthetic_cache(root: Path, token_mode: str, n: int = 300, t: int = 3, d: int = 16) -> Path:
+    """A cache of random activations, written in parts of uneven size, rows out of order."""
+    rng = np.random.default_rng(0)
+    run_dir = cache.start_run(root, token_mode)
+    shape = (n, d) if token_mode == "cls" else (n, t, d)
+    acts = rng.standard_normal(shape).astype(np.float16)
+    row_ids, labels = rng.permutation(n) + 1000, rng.integers(-1, 4, n)
+    parts = []
+    for lo, hi in ((0, 70), (70, 71), (71, 200), (200, n)):
+        parts.append(cache.write_part(run_dir, row_ids[lo:hi], labels[lo:hi], {3: acts[lo:hi]}))
+    manifest = {"key": token_mode, "layers": [3], "parts": sorted(parts), "rows": n}
+    return cache.finish_run(run_dir, manifest)[0]
+
+
+@pytest.mark.parametrize("token_mode", ["cls", "all"])
+def test_statistics_and_top_images_equal_a_direct_computation(tmp_path, token_mode):
+    cache_dir = synthetic_cache(tmp_path, token_mode)
+    torch.manual_seed(0)
+    sae = TopKSae(16, SaeConfig(expansion_factor=4, k=3))
+    stats, _ = scan(sae, cache_dir, 3, top_n=5, batch_size=37)
+
+    x_ND = torch.from_numpy(cache.load_layer(cache_dir, 3, "all")).float()
+    rows, labels = cache.load_row_ids(cache_dir, "all"), cache.load_labels(cache_dir, "all")
+    with torch.no_grad():
+        acts_NK, idx_NK = sae.encode(x_ND)
+        x_hat = sae.decode(acts_NK, idx_NK).double()
+    z_NM = torch.zeros(len(x_ND), sae.num_latents).scatter_(1, idx_NK, acts_NK).double()
+    x = x_ND.double()
+    fired = (z_NM > 0).sum(0)
+    assert stats.summary["fvu"] == pytest.approx(
+        float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-6
+    )
+    assert stats.summary["l0"] == pytest.approx(float((z_NM > 0).sum(1).double().mean()))
+    assert stats.summary["images"] == len(rows)
+    np.testing.assert_allclose(stats.frequency_M, (fired / len(x_ND)).numpy())
+    assert stats.summary["dead_frac"] == pytest.approx(float((fired == 0).double().mean()))
+    np.testing.assert_allclose(stats.max_act_M, z_NM.max(0).values.numpy(), rtol=1e-6)
+    mean = z_NM.sum(0) / fired.clamp(min=1)
+    np.testing.assert_allclose(stats.mean_act_M, mean.numpy(), rtol=1e-5)
+
+    # An image's activation is its highest token's: the top images are the top rows of that.
+    img_NM = z_NM.view(len(rows), -1, sae.num_latents).amax(1)
+    for m in range(sae.num_latents):
+        order = torch.argsort(img_NM[:, m], descending=True, stable=True)[:5].numpy()
+        np.testing.assert_allclose(stats.top_act_MN[m], img_NM[order, m].numpy(), rtol=1e-6)
+        live = img_NM[order, m].numpy() > 0
+        assert (stats.top_row_MN[m][live] == rows[order][live]).all()
+        assert (stats.top_label_MN[m][live] == labels[order][live]).all()
+
+
+@pytest.mark.parametrize("token_mode", ["cls", "all"])
+def test_splice_with_the_identity_keeps_the_original_accuracy(swept, token_mode):
+    from transformers import AutoTokenizer, CLIPModel
+
+    cfg = swept["cfg"]
+    model_dir = cfg.model.name_or_path
+    clip = CLIPModel.from_pretrained(model_dir).eval()
+    pre = Preprocessing.from_pretrained(model_dir)
+    source = index_source(cfg.data)
+    batches = list(iter_images(source.index, range(60), cfg.data, pre, batch_size=25))
+    pixels = pre.normalize(torch.from_numpy(batches[0][2]), torch.float32)
+    embs = spliced_embeddings(clip, pixels, 1, token_mode, {"spliced": lambda x: x})
+    # The spliced forward is the model's own forward: same embeddings as get_image_features.
+    reference = clip.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(embs["original"], reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embs["spliced"], embs["original"])
+
+    acc = zero_shot(
+        clip, AutoTokenizer.from_pretrained(model_dir), list(CLASSES), batches, 1, token_mode,
+        lambda x: x, pre,
+    )  # fmt: skip
+    assert acc["zero_shot/spliced"] == acc["zero_shot/original"]
+    assert set(acc) == {"zero_shot/original", "zero_shot/spliced", "zero_shot/zero_ablation"}
+
+
+@pytest.fixture(scope="module")
+def analyzed(swept):
+    """`run_sweep.py analyze` on the finished sweep, as a user runs it."""
+    out = swept["root"] / "report"
+    args = [sys.executable, str(ROOT / "run_sweep.py"), "analyze", "--config", DEMO_CONFIG]
+    args += [a for s in swept["sets"] for a in ("--set", s)]
+    args += ["--top-latents", "6", "--top-images", "4", "--out", str(out)]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
+def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyzed):
+    out, stdout = analyzed
+    for name in ("report.html", "summary.json", "latents.csv", "frequency.png", "top_images.png"):
+        assert (out / name).is_file(), name
+    for name in ("pareto.png", "fvu_vs_params.png", "best_per_layer.png", "importances.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 240 and len(summary["latents"]) == 6
+    checks = summary["downstream"]
+    for key in ("probe/original", "probe/reconstructed", "zero_shot/spliced"):
+        assert 0 <= checks[key] <= 1, key
+    assert re.search(r"analyze \w+ \(layer \d\): 240 images, fvu ", stdout)
+
+    run_id = re.search(r"logged to MLflow run (\w+)", stdout).group(1)
+    client = MlflowClient(swept["cfg"].sweep.resolved_tracking_uri())
+    logged = {a.path for a in client.list_artifacts(run_id, "analysis")}
+    assert {"analysis/report.html", "analysis/top_images.png"} <= logged
+    run = client.get_run(run_id)
+    assert run.data.metrics["analysis/fvu"] == pytest.approx(summary["fvu"])
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    parent_logged = {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}
+    assert "analysis/pareto.png" in parent_logged
+
+
+def test_report_renders_in_headless_chromium_with_its_images_loaded(analyzed, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
+    out, _ = analyzed
+    html = (out / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained
+    # Probe appended to a copy: record, once loaded, how many images decoded.
+    probe = (
+        "<script>addEventListener('load', () => { const im = [...document.images];"
+        " document.body.dataset.images = im.length;"
+        " document.body.dataset.loaded = im.filter(i => i.complete && i.naturalWidth > 0).length;"
+        "});</script>"
+    )
+    page = tmp_path / "report.html"
+    page.write_text(html.replace("</body>", probe + "</body>"))
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+    ]  # fmt: skip
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    found = re.search(r'data-images="(\d+)" data-loaded="(\d+)"', dom)
+    assert found, dom[:2000]
+    images, loaded = map(int, found.groups())
+    assert images > 6 and loaded == images  # figures plus thumbnails, every one decoded
+
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colors is None or len(colors) > 50  # a rendered page, not a blank one
