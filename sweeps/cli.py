@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from sweeps.config import ConfigError, config_help, load_config
+from sweeps.config import ConfigError, config_help, load_config, load_configs
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -56,21 +56,22 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(cfg, args, resume: bool) -> int:
+def _sweep(configs, args, resume: bool) -> int:
     from sweeps.tune import check_sweep, run_sweep
 
-    check_sweep(cfg)  # before Ray starts: no compute is spent on a config that cannot run
+    for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run
+        check_sweep(cfg)
     init_ray(args.address)
-    result = run_sweep(cfg, resume=resume)
-    return 1 if not result.best else 0
+    results = [run_sweep(cfg, resume=resume) for cfg in configs]
+    return 0 if all(r.best for r in results) else 1
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    return _sweep(load_config(args.config, args.set), args, resume=False)
+    return _sweep(load_configs(args.config, args.set), args, resume=False)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    return _sweep(load_config(args.config, args.set), args, resume=True)
+    return _sweep(load_configs(args.config, args.set), args, resume=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -78,14 +79,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config or DEMO_CONFIG, args.set)
     prepare_demo(Path(cfg.model.name_or_path).parent)
-    return _sweep(cfg, args, resume=False)
+    return _sweep([cfg], args, resume=False)
 
 
 def cmd_best(args: argparse.Namespace) -> int:
     from sweeps.best import best_trials, print_best
 
-    cfg = load_config(args.config, args.set)
-    print_best(best_trials(cfg, top=args.top), cfg)
+    for cfg in load_configs(args.config, args.set):
+        print_best(best_trials(cfg, top=args.top), cfg)
     return 0
 
 

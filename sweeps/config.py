@@ -7,6 +7,7 @@ section.field=value` overrides take YAML values. Adding a section is adding a fi
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,13 @@ class ExtractConfig:
             "use float16 or float32",
             self.cache_dtype,
         )
+        _check(
+            "://" not in self.cache_dir,
+            "extract.cache_dir",
+            "a cache is published by renaming its directory, which object stores cannot do: use "
+            "a directory every node mounts (NFS, e.g. EFS at /mnt/shared as in cluster.yaml)",
+            self.cache_dir,
+        )
         for name in ("batch_size", "rows_per_task", "num_actors", "max_image_pixels"):
             _check(
                 getattr(self, name) > 0, f"extract.{name}", "use a value > 0", getattr(self, name)
@@ -275,11 +283,12 @@ class SweepSettings:
     """Local output directory (Tune results and the MLflow SQLite store by default)."""
 
     storage_path: str = ""
-    """Tune's storage (absolute; shared NFS on a cluster); empty: <out_dir>/ray_results."""
+    """Tune's storage and the final SAEs: a directory (on a cluster, shared by every node, e.g.
+    NFS) or a URI such as s3://bucket/sweeps; empty: <out_dir>/ray_results."""
 
     tracking_uri: str = ""
-    """MLflow tracking URI; empty: sqlite:///<out_dir>/mlflow.db. On a cluster, the head's
-    `mlflow server`, e.g. http://<head-ip>:5000."""
+    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI when set (cluster.yaml sets it to the
+    head's `mlflow server` on every node), else sqlite:///<out_dir>/mlflow.db."""
 
     experiment: str = ""
     """MLflow experiment; empty: the sweep name."""
@@ -287,7 +296,8 @@ class SweepSettings:
     def resolved_tracking_uri(self) -> str:
         from sweeps.tracking import default_tracking_uri
 
-        return self.tracking_uri or default_tracking_uri(self.out_dir)
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        return self.tracking_uri or env or default_tracking_uri(self.out_dir)
 
     def validate(self) -> None:
         _check(
@@ -313,11 +323,9 @@ class Config:
     sweep: SweepSettings = field(default_factory=SweepSettings)
 
     def __post_init__(self):
-        # Storage must be absolute for Ray; resolve against where the command runs.
-        out = Path(self.sweep.out_dir).resolve()
-        self.sweep.storage_path = str(
-            Path(self.sweep.storage_path or out / "ray_results").resolve()
-        )
+        # Storage must be absolute for Ray; resolve local paths against where the command runs.
+        storage = self.sweep.storage_path or str(Path(self.sweep.out_dir) / "ray_results")
+        self.sweep.storage_path = storage if "://" in storage else str(Path(storage).resolve())
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
@@ -390,14 +398,28 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (None: all defaults), apply overrides, validate."""
-    values = {}
-    if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+def load_configs(path: str | Path | None, overrides: list[str] = ()) -> list[Config]:
+    """Every YAML document of a file as a validated Config (None: one all-defaults config).
+
+    A file may hold several sweeps separated by `---` (seed-models.yaml does); overrides apply
+    to each."""
+    docs = list(yaml.safe_load_all(Path(path).read_text())) if path is not None else [{}]
+    configs = []
+    for i, values in enumerate(docs):
+        values = values or {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a config is a mapping of sections (model:, data:, ...)")
-    return from_mapping(apply_overrides(values, list(overrides)))
+            where = f"{path} (document {i + 1})" if len(docs) > 1 else str(path)
+            raise ConfigError(f"{where}: a config is a mapping of sections (model:, data:, ...)")
+        configs.append(from_mapping(apply_overrides(values, list(overrides))))
+    return configs
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a one-document YAML config (None: all defaults), apply overrides, validate."""
+    configs = load_configs(path, overrides)
+    if len(configs) != 1:
+        raise ConfigError(f"{path} holds {len(configs)} configs; this command takes one")
+    return configs[0]
 
 
 def config_help() -> str:

@@ -74,7 +74,7 @@ def make_image_folder(root, n: int = 24, classes=("cat", "dog"), seed: int = 0) 
     return str(root)
 
 
-def prepare_demo(assets_dir: str | Path, n_images: int = 1200) -> tuple[str, str]:
+def prepare_demo(assets_dir: str | Path, n_images: int = 2400) -> tuple[str, str]:
     """Build (once) the demo's tiny CLIP and image folder; returns their paths."""
     assets = Path(assets_dir)
     model_dir, images_dir = assets / "tiny-clip", assets / "images"

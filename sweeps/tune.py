@@ -26,7 +26,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from sae.trainer import total_steps
-from sweeps import cache, tracking
+from sweeps import cache, storage, tracking
 from sweeps.config import Config, ConfigError
 from sweeps.extract import extract
 from sweeps.space import SearchSpace
@@ -37,7 +37,8 @@ SUMMARY_COLUMNS = ("layer", "k", "expansion_factor", "lr", "auxk_alpha")
 
 @dataclass
 class SweepResult:
-    experiment_path: Path
+    experiment_path: str
+    """A directory or a URI (s3://...), as sweep.storage_path."""
     parent_run_id: str
     tracking_uri: str
     rows: list[dict[str, Any]]
@@ -85,8 +86,9 @@ def check_sweep(cfg: Config) -> None:
         raise ConfigError(f"sweep.tracking_uri: {e}") from None
 
 
-def experiment_path(cfg: Config) -> Path:
-    return Path(cfg.sweep.storage_path).resolve() / cfg.sweep.name
+def experiment_path(cfg: Config) -> str:
+    """The sweep's Tune experiment: an absolute directory or a URI (s3://...)."""
+    return storage.join(cfg.sweep.storage_path, cfg.sweep.name)
 
 
 def _sampler(cfg: Config):
@@ -121,7 +123,7 @@ def _trainable(cfg: Config, refs, tokens_per_image: int):
         "sae": {"normalize_decoder": cfg.sae.normalize_decoder, "num_latents": 0},
         "train": train,
         "tokens_per_image": tokens_per_image,
-        "sae_root": str(experiment_path(cfg) / "sae"),
+        "sae_root": storage.join(experiment_path(cfg), "sae"),
     }
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(run_trial, layers=refs, fixed=fixed), resources)
@@ -130,13 +132,13 @@ def _trainable(cfg: Config, refs, tokens_per_image: int):
 def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback, resume: bool):
     path = experiment_path(cfg)
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
+        if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(
                 f"no sweep to resume at {path}: run `sweep` first, or check sweep.name and "
                 "sweep.storage_path"
             )
         # Finished trials stay finished; unfinished and errored ones go on from checkpoints.
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     objectives = cfg.tune.objective_modes()
     metric, mode = list(objectives), list(objectives.values())
     if len(objectives) == 1:
@@ -164,10 +166,13 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback,
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.tune.max_concurrent),
             scheduler=scheduler,
             num_samples=cfg.tune.num_samples,
+            # A trial is seconds to minutes of training: starting a fresh worker process
+            # for each would cost a large share of it.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=cfg.sweep.name,
-            storage_path=str(path.parent),
+            storage_path=cfg.sweep.storage_path,
             callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -195,7 +200,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
     parent = tracking.start_sweep_run(
         uri,
         cfg.sweep.experiment or cfg.sweep.name,
-        sweep_id=str(path),
+        sweep_id=path,
         config=dataclasses.asdict(cfg),
         search_space=space.describe(),
         cache_key=ex.manifest["key"],
