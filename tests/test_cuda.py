@@ -38,3 +38,28 @@ def test_cuda_bf16_training_learns_the_dictionary():
     W = torch.nn.functional.normalize(result.sae.W_dec.detach().cpu(), dim=1)
     assert (atoms @ W.T).max(dim=1).values.mean() > 0.9
     assert result.metrics["fvu"] < 0.2
+
+
+def test_cuda_half_precision_capture_matches_fp32_hidden_states():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from sae.clip import capture_layers, load_vision_model
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    model = CLIPVisionModel(cfg).eval()
+    pixels = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    gpu = load_vision_model(model, dtype=torch.float16).cuda()
+    with torch.no_grad():
+        got = capture_layers(gpu, pixels.cuda().half(), [1, 3], token_mode="all")
+    for layer in (1, 3):
+        torch.testing.assert_close(got[layer].float().cpu(), ref[layer + 1], atol=3e-2, rtol=3e-2)
