@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -34,20 +34,36 @@ PROMPT = "a photo of a {}."
 def iter_layer(
     cache_dir: str | Path, layer: int, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, Tensor]]:
-    """(row_id_B, label_B, x_BTD float32) batches of one cached layer, T = 1 in `cls` mode."""
+    """(row_id_B, label_B, x_BTD float32) batches of one cached layer, T = 1 in `cls` mode.
+
+    Parts are read one at a time and regrouped into batches of batch_size images (a part
+    holds one extraction batch, often far fewer)."""
     manifest = cache.read_manifest(cache_dir)
     if layer not in manifest["layers"]:
         raise KeyError(f"layer {layer} is not in cache {cache_dir} (layers: {manifest['layers']})")
     column = f"layer_{layer}"
-    parts = [str(Path(cache_dir) / p) for p in manifest["parts"]]
-    dataset = pads.dataset(parts, format="parquet")
-    for batch in dataset.to_batches(columns=["row_id", "label", column], batch_size=batch_size):
-        if batch.num_rows == 0:
-            continue
-        col = batch.column(column)
-        flat = col.storage.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        x_BTD = torch.from_numpy(flat.reshape(len(col), -1, col.type.shape[-1]))
-        yield batch.column("row_id").to_numpy(), batch.column("label").to_numpy(), x_BTD
+    pending, size = [], 0
+    for part in manifest["parts"]:
+        reader = pq.ParquetFile(Path(cache_dir) / part)
+        for batch in reader.iter_batches(batch_size, columns=["row_id", "label", column]):
+            col = batch.column(column)
+            x = col.storage.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            pending.append(
+                (
+                    batch.column("row_id").to_numpy(),
+                    batch.column("label").to_numpy(),
+                    x.reshape(len(col), -1, col.type.shape[-1]),
+                )
+            )
+            size += batch.num_rows
+            while size >= batch_size:
+                row, label, x = (np.concatenate(a) for a in zip(*pending))
+                yield row[:batch_size], label[:batch_size], torch.from_numpy(x[:batch_size])
+                pending = [(row[batch_size:], label[batch_size:], x[batch_size:])]
+                size -= batch_size
+    if size:
+        row, label, x = (np.concatenate(a) for a in zip(*pending))
+        yield row, label, torch.from_numpy(x)
 
 
 def is_val(row_ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -77,13 +93,13 @@ class Scan:
 
     def __init__(self, num_latents: int, top_n: int, device: torch.device | str = "cpu"):
         self.stats = SaeStats(num_latents, device)
-        self.top_n = top_n
         self.images = 0
         self.max_M = torch.zeros(num_latents, device=device)
         self.sum_M = torch.zeros(num_latents, dtype=torch.float64, device=device)
-        self.top_act_NM = torch.zeros(0, num_latents, device=device)
-        self.top_row_NM = torch.zeros(0, num_latents, dtype=torch.int64, device=device)
-        self.top_label_NM = torch.zeros(0, num_latents, dtype=torch.int64, device=device)
+        # Sorted descending; an activation of 0 is an empty slot (never shown).
+        self.top_act_NM = torch.zeros(top_n, num_latents, device=device)
+        self.top_row_NM = torch.full((top_n, num_latents), -1, device=device)
+        self.top_label_NM = torch.full((top_n, num_latents), -1, device=device)
 
     @torch.no_grad()
     def update(self, row_B: Tensor, label_B: Tensor, x_BTD, x_hat_BTD, acts_BK, idx_BK) -> None:
@@ -92,18 +108,24 @@ class Scan:
         m = self.max_M.numel()
         self.stats.update(x_BTD.flatten(0, 1), x_hat_BTD.flatten(0, 1), acts_BK, idx_BK)
         self.images += b
+        self.sum_M.index_add_(0, idx_BK.flatten(), acts_BK.flatten().double())
         # Dense (B*T, M) is the size of the encoder's own pre-activations: no extra order.
         z_BTM = acts_BK.new_zeros(b * t, m).scatter_(1, idx_BK, acts_BK).view(b, t, m)
         img_BM = z_BTM.amax(1)
         self.max_M = torch.maximum(self.max_M, img_BM.amax(0))
-        self.sum_M += z_BTM.sum((0, 1), dtype=torch.float64)
-        cand_act = torch.cat([self.top_act_NM, img_BM])
-        vals_NM, pos_NM = cand_act.topk(min(self.top_n, len(cand_act)), dim=0)
-        rows = torch.cat([self.top_row_NM, row_B.view(b, 1).expand(b, m)])
-        labels = torch.cat([self.top_label_NM, label_B.view(b, 1).expand(b, m)])
-        self.top_row_NM = rows.gather(0, pos_NM)
-        self.top_label_NM = labels.gather(0, pos_NM)
-        self.top_act_NM = vals_NM
+        # Only latents where this batch beats the current N-th best need a merge; after the
+        # first batches that is a small fraction of them.
+        cols = (img_BM > self.top_act_NM[-1]).any(0).nonzero().squeeze(1)
+        if len(cols) == 0:
+            return
+        n = len(self.top_act_NM)
+        cand = torch.cat([self.top_act_NM[:, cols], img_BM[:, cols]])
+        vals_NC, pos_NC = cand.topk(n, dim=0)
+        new = pos_NC >= n
+        at_new, at_old = (pos_NC - n).clamp(min=0), pos_NC.clamp(max=n - 1)
+        for top, batch in ((self.top_row_NM, row_B), (self.top_label_NM, label_B)):
+            top[:, cols] = torch.where(new, batch[at_new], top[:, cols].gather(0, at_old))
+        self.top_act_NM[:, cols] = vals_NC
 
     def result(self) -> LatentStats:
         fired_M = self.stats.fired_M.double()
@@ -179,7 +201,7 @@ def scan(
             stats.update(row_B, label_B, x_BTD, x_hat_BTD, acts_BK, idx_BK)
             train_B = ~_val_mask(row_B, val_fraction, seed) & (label_B >= 0)
             for probe, inputs in zip(probes.values(), (x_BTD, x_hat_BTD)):
-                probe.update(image_features(inputs[train_B]), label_B[train_B])
+                probe.update(image_features(inputs)[train_B], label_B[train_B])
             bar.update(len(row_B))
     return stats.result(), _probe_accuracy(
         sae, cache_dir, layer, batch_size, probes, val_fraction, seed
@@ -216,7 +238,7 @@ def _probe_accuracy(sae, cache_dir, layer, batch_size, probes, val_fraction, see
     for _, label_B, x_BTD, x_hat_BTD, _, _ in batches:
         ok = label_B >= 0
         for name, inputs in zip(probes, (x_BTD, x_hat_BTD)):
-            pred = probes[name].predict(image_features(inputs[ok]))
+            pred = probes[name].predict(image_features(inputs)[ok])
             correct[name] += int((pred == label_B[ok]).sum())
         total += int(ok.sum())
     if total == 0:
