@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from sweeps import storage
 from sweeps.config import Config
 from sweeps.tracking import final_name
 from sweeps.tune import SUMMARY_COLUMNS, experiment_path, format_table
@@ -40,7 +39,7 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
     rows = []
     for run in runs:
         trial_id = run.data.tags.get("trial_id", "")
-        sae_dir = experiment_path(cfg) / "sae" / trial_id
+        sae_dir = storage.join(experiment_path(cfg), "sae", trial_id)
         rows.append(
             {
                 "trial_id": trial_id,
@@ -48,7 +47,7 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
                 **{c: run.data.params.get(c) for c in SUMMARY_COLUMNS},
                 **{k: run.data.metrics.get(final_name(k)) for k in ("val/fvu", "val/l0")},
                 "dead_frac": run.data.metrics.get("dead_frac"),
-                "sae_dir": str(sae_dir) if (Path(sae_dir) / "cfg.json").exists() else None,
+                "sae_dir": sae_dir if storage.exists(storage.join(sae_dir, "cfg.json")) else None,
                 "mlflow_uri": f"runs:/{run.info.run_id}/sae",
             }
         )

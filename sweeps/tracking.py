@@ -12,6 +12,7 @@ import logging
 import math
 import numbers
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,8 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 from ray import tune
+
+from sweeps import storage
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +152,10 @@ class MlflowTrialCallback(tune.Callback):
     - the numeric keys of `metric_keys`: step metrics on every result, final metrics (see
       `final_name`) when the trial completes;
     - `step_key` (default "step", else training_iteration): the step of the metrics;
-    - `sae_dir_key` (default "sae_dir"): the final SAE checkpoint directory, absolute or
-      relative to the trial directory; logged with its plots under the artifact path "sae/".
-      Report it once, after the final SAE is written: a trial that a scheduler (ASHA) or
-      stopper ends before then is tagged stopped_early=true.
+    - `sae_dir_key` (default "sae_dir"): the final SAE checkpoint directory, absolute, relative
+      to the trial directory, or a storage URI (s3://...); logged with its plots under the
+      artifact path "sae/". Report it once, after the final SAE is written: a trial that a
+      scheduler (ASHA) or stopper ends before then is tagged stopped_early=true.
 
     Metrics are buffered and sent with log_batch at most every `flush_interval_s` seconds and
     when a trial ends, so tracking costs a few requests per trial, not one per report.
@@ -299,6 +302,11 @@ class MlflowTrialCallback(tune.Callback):
     def _log_sae_dir(self, trial, run_id: str) -> None:
         reported = trial.last_result.get(self.sae_dir_key)
         if not reported:
+            return
+        if storage.is_uri(reported):
+            with tempfile.TemporaryDirectory() as tmp:
+                storage.download_dir(reported, tmp)
+                self.client.log_artifacts(run_id, tmp, "sae")
             return
         path = Path(trial.local_path or "", reported)  # an absolute path stays as it is
         if path.is_dir():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -12,6 +11,7 @@ from ray import tune
 
 from sae import SaeConfig, TrainConfig
 from sae.trainer import Trainer
+from sweeps import storage
 
 SAE_DIR_KEY = "sae_dir"
 
@@ -47,16 +47,18 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
         with checkpoint.as_directory() as directory:
             trainer.load_state(directory)
 
-    sae_dir = Path(fixed["sae_root"]) / tune.get_context().get_trial_id()
+    sae_dir = storage.join(fixed["sae_root"], tune.get_context().get_trial_id())
+    # Which node trained this step: a retried trial may move to another one.
+    node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict, trainer: Trainer) -> None:
-        metrics = {**metrics, "layer": int(config["layer"])}
+        metrics = {**metrics, "layer": int(config["layer"]), "node_id": node_id}
         final = trainer.step >= trainer.total_steps
         if final:
             # The final SAE goes to the sweep's storage (shared on a cluster), where the
             # driver logs it to MLflow and `best` finds it.
-            trainer.sae.save(sae_dir)
-            metrics[SAE_DIR_KEY] = str(sae_dir)
+            storage.write_dir(sae_dir, trainer.sae.save)
+            metrics[SAE_DIR_KEY] = sae_dir
         if trainer.checkpoint_due():
             with tempfile.TemporaryDirectory() as tmp:
                 trainer.save_state(tmp)
