@@ -66,7 +66,10 @@ def children(uri: str, experiment: str):
 
 def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     out = tmp_path / "out"
-    args = overrides(demo_assets, out, "e2e", "tune.num_samples=4", "train.epochs=6")
+    args = overrides(
+        demo_assets, out, "e2e", "tune.num_samples=4", "train.epochs=6", "train.eval_every=20",
+        "tune.grace_period=40",
+    )
     proc = cli(["demo", *args])
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
@@ -122,7 +125,8 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(demo_assets,
         "tune.num_samples=6",
         "tune.asha=false",
         "tune.max_concurrent=1",
-        "train.epochs=8",
+        "train.epochs=40",
+        "train.eval_every=100",
     )
     exp_dir = out / "ray_results" / "resume"
     proc = cli(["sweep", "--config", DEMO_CONFIG, *args])
