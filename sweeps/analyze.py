@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,48 +15,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sae import TopKSae
-from sae.clip import Preprocessing
 from sweeps import analysis, cache, report
-from sweeps.best import best_trials
-from sweeps.config import Config
-from sweeps.extract import _absolute_paths, cache_inputs, index_source
+from sweeps.best import best_trials, sweep_parent
+from sweeps.config import AnalyzeOptions, Config
+from sweeps.extract import absolute_paths, locate_cache
 from sweeps.tracking import final_name
 from sweeps.tune import experiment_path
-
-
-@dataclass
-class AnalyzeOptions:
-    """What `analyze` looks at; the CLI flags of the same names."""
-
-    run_id: str | None = None
-    """MLflow run id of the trial to analyse (default: the sweep's best trial)."""
-
-    checkpoint: str | None = None
-    """An SAE checkpoint directory to analyse instead of a trial."""
-
-    layer: int | None = None
-    """Layer a --checkpoint SAE reads (default: its trial's layer, or the cache's only layer)."""
-
-    latents: list[int] = field(default_factory=list)
-    """Latents to show, e.g. 1,2,3 (default: the top --top-latents by --criterion)."""
-
-    top_latents: int = 32
-    """Latents to show when --latents is not given."""
-
-    criterion: str = "max_act"
-    """How latents are ranked: max_act, mean_act (when firing) or frequency."""
-
-    top_images: int = 12
-    """Top-activating images shown per latent."""
-
-    batch_size: int = 1024
-    """Images per encode batch; memory grows with it, not with the dataset."""
-
-    downstream_images: int = 1000
-    """Validation images for the zero-shot check (0: skip it)."""
-
-    out: str = ""
-    """Output directory (default: <sweep.out_dir>/analysis/<trial id or checkpoint name>)."""
 
 
 @dataclass
@@ -68,17 +32,6 @@ class Target:
     name: str
     run_id: str | None
     """The trial's MLflow run; None for a checkpoint outside any sweep."""
-
-
-def sweep_parent(client: MlflowClient, cfg: Config):
-    """The sweep's parent MLflow run, or None when this config's sweep never ran."""
-    experiment = client.get_experiment_by_name(cfg.sweep.experiment or cfg.sweep.name)
-    if experiment is None:
-        return None
-    found = client.search_runs(
-        [experiment.experiment_id], f"tags.sweep_id = '{experiment_path(cfg)}'", max_results=1
-    )
-    return found[0] if found else None
 
 
 def _children(client: MlflowClient, parent, extra: str = "") -> list:
@@ -128,11 +81,8 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
 
 def find_cache(cfg: Config):
     """(cache dir, source, preprocessing) of cfg's activation cache, found without Ray."""
-    cfg = _absolute_paths(cfg)
-    pre = Preprocessing.from_pretrained(cfg.model.name_or_path, cfg.model.revision)
-    source = index_source(cfg.data)
-    key = cache.cache_key(cache_inputs(cfg, pre, source))
-    cache_dir = cache.find_cache(cfg.extract.cache_dir, key)
+    cfg = absolute_paths(cfg)
+    pre, source, _, key, cache_dir = locate_cache(cfg)
     if cache_dir is None:
         raise FileNotFoundError(
             f"no activation cache for this config in {cfg.extract.cache_dir} (key {key}): run "

@@ -11,28 +11,32 @@ from sweeps.tracking import final_name
 from sweeps.tune import SUMMARY_COLUMNS, experiment_path, format_table
 
 
+def sweep_parent(client: MlflowClient, cfg: Config):
+    """The sweep's parent MLflow run, or None when this config's sweep never ran."""
+    experiment = client.get_experiment_by_name(cfg.sweep.experiment or cfg.sweep.name)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id], f"tags.sweep_id = '{experiment_path(cfg)}'", max_results=1
+    )
+    return found[0] if found else None
+
+
 def best_trials(cfg: Config, top: int = 5) -> list[dict]:
     """Finished trials of the sweep, best first by the first objective."""
     uri = cfg.sweep.resolved_tracking_uri()
     client = MlflowClient(uri)
-    name = cfg.sweep.experiment or cfg.sweep.name
-    experiment = client.get_experiment_by_name(name)
-    sweep_id = str(experiment_path(cfg))
-    parents = (
-        client.search_runs([experiment.experiment_id], f"tags.sweep_id = '{sweep_id}'")
-        if experiment
-        else []
-    )
-    if not parents:
+    parent = sweep_parent(client, cfg)
+    if parent is None:
         raise FileNotFoundError(
-            f"no sweep {cfg.sweep.name!r} with results {sweep_id} in MLflow store {uri}: "
-            "run `sae-sweep sweep` with this config first"
+            f"no sweep {cfg.sweep.name!r} with results {experiment_path(cfg)} in MLflow store "
+            f"{uri}: run `sae-sweep sweep` with this config first"
         )
     metric, mode = next(iter(cfg.tune.objective_modes().items()))
     order = f"metrics.{final_name(metric)} {'ASC' if mode == 'min' else 'DESC'}"
     runs = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parents[0].info.run_id}' and status = 'FINISHED'",
+        [parent.info.experiment_id],
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' and status = 'FINISHED'",
         order_by=[order],
         max_results=top,
     )

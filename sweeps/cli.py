@@ -9,7 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
-from sweeps.config import ConfigError, config_help, load_config, load_configs
+from sae.config import field_help
+from sweeps.config import AnalyzeOptions, ConfigError, config_help, load_config, load_configs
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -91,7 +92,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from sweeps.analyze import AnalyzeOptions, analyze
+    from sweeps.analyze import analyze
 
     fields = [f.name for f in dataclasses.fields(AnalyzeOptions)]
     opts = AnalyzeOptions(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
@@ -107,9 +108,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def _analyze_flags(cmd: argparse.ArgumentParser) -> None:
-    from sae.config import field_help
-    from sweeps.analyze import AnalyzeOptions
-
     helps = field_help(AnalyzeOptions)
     types = {"layer": int, "latents": _int_list, "top_latents": int, "top_images": int}
     types |= {"batch_size": int, "downstream_images": int}

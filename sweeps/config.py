@@ -339,6 +339,41 @@ class Config:
                 raise ConfigError(prefix + msg) from None
 
 
+@dataclass
+class AnalyzeOptions:
+    """What `analyze` looks at; the CLI flags of the same names."""
+
+    run_id: str | None = None
+    """MLflow run id of the trial to analyse (default: the sweep's best trial)."""
+
+    checkpoint: str | None = None
+    """An SAE checkpoint directory to analyse instead of a trial."""
+
+    layer: int | None = None
+    """Layer a --checkpoint SAE reads (default: its trial's layer, or the cache's only layer)."""
+
+    latents: list[int] = field(default_factory=list)
+    """Latents to show, e.g. 1,2,3 (default: the top --top-latents by --criterion)."""
+
+    top_latents: int = 32
+    """Latents to show when --latents is not given."""
+
+    criterion: str = "max_act"
+    """How latents are ranked: max_act, mean_act (when firing) or frequency."""
+
+    top_images: int = 12
+    """Top-activating images shown per latent."""
+
+    batch_size: int = 1024
+    """Images per encode batch; memory grows with it, not with the dataset."""
+
+    downstream_images: int = 1000
+    """Validation images for the zero-shot check (0: skip it)."""
+
+    out: str = ""
+    """Output directory (default: <sweep.out_dir>/analysis/<trial id or checkpoint name>)."""
+
+
 class ConfigError(ValueError):
     pass
 

@@ -346,12 +346,23 @@ def cache_inputs(cfg: Config, pre: Preprocessing, source: Source) -> dict:
     }
 
 
+def locate_cache(cfg: Config):
+    """(preprocessing, source, key inputs, key, cache dir or None) of cfg, without Ray.
+
+    cfg's paths must be absolute (absolute_paths): the key hashes them."""
+    pre = Preprocessing.from_pretrained(cfg.model.name_or_path, cfg.model.revision)
+    source = index_source(cfg.data)
+    inputs = cache_inputs(cfg, pre, source)
+    key = cache.cache_key(inputs)
+    return pre, source, inputs, key, cache.find_cache(cfg.extract.cache_dir, key)
+
+
 def extract(cfg: Config) -> ExtractResult:
     """Build the activation cache for cfg, or find it. Ray must be initialised."""
     import ray
     from transformers import CLIPVisionConfig
 
-    cfg = _absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     model, ex = cfg.model, cfg.extract
     vision = CLIPVisionConfig.from_pretrained(model.name_or_path, revision=model.revision)
     if max(ex.layers) >= vision.num_hidden_layers:
@@ -359,11 +370,7 @@ def extract(cfg: Config) -> ExtractResult:
             f"extract.layers: {model.name_or_path} has layers 0..{vision.num_hidden_layers - 1} "
             f"(got {ex.layers}); pick layers in that range"
         )
-    pre = Preprocessing.from_pretrained(model.name_or_path, model.revision)
-    source = index_source(cfg.data)
-    inputs = cache_inputs(cfg, pre, source)
-    key = cache.cache_key(inputs)
-    found = cache.find_cache(ex.cache_dir, key)
+    pre, source, inputs, key, found = locate_cache(cfg)
     if found:
         manifest = cache.read_manifest(found)
         print(f"extract: cache hit, no work done: {manifest['rows']} images in {found}")
@@ -480,7 +487,7 @@ def _run_pipeline(cfg, pre, source, run_dir, num_gpus, cpu_threads) -> dict:
     }
 
 
-def _absolute_paths(cfg: Config) -> Config:
+def absolute_paths(cfg: Config) -> Config:
     """Workers run elsewhere (another cwd, another node): make local paths absolute."""
 
     def resolve(p):
