@@ -153,6 +153,8 @@ class Trainer:
             self.sae.num_latents, dtype=torch.int64, device=self.device
         )
         self.step = 0
+        self.last_stats: tuple[int, SaeStats] | None = None
+        """(step, validation stats) of the latest evaluation, reused by result()."""
         self._perm: tuple[int, Tensor] | None = None
 
     # -- data --------------------------------------------------------------------------------
@@ -221,6 +223,7 @@ class Trainer:
                     "train/dead_frac": self.dead_fraction(),
                 }
                 stats = self.validate()
+                self.last_stats = (self.step, stats) if stats is not None else None
                 if stats is not None:
                     val = stats.result()
                     metrics.update(
@@ -239,7 +242,8 @@ class Trainer:
         return self.result(history)
 
     def result(self, history: list[dict[str, float]]) -> TrainResult:
-        stats = self.validate()
+        fresh = self.last_stats is not None and self.last_stats[0] == self.step
+        stats = self.last_stats[1] if fresh else self.validate()
         if stats is None:  # no validation split: score the training rows instead
             stats = evaluate(self.sae, self.acts[self.train_idx], device=self.device)
         final = {**stats.result(), "step": self.step}

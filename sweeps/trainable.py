@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -12,6 +13,7 @@ from ray import tune
 from sae import SaeConfig, TrainConfig
 from sae.trainer import Trainer
 from sweeps import storage
+from sweeps.report import frequency_histogram
 
 SAE_DIR_KEY = "sae_dir"
 
@@ -55,9 +57,15 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
         metrics = {**metrics, "layer": int(config["layer"]), "node_id": node_id}
         final = trainer.step >= trainer.total_steps
         if final:
-            # The final SAE goes to the sweep's storage (shared on a cluster), where the
-            # driver logs it to MLflow and `best` finds it.
-            storage.write_dir(sae_dir, trainer.sae.save)
+            # The final SAE and its plot go to the sweep's storage (shared on a cluster),
+            # where the driver logs them to MLflow and `best` finds them.
+            frequency_M = trainer.last_stats[1].firing_frequency().cpu().numpy()
+
+            def write(directory: Path) -> None:
+                trainer.sae.save(directory)
+                frequency_histogram(frequency_M, directory / "firing_frequency.png")
+
+            storage.write_dir(sae_dir, write)
             metrics[SAE_DIR_KEY] = sae_dir
         if trainer.checkpoint_due():
             with tempfile.TemporaryDirectory() as tmp:

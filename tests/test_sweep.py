@@ -93,7 +93,7 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
 
     best_run = client.get_run(parent.data.tags["best.run_id"])
     artifacts = {a.path for a in client.list_artifacts(best_run.info.run_id, "sae")}
-    assert {"sae/cfg.json", "sae/sae.safetensors"} <= artifacts
+    assert {"sae/cfg.json", "sae/sae.safetensors", "sae/firing_frequency.png"} <= artifacts
 
     best = cli(["best", "--config", DEMO_CONFIG, *args])
     log, _ = best.communicate(timeout=120)
