@@ -72,3 +72,18 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """`--set` overrides pointing the demo config at a tiny CLIP, 600 generated images and one
+    activation cache directory shared by every test that sweeps them."""
+    from sweeps.demo import prepare_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    model, images = prepare_demo(root / "assets", n_images=600)
+    return [
+        f"model.name_or_path={model}",
+        f"data.path={images}",
+        f"extract.cache_dir={root / 'cache'}",
+    ]

@@ -18,22 +18,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from sae import TopKSae
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import load_config
-from sweeps.demo import prepare_demo
 from sweeps.tune import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo_assets(tmp_path_factory):
-    """The demo's tiny CLIP and images, plus a shared activation cache directory."""
-    root = tmp_path_factory.mktemp("demo")
-    model, images = prepare_demo(root / "assets", n_images=600)
-    return [
-        f"model.name_or_path={model}",
-        f"data.path={images}",
-        f"extract.cache_dir={root / 'cache'}",
-    ]
 
 
 def overrides(demo_assets, out: Path, name: str, *extra: str) -> list[str]:
@@ -67,7 +54,12 @@ def children(uri: str, experiment: str):
 def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     out = tmp_path / "out"
     args = overrides(
-        demo_assets, out, "e2e", "tune.num_samples=4", "train.epochs=6", "train.eval_every=20",
+        demo_assets,
+        out,
+        "e2e",
+        "tune.num_samples=4",
+        "train.epochs=6",
+        "train.eval_every=20",
         "tune.grace_period=40",
     )
     proc = cli(["demo", *args])
