@@ -218,6 +218,11 @@ class TuneSettings:
     max_failures: int = 2
     """Retries of a failed trial, each from its last checkpoint."""
 
+    data: Literal["auto", "object_store", "cache"] = "auto"
+    """How trials get activations: object_store (the driver loads each layer once and shares
+    it), cache (each trial worker reads it from extract.cache_dir, which must be shared
+    storage), or auto (object_store on one node, cache on several)."""
+
     show_top: int = 10
     """Trials in the summary table."""
 
@@ -248,6 +253,12 @@ class TuneSettings:
         )
         _check(self.max_failures >= 0, "tune.max_failures", "use 0 or more", self.max_failures)
         _check(self.sampler in ("tpe", "nsga2"), "tune.sampler", "use tpe or nsga2", self.sampler)
+        _check(
+            self.data in ("auto", "object_store", "cache"),
+            "tune.data",
+            "use auto, object_store or cache",
+            self.data,
+        )
         from sweeps.tracking import METRIC_KEYS
 
         ok = bool(self.objectives) and all(

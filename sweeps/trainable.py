@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 from ray import tune
 
 from sae import SaeConfig, TrainConfig
 from sae.trainer import Trainer
-from sweeps import storage
+from sweeps import cache, storage
 from sweeps.report import frequency_histogram
 
 SAE_DIR_KEY = "sae_dir"
@@ -35,12 +38,41 @@ def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeCon
     return sae_cfg, train_cfg
 
 
+@dataclass(frozen=True)
+class CachedLayer:
+    """One layer's train/validation split in the activation cache (on shared storage)."""
+
+    cache_dir: str
+    layer: int
+    val_fraction: float
+    seed: int
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(
+            cache.load_layer(self.cache_dir, self.layer, split, self.val_fraction, self.seed)
+            for split in ("train", "val")
+        )
+
+
+@functools.lru_cache(maxsize=2)
+def _read_once(layer: CachedLayer):
+    # Tune reuses trial workers: each reads a layer once, not once per trial.
+    return layer.read()
+
+
+def layer_arrays(source) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) activations from object refs the driver put, or from the cache."""
+    if isinstance(source, CachedLayer):
+        return _read_once(source)
+    # ray.get maps object-store arrays read-only and zero-copy on the trial's node.
+    return tuple(ray.get(list(source)))
+
+
 def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str, Any]) -> None:
-    """Tune function trainable. `layers` maps a layer to object refs of its (train, val) arrays,
-    put once by the driver; ray.get maps them read-only and zero-copy on the trial's node."""
+    """Tune function trainable. `layers` maps a layer to its source: object refs of its
+    (train, val) arrays or a CachedLayer."""
     sae_cfg, train_cfg = trial_configs(config, fixed)
-    train_ref, val_ref = layers[int(config["layer"])]
-    acts, val_acts = ray.get([train_ref, val_ref])
+    acts, val_acts = layer_arrays(layers[int(config["layer"])])
     trainer = Trainer(acts, sae_cfg, train_cfg, val_acts=val_acts)
 
     checkpoint = tune.get_checkpoint()

@@ -30,7 +30,7 @@ from sweeps import cache, storage, tracking
 from sweeps.config import Config, ConfigError
 from sweeps.extract import extract
 from sweeps.space import SearchSpace
-from sweeps.trainable import run_trial
+from sweeps.trainable import CachedLayer, run_trial
 
 SUMMARY_COLUMNS = ("layer", "k", "expansion_factor", "lr", "auxk_alpha")
 
@@ -100,22 +100,32 @@ def _sampler(cfg: Config):
     return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
 
-def _put_layers(cache_dir: Path, layers: list[int], val_fraction: float, seed: int):
-    """Each layer is read from the cache once and put in the object store once."""
-    refs = {}
+def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_image: int):
+    """How trials get each layer, and the training rows per layer.
+
+    On one node the driver reads each layer once and puts it in the object store, where trials
+    map it without a copy. On several, trials read it from the cache on shared storage (each
+    reused trial worker once), so the head's memory and network are not the bottleneck."""
+    split = (cfg.train.val_fraction, cfg.train.seed)
+    n_train = len(cache.load_row_ids(cache_dir, "train", *split)) * tokens_per_image
+    n_val = len(cache.load_row_ids(cache_dir, "val", *split))
+    if n_train == 0 or n_val == 0:
+        raise ValueError(
+            f"train.val_fraction={split[0]} leaves {n_train} training and {n_val} validation "
+            "rows out of the cache: use a fraction that leaves both"
+        )
+    mode = cfg.tune.data
+    if mode == "auto":
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        mode = "object_store" if len(nodes) == 1 else "cache"
+    sources = {}
     for layer in layers:
-        train = cache.load_layer(cache_dir, layer, "train", val_fraction, seed)
-        val = cache.load_layer(cache_dir, layer, "val", val_fraction, seed)
-        if len(val) == 0 or len(train) == 0:
-            raise ValueError(
-                f"train.val_fraction={val_fraction} leaves {len(train)} training and {len(val)} "
-                f"validation rows out of the cache: use a fraction that leaves both"
-            )
-        refs[layer] = (ray.put(train), ray.put(val))
-    return refs, len(train)
+        spec = CachedLayer(str(cache_dir), layer, *split)
+        sources[layer] = spec if mode == "cache" else tuple(map(ray.put, spec.read()))
+    return sources, n_train
 
 
-def _trainable(cfg: Config, refs, tokens_per_image: int):
+def _trainable(cfg: Config, sources, tokens_per_image: int):
     train = dataclasses.asdict(cfg.train)
     for searched in ("lr", "auxk_alpha"):
         train.pop(searched)
@@ -126,7 +136,8 @@ def _trainable(cfg: Config, refs, tokens_per_image: int):
         "sae_root": storage.join(experiment_path(cfg), "sae"),
     }
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(run_trial, layers=refs, fixed=fixed), resources)
+    trainable = tune.with_parameters(run_trial, layers=sources, fixed=fixed)
+    return tune.with_resources(trainable, resources)
 
 
 def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback, resume: bool):
@@ -188,10 +199,8 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
     space = SearchSpace.from_config(cfg.search)
     started = time.time()
     ex = extract(cfg)
-    refs, n_train = _put_layers(
-        ex.cache_dir, space.layers(), cfg.train.val_fraction, cfg.train.seed
-    )
     tokens = ex.manifest["tokens_per_image"]
+    sources, n_train = _layer_sources(cfg, ex.cache_dir, space.layers(), tokens)
     batch = cfg.train.batch_size * tokens
     max_steps = total_steps(cfg.train, n_train, min(batch, n_train))
 
@@ -206,7 +215,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
         cache_key=ex.manifest["key"],
     )
     callback = tracking.MlflowTrialCallback(uri, parent)
-    tuner = _tuner(cfg, space, _trainable(cfg, refs, tokens), max_steps, callback, resume)
+    tuner = _tuner(cfg, space, _trainable(cfg, sources, tokens), max_steps, callback, resume)
     grid = tuner.fit()
 
     objectives = cfg.tune.objective_modes()

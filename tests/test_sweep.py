@@ -238,6 +238,7 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
             *demo_assets,
             f"sweep.out_dir={tmp_path}",
             "sweep.name=diverge",
+            "tune.data=cache",  # trials read the layer from the cache, as on several nodes
             "tune.num_samples=2",
             "tune.asha=false",
             "tune.max_failures=0",
