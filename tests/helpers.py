@@ -93,3 +93,16 @@ def make_bad_images(root, seed: int = 0, huge_side: int = 12_000) -> dict[str, s
     Image.new("RGB", (1, 1), (200, 10, 30)).save(root / "one_pixel.png")
     random_image(rng, 3000, 4000).save(root / "large.jpg", quality=90)
     return dict(BAD_IMAGES)
+
+
+def sweep_runs(uri: str, experiment: str):
+    """(client, parent runs, child runs) of an MLflow experiment."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "sweep_id" in r.data.tags]
+    kids = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
+    return client, parents, kids

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from sae import TopKSae
 from sweeps.best import best_trials
 from sweeps.cli import DEMO_CONFIG
 from sweeps.config import load_config
+from tests.helpers import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAMLS = sorted(ROOT.glob("cluster*.yaml"))
@@ -85,15 +84,6 @@ def run_cluster_sweep(sets: list[str], exp_dir: Path, remove_node: bool, env=Non
     return result
 
 
-def child_runs(uri: str, experiment: str):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if "sweep_id" in r.data.tags]
-    kids = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
-    return client, parents, kids
-
-
 def test_fractional_gpu_trials_spread_over_both_workers(demo_sets, mlflow_server, tmp_path):
     # Storage as a URI goes through pyarrow.fs, as s3:// does on AWS.
     sets = [
@@ -113,7 +103,7 @@ def test_fractional_gpu_trials_spread_over_both_workers(demo_sets, mlflow_server
     nodes = {node for steps in report["reports"].values() for node, _ in steps}
     assert nodes == set(report["workers"])  # two trials per worker's GPU, none on the head
 
-    client, parents, kids = child_runs(mlflow_server, "spread")
+    client, parents, kids = sweep_runs(mlflow_server, "spread")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(k.data.tags["trial_id"] for k in kids) == sorted(report["reports"])
     for kid in kids:
@@ -161,7 +151,7 @@ def test_removed_worker_node_trials_resume_elsewhere(demo_sets, mlflow_server, t
         # result was in flight) are trained again.
         assert after[0] >= before[-1] - 2 * EVAL_EVERY
 
-    _, parents, kids = child_runs(mlflow_server, "nodeloss")
+    _, parents, kids = sweep_runs(mlflow_server, "nodeloss")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(k.data.tags["trial_id"] for k in kids) == sorted(report["reports"])
     assert all(k.info.status == "FINISHED" and "fvu" in k.data.metrics for k in kids)

@@ -19,6 +19,7 @@ from sae import TopKSae
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import load_config
 from sweeps.tune import run_sweep
+from tests.helpers import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,15 +43,6 @@ def cli(args: list[str], **kw) -> subprocess.Popen:
     )
 
 
-def children(uri: str, experiment: str):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if "sweep_id" in r.data.tags]
-    kids = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
-    return client, parents, kids
-
-
 def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     out = tmp_path / "out"
     args = overrides(
@@ -68,7 +60,7 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     assert "sweep e2e: 4 trials (0 errored)" in log
     assert "mlflow ui --backend-store-uri sqlite:///" in log
 
-    client, parents, kids = children(f"sqlite:///{out / 'mlflow.db'}", "e2e")
+    client, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "e2e")
     assert len(parents) == 1 and len(kids) == 4
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -137,7 +129,7 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(demo_assets,
     assert resumed.returncode == 0, log
     assert "sweep resume: 6 trials (0 errored)" in log
 
-    _, parents, kids = children(f"sqlite:///{out / 'mlflow.db'}", "resume")
+    _, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "resume")
     assert len(parents) == 1
     trial_ids = [k.data.tags["trial_id"] for k in kids]
     assert len(trial_ids) == len(set(trial_ids)) == 6
@@ -194,7 +186,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(ray_session, demo_asset
     result = run_sweep(cfg)
     killer.join()
     assert killed, "no trial worker was killed"
-    client, _, kids = children(result.tracking_uri, "killw")
+    client, _, kids = sweep_runs(result.tracking_uri, "killw")
     (kid,) = kids
     assert kid.info.status == "FINISHED" and kid.data.tags["num_failures"] == "1"
     steps = [m.step for m in client.get_metric_history(kid.info.run_id, "val/fvu")]
@@ -256,7 +248,7 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
     assert status[0.001]["status"] == "DONE"
     assert status[1e30]["status"] == "ERROR"
     assert "loss became" in status[1e30]["error"]
-    _, _, kids = children(result.tracking_uri, "diverge")
+    _, _, kids = sweep_runs(result.tracking_uri, "diverge")
     failed = [k for k in kids if k.info.status == "FAILED"]
     assert len(failed) == 1 and "loss became" in failed[0].data.tags["error"]
 
