@@ -9,6 +9,8 @@ tensor of per-row contributions; both cost more than the matmul we keep.
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 
 import torch
@@ -53,6 +55,31 @@ def _sampled_dots(idx_BK: Tensor, a_BD: Tensor, W_MD: Tensor) -> Tensor:
     return torch.empty_like(dots).scatter_(1, perm_BK, dots)
 
 
+EXACT_TOPK = os.environ.get("SAE_EXACT_TOPK") == "1"
+"""Set SAE_EXACT_TOPK=1 to select latents from fp32 pre-activations on CPU too."""
+
+
+@functools.cache
+def _fast_bf16_cpu() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor) -> bool:
+    """Whether to pick TopK candidates with a bf16 matmul: on CPUs with native bf16 it runs
+    about 4x faster than fp32, and the encoder matmul is most of a training step.
+
+    Only the choice of candidates (2k per row) uses bf16; their values, the activations and all
+    gradients are exact fp32. A true top-k latent outside the bf16 top 2k would need a bf16
+    rounding error larger than the gap between the k-th and 2k-th pre-activation.
+    """
+    return (
+        not EXACT_TOPK
+        and xc_BD.device.type == "cpu"
+        and xc_BD.dtype == W_enc_MD.dtype == torch.float32
+        and _fast_bf16_cpu()
+    )
+
+
 class TopKEncode(torch.autograd.Function):
     """relu(TopK((x - b_dec) @ W_enc.T + b_enc)), plus the AuxK selection among dead latents.
 
@@ -65,17 +92,34 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, W_enc_MD, b_enc_M, b_dec_D, k: int, dead_M, k_aux: int):
         xc_BD = x_BD - b_dec_D
-        pre_BM = torch.addmm(b_enc_M, xc_BD, W_enc_MD.t())
+        prefilter = bf16_prefilter(xc_BD, W_enc_MD)
+        if prefilter:
+            W_enc_lo = W_enc_MD.bfloat16()
+            pre_BM = torch.addmm(b_enc_M.bfloat16(), xc_BD.bfloat16(), W_enc_lo.t())
+        else:
+            pre_BM = torch.addmm(b_enc_M, xc_BD, W_enc_MD.t())
+
+        def select(cols, n):
+            """Top n of pre_BM (restricted to `cols`), as exact (values, latent indices)."""
+            scores = pre_BM if cols is None else pre_BM.index_select(1, cols)
+            if not prefilter:
+                vals, local = scores.topk(n, dim=1, sorted=False)
+                return vals, local if cols is None else cols[local]
+            # bf16 scores only choose candidates: twice as many as needed, rescored exactly.
+            cand = scores.topk(min(2 * n, scores.shape[1]), dim=1, sorted=False).indices
+            cand = cand if cols is None else cols[cand]
+            exact = _sampled_dots(cand, xc_BD, W_enc_MD) + b_enc_M[cand]
+            vals, local = exact.topk(n, dim=1, sorted=False)
+            return vals, cand.gather(1, local)
+
         # TopK then ReLU selects the same values as ReLU then TopK, on k instead of M columns.
-        acts_BK, idx_BK = pre_BM.topk(k, dim=1, sorted=False)
+        acts_BK, idx_BK = select(None, k)
         acts_BK = acts_BK.relu_()
         if dead_M is not None and k_aux > 0:
-            dead_idx = dead_M.nonzero().squeeze(1)
-            aux_acts_BA, local_BA = pre_BM.index_select(1, dead_idx).topk(k_aux, dim=1)
+            aux_acts_BA, aux_idx_BA = select(dead_M.nonzero().squeeze(1), k_aux)
             aux_acts_BA = aux_acts_BA.relu_()
-            aux_idx_BA = dead_idx[local_BA]
         else:
-            aux_acts_BA = pre_BM.new_empty(x_BD.shape[0], 0)
+            aux_acts_BA = xc_BD.new_empty(x_BD.shape[0], 0)
             aux_idx_BA = idx_BK.new_empty(x_BD.shape[0], 0)
         ctx.save_for_backward(xc_BD, W_enc_MD, idx_BK, acts_BK, aux_idx_BA, aux_acts_BA)
         ctx.mark_non_differentiable(idx_BK, aux_idx_BA)

@@ -1,8 +1,9 @@
 """The fused encoder and sparse decoder against a dense autograd reference."""
 
+import pytest
 import torch
 
-from sae import SaeConfig, TopKSae
+from sae import SaeConfig, TopKSae, kernels
 from tests.reference import dense_forward
 
 
@@ -83,3 +84,24 @@ def test_decoder_rows_stay_unit_norm_after_steps():
         opt.step()
         sae.set_decoder_norm_to_unit_norm()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_float32_cpu_selection_matches_dense_reference(monkeypatch, exact):
+    """fp32 on CPU picks candidates with a bf16 matmul (where the CPU has native bf16) and
+    rescores them exactly: the same latents, values and gradients as the exact path."""
+    monkeypatch.setattr(kernels, "EXACT_TOPK", exact)
+    torch.manual_seed(0)
+    sae = TopKSae(64, SaeConfig(num_latents=512, k=8))
+    x = torch.randn(256, 64)
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[300:] = True
+    params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec]
+    out = sae(x, dead_mask=dead)
+    ref_loss, ref_fvu, ref_aux, z = dense_forward(x, *params, k=8, dead_mask=dead, auxk_alpha=0.5)
+    dense_z = torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts)
+    torch.testing.assert_close(dense_z, z)
+    torch.testing.assert_close(out.auxk_loss, ref_aux)
+    ours = _grads(out.fvu + 0.5 * out.auxk_loss, params)
+    for g, r in zip(ours, _grads(ref_loss, params)):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
