@@ -59,6 +59,9 @@ EXACT_TOPK = os.environ.get("SAE_EXACT_TOPK") == "1"
 """Set SAE_EXACT_TOPK=1 to select latents from fp32 pre-activations on CPU too."""
 
 
+PREFILTER_MIN_MACS = 2**28
+
+
 @functools.cache
 def _fast_bf16_cpu() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -76,6 +79,8 @@ def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor) -> bool:
         not EXACT_TOPK
         and xc_BD.device.type == "cpu"
         and xc_BD.dtype == W_enc_MD.dtype == torch.float32
+        # Below ~3e8 multiply-adds the conversions and rescoring cost more than they save.
+        and xc_BD.shape[0] * W_enc_MD.numel() >= PREFILTER_MIN_MACS
         and _fast_bf16_cpu()
     )
 

@@ -91,6 +91,7 @@ def test_float32_cpu_selection_matches_dense_reference(monkeypatch, exact):
     """fp32 on CPU picks candidates with a bf16 matmul (where the CPU has native bf16) and
     rescores them exactly: the same latents, values and gradients as the exact path."""
     monkeypatch.setattr(kernels, "EXACT_TOPK", exact)
+    monkeypatch.setattr(kernels, "PREFILTER_MIN_MACS", 0)  # the prefilter even at test size
     torch.manual_seed(0)
     sae = TopKSae(64, SaeConfig(num_latents=512, k=8))
     x = torch.randn(256, 64)
