@@ -62,10 +62,6 @@ class TopKSae(nn.Module):
         )
         return acts_BK, idx_BK
 
-    def pre_acts(self, x_BD: Tensor) -> Tensor:
-        """Dense relu pre-activations (B, M); for analysis, not for training."""
-        return torch.relu(self.encoder(x_BD - self.b_dec))
-
     def decode(self, acts_BK: Tensor, idx_BK: Tensor) -> Tensor:
         return sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
 
