@@ -152,10 +152,12 @@ def _trial_worker_pids() -> list[int]:
 
 
 def _kill_first_trial_worker(exp_dir: Path, killed: list):
-    """Once a trial has checkpointed, SIGKILL the worker process that runs it."""
+    """Once a trial has checkpointed twice, SIGKILL the worker process that runs it."""
     deadline = time.time() + 240
     while time.time() < deadline:
-        if list(exp_dir.glob("run_trial_*/checkpoint_*")):
+        # The second checkpoint on disk means Tune has taken the first report (a report
+        # blocks training until the driver fetches it), so the first checkpoint is Tune's.
+        if len(list(exp_dir.glob("run_trial_*/checkpoint_*"))) >= 2:
             for pid in _trial_worker_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
