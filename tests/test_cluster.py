@@ -11,8 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -157,3 +163,63 @@ def test_removed_worker_node_trials_resume_elsewhere(demo_sets, mlflow_server, t
     assert all(k.info.status == "FINISHED" and "fvu" in k.data.metrics for k in kids)
     # A trial placed on the node before its first result also failed once, and moved.
     assert set(moved) <= {k.data.tags["trial_id"] for k in kids if "num_failures" in k.data.tags}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered (401 until a token is sent)
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{url} never answered"
+            time.sleep(0.5)
+
+
+def test_sweep_submitted_as_a_ray_job(demo_assets, mlflow_server, tmp_path):
+    """`ray job submit --working-dir .` against a head started with `ray start`, as on a
+    cluster (README, "Run on a cluster"): the job's driver finds MLflow from the environment."""
+    gcs, dashboard = _free_port(), _free_port()
+    # Ray 2.60 guards the job API with a token; the head and the client share one here.
+    env = (
+        os.environ
+        | LOOPBACK
+        | {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "MLFLOW_TRACKING_URI": mlflow_server,
+        }
+    )
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", head)
+        sets = [*demo_assets, f"sweep.out_dir={tmp_path}", "sweep.name=job",
+                "tune.num_samples=2", "train.epochs=4", "tune.verbose=0"]  # fmt: skip
+        job = subprocess.run(
+            ["ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+             f"--working-dir={ROOT}", "--", "python", "run_sweep.py", "sweep",
+             "--config", "sweeps/configs/demo.yaml", *(a for s in sets for a in ("--set", s))],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on exit
+        head.wait(timeout=60)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "sweep job: 2 trials (0 errored)" in job.stdout
+    _, parents, kids = sweep_runs(mlflow_server, "job")
+    assert len(parents) == 1 and len(kids) == 2
+    assert all(k.info.status == "FINISHED" for k in kids)
