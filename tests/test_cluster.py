@@ -209,12 +209,16 @@ def test_sweep_submitted_as_a_ray_job(demo_assets, mlflow_server, tmp_path):
         _wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", head)
         sets = [*demo_assets, f"sweep.out_dir={tmp_path}", "sweep.name=job",
                 "tune.num_samples=2", "train.epochs=4", "tune.verbose=0"]  # fmt: skip
-        job = subprocess.run(
-            ["ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-             f"--working-dir={ROOT}", "--", "python", "run_sweep.py", "sweep",
-             "--config", "sweeps/configs/demo.yaml", *(a for s in sets for a in ("--set", s))],
-            env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                  f"--working-dir={ROOT}", "--", "python", "run_sweep.py", "sweep",
+                  "--config", "sweeps/configs/demo.yaml",
+                  *(a for s in sets for a in ("--set", s))]  # fmt: skip
+        # The head's job agent starts a little after its dashboard: Ray asks to retry then.
+        for _ in range(30):
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on exit
         head.wait(timeout=60)
