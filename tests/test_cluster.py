@@ -187,7 +187,9 @@ def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> Non
 def test_sweep_submitted_as_a_ray_job(demo_assets, mlflow_server, tmp_path):
     """`ray job submit --working-dir .` against a head started with `ray start`, as on a
     cluster (README, "Run on a cluster"): the job's driver finds MLflow from the environment."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent, agent_grpc, runtime_env, metrics, client = (
+        _free_port() for _ in range(7)
+    )
     # Ray 2.60 guards the job API with a token; the head and the client share one here.
     env = (
         os.environ
@@ -202,7 +204,10 @@ def test_sweep_submitted_as_a_ray_job(demo_assets, mlflow_server, tmp_path):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--disable-usage-stats"],
+         # Ports of its own: the session's local Ray already holds the default agent ports.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+         f"--ray-client-server-port={client}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
@@ -214,7 +219,7 @@ def test_sweep_submitted_as_a_ray_job(demo_assets, mlflow_server, tmp_path):
                   "--config", "sweeps/configs/demo.yaml",
                   *(a for s in sets for a in ("--set", s))]  # fmt: skip
         # The head's job agent starts a little after its dashboard: Ray asks to retry then.
-        for _ in range(30):
+        for _ in range(15):
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
             if "No available agent" not in job.stderr:
                 break
