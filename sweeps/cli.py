@@ -58,13 +58,38 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _sweep(configs, args, resume: bool) -> int:
-    from sweeps.tune import check_sweep, run_sweep
+    from sweeps.tune import (
+        check_resources,
+        check_sweep,
+        delete_sweep,
+        format_table,
+        mlflow_ui_hint,
+        run_sweep,
+    )
 
+    overwrite = getattr(args, "overwrite", False)
     for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run
-        check_sweep(cfg)
+        check_sweep(cfg, resume=resume, overwrite=overwrite)
+    if overwrite:
+        for cfg in configs:
+            for what in delete_sweep(cfg):
+                print(f"--overwrite: deleted {what}")
     init_ray(args.address)
-    results = [run_sweep(cfg, resume=resume) for cfg in configs]
-    return 0 if all(r.best for r in results) else 1
+    for cfg in configs:
+        check_resources(cfg)
+    ok = True
+    for cfg in configs:
+        result = run_sweep(cfg, resume=resume)
+        objectives = cfg.tune.objective_modes()
+        print(format_table(result.rows, objectives, limit=cfg.tune.show_top))
+        n_failed = sum(r["status"] == "FAILED" for r in result.rows)
+        print(
+            f"sweep {cfg.sweep.name}: {len(result.rows)} trials ({n_failed} failed) in "
+            f"{result.elapsed_s:.0f}s; results {result.experiment_path}"
+        )
+        print(mlflow_ui_hint(result.tracking_uri))
+        ok = ok and bool(result.best)
+    return 0 if ok else 1
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -78,7 +103,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sweeps.demo import prepare_demo
 
-    cfg = load_config(args.config or DEMO_CONFIG, args.set)
+    # The packaged demo config's paths are relative to where the command runs.
+    cfg = load_config(args.config or DEMO_CONFIG, args.set, base=None if args.config else ".")
     prepare_demo(Path(cfg.model.name_or_path).parent)
     return _sweep([cfg], args, resume=False)
 
@@ -155,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _common(cmd)
+        if name == "sweep":
+            cmd.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="delete an existing sweep of the same name (Tune state, SAEs, MLflow runs) "
+                "before starting",
+            )
         if name == "best":
             cmd.add_argument("--top", type=int, default=5, help="how many trials to list")
         if name == "analyze":

@@ -47,3 +47,17 @@ def write_dir(dest: str, write: Callable[[Path], object]) -> None:
 
 def download_dir(src: str, dest: str | Path) -> None:
     pafs.copy_files(src, str(dest))
+
+
+def read_text(path: str) -> str | None:
+    """A file's text, or None when it does not exist."""
+    fs, inner = _filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode()
+
+
+def delete_dir(path: str) -> None:
+    fs, inner = _filesystem(path)
+    fs.delete_dir(inner)

@@ -17,7 +17,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sae import TopKSae
 from sweeps.cli import DEMO_CONFIG, main
-from sweeps.config import load_config
+from sweeps.config import ConfigError, load_config
 from sweeps.tune import run_sweep
 from tests.helpers import sweep_runs
 
@@ -57,7 +57,7 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     proc = cli(["demo", *args])
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
-    assert "sweep e2e: 4 trials (0 errored)" in log
+    assert "sweep e2e: 4 trials (0 failed)" in log
     assert "mlflow ui --backend-store-uri sqlite:///" in log
 
     client, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "e2e")
@@ -127,7 +127,7 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(demo_assets,
     resumed = cli(["resume", "--config", DEMO_CONFIG, *args])
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log
-    assert "sweep resume: 6 trials (0 errored)" in log
+    assert "sweep resume: 6 trials (0 failed)" in log
 
     _, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "resume")
     assert len(parents) == 1
@@ -248,7 +248,7 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
     result = run_sweep(cfg)
     status = {r["lr"]: r for r in result.rows}
     assert status[0.001]["status"] == "DONE"
-    assert status[1e30]["status"] == "ERROR"
+    assert status[1e30]["status"] == "FAILED"
     assert "loss became" in status[1e30]["error"]
     _, _, kids = sweep_runs(result.tracking_uri, "diverge")
     failed = [k for k in kids if k.info.status == "FAILED"]
@@ -273,6 +273,21 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
         (["train.lr=0.01"], "train.lr is chosen per trial: set it under search.lr"),
         (["tune.gpus_per_trial=1.5"], "tune.gpus_per_trial (got 1.5)"),
         (["sweep.tracking_uri=http://127.0.0.1:9"], "is not reachable"),
+        # types come from the dataclass annotations, for every field
+        (["tune.num_samples=eight"], "tune.num_samples: expected an integer, got 'eight'"),
+        (["train.epochs=ten"], "train.epochs: expected a number, got 'ten'"),
+        (["tune.asha=maybe"], "tune.asha: expected true or false, got 'maybe'"),
+        (["train.batch_size=32.5"], "train.batch_size: expected an integer, got 32.5"),
+        (["extract.token_mode=both"], "extract.token_mode: expected one of cls, all"),
+        (["extract.layers=[2, x]"], "extract.layers[1]: expected an integer, got 'x'"),
+        (["sae.normalize_decoder=1"], "sae.normalize_decoder: expected true or false, got 1"),
+        (["search.lr={low: 1e-4, high: 1e-2, step: 1e-4}"], "takes step or log, not both"),
+        (["search.k={low: 4, high: 16, step: -3}"], "search.k.step: use a number > 0"),
+        (["tune.objectives=[lr:max]"], "tune.objectives (got 'lr:max'): give metric:mode"),
+        (["tune.objectives=[val/fvu:max]"], "tune.objectives (got 'val/fvu:max')"),
+        (["data.path=/nonexistent/images"], "data.path: '/nonexistent/images' does not exist"),
+        (["train.val_fraction=0"], "train.val_fraction=0 leaves no validation rows"),
+        (["train.device=cuda"], "train.device=cuda but tune.gpus_per_trial=0"),
     ],
 )
 def test_invalid_configs_fail_before_any_compute(demo_assets, tmp_path, capsys, sets, message):
@@ -282,7 +297,31 @@ def test_invalid_configs_fail_before_any_compute(demo_assets, tmp_path, capsys, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err
+    assert "Traceback" not in err
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_numeric_strings_are_numbers_and_yaml_errors_name_the_place(demo_assets, tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; where a number is expected it is one.
+    cfg = load_config(
+        DEMO_CONFIG,
+        [*demo_assets, "search.points_to_evaluate=[{lr: 5e-3, k: 8}]", "search.auxk_alpha=1e-2"],
+    )
+    assert cfg.search.points_to_evaluate == [{"lr": "5e-3", "k": 8}]
+    assert cfg.search.auxk_alpha == "1e-2"
+    from sweeps.space import SearchSpace
+
+    space = SearchSpace.from_config(cfg.search)
+    assert space.optuna_points()[0]["lr"] == 0.005 and space.dims["auxk_alpha"].values == (0.01,)
+    for text, where in [("search:\n  k: [4, 8\ntune: {}\n", ":3:5: invalid YAML"),
+                        ("search:\n\tk: 4\n", ":2:1: invalid YAML")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=f"{bad}{where}"):
+            load_config(bad)
+    bad.write_text("search:\n\tk: 4\n")
+    with pytest.raises(ConfigError, match="YAML forbids tabs"):
+        load_config(bad)
 
 
 def test_unreachable_ray_address_fails_fast(demo_assets, tmp_path, capsys):
