@@ -226,8 +226,9 @@ class TuneSettings:
     show_top: int = 10
     """Trials in the summary table."""
 
-    verbose: int = 1
-    """Tune's console output: 0 silent, 1 status table, 2 every result."""
+    verbose: Literal[0, 1, 2] = 0
+    """Console output: 0 a progress bar and a line per trial event; 1 Tune's status tables;
+    2 also every result (the --verbose flag)."""
 
     def objective_modes(self) -> dict[str, str]:
         """{metric: mode} of `objectives`, in order."""

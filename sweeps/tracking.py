@@ -50,6 +50,9 @@ METRIC_KEYS = (
 )
 
 
+#: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
+EVAL_KEYS = ("train/fvu", "val/fvu", "val/l0", "dead_frac", "dense_frac")
+
 #: Metrics a sweep may optimise, each with the only mode that makes sense for it.
 OBJECTIVES = {
     "val/fvu": "min",
@@ -59,6 +62,32 @@ OBJECTIVES = {
     "dense_frac": "min",
     "acts_per_s": "max",
 }
+
+
+def leaderboard_url(server: str, experiment_id: str, metric: str, mode: str) -> str:
+    """The MLflow UI's runs page of an experiment sorted by `metric`: sorted by a metric, it
+    lists the trial runs flat, best first, instead of folding them under the sweep's run."""
+    from urllib.parse import quote
+
+    key = quote(f"metrics.`{metric}`", safe="")
+    ascending = "true" if mode == "min" else "false"
+    page = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}?orderByKey={key}&orderByAsc={ascending}"
+
+
+def trial_label(config: Mapping[str, Any]) -> str:
+    """A trial's hyperparameters in a few characters, `L9 k32 x8 lr3.2e-04 aux0.031`: its
+    MLflow run name and its line on the console."""
+    parts = [
+        fmt.format(config[key])
+        for key, fmt in (("layer", "L{}"), ("k", "k{}"), ("expansion_factor", "x{}"))
+        if key in config
+    ]
+    if "lr" in config:
+        parts.append(f"lr{float(config['lr']):.1e}")
+    if "auxk_alpha" in config:
+        parts.append(f"aux{float(config['auxk_alpha']):.2g}")
+    return " ".join(parts)
 
 
 class TrackingError(RuntimeError):
@@ -234,6 +263,8 @@ class MlflowTrialCallback(tune.Callback):
     - the numeric keys of `metric_keys`: step metrics on every result, final metrics (see
       `final_name`) when the trial completes;
     - `step_key` (default "step", else training_iteration): the step of the metrics;
+    - `fixed_params`: settings every trial shares, logged as params beside the trial's config,
+      so runs of several sweeps in one experiment compare on them;
     - `sae_dir_key` (default "sae_dir"): the final SAE checkpoint directory, absolute, relative
       to the trial directory, or a storage URI (s3://...); logged with its plots under the
       artifact path "sae/". Report it once, after the final SAE is written: a trial that a
@@ -251,7 +282,9 @@ class MlflowTrialCallback(tune.Callback):
         metric_keys: Sequence[str] = METRIC_KEYS,
         step_key: str = "step",
         sae_dir_key: str = "sae_dir",
+        fixed_params: Mapping[str, Any] | None = None,
     ):
+        self.fixed_params = dict(fixed_params or {})
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
         self.metric_keys = tuple(metric_keys)
@@ -350,9 +383,11 @@ class MlflowTrialCallback(tune.Callback):
             }
         else:
             tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial_id}
-            run = client.create_run(self._experiment_id, tags=tags, run_name=str(trial))
+            name = trial_label(trial.config) or str(trial)
+            run = client.create_run(self._experiment_id, tags=tags, run_name=name)
             run_id = run.info.run_id
-            _log_batch(client, run_id, params=_params(_flatten(trial.config)))
+            params = _flatten(self.fixed_params) | _flatten(trial.config)
+            _log_batch(client, run_id, params=_params(params))
             self._logged[trial_id] = {}
         self._runs[trial_id] = run_id
         return run_id
@@ -443,10 +478,7 @@ def log_sweep_summary(
     trials = [_trial_dict(r) for r in results]
     trials = [t for t in trials if t is not None]
     client = MlflowClient(tracking_uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs(
-        [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'", max_results=50000
-    )
+    children = child_runs(client, client.get_run(parent_run_id))
     run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
     front = [trials[i] for i in pareto_front([t["metrics"] for t in trials], objectives)]
     for t in front:
@@ -454,9 +486,12 @@ def log_sweep_summary(
     if not front:
         logger.warning("No finished trial reported %s: nothing to summarise.", list(objectives))
         return []
+    note = leaderboard(trials, objectives, run_ids, front)
+    _log_batch(client, parent_run_id, tags=_tags({"mlflow.note.content": note}))
     if len(objectives) == 1:
         best = front[0]
-        keys = dict.fromkeys([*objectives, *metric_keys])
+        # The best trial's final evaluation; the schedule's lr and throughput are no result.
+        keys = dict.fromkeys([*objectives, *(k for k in metric_keys if k in EVAL_KEYS)])
         metrics = [
             Metric(f"best/{final_name(k)}", float(best["metrics"][k]), int(time.time() * 1000), 0)
             for k in keys
@@ -484,6 +519,42 @@ def log_sweep_summary(
     return front
 
 
+def leaderboard(
+    trials: Sequence[Mapping[str, Any]],
+    objectives: Mapping[str, str],
+    run_ids: Mapping[str, str],
+    front: Sequence[Mapping[str, Any]],
+    top: int = 20,
+) -> str:
+    """The sweep's trials as a Markdown table, best first: the parent run's description."""
+    metric, mode = next(iter(objectives.items()))
+    sign = 1.0 if mode == "min" else -1.0
+
+    def key(t):
+        v = t["metrics"].get(metric)
+        return (not _is_num(v) or math.isnan(v), sign * v if _is_num(v) else 0.0)
+
+    cols = list(dict.fromkeys([*objectives, "val/fvu", "val/l0", "dead_frac"]))
+    on_front = {t["trial_id"] for t in front}
+    lines = [
+        f"**{len(trials)} trials**, best first by `{metric}` ({mode}); "
+        f"{'the Pareto front' if len(objectives) > 1 else 'the best'} in bold.",
+        "",
+        "| trial | run | " + " | ".join(f"`{c}`" for c in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for t in sorted(trials, key=key)[:top]:
+        label = trial_label(t["config"]) or t["trial_id"]
+        if t["trial_id"] in on_front:
+            label = f"**{label}**"
+        values = [t["metrics"].get(c) for c in cols]
+        cells = [f"{v:.4g}" if _is_num(v) else "-" for v in values]
+        lines.append(f"| {label} | {run_ids.get(t['trial_id'], '')[:8]} | {' | '.join(cells)} |")
+    if len(trials) > top:
+        lines.append(f"\n{len(trials) - top} more: `sae-sweep best --top N`")
+    return "\n".join(lines)
+
+
 def _trial_dict(result) -> dict | None:
     """A ResultGrid entry or a trial dict as {trial_id, config, metrics}; None if errored."""
     if isinstance(result, Mapping):
@@ -500,7 +571,9 @@ def _trial_dict(result) -> dict | None:
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        # MLflow 3's UI opens an experiment of this kind on its training runs, not on traces.
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {name!r} is deleted. Restore it (`mlflow experiments restore "

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ class SweepResult:
     """A directory or a URI (s3://...), as sweep.storage_path."""
     parent_run_id: str
     tracking_uri: str
+    experiment_id: str
+    cache_dir: str
     rows: list[dict[str, Any]]
     """One dict per trial: trial_id, status, config values and final metrics, best first."""
     best: list[dict[str, Any]]
@@ -50,7 +53,7 @@ class SweepResult:
 
 
 #: Config fields a resume may change: they only shape what the driver prints.
-RESUMABLE_FIELDS = ("tune.show_top",)
+RESUMABLE_FIELDS = ("tune.show_top", "tune.verbose")
 
 
 def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
@@ -213,7 +216,10 @@ def _sampler(cfg: Config):
     seed = cfg.tune.seed
     if cfg.tune.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    # TPE samples at random until it has n_startup_trials results (Optuna's default: 10), which
+    # would leave a small sweep all random: a quarter of the trials, 2 to 10.
+    startup = min(10, max(2, cfg.tune.num_samples // 4))
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
 
 
 def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_image: int):
@@ -241,17 +247,22 @@ def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_i
     return sources, n_train
 
 
-def _trainable(cfg: Config, sources, tokens_per_image: int):
+def _trainable_settings(cfg: Config, tokens_per_image: int) -> dict[str, Any]:
+    """What every trial shares: the fixed SAE and training settings and where SAEs go."""
     train = dataclasses.asdict(cfg.train)
     for searched in ("lr", "auxk_alpha"):
         train.pop(searched)
-    fixed = {
+    return {
         "sae": {"normalize_decoder": cfg.sae.normalize_decoder, "num_latents": 0},
         "train": train,
         "tokens_per_image": tokens_per_image,
         "sae_root": storage.join(experiment_path(cfg), "sae"),
         "objectives": list(cfg.tune.objective_modes()),
     }
+
+
+def _trainable(cfg: Config, sources, tokens_per_image: int):
+    fixed = _trainable_settings(cfg, tokens_per_image)
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
     trainable = tune.with_parameters(run_trial, layers=sources, fixed=fixed)
     return tune.with_resources(trainable, resources)
@@ -269,16 +280,27 @@ class _OptunaSearch(OptunaSearch):
         self._ot_study.sampler.reseed_rng()
 
 
-def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback, resume: bool):
-    path = experiment_path(cfg)
+def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
+    """ASHA on the sweep's objective (config validation allows it with one objective only)."""
+    if not cfg.tune.asha:
+        return None
+    ((metric, mode),) = cfg.tune.objective_modes().items()
+    return ASHAScheduler(
+        time_attr="step",
+        metric=metric,
+        mode=mode,
+        max_t=max_steps,
+        grace_period=min(cfg.tune.grace_period, max_steps),
+        reduction_factor=cfg.tune.reduction_factor,
+    )
+
+
+def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks, resume: bool):
     if resume:
-        if not tune.Tuner.can_restore(path):
-            raise FileNotFoundError(
-                f"no sweep to resume at {path}: run `sweep` first, or check sweep.name and "
-                "sweep.storage_path"
-            )
         # Finished trials stay finished; unfinished and errored ones go on from checkpoints.
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            experiment_path(cfg), trainable, resume_unfinished=True, resume_errored=True
+        )
     objectives = cfg.tune.objective_modes()
     metric, mode = list(objectives), list(objectives.values())
     if len(objectives) == 1:
@@ -290,16 +312,7 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback,
         sampler=_sampler(cfg),
         points_to_evaluate=space.optuna_points() or None,
     )
-    scheduler = None
-    if cfg.tune.asha:  # one objective (config validation): ASHA stops on it
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            metric=metric,
-            mode=mode,
-            max_t=max_steps,
-            grace_period=min(cfg.tune.grace_period, max_steps),
-            reduction_factor=cfg.tune.reduction_factor,
-        )
+    scheduler = _scheduler(cfg, max_steps)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -313,7 +326,7 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback,
         run_config=tune.RunConfig(
             name=cfg.sweep.name,
             storage_path=cfg.sweep.storage_path,
-            callbacks=[callback],
+            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=cfg.tune.verbose,
@@ -321,7 +334,7 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback,
     )
 
 
-def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
+def run_sweep(cfg: Config, resume: bool = False, callbacks: Sequence = ()) -> SweepResult:
     """Extract (or reuse) the cache, run or resume the sweep, summarise it in MLflow.
 
     Ray must be initialised and cfg checked with check_sweep. The parent run exists from the
@@ -338,7 +351,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
         search_space=space.describe(),
     )
     try:
-        result = _run(cfg, space, parent, uri, resume)
+        result = _run(cfg, space, parent, uri, resume, callbacks)
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         tracking.finish_sweep_run(uri, parent, status, error=f"{type(e).__name__}: {e}")
@@ -349,7 +362,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
     return result
 
 
-def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool) -> SweepResult:
+def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, callbacks):
     ex = extract(cfg)
     tracking.set_tags(uri, parent, {"cache_key": ex.manifest["key"]})
     tokens = ex.manifest["tokens_per_image"]
@@ -358,16 +371,20 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool) -
     max_steps = total_steps(cfg.train, n_train, min(batch, n_train))
 
     path = experiment_path(cfg)
-    callback = tracking.MlflowTrialCallback(uri, parent)
+    fixed = _trainable_settings(cfg, tokens)
+    shared = {k: fixed[k] for k in ("sae", "train", "tokens_per_image")}
+    shared |= {"model": {"name_or_path": cfg.model.name_or_path}, "data": {"path": cfg.data.path}}
+    callbacks = [tracking.MlflowTrialCallback(uri, parent, fixed_params=shared), *callbacks]
     # A resumed sweep whose driver died before Tune saved any state starts its trials afresh.
     restore = resume and tune.Tuner.can_restore(path)
-    tuner = _tuner(cfg, space, _trainable(cfg, sources, tokens), max_steps, callback, restore)
+    tuner = _tuner(cfg, space, _trainable(cfg, sources, tokens), max_steps, callbacks, restore)
     grid = tuner.fit()
     objectives = cfg.tune.objective_modes()
     rows = _rows(grid, objectives)
     tracking.close_lost_trial_runs(uri, parent, [r["trial_id"] for r in rows])
     best = tracking.log_sweep_summary(uri, parent, grid, objectives)
-    return SweepResult(path, parent, uri, rows, best)
+    experiment_id = tracking.MlflowClient(uri).get_run(parent).info.experiment_id
+    return SweepResult(path, parent, uri, experiment_id, str(ex.cache_dir), rows, best)
 
 
 def _rows(grid, objectives: dict[str, str]) -> list[dict[str, Any]]:
@@ -426,9 +443,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def mlflow_ui_hint(uri: str) -> str:
+def mlflow_ui_hint(result: SweepResult, objectives: dict[str, str]) -> str:
+    """How to open the sweep's leaderboard in the MLflow UI."""
+    metric, mode = next(iter(objectives.items()))
+    uri = result.tracking_uri
     if uri.startswith("sqlite:"):
-        return (
-            f"open the MLflow UI: mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
-        )
-    return f"open the MLflow UI at {uri} (through `ray dashboard` or an SSH tunnel on a cluster)"
+        url = tracking.leaderboard_url("http://127.0.0.1:5000", result.experiment_id, metric, mode)
+        return f"MLflow UI: mlflow ui --backend-store-uri {uri}\n  then open {url}"
+    url = tracking.leaderboard_url(uri, result.experiment_id, metric, mode)
+    return f"MLflow UI: {url}\n  (on a cluster, through `ray attach -p` or an SSH tunnel)"
