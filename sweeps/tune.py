@@ -279,6 +279,16 @@ class _OptunaSearch(OptunaSearch):
         super().restore(checkpoint_path)
         self._ot_study.sampler.reseed_rng()
 
+    # Tune saves the trials and the searcher as separate files, so a restored searcher may be
+    # one snapshot older than the trials: results of trials it never proposed are not its own.
+    def on_trial_result(self, trial_id: str, result: dict):
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
+
 
 def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
     """ASHA on the sweep's objective (config validation allows it with one objective only)."""
@@ -296,10 +306,15 @@ def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
 
 
 def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks, resume: bool):
+    fs = storage.tune_filesystem(cfg.sweep.storage_path)
     if resume:
         # Finished trials stay finished; unfinished and errored ones go on from checkpoints.
         return tune.Tuner.restore(
-            experiment_path(cfg), trainable, resume_unfinished=True, resume_errored=True
+            experiment_path(cfg),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
         )
     objectives = cfg.tune.objective_modes()
     metric, mode = list(objectives), list(objectives.values())
@@ -326,6 +341,7 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks
         run_config=tune.RunConfig(
             name=cfg.sweep.name,
             storage_path=cfg.sweep.storage_path,
+            storage_filesystem=fs,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
