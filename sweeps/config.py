@@ -304,6 +304,10 @@ class SweepSettings:
     experiment: str = ""
     """MLflow experiment; empty: the sweep name."""
 
+    register_as: str = ""
+    """At the end of `sweep`, `resume` and `demo`, register the best trial's SAE in MLflow's
+    model registry under this name (a new version each time); empty: register nothing."""
+
     def resolved_tracking_uri(self) -> str:
         from sweeps.tracking import default_tracking_uri
 

@@ -21,6 +21,12 @@ from sweeps.report import frequency_histogram
 SAE_DIR_KEY = "sae_dir"
 
 
+def final_sae_dir(sae_root: str, trial_id: str, layer: int) -> str:
+    """Where a trial's final SAE goes: `<sae_root>/<trial_id>/layers.<L>`, sparsify's folder
+    convention, so `SparseCoder.load_many(<sae_root>/<trial_id>, local=True)` finds it."""
+    return storage.join(sae_root, trial_id, f"layers.{int(layer)}")
+
+
 def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeConfig, TrainConfig]:
     """The SAE and training configs of one trial: sampled values over the fixed settings.
 
@@ -81,7 +87,7 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
         with checkpoint.as_directory() as directory:
             trainer.load_state(directory)
 
-    sae_dir = storage.join(fixed["sae_root"], tune.get_context().get_trial_id())
+    sae_dir = final_sae_dir(fixed["sae_root"], tune.get_context().get_trial_id(), config["layer"])
     # Which node trained this step: a retried trial may move to another one.
     node_id = ray.get_runtime_context().get_node_id()
 
