@@ -100,6 +100,11 @@ def terminated_trials(exp_dir: Path) -> set[str]:
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
+def _final_sae(exp_dir: Path, trial_id: str) -> Path:
+    (weights,) = (exp_dir / "sae" / trial_id).glob("layers.*/sae.safetensors")
+    return weights
+
+
 def test_killed_driver_resumes_without_retraining_or_duplicate_runs(demo_assets, tmp_path):
     out = tmp_path / "out"
     args = overrides(
@@ -122,7 +127,7 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(demo_assets,
     proc.wait()
     done = terminated_trials(exp_dir)
     assert 2 <= len(done) < 6
-    mtimes = {t: (exp_dir / "sae" / t / "sae.safetensors").stat().st_mtime_ns for t in done}
+    mtimes = {t: _final_sae(exp_dir, t).stat().st_mtime_ns for t in done}
 
     resumed = cli(["resume", "--config", DEMO_CONFIG, *args])
     log, _ = resumed.communicate(timeout=600)
@@ -135,7 +140,7 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(demo_assets,
     assert len(trial_ids) == len(set(trial_ids)) == 6
     assert all(k.info.status == "FINISHED" for k in kids)
     for trial_id, mtime in mtimes.items():  # finished trials were not trained again
-        assert (exp_dir / "sae" / trial_id / "sae.safetensors").stat().st_mtime_ns == mtime
+        assert _final_sae(exp_dir, trial_id).stat().st_mtime_ns == mtime
 
 
 def _trial_worker_pids() -> list[int]:
