@@ -322,6 +322,13 @@ class SweepSettings:
             self.name,
         )
         _check(bool(self.out_dir), "sweep.out_dir", "give a directory")
+        _check(
+            not (set(self.register_as) & set("/:"))
+            and self.register_as == self.register_as.strip(),
+            "sweep.register_as",
+            "MLflow model names cannot hold '/' or ':' or start or end with a space",
+            self.register_as,
+        )
 
 
 @dataclass

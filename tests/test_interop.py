@@ -6,6 +6,8 @@ One tiny sweep through the CLI, as a user runs it, with `sweep.register_as`; the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -18,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from sae import SaeConfig, TopKSae
 from sae.saelens import save_saelens
 from sweeps.best import best_trials
-from sweeps.cli import DEMO_CONFIG
-from sweeps.config import load_config
+from sweeps.cli import DEMO_CONFIG, main
+from sweeps.config import ConfigError, load_config
 from tests.test_sweep import cli, overrides
 
 sparsify = pytest.importorskip("sparsify")
@@ -58,22 +60,24 @@ def swept(demo_assets, tmp_path_factory):
         "tune.verbose=0",
     ]
     args = overrides(demo_assets, out, NAME, *sets)
-    logs = {}
+    proc = cli(["sweep", "--set", "sweep.register_as=clip-sae", "--config", DEMO_CONFIG, *args])
+    logs = {"sweep": proc.communicate(timeout=600)[0]}
+    assert proc.returncode == 0, logs["sweep"]
+    # These two start no Ray: the same command lines, run in this process.
     commands = {
-        "sweep": ["sweep", "--set", "sweep.register_as=clip-sae"],
         "best": ["best", "--register", "clip-sae"],
         "export": ["export", "--out", str(out / "exported")],
     }
     for command, argv in commands.items():
-        proc = cli([*argv, "--config", DEMO_CONFIG, *args])
-        logs[command], _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, logs[command]
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            assert main([*argv, "--config", DEMO_CONFIG, *args]) == 0
+        logs[command] = printed.getvalue()
     cfg = load_config(DEMO_CONFIG, [a for a in args if a != "--set"])
     return out, cfg, logs
 
 
 def _best(cfg):
-    (row,) = [r for r in best_trials(cfg, top=1)]
+    (row,) = best_trials(cfg, top=1)
     return row
 
 
@@ -205,3 +209,8 @@ def test_saelens_export_refuses_an_sae_it_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="cannot express this SAE .*tensor input_scale"):
         save_saelens(sae, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_model_name_mlflow_refuses_is_a_config_error_before_any_sweep():
+    with pytest.raises(ConfigError, match="sweep.register_as .*'sweeps/best'.*cannot hold '/'"):
+        load_config(DEMO_CONFIG, ["sweep.register_as=sweeps/best"])
