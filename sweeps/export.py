@@ -69,9 +69,15 @@ def get_run(cfg: Config, run_id: str | None) -> Run:
     if run_id is None:
         return best_run(cfg)
     try:
-        return MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(run_id)
+        run = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(run_id)
     except MlflowException as e:
         raise ValueError(f"MLflow run {run_id}: {e.message}") from None
+    if "trial_id" not in run.data.tags or "layer" not in run.data.params:
+        raise ValueError(
+            f"MLflow run {run_id} is not a trial of a sweep (no trial_id tag or layer param): "
+            "pass the run id of a trial, as `best` lists them"
+        )
+    return run
 
 
 def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
@@ -141,7 +147,8 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
     layer = int(p["layer"])
     data = cfg.data
     dataset = f"{data.source} `{data.path}`" + (f" (config `{data.config}`)" if data.config else "")
-    split = data.split if data.source == "hf" else "all images"
+    if data.source == "hf":
+        dataset += f", split `{data.split}`"
     subset = []
     if data.fraction < 1:
         subset.append(f"a {data.fraction:g} fraction by row-id hash (seed {data.seed})")
@@ -155,8 +162,8 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "k": sae.cfg.k,
         "num_latents": sae.num_latents,
         "expansion_factor": p.get("expansion_factor"),
-        "lr": p.get("lr"),
-        "auxk_alpha": p.get("auxk_alpha"),
+        "lr": float(p["lr"]) if "lr" in p else None,
+        "auxk_alpha": float(p["auxk_alpha"]) if "auxk_alpha" in p else None,
         "batch_size (images)": train.batch_size,
         "length": length,
         "lr_schedule": f"{train.lr_schedule}, {train.lr_warmup_steps} warmup steps",
@@ -180,8 +187,7 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         f"transformers' `encoder.layers.{layer}` (TransformerLens: "
         f"`blocks.{layer}.hook_resid_post`)",
         f"- **Token mode:** `{cfg.extract.token_mode}` ({tokens})",
-        f"- **Dataset:** {dataset}, split `{split}`"
-        + (f", {' and '.join(subset)}" if subset else ""),
+        f"- **Dataset:** {dataset}" + (f", {' and '.join(subset)}" if subset else ""),
         f"- **Validation:** {train.val_fraction:g} of the images, held out by a hash of the "
         f"row id (seed {train.seed}); the metrics below are measured on it",
         f"- **Shape:** d_in {sae.d_in}, {sae.num_latents} latents, k {sae.cfg.k}",
@@ -202,8 +208,9 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "",
         "## Loading it",
         "",
-        "The encoder is `relu(topk((x - b_dec) @ W_enc.T + b_enc))`, the decoder the sum of the",
-        "k active rows of `W_dec` plus `b_dec`. Feed it the layer's activations as above.",
+        "The encoder is `relu(topk((x - b_dec) @ W_enc + b_enc))` (`W_enc` is SAELens's name;",
+        "sparsify's `encoder.weight` is its transpose), the decoder the sum of the k active rows",
+        "of `W_dec` plus `b_dec`. Feed it the layer's activations as described above.",
         "",
         "```python",
         "# clip-sae-sweeps",
@@ -214,7 +221,7 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "# EleutherAI sparsify (cfg.json and sae.safetensors)",
         "from sparsify import SparseCoder",
         f'sae = SparseCoder.load_from_disk("{folder}")',
-        'saes = SparseCoder.load_many(".", local=True)  # the folder above this one',
+        f'saes = SparseCoder.load_many("<the folder holding {folder}>", local=True)',
         "",
         "# SAELens (cfg.json and sae_weights.safetensors, architecture topk)",
         "from sae_lens import SAE",

@@ -22,6 +22,7 @@ from sae.saelens import save_saelens
 from sweeps.best import best_trials
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import ConfigError, load_config
+from sweeps.export import get_run
 from tests.test_sweep import cli, overrides
 
 sparsify = pytest.importorskip("sparsify")
@@ -214,3 +215,11 @@ def test_saelens_export_refuses_an_sae_it_cannot_express(tmp_path):
 def test_a_model_name_mlflow_refuses_is_a_config_error_before_any_sweep():
     with pytest.raises(ConfigError, match="sweep.register_as .*'sweeps/best'.*cannot hold '/'"):
         load_config(DEMO_CONFIG, ["sweep.register_as=sweeps/best"])
+
+
+def test_export_of_a_run_that_is_no_trial_says_so(swept):
+    _, cfg, _ = swept
+    parent = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(_best(cfg)["run_id"])
+    parent_id = parent.data.tags["mlflow.parentRunId"]
+    with pytest.raises(ValueError, match=f"run {parent_id} is not a trial of a sweep"):
+        get_run(cfg, parent_id)
