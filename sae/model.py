@@ -125,7 +125,8 @@ class TopKSae(nn.Module):
             {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
             str(directory / "sae.safetensors"),
         )
-        cfg = {**dataclasses.asdict(self.cfg), "d_in": self.d_in}
+        # The real width, not 0 ("use expansion_factor"), spares other loaders the lookup.
+        cfg = {**dataclasses.asdict(self.cfg), "num_latents": self.num_latents, "d_in": self.d_in}
         (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))
         return directory
 

@@ -16,11 +16,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sae import TopKSae
 from sweeps import analysis, cache, report
-from sweeps.best import best_trials, sweep_parent
+from sweeps.best import best_trials, sweep_parent, trial_sae_dir
 from sweeps.config import AnalyzeOptions, Config
 from sweeps.extract import absolute_paths, locate_cache
 from sweeps.tracking import final_name
-from sweeps.tune import experiment_path
 
 
 @dataclass
@@ -44,7 +43,9 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
     uri = cfg.sweep.resolved_tracking_uri()
     if opts.checkpoint:
         sae_dir = Path(opts.checkpoint)
-        runs = _children(client, parent, f" and tags.trial_id = '{sae_dir.name}'") if parent else []
+        # A trial's SAE sits in <trial id>/layers.<L> (sparsify's folder convention).
+        name = sae_dir.parent.name if sae_dir.name.startswith("layers.") else sae_dir.name
+        runs = _children(client, parent, f" and tags.trial_id = '{name}'") if parent else []
         layer = opts.layer
         if layer is None and runs:
             layer = int(runs[0].data.params["layer"])
@@ -55,7 +56,7 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
                     f"layers {layers}: pass --layer"
                 )
             layer = layers[0]
-        return Target(sae_dir, layer, sae_dir.name, runs[0].info.run_id if runs else None)
+        return Target(sae_dir, layer, name, runs[0].info.run_id if runs else None)
     if opts.run_id:
         run = client.get_run(opts.run_id)
     else:
@@ -67,8 +68,11 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
             )
         run = client.get_run(saved[0]["mlflow_uri"].split("/")[1])  # runs:/<run id>/sae
     trial_id = run.data.tags.get("trial_id", run.info.run_id)
-    sae_dir = Path(str(experiment_path(cfg)), "sae", trial_id)  # not local (s3://): download
-    if not (sae_dir / "cfg.json").exists():
+    layer = int(run.data.params["layer"])
+    found = trial_sae_dir(cfg, trial_id, layer)
+    if found and Path(found, "cfg.json").is_file():
+        sae_dir = Path(found)
+    else:  # not on a local path (s3://): download
         import mlflow.artifacts
 
         sae_dir = Path(
@@ -76,7 +80,7 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
                 run_id=run.info.run_id, artifact_path="sae", tracking_uri=uri
             )
         )
-    return Target(sae_dir, int(run.data.params["layer"]), trial_id, run.info.run_id)
+    return Target(sae_dir, layer, trial_id, run.info.run_id)
 
 
 def find_cache(cfg: Config):

@@ -8,6 +8,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from sweeps import storage
 from sweeps.config import Config
 from sweeps.tracking import final_name
+from sweeps.trainable import final_sae_dir
 from sweeps.tune import SUMMARY_COLUMNS, experiment_path, format_table
 
 
@@ -20,6 +21,17 @@ def sweep_parent(client: MlflowClient, cfg: Config):
         [experiment.experiment_id], f"tags.sweep_id = '{experiment_path(cfg)}'", max_results=1
     )
     return found[0] if found else None
+
+
+def trial_sae_dir(cfg: Config, trial_id: str, layer: int) -> str | None:
+    """A trial's final SAE: `sae/<trial_id>/layers.<L>`, or `sae/<trial_id>` itself where
+    sweeps wrote it before they followed sparsify's folder convention; None when there is
+    none (a trial stopped early)."""
+    root = storage.join(experiment_path(cfg), "sae")
+    for path in (final_sae_dir(root, trial_id, layer), storage.join(root, trial_id)):
+        if storage.exists(storage.join(path, "cfg.json")):
+            return path
+    return None
 
 
 def best_trials(cfg: Config, top: int = 5) -> list[dict]:
@@ -43,15 +55,15 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
     rows = []
     for run in runs:
         trial_id = run.data.tags.get("trial_id", "")
-        sae_dir = storage.join(experiment_path(cfg), "sae", trial_id)
         rows.append(
             {
                 "trial_id": trial_id,
+                "run_id": run.info.run_id,
                 "status": "STOPPED" if run.data.tags.get("stopped_early") else "DONE",
                 **{c: run.data.params.get(c) for c in SUMMARY_COLUMNS},
                 **{k: run.data.metrics.get(final_name(k)) for k in ("val/fvu", "val/l0")},
                 "dead_frac": run.data.metrics.get("dead_frac"),
-                "sae_dir": sae_dir if storage.exists(storage.join(sae_dir, "cfg.json")) else None,
+                "sae_dir": trial_sae_dir(cfg, trial_id, int(run.data.params["layer"])),
                 "mlflow_uri": f"runs:/{run.info.run_id}/sae",
             }
         )

@@ -104,6 +104,8 @@ def _sweep(configs, args, resume: bool) -> list:
             f"{result.elapsed_s:.0f}s; results {result.experiment_path}"
         )
         print(mlflow_ui_hint(result, objectives))
+        if cfg.sweep.register_as and result.best:
+            _register(cfg, cfg.sweep.register_as, run_id=None)
         results.append(result)
     return results
 
@@ -114,6 +116,18 @@ def _exit_code(results) -> int:
 
 def _sets(args: argparse.Namespace) -> list[str]:
     return [*args.set, "tune.verbose=2"] if args.verbose else args.set
+
+
+def _register(cfg, name: str, run_id: str | None) -> None:
+    from sweeps.export import get_run, register_run
+
+    version = register_run(cfg, get_run(cfg, run_id), name)
+    uri = f"models:/{name}/{version.version}"
+    print(f"registered {uri} (trial {version.tags.get('trial_id')}, {version.source})")
+    print(
+        f"  load it: mlflow.set_tracking_uri({cfg.sweep.resolved_tracking_uri()!r}); "
+        f"TopKSae.load(mlflow.artifacts.download_artifacts({uri!r}))"
+    )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -157,6 +171,23 @@ def cmd_best(args: argparse.Namespace) -> int:
 
     for cfg in load_configs(args.config, args.set):
         print_best(best_trials(cfg, top=args.top), cfg)
+        if args.register:
+            _register(cfg, args.register, run_id=None)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sweeps.export import export_run, get_run
+
+    cfg = load_config(args.config, args.set)
+    run = get_run(cfg, args.run_id)
+    trial = run.data.tags.get("trial_id", run.info.run_id)
+    out = args.out or Path(cfg.sweep.out_dir, "export", trial)
+    folder = export_run(cfg, run, out)
+    print(f"exported {folder} (model card: {folder / 'README.md'})")
+    print(f"  here:     TopKSae.load({str(folder)!r})")
+    print(f"  sparsify: SparseCoder.load_many({str(folder.parent)!r}, local=True)")
+    print(f"  SAELens:  SAE.load_from_disk({str(folder)!r})")
     return 0
 
 
@@ -218,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweep", cmd_sweep, "extract when the cache is missing, then run the sweep"),
         ("resume", cmd_resume, "continue an interrupted sweep (same config)"),
         ("best", cmd_best, "the top trials and where their SAEs are"),
+        ("export", cmd_export, "write a trial's SAE for sparsify and SAELens, with a model card"),
         ("analyze", cmd_analyze, "latent statistics, top images, downstream checks, sweep plots"),
     ]
     for name, func, text in commands:
@@ -238,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "best":
             cmd.add_argument("--top", type=int, default=5, help="how many trials to list")
+            cmd.add_argument(
+                "--register",
+                metavar="NAME",
+                help="register the best trial's SAE as a new version of this MLflow model",
+            )
+        if name == "export":
+            cmd.add_argument("--run-id", help="MLflow run of the trial (default: the best one)")
+            cmd.add_argument(
+                "--out", help="output directory (default: <sweep.out_dir>/export/<trial id>)"
+            )
         if name == "analyze":
             _analyze_flags(cmd)
         cmd.set_defaults(func=func)

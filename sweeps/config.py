@@ -302,6 +302,10 @@ class SweepSettings:
     experiment: str = ""
     """MLflow experiment; empty: the sweep name."""
 
+    register_as: str = ""
+    """At the end of `sweep`, `resume` and `demo`, register the best trial's SAE in MLflow's
+    model registry under this name (a new version each time); empty: register nothing."""
+
     def resolved_tracking_uri(self) -> str:
         from sweeps.tracking import default_tracking_uri
 
@@ -316,6 +320,13 @@ class SweepSettings:
             self.name,
         )
         _check(bool(self.out_dir), "sweep.out_dir", "give a directory")
+        _check(
+            not (set(self.register_as) & set("/:"))
+            and self.register_as == self.register_as.strip(),
+            "sweep.register_as",
+            "MLflow model names cannot hold '/' or ':' or start or end with a space",
+            self.register_as,
+        )
 
 
 @dataclass

@@ -24,6 +24,12 @@ SAE_DIR_KEY = "sae_dir"
 FINAL_METRICS = "metrics.json"
 
 
+def final_sae_dir(sae_root: str, trial_id: str, layer: int) -> str:
+    """Where a trial's final SAE goes: `<sae_root>/<trial_id>/layers.<L>`, sparsify's folder
+    convention, so `SparseCoder.load_many(<sae_root>/<trial_id>, local=True)` finds it."""
+    return storage.join(sae_root, trial_id, f"layers.{int(layer)}")
+
+
 def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeConfig, TrainConfig]:
     """The SAE and training configs of one trial: sampled values over the fixed settings.
 
@@ -74,7 +80,7 @@ def layer_arrays(source) -> tuple[np.ndarray, np.ndarray]:
 def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str, Any]) -> None:
     """Tune function trainable. `layers` maps a layer to its source: object refs of its
     (train, val) arrays or a CachedLayer."""
-    sae_dir = storage.join(fixed["sae_root"], tune.get_context().get_trial_id())
+    sae_dir = final_sae_dir(fixed["sae_root"], tune.get_context().get_trial_id(), config["layer"])
     finished = storage.read_text(storage.join(sae_dir, FINAL_METRICS))
     if finished is not None:
         # The trial finished after Tune last saved its state (the driver died in between):

@@ -166,6 +166,11 @@ def terminated_trials(exp_dir: Path) -> set[str]:
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
+def _final_sae(exp_dir: Path, trial_id: str) -> Path:
+    (weights,) = (exp_dir / "sae" / trial_id).glob("layers.*/sae.safetensors")
+    return weights
+
+
 def assert_records_exact(uri: str, name: str, exp_dir: Path, eval_every: int) -> None:
     """The invariants a sweep's records keep through any kill and resume."""
     client, parents, kids = sweep_runs(uri, name)
@@ -254,9 +259,8 @@ def test_killed_driver_at_any_moment_then_resume_keeps_records_exact(demo_assets
         assert proc.returncode in (0, -signal.SIGKILL), log
         command = "resume"
         for trial_id in finished():  # SAEs of finished trials must not be written again
-            path = exp_dir / "sae" / trial_id / "sae.safetensors"
-            if path.is_file():  # trials that ASHA stopped have none
-                mtimes.setdefault(trial_id, path.stat().st_mtime_ns)
+            if list((exp_dir / "sae" / trial_id).glob("layers.*")):  # ASHA-stopped: none
+                mtimes.setdefault(trial_id, _final_sae(exp_dir, trial_id).stat().st_mtime_ns)
     assert killed[:3] == [m[0] for m in moments[:3]], killed
 
     resumed = cli(["resume", "--config", DEMO_CONFIG, *args])
@@ -266,7 +270,7 @@ def test_killed_driver_at_any_moment_then_resume_keeps_records_exact(demo_assets
     assert "Traceback" not in log
     assert_records_exact(uri, name, exp_dir, eval_every)
     for trial_id, mtime in mtimes.items():
-        assert (exp_dir / "sae" / trial_id / "sae.safetensors").stat().st_mtime_ns == mtime
+        assert _final_sae(exp_dir, trial_id).stat().st_mtime_ns == mtime
 
 
 def _trial_worker_pids() -> list[int]:

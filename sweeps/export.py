@@ -1,0 +1,233 @@
+"""Hand-off of a trial's SAE to other tools: one folder that this project, sparsify and SAELens
+all load, with a model card, written to a directory (`export`) or registered as a version in
+MLflow's model registry (`best --register`, `sweep.register_as`).
+
+The registered artifact is that folder, not an MLflow flavour: `mlflow.pytorch` would pickle
+the module (checkpoints here are never pickled) and a pyfunc's predict has no natural output
+for an SAE (latents? reconstruction?). A plain folder downloads with one call and opens in
+all three libraries.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow.artifacts
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from sae import TopKSae
+from sae.saelens import save_saelens
+from sweeps.best import best_trials
+from sweeps.config import Config
+
+#: The run artifact that a registered model version points to: `export/layers.<L>`.
+EXPORT_ARTIFACT = "export"
+
+#: The registered model's description (set when `register_run` creates it).
+DESCRIPTION = (
+    "TopK SAEs on CLIP vision activations. Each version is a folder that loads with "
+    "TopKSae.load, sparsify's SparseCoder.load_from_disk and sae_lens.SAE.load_from_disk; "
+    "its README.md is the model card."
+)
+
+
+def saelens_metadata(cfg: Config, layer: int) -> dict:
+    """SAELens's metadata fields for an SAE on layer `layer` of cfg's CLIP vision model."""
+    return {
+        "model_name": cfg.model.name_or_path,
+        "model_class_name": "CLIPVisionModel",
+        # TransformerLens's name for the residual stream after block L, as SAELens uses it,
+        # and the transformers module whose output that is (hidden_states[L + 1]).
+        "hook_name": f"blocks.{layer}.hook_resid_post",
+        "hf_hook_name": f"encoder.layers.{layer}",
+        "hook_head_index": None,
+        # cls mode trains on token 0 of each image only; all mode on every token.
+        "seqpos_slice": [0, 1] if cfg.extract.token_mode == "cls" else [None],
+        "prepend_bos": False,
+        "dataset_path": cfg.data.path,
+    }
+
+
+def best_run(cfg: Config) -> Run:
+    """The MLflow run of the sweep's best trial that finished with a final SAE."""
+    done = [r for r in best_trials(cfg, top=50) if r["status"] == "DONE"]
+    if not done:
+        raise FileNotFoundError(
+            f"no trial of sweep {cfg.sweep.name!r} finished with a final SAE: rerun the sweep "
+            "with more trials or steps"
+        )
+    return MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(done[0]["run_id"])
+
+
+def get_run(cfg: Config, run_id: str | None) -> Run:
+    """The trial run `run_id`, or the sweep's best one when it is None."""
+    if run_id is None:
+        return best_run(cfg)
+    try:
+        run = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(f"MLflow run {run_id}: {e.message}") from None
+    if "trial_id" not in run.data.tags or "layer" not in run.data.params:
+        raise ValueError(
+            f"MLflow run {run_id} is not a trial of a sweep (no trial_id tag or layer param): "
+            "pass the run id of a trial, as `best` lists them"
+        )
+    return run
+
+
+def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
+    """Write the trial's SAE to `<out>/layers.<L>` in sparsify's and SAELens's layouts, with
+    a model card README.md; returns that folder."""
+    layer = int(run.data.params["layer"])
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            src = mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id,
+                artifact_path="sae",
+                dst_path=tmp,
+                tracking_uri=cfg.sweep.resolved_tracking_uri(),
+            )
+        except (MlflowException, OSError) as e:
+            raise FileNotFoundError(
+                f"run {run.info.run_id} has no SAE artifact ({e}): pick a trial that finished"
+            ) from None
+        sae = TopKSae.load(src)
+    folder = save_saelens(sae, Path(out) / f"layers.{layer}", saelens_metadata(cfg, layer))
+    (folder / "README.md").write_text(model_card(cfg, run, sae))
+    return folder
+
+
+def register_run(cfg: Config, run: Run, name: str) -> ModelVersion:
+    """Log the exported SAE folder to the trial's run and register it as a version of the
+    registered model `name` (created when new), tagged with its sweep, trial and metrics."""
+    client = MlflowClient(cfg.sweep.resolved_tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_run(cfg, run, tmp)
+        path = f"{EXPORT_ARTIFACT}/{folder.name}"
+        client.log_artifacts(run.info.run_id, str(folder), path)
+    try:
+        client.create_registered_model(name, description=DESCRIPTION)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise ValueError(f"cannot register model {name!r}: {e.message}") from None
+    return client.create_model_version(
+        name,
+        f"runs:/{run.info.run_id}/{path}",
+        run_id=run.info.run_id,
+        tags=version_tags(cfg, run),
+        description=f"Sweep {cfg.sweep.name}, trial {run.data.tags.get('trial_id')}",
+    )
+
+
+def version_tags(cfg: Config, run: Run) -> dict[str, str]:
+    p, m = run.data.params, run.data.metrics
+    tags = {
+        "sweep": cfg.sweep.name,
+        "trial_id": run.data.tags.get("trial_id", ""),
+        "model": cfg.model.name_or_path,
+        "token_mode": cfg.extract.token_mode,
+        **{k: p[k] for k in ("layer", "k", "expansion_factor") if k in p},
+        **{k: f"{m[k]:.6g}" for k in ("fvu", "l0", "dead_frac") if k in m},
+    }
+    return {k: str(v) for k, v in tags.items()}
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
+
+
+def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
+    """A short README.md saying what the SAE was trained on, how well, and how to load it."""
+    p, m = run.data.params, run.data.metrics
+    layer = int(p["layer"])
+    data = cfg.data
+    dataset = f"{data.source} `{data.path}`" + (f" (config `{data.config}`)" if data.config else "")
+    if data.source == "hf":
+        dataset += f", split `{data.split}`"
+    subset = []
+    if data.fraction < 1:
+        subset.append(f"a {data.fraction:g} fraction by row-id hash (seed {data.seed})")
+    if data.limit:
+        subset.append(f"the first {data.limit} rows")
+    tokens = "the CLS token of each image" if cfg.extract.token_mode == "cls" else "every token"
+    revision = f" at revision `{cfg.model.revision}`" if cfg.model.revision else ""
+    train = cfg.train
+    length = f"{train.steps} steps" if train.steps else f"{train.epochs:g} epochs"
+    hyper = {
+        "k": sae.cfg.k,
+        "num_latents": sae.num_latents,
+        "expansion_factor": p.get("expansion_factor"),
+        "lr": float(p["lr"]) if "lr" in p else None,
+        "auxk_alpha": float(p["auxk_alpha"]) if "auxk_alpha" in p else None,
+        "batch_size (images)": train.batch_size,
+        "length": length,
+        "lr_schedule": f"{train.lr_schedule}, {train.lr_warmup_steps} warmup steps",
+        "dead_feature_threshold": train.dead_feature_threshold,
+        "normalize_decoder": sae.cfg.normalize_decoder,
+    }
+    metrics = {
+        "FVU (fraction of variance unexplained)": m.get("fvu"),
+        "L0 (active latents per input)": m.get("l0"),
+        "dead fraction (never fired on validation)": m.get("dead_frac"),
+    }
+    folder = f"layers.{layer}"
+    lines = [
+        f"# TopK SAE: {cfg.model.name_or_path}, layer {layer}",
+        "",
+        "A TopK sparse autoencoder on CLIP vision activations, trained by clip-sae-sweeps.",
+        "",
+        f"- **CLIP checkpoint:** `{cfg.model.name_or_path}`{revision} (vision tower)",
+        f"- **Layer:** {layer}, the residual stream after encoder block {layer} (0-based), "
+        f"i.e. `hidden_states[{layer + 1}]` before any final layer norm; the output of "
+        f"transformers' `encoder.layers.{layer}` (TransformerLens: "
+        f"`blocks.{layer}.hook_resid_post`)",
+        f"- **Token mode:** `{cfg.extract.token_mode}` ({tokens})",
+        f"- **Dataset:** {dataset}" + (f", {' and '.join(subset)}" if subset else ""),
+        f"- **Validation:** {train.val_fraction:g} of the images, held out by a hash of the "
+        f"row id (seed {train.seed}); the metrics below are measured on it",
+        f"- **Shape:** d_in {sae.d_in}, {sae.num_latents} latents, k {sae.cfg.k}",
+        f"- **Sweep:** `{cfg.sweep.name}`, trial `{run.data.tags.get('trial_id', '')}`, "
+        f"MLflow run `{run.info.run_id}`",
+        "",
+        "## Metrics (validation)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()),
+        "",
+        "## Hyperparameters",
+        "",
+        "| name | value |",
+        "|---|---|",
+        *(f"| {k} | {_fmt(v)} |" for k, v in hyper.items()),
+        "",
+        "## Loading it",
+        "",
+        "The encoder is `relu(topk((x - b_dec) @ W_enc + b_enc))` (`W_enc` is SAELens's name;",
+        "sparsify's `encoder.weight` is its transpose), the decoder the sum of the k active rows",
+        "of `W_dec` plus `b_dec`. Feed it the layer's activations as described above.",
+        "",
+        "```python",
+        "# clip-sae-sweeps",
+        "from sae import TopKSae",
+        f'sae = TopKSae.load("{folder}")',
+        "out = sae(x)  # out.latent_acts, out.latent_indices, out.sae_out",
+        "",
+        "# EleutherAI sparsify (cfg.json and sae.safetensors)",
+        "from sparsify import SparseCoder",
+        f'sae = SparseCoder.load_from_disk("{folder}")',
+        f'saes = SparseCoder.load_many("<the folder holding {folder}>", local=True)',
+        "",
+        "# SAELens (cfg.json and sae_weights.safetensors, architecture topk)",
+        "from sae_lens import SAE",
+        f'sae = SAE.load_from_disk("{folder}")',
+        "latents = sae.encode(x)  # dense (..., num_latents)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
