@@ -9,6 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
+import yaml
+
 from sae.config import field_help
 from sweeps.config import AnalyzeOptions, ConfigError, config_help, load_config, load_configs
 
@@ -144,6 +146,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The packaged demo config's paths are relative to where the command runs.
     cfg = load_config(args.config or DEMO_CONFIG, _sets(args), base=None if args.config else ".")
     prepare_demo(Path(cfg.model.name_or_path).parent)
+    # The demo's config with its paths resolved, for `best`, `analyze` and `export`.
+    saved = Path(cfg.sweep.out_dir, "config.yaml")
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     (result,) = _sweep([cfg], args, resume=False)
     best = result.rows[0] if result.rows else {}
     if not best.get("sae_dir"):
@@ -163,6 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(AUROC >= 0.9 on validation images): "
         + ", ".join(f"{k} (latent {latent})" for k, (latent, _) in found.items())
     )
+    print(f"next: sae-sweep best --config {saved}  (or analyze, export)")
     return _exit_code([result])
 
 

@@ -59,6 +59,16 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     assert proc.returncode == 0, log
     assert "sweep e2e: 4 trials (0 failed)" in log
     assert "mlflow ui --backend-store-uri sqlite:///" in log
+    # The console: a line per trial event and the leaderboard, no Ray tables or INFO logs.
+    lines = log.splitlines()
+    assert len(lines) < 50, log
+    assert sum(line.startswith("started ") for line in lines) == 4, log
+    assert sum(line.startswith(("finished ", "stopped ")) for line in lines) == 4, log
+    assert any(line.split()[:2] == ["trial_id", "status"] for line in lines)
+    for noise in ("Trial status", "Configuration for experiment", "INFO", "TensorBoard"):
+        assert noise not in log
+    assert "image factors have a latent that picks them out" in log
+    assert "best SAE: " in log and "next: sae-sweep best --config " in log
 
     client, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "e2e")
     assert len(parents) == 1 and len(kids) == 4
