@@ -42,11 +42,8 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
 
     quiet = {}
     if not verbose:
-        # Tune's console output engine prints its header even when silent; the classic one,
-        # at verbose=0, prints nothing. Ray's and MLflow's INFO lines stay in their logs.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         quiet = {"logging_level": logging.ERROR}
-        for name in ("ray.data", "ray.tune", "mlflow"):
+        for name in ("ray.data", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -295,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        # Tune's console output engine prints its header even when silent; the classic one,
+        # at verbose=0, prints nothing. MLflow's INFO lines (creating tables) stay out too.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
     except ConfigError as e:
