@@ -44,6 +44,7 @@ METRIC_KEYS = (
     "val/fvu",
     "val/l0",
     "dead_frac",
+    "val/never_fired_frac",
     "dense_frac",
     "auxk_loss",
     "lr",

@@ -94,7 +94,7 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
             frequency_M = trainer.last_stats[1].firing_frequency().cpu().numpy()
 
             def write(directory: Path) -> None:
-                trainer.sae.save(directory)
+                trainer.export_sae().save(directory)
                 frequency_histogram(frequency_M, directory / "firing_frequency.png")
 
             storage.write_dir(sae_dir, write)
