@@ -31,6 +31,7 @@ def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeCon
         SaeConfig(**fixed["sae"]),
         k=int(config["k"]),
         expansion_factor=int(config["expansion_factor"]),
+        activation=config.get("activation", "topk"),
     )
     train = dict(fixed["train"])
     train["batch_size"] = train["batch_size"] * fixed["tokens_per_image"]
