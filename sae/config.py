@@ -138,15 +138,85 @@ class TrainConfig:
 
 
 def from_dict(cls, values: dict, where: str = ""):
-    """Build a config dataclass from a dict, naming unknown keys instead of ignoring them."""
+    """Build a config dataclass from a dict (parsed YAML or JSON), checking every value against
+    its field's annotation and naming unknown keys instead of ignoring them."""
+    import typing
+
+    where = where or cls.__name__
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(
-            f"unknown {where or cls.__name__} field(s): {', '.join(unknown)}; "
-            f"valid: {', '.join(sorted(names))}"
+            f"unknown {where} field(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
         )
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def coerce(value, hint, name: str):
+    """`value` as the type `hint` (int, float, bool, str, Literal, list[...], X | None, Any).
+
+    Numeric strings are accepted where a float is expected, since YAML reads `1e-3` as a
+    string; nothing else is converted. Raises ValueError naming the field, type and value."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return coerce(value, option, name)
+            except ValueError:
+                pass
+        raise ValueError(f"{name}: expected {_type_name(hint)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args and not (isinstance(value, bool) and True in args):
+            return value
+        raise ValueError(f"{name}: expected one of {', '.join(map(str, args))}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{name}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return [coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }
+    if ok.get(hint):
+        return float(value) if hint is float else value
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint not in ok:
+        raise TypeError(f"{name}: no rule for the annotation {hint!r}")
+    raise ValueError(f"{name}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0])}"
+    text = " or ".join(_type_name(a) for a in args)
+    return text + " or null" if type(None) in typing.get_args(hint) else text
 
 
 def field_help(cls) -> dict[str, str]:
@@ -169,4 +239,4 @@ def field_help(cls) -> dict[str, str]:
     return out
 
 
-__all__ = ["SaeConfig", "TrainConfig", "from_dict", "field_help"]
+__all__ = ["SaeConfig", "TrainConfig", "coerce", "from_dict", "field_help"]

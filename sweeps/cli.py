@@ -30,21 +30,34 @@ def check_ray_address(address: str) -> None:
         ) from None
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to a cluster when an address is given (flag or RAY_ADDRESS), else start one."""
+def init_ray(address: str | None, verbose: bool = False) -> None:
+    """Connect to a cluster when an address is given (flag or RAY_ADDRESS), else start one.
+
+    Ray's INFO logs reach the console only with --verbose."""
+    import logging
+
     import ray
 
+    quiet = {}
+    if not verbose:
+        # Tune's console output engine prints its header even when silent; the classic one,
+        # at verbose=0, prints nothing. Ray's and MLflow's INFO lines stay in their logs.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        quiet = {"logging_level": logging.ERROR}
+        for name in ("ray.data", "ray.tune", "mlflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=verbose, **quiet)
     else:
         # Loopback: a local instance needs no other interface.
         ray.init(
             address="local",
             include_dashboard=False,
-            log_to_driver=False,
+            log_to_driver=verbose,
             _node_ip_address="127.0.0.1",
+            **quiet,
         )
 
 
@@ -52,35 +65,91 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from sweeps.extract import extract
 
     cfg = load_config(args.config, args.set)
-    init_ray(args.address)
+    init_ray(args.address, args.verbose)
     extract(cfg)
     return 0
 
 
-def _sweep(configs, args, resume: bool) -> int:
-    from sweeps.tune import check_sweep, run_sweep
+def _sweep(configs, args, resume: bool) -> list:
+    """Check, then run or resume each config's sweep, printing its summary; the results."""
+    from sweeps.display import SweepDisplay
+    from sweeps.tune import (
+        check_resources,
+        check_sweep,
+        delete_sweep,
+        format_table,
+        mlflow_ui_hint,
+        run_sweep,
+    )
 
+    overwrite = args.command == "demo" or getattr(args, "overwrite", False)
     for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run
-        check_sweep(cfg)
-    init_ray(args.address)
-    results = [run_sweep(cfg, resume=resume) for cfg in configs]
+        check_sweep(cfg, resume=resume, overwrite=overwrite)
+    if overwrite:
+        for cfg in configs:
+            for what in delete_sweep(cfg):
+                print(f"--overwrite: deleted {what}")
+    init_ray(args.address, args.verbose)
+    for cfg in configs:
+        check_resources(cfg)
+    results = []
+    for cfg in configs:
+        display = [] if cfg.tune.verbose else [SweepDisplay(cfg.tune.num_samples)]
+        result = run_sweep(cfg, resume=resume, callbacks=display)
+        objectives = cfg.tune.objective_modes()
+        print(format_table(result.rows, objectives, limit=cfg.tune.show_top))
+        n_failed = sum(r["status"] == "FAILED" for r in result.rows)
+        print(
+            f"sweep {cfg.sweep.name}: {len(result.rows)} trials ({n_failed} failed) in "
+            f"{result.elapsed_s:.0f}s; results {result.experiment_path}"
+        )
+        print(mlflow_ui_hint(result, objectives))
+        results.append(result)
+    return results
+
+
+def _exit_code(results) -> int:
     return 0 if all(r.best for r in results) else 1
 
 
+def _sets(args: argparse.Namespace) -> list[str]:
+    return [*args.set, "tune.verbose=2"] if args.verbose else args.set
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    return _sweep(load_configs(args.config, args.set), args, resume=False)
+    return _exit_code(_sweep(load_configs(args.config, _sets(args)), args, resume=False))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    return _sweep(load_configs(args.config, args.set), args, resume=True)
+    return _exit_code(_sweep(load_configs(args.config, _sets(args)), args, resume=True))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sweeps.demo import prepare_demo
+    from sweeps.demo import factor_scores, prepare_demo
 
-    cfg = load_config(args.config or DEMO_CONFIG, args.set)
+    # The packaged demo config's paths are relative to where the command runs.
+    cfg = load_config(args.config or DEMO_CONFIG, _sets(args), base=None if args.config else ".")
     prepare_demo(Path(cfg.model.name_or_path).parent)
-    return _sweep([cfg], args, resume=False)
+    (result,) = _sweep([cfg], args, resume=False)
+    best = result.rows[0] if result.rows else {}
+    if not best.get("sae_dir"):
+        return _exit_code([result])
+    print(f"best SAE: {best['sae_dir']}")
+    scores = factor_scores(
+        best["sae_dir"],
+        result.cache_dir,
+        int(best["layer"]),
+        cfg.data.path,
+        cfg.train.val_fraction,
+        cfg.train.seed,
+    )
+    found = {k: v for k, v in scores.items() if v[1] >= 0.9}
+    print(
+        f"demo: {len(found)} of {len(scores)} image factors have a latent that picks them out "
+        "(AUROC >= 0.9 on validation images): "
+        + ", ".join(f"{k} (latent {latent})" for k, (latent, _) in found.items())
+    )
+    return _exit_code([result])
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -126,6 +195,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="override a config field (value parsed as YAML); repeatable",
     )
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's logs and Tune's status tables instead of the progress bar",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _common(cmd)
+        if name == "sweep":
+            cmd.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="delete an existing sweep of the same name (Tune state, SAEs, MLflow runs) "
+                "before starting",
+            )
         if name == "best":
             cmd.add_argument("--top", type=int, default=5, help="how many trials to list")
         if name == "analyze":

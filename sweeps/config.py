@@ -214,7 +214,7 @@ class TuneSettings:
     """metric:mode pairs; several give a Pareto front, e.g. [val/fvu:min, val/l0:min]."""
 
     asha: bool = True
-    """Stop trials early with ASHA on val/fvu (single objective only)."""
+    """Stop trials early with ASHA on the objective (single objective only)."""
 
     grace_period: int = 100
     """ASHA: optimizer steps every trial runs before it can be stopped."""
@@ -233,8 +233,9 @@ class TuneSettings:
     show_top: int = 10
     """Trials in the summary table."""
 
-    verbose: int = 1
-    """Tune's console output: 0 silent, 1 status table, 2 every result."""
+    verbose: Literal[0, 1, 2] = 0
+    """Console output: 0 a progress bar and a line per trial event; 1 Tune's status tables;
+    2 also every result (the --verbose flag)."""
 
     def objective_modes(self) -> dict[str, str]:
         """{metric: mode} of `objectives`, in order."""
@@ -266,26 +267,23 @@ class TuneSettings:
             "use auto, object_store or cache",
             self.data,
         )
-        from sweeps.tracking import METRIC_KEYS
+        from sweeps.tracking import OBJECTIVES
 
-        ok = bool(self.objectives) and all(
-            isinstance(o, str)
-            and o.count(":") == 1
-            and o.split(":")[0] in METRIC_KEYS
-            and o.split(":")[1] in ("min", "max")
-            for o in self.objectives
-        )
-        _check(
-            ok,
-            "tune.objectives",
-            f"give metric:mode pairs with a metric in {list(METRIC_KEYS)} and mode min or max",
-            self.objectives,
-        )
+        for o in self.objectives:
+            metric, _, mode = o.rpartition(":")
+            _check(
+                OBJECTIVES.get(metric) == mode,
+                "tune.objectives",
+                "give metric:mode pairs from "
+                + ", ".join(f"{m}:{d}" for m, d in OBJECTIVES.items()),
+                o,
+            )
+        _check(bool(self.objectives), "tune.objectives", "give at least one metric:mode pair")
         _check(
             not (self.asha and len(self.objectives) > 1),
             "tune.asha",
-            "ASHA stops on val/fvu alone, which would cut trials on the Pareto front of several "
-            "objectives: set tune.asha=false for a multi-objective sweep",
+            "ASHA stops trials on one metric, which would cut trials on the Pareto front of "
+            "several objectives: set tune.asha=false for a multi-objective sweep",
             self.asha,
         )
 
@@ -447,29 +445,81 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         values.setdefault(section, {})
         if not isinstance(values[section], dict):
             raise ConfigError(f"section {section} must be a mapping of fields")
-        values[section][name] = yaml.safe_load(raw)
+        try:
+            values[section][name] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
     return values
 
 
-def load_configs(path: str | Path | None, overrides: list[str] = ()) -> list[Config]:
+def _read_yaml(path: Path) -> list:
+    """The YAML documents of a config file; syntax errors name the file, line and column."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        return list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        hint = " (indent with spaces: YAML forbids tabs)" if "'\\t'" in problem else ""
+        detail = f"{context}, {problem}" if context else problem
+        raise ConfigError(f"{where}: invalid YAML: {detail}{hint}") from None
+
+
+def load_configs(
+    path: str | Path | None, overrides: list[str] = (), base: str | Path | None = None
+) -> list[Config]:
     """Every YAML document of a file as a validated Config (None: one all-defaults config).
 
     A file may hold several sweeps separated by `---` (seed-models.yaml does); overrides apply
-    to each."""
-    docs = list(yaml.safe_load_all(Path(path).read_text())) if path is not None else [{}]
+    to each. Relative paths in the file resolve against `base`, by default the file's directory,
+    so a command finds the same sweep from any directory; paths in overrides resolve against
+    the current directory."""
+    docs = _read_yaml(Path(path)) if path is not None else [{}]
+    base = Path(base if base is not None else Path(path).parent if path is not None else ".")
     configs = []
     for i, values in enumerate(docs):
         values = values or {}
         if not isinstance(values, dict):
             where = f"{path} (document {i + 1})" if len(docs) > 1 else str(path)
             raise ConfigError(f"{where}: a config is a mapping of sections (model:, data:, ...)")
+        _resolve_paths(values, base.resolve())
         configs.append(from_mapping(apply_overrides(values, list(overrides))))
     return configs
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+#: Fields holding local paths; (section, field) -> whether the value may instead be a hub id,
+#: in which case it is resolved only when the file's directory holds it.
+PATH_FIELDS = {
+    ("model", "name_or_path"): True,
+    ("data", "path"): True,
+    ("extract", "cache_dir"): False,
+    ("sweep", "out_dir"): False,
+    ("sweep", "storage_path"): False,
+}
+
+
+def _resolve_paths(values: dict, base: Path) -> None:
+    for (section, name), maybe_hub in PATH_FIELDS.items():
+        body = values.get(section)
+        value = body.get(name) if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            continue
+        resolved = base / value
+        if maybe_hub and not (resolved.exists() or value.startswith(("./", "../"))):
+            continue
+        body[name] = str(resolved)
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), base: str | Path | None = None
+) -> Config:
     """Read a one-document YAML config (None: all defaults), apply overrides, validate."""
-    configs = load_configs(path, overrides)
+    configs = load_configs(path, overrides, base)
     if len(configs) != 1:
         raise ConfigError(f"{path} holds {len(configs)} configs; this command takes one")
     return configs[0]

@@ -77,6 +77,11 @@ def parse_dim(name: str, spec: Any) -> Dim:
     where = f"search.{name}"
 
     def check_value(v):
+        if isinstance(v, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{where}: {v!r} is not a number")
         if kind is int and v != int(v):
@@ -95,10 +100,28 @@ def parse_dim(name: str, spec: Any) -> Dim:
         low, high = check_value(spec["low"]), check_value(spec["high"])
         if not low < high:
             raise ValueError(f"{where}: empty range, low={low} must be < high={high}")
-        log = bool(spec.get("log", log_default))
+        log = spec.get("log", log_default)
+        if not isinstance(log, bool):
+            raise ValueError(f"{where}.log: expected true or false, got {log!r}")
         if log and low <= 0:
             raise ValueError(f"{where}: a log range needs low > 0 (got {low})")
-        return Dim(name, low=low, high=high, log=log, step=spec.get("step"))
+        step = spec.get("step")
+        if isinstance(step, str):
+            try:
+                step = float(step)
+            except ValueError:
+                pass
+        if step is not None:
+            if log:
+                raise ValueError(
+                    f"{where}: a range takes step or log, not both (Optuna cannot step on a log "
+                    f"scale); set log: false to use step: {step}"
+                )
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+                raise ValueError(f"{where}.step: use a number > 0 (got {step!r})")
+            if kind is int and step != int(step):
+                raise ValueError(f"{where}.step: must be a whole number (got {step!r})")
+        return Dim(name, low=low, high=high, log=log, step=step)
     if isinstance(spec, list):
         if not spec:
             raise ValueError(f"{where}: empty list of choices; give at least one value")
@@ -140,7 +163,20 @@ class SearchSpace:
             tuple(dict.fromkeys(activation)),
         )
         space.optuna_points()  # validates the points against the space
+        space.dry_run()
         return space
+
+    def dry_run(self) -> None:
+        """Sample the space once in an in-memory Optuna study, so that what Optuna refuses is
+        a config error before Ray starts rather than a trial failure after."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        try:
+            self.suggest(study.ask())
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"search: Optuna rejects the space: {e}") from None
 
     def bounds(self, name: str) -> tuple[float, float]:
         """Smallest and largest value a dimension can take."""

@@ -16,7 +16,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,47 @@ METRIC_KEYS = (
     "lr",
     "acts_per_s",
 )
+
+
+#: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
+EVAL_KEYS = ("train/fvu", "val/fvu", "val/l0", "dead_frac", "val/never_fired_frac", "dense_frac")
+
+#: Metrics a sweep may optimise, each with the only mode that makes sense for it.
+OBJECTIVES = {
+    "val/fvu": "min",
+    "train/fvu": "min",
+    "val/l0": "min",
+    "dead_frac": "min",
+    "val/never_fired_frac": "min",
+    "dense_frac": "min",
+    "acts_per_s": "max",
+}
+
+
+def leaderboard_url(server: str, experiment_id: str, metric: str, mode: str) -> str:
+    """The MLflow UI's runs page of an experiment sorted by `metric`: sorted by a metric, it
+    lists the trial runs flat, best first, instead of folding them under the sweep's run."""
+    from urllib.parse import quote
+
+    key = quote(f"metrics.`{metric}`", safe="")
+    ascending = "true" if mode == "min" else "false"
+    page = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}?orderByKey={key}&orderByAsc={ascending}"
+
+
+def trial_label(config: Mapping[str, Any]) -> str:
+    """A trial's hyperparameters in a few characters, `L9 k32 x8 lr3.2e-04 aux0.031`: its
+    MLflow run name and its line on the console."""
+    parts = [
+        fmt.format(config[key])
+        for key, fmt in (("layer", "L{}"), ("k", "k{}"), ("expansion_factor", "x{}"))
+        if key in config
+    ]
+    if "lr" in config:
+        parts.append(f"lr{float(config['lr']):.1e}")
+    if "auxk_alpha" in config:
+        parts.append(f"aux{float(config['auxk_alpha']):.2g}")
+    return " ".join(parts)
 
 
 class TrackingError(RuntimeError):
@@ -107,7 +147,6 @@ def start_sweep_run(
     sweep_id: str,
     config: Mapping[str, Any],
     search_space: Mapping[str, Any],
-    cache_key: str | None = None,
     artifact_location: str | None = None,
 ) -> str:
     """Create the sweep's parent run, or reopen the one tagged `sweep_id`; return its run id.
@@ -117,22 +156,18 @@ def start_sweep_run(
     since MLflow params cannot change. With a SQLite store, artifacts default to
     `mlartifacts/` beside the database rather than the driver's working directory.
     """
-    _check_quotable(sweep_id)
     client = MlflowClient(tracking_uri)
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
     experiment_id = _experiment_id(client, experiment, artifact_location)
-    found = client.search_runs(
-        [experiment_id], f"tags.sweep_id = '{sweep_id}'", max_results=1, order_by=["start_time"]
-    )
+    found = find_sweep_run(tracking_uri, experiment, sweep_id)
     if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    tags = {"sweep_id": sweep_id}
-    if cache_key:
-        tags["cache_key"] = cache_key
+        client.update_run(found.info.run_id, status="RUNNING")
+        if "error" in found.data.tags:
+            client.delete_tag(found.info.run_id, "error")
+        return found.info.run_id
+    tags = {"sweep_id": sweep_id, "config_hash": config_hash(config)}
     if commit := _git_commit():
         tags[MLFLOW_GIT_COMMIT] = commit
     run = client.create_run(experiment_id, tags=tags, run_name=experiment)
@@ -141,9 +176,86 @@ def start_sweep_run(
     return run.info.run_id
 
 
-def finish_sweep_run(tracking_uri: str, parent_run_id: str, failed: bool = False) -> None:
-    """Close the parent run: FAILED when any trial errored, else FINISHED."""
-    MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    _log_batch(MlflowClient(tracking_uri), run_id, tags=_tags(tags))
+
+
+def find_sweep_run(tracking_uri: str, experiment: str, sweep_id: str):
+    """The parent run tagged `sweep_id` in `experiment`, or None."""
+    _check_quotable(sweep_id)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        return None
+    found = client.search_runs(
+        [exp.experiment_id], f"tags.sweep_id = '{sweep_id}'", max_results=1, order_by=["start_time"]
+    )
+    return found[0] if found else None
+
+
+def child_runs(client: MlflowClient, parent) -> list:
+    """Every trial run of a sweep's parent run."""
+    return client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
+        max_results=50000,
+    )
+
+
+def delete_sweep_runs(tracking_uri: str, parent) -> int:
+    """Delete a sweep's parent and trial runs (MLflow keeps them as deleted until `mlflow gc`);
+    returns how many runs were deleted."""
+    client = MlflowClient(tracking_uri)
+    runs = [*child_runs(client, parent), parent]
+    for run in runs:
+        client.delete_run(run.info.run_id)
+    return len(runs)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_changes(parent, config: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """The flattened config fields whose values differ from those the parent run recorded."""
+    if parent.data.tags.get("config_hash") == config_hash(config):
+        return []
+    recorded = parent.data.params
+    now = {p.key: p.value for p in _params(_flatten(config))}
+    keys = (set(now) | {k for k in recorded if not k.startswith("search_space.")}) - set(ignore)
+    return sorted(k for k in keys if recorded.get(k) != now.get(k))
+
+
+def finish_sweep_run(
+    tracking_uri: str, parent_run_id: str, status: str = "FINISHED", error: str = ""
+) -> None:
+    """Close the parent run with `status` (FINISHED, FAILED or KILLED), tagging the error."""
+    client = MlflowClient(tracking_uri)
+    if error:
+        client.set_tag(parent_run_id, "error", error[:MAX_TAG_VAL_LENGTH])
+    client.set_terminated(parent_run_id, status)
+
+
+def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iterable[str]) -> int:
+    """Mark KILLED the open trial runs of trials Tune does not have (started after its last
+    saved state, before the driver died), with a tag that says why; returns how many."""
+    client = MlflowClient(tracking_uri)
+    keep = set(trial_ids)
+    lost = [
+        r
+        for r in child_runs(client, client.get_run(parent_run_id))
+        if r.info.status == "RUNNING" and r.data.tags.get("trial_id") not in keep
+    ]
+    for run in lost:
+        client.set_tag(
+            run.info.run_id,
+            "killed_reason",
+            "the driver died before Tune saved this trial; resume did not know it",
+        )
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(lost)
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -153,13 +265,16 @@ class MlflowTrialCallback(tune.Callback):
     - the numeric keys of `metric_keys`: step metrics on every result, final metrics (see
       `final_name`) when the trial completes;
     - `step_key` (default "step", else training_iteration): the step of the metrics;
+    - `fixed_params`: settings every trial shares, logged as params beside the trial's config,
+      so runs of several sweeps in one experiment compare on them;
     - `sae_dir_key` (default "sae_dir"): the final SAE checkpoint directory, absolute, relative
       to the trial directory, or a storage URI (s3://...); logged with its plots under the
       artifact path "sae/". Report it once, after the final SAE is written: a trial that a
       scheduler (ASHA) or stopper ends before then is tagged stopped_early=true.
 
-    Metrics are buffered and sent with log_batch at most every `flush_interval_s` seconds and
-    when a trial ends, so tracking costs a few requests per trial, not one per report.
+    Each result's metrics are sent when Tune hands it over, so a driver that dies loses none
+    that Tune recorded. A reopened run (retry, resume) skips points at steps it already holds:
+    a trial that continues from an older checkpoint logs each step once.
     """
 
     def __init__(
@@ -169,23 +284,22 @@ class MlflowTrialCallback(tune.Callback):
         metric_keys: Sequence[str] = METRIC_KEYS,
         step_key: str = "step",
         sae_dir_key: str = "sae_dir",
-        flush_interval_s: float = 10.0,
+        fixed_params: Mapping[str, Any] | None = None,
     ):
+        self.fixed_params = dict(fixed_params or {})
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
         self.metric_keys = tuple(metric_keys)
         self.step_key = step_key
         self.sae_dir_key = sae_dir_key
-        self.flush_interval_s = flush_interval_s
         self._reset()
 
     def _reset(self) -> None:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._runs: dict[str, str] = {}  # trial_id -> run id of trials whose run is open
-        self._pending: dict[str, list[Metric]] = defaultdict(list)
+        self._logged: dict[str, dict[str, int]] = {}  # trial_id -> metric -> last logged step
         self._stopped: set[str] = set()
-        self._last_flush = time.monotonic()
 
     # Tuner pickles its callbacks into tuner.pkl; a client and open-run caches must not travel.
     def __getstate__(self) -> dict:
@@ -207,50 +321,33 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get(self.step_key, result["training_iteration"]))
-        ts = int(time.time() * 1000)
-        self._pending[trial.trial_id] += [
-            Metric(k, float(result[k]), ts, step)
-            for k in self.metric_keys
-            if _is_num(result.get(k))
-        ]
+        self._log(trial, {k: result.get(k) for k in self.metric_keys}, step)
         # Tune marks a result done only when a scheduler or stopper decided to stop the trial;
         # a trainable that returns on its own ends without such a result.
         if result.get("done"):
             self._stopped.add(trial.trial_id)
 
-    def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self._last_flush >= self.flush_interval_s:
-            for trial_id in list(self._pending):
-                self._flush(trial_id)
-            self._last_flush = time.monotonic()
-
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._open(trial)
-        self._flush(trial.trial_id)
         last = trial.last_result
         step = int(last.get(self.step_key, last.get("training_iteration", 0)))
-        ts = int(time.time() * 1000)
-        metrics = [
-            Metric(final_name(k), float(last[k]), ts, step)
-            for k in self.metric_keys
-            if _is_num(last.get(k))
-        ]
+        self._log(trial, {final_name(k): last.get(k) for k in self.metric_keys}, step)
         tags = []
         if trial.trial_id in self._stopped and not last.get(self.sae_dir_key):
             tags.append(RunTag("stopped_early", "true"))
-        _log_batch(self.client, run_id, metrics=metrics, tags=tags)
+        if last.get("error"):  # a trial that cannot run ends itself with its reason
+            tags.append(RunTag("error", str(last["error"])[:MAX_TAG_VAL_LENGTH]))
+        _log_batch(self.client, run_id, tags=tags)
         self._log_sae_dir(trial, run_id)
-        self._close(trial, "FINISHED")
+        self._close(trial, "FAILED" if last.get("error") else "FINISHED")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # The trial restarts from its last checkpoint and keeps this run.
         run_id = self._open(trial)
-        self._flush(trial.trial_id)
         self.client.set_tag(run_id, "num_failures", str(trial.num_failures))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._open(trial)
-        self._flush(trial.trial_id)
         text = _read_error(trial)
         lines = text.strip().splitlines() or ["unknown error"]
         self.client.log_text(run_id, text, "error.txt")
@@ -262,7 +359,6 @@ class MlflowTrialCallback(tune.Callback):
         # KILLED, so no run stays RUNNING with nothing behind it; Tuner.restore reopens them.
         for trial in trials:
             if trial.trial_id in self._runs:
-                self._flush(trial.trial_id)
                 self._close(trial, "KILLED")
 
     def _open(self, trial) -> str:
@@ -283,22 +379,38 @@ class MlflowTrialCallback(tune.Callback):
             client.update_run(run_id, status="RUNNING")
             if "error" in found[0].data.tags:  # resumed after an error: error.txt keeps it
                 client.delete_tag(run_id, "error")
+            self._logged[trial_id] = {
+                key: max(m.step for m in client.get_metric_history(run_id, key))
+                for key in found[0].data.metrics
+            }
         else:
             tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial_id}
-            run = client.create_run(self._experiment_id, tags=tags, run_name=str(trial))
+            name = trial_label(trial.config) or str(trial)
+            run = client.create_run(self._experiment_id, tags=tags, run_name=name)
             run_id = run.info.run_id
-            _log_batch(client, run_id, params=_params(_flatten(trial.config)))
+            params = _flatten(self.fixed_params) | _flatten(trial.config)
+            _log_batch(client, run_id, params=_params(params))
+            self._logged[trial_id] = {}
         self._runs[trial_id] = run_id
         return run_id
 
+    def _log(self, trial, values: Mapping[str, Any], step: int) -> None:
+        """Log the numeric values at `step`, skipping metrics the run already has there."""
+        run_id = self._open(trial)
+        logged = self._logged[trial.trial_id]
+        ts = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), ts, step)
+            for k, v in values.items()
+            if _is_num(v) and step > logged.get(k, -1)
+        ]
+        _log_batch(self.client, run_id, metrics=metrics)
+        logged.update({m.key: step for m in metrics})
+
     def _close(self, trial, status: str) -> None:
         self.client.set_terminated(self._runs.pop(trial.trial_id), status)
+        self._logged.pop(trial.trial_id, None)
         self._stopped.discard(trial.trial_id)
-
-    def _flush(self, trial_id: str) -> None:
-        metrics = self._pending.pop(trial_id, [])
-        if metrics:
-            _log_batch(self.client, self._runs[trial_id], metrics=metrics)
 
     def _log_sae_dir(self, trial, run_id: str) -> None:
         reported = trial.last_result.get(self.sae_dir_key)
@@ -368,10 +480,7 @@ def log_sweep_summary(
     trials = [_trial_dict(r) for r in results]
     trials = [t for t in trials if t is not None]
     client = MlflowClient(tracking_uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs(
-        [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'", max_results=50000
-    )
+    children = child_runs(client, client.get_run(parent_run_id))
     run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
     front = [trials[i] for i in pareto_front([t["metrics"] for t in trials], objectives)]
     for t in front:
@@ -379,9 +488,12 @@ def log_sweep_summary(
     if not front:
         logger.warning("No finished trial reported %s: nothing to summarise.", list(objectives))
         return []
+    note = leaderboard(trials, objectives, run_ids, front)
+    _log_batch(client, parent_run_id, tags=_tags({"mlflow.note.content": note}))
     if len(objectives) == 1:
         best = front[0]
-        keys = dict.fromkeys([*objectives, *metric_keys])
+        # The best trial's final evaluation; the schedule's lr and throughput are no result.
+        keys = dict.fromkeys([*objectives, *(k for k in metric_keys if k in EVAL_KEYS)])
         metrics = [
             Metric(f"best/{final_name(k)}", float(best["metrics"][k]), int(time.time() * 1000), 0)
             for k in keys
@@ -409,6 +521,42 @@ def log_sweep_summary(
     return front
 
 
+def leaderboard(
+    trials: Sequence[Mapping[str, Any]],
+    objectives: Mapping[str, str],
+    run_ids: Mapping[str, str],
+    front: Sequence[Mapping[str, Any]],
+    top: int = 20,
+) -> str:
+    """The sweep's trials as a Markdown table, best first: the parent run's description."""
+    metric, mode = next(iter(objectives.items()))
+    sign = 1.0 if mode == "min" else -1.0
+
+    def key(t):
+        v = t["metrics"].get(metric)
+        return (not _is_num(v) or math.isnan(v), sign * v if _is_num(v) else 0.0)
+
+    cols = list(dict.fromkeys([*objectives, "val/fvu", "val/l0", "dead_frac"]))
+    on_front = {t["trial_id"] for t in front}
+    lines = [
+        f"**{len(trials)} trials**, best first by `{metric}` ({mode}); "
+        f"{'the Pareto front' if len(objectives) > 1 else 'the best'} in bold.",
+        "",
+        "| trial | run | " + " | ".join(f"`{c}`" for c in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for t in sorted(trials, key=key)[:top]:
+        label = trial_label(t["config"]) or t["trial_id"]
+        if t["trial_id"] in on_front:
+            label = f"**{label}**"
+        values = [t["metrics"].get(c) for c in cols]
+        cells = [f"{v:.4g}" if _is_num(v) else "-" for v in values]
+        lines.append(f"| {label} | {run_ids.get(t['trial_id'], '')[:8]} | {' | '.join(cells)} |")
+    if len(trials) > top:
+        lines.append(f"\n{len(trials) - top} more: `sae-sweep best --top N`")
+    return "\n".join(lines)
+
+
 def _trial_dict(result) -> dict | None:
     """A ResultGrid entry or a trial dict as {trial_id, config, metrics}; None if errored."""
     if isinstance(result, Mapping):
@@ -425,7 +573,9 @@ def _trial_dict(result) -> dict | None:
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        # MLflow 3's UI opens an experiment of this kind on its training runs, not on traces.
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {name!r} is deleted. Restore it (`mlflow experiments restore "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from sweeps import cache, storage
 from sweeps.report import frequency_histogram
 
 SAE_DIR_KEY = "sae_dir"
+#: The final result of a finished trial, written beside its SAE.
+FINAL_METRICS = "metrics.json"
 
 
 def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeConfig, TrainConfig]:
@@ -72,9 +75,23 @@ def layer_arrays(source) -> tuple[np.ndarray, np.ndarray]:
 def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str, Any]) -> None:
     """Tune function trainable. `layers` maps a layer to its source: object refs of its
     (train, val) arrays or a CachedLayer."""
-    sae_cfg, train_cfg = trial_configs(config, fixed)
-    acts, val_acts = layer_arrays(layers[int(config["layer"])])
-    trainer = Trainer(acts, sae_cfg, train_cfg, val_acts=val_acts)
+    sae_dir = storage.join(fixed["sae_root"], tune.get_context().get_trial_id())
+    finished = storage.read_text(storage.join(sae_dir, FINAL_METRICS))
+    if finished is not None:
+        # The trial finished after Tune last saved its state (the driver died in between):
+        # hand Tune the final result again instead of training a second time.
+        tune.report(json.loads(finished))
+        return
+    try:
+        sae_cfg, train_cfg = trial_configs(config, fixed)
+        acts, val_acts = layer_arrays(layers[int(config["layer"])])
+        trainer = Trainer(acts, sae_cfg, train_cfg, val_acts=val_acts)
+    except ValueError as e:
+        # A config this trial cannot run (k above the width, no CUDA) fails the same way on
+        # every retry: end the trial once, with its reason, instead of raising for a retry.
+        nan = {key: float("nan") for key in fixed["objectives"]}
+        tune.report({**nan, "step": 0, "layer": int(config["layer"]), "error": str(e)})
+        return
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -82,7 +99,6 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
         with checkpoint.as_directory() as directory:
             trainer.load_state(directory)
 
-    sae_dir = storage.join(fixed["sae_root"], tune.get_context().get_trial_id())
     # Which node trained this step: a retried trial may move to another one.
     node_id = ray.get_runtime_context().get_node_id()
 
@@ -94,12 +110,15 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
             # where the driver logs them to MLflow and `best` finds them.
             frequency_M = trainer.last_stats[1].firing_frequency().cpu().numpy()
 
+            metrics[SAE_DIR_KEY] = sae_dir
+
             def write(directory: Path) -> None:
                 trainer.export_sae().save(directory)
                 frequency_histogram(frequency_M, directory / "firing_frequency.png")
+                # Last: its presence means the trial is done (see the start of run_trial).
+                (directory / FINAL_METRICS).write_text(json.dumps(metrics, default=float))
 
             storage.write_dir(sae_dir, write)
-            metrics[SAE_DIR_KEY] = sae_dir
         if trainer.checkpoint_due():
             with tempfile.TemporaryDirectory() as tmp:
                 trainer.save_state(tmp)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,17 +43,36 @@ class SweepResult:
     """A directory or a URI (s3://...), as sweep.storage_path."""
     parent_run_id: str
     tracking_uri: str
+    experiment_id: str
+    cache_dir: str
     rows: list[dict[str, Any]]
     """One dict per trial: trial_id, status, config values and final metrics, best first."""
     best: list[dict[str, Any]]
     """The best trial, or the Pareto front with several objectives."""
+    elapsed_s: float = 0.0
 
 
-def check_sweep(cfg: Config) -> None:
-    """Checks that need the model's shape or the tracking store, run before Ray starts."""
+#: Config fields a resume may change: they only shape what the driver prints.
+RESUMABLE_FIELDS = ("tune.show_top", "tune.verbose")
+
+
+def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
+    """Everything that can be checked before Ray starts: the data, the model's shape, devices,
+    the tracking store, and whether the sweep exists (sweep) or matches its config (resume)."""
     from transformers import CLIPVisionConfig
 
     space = SearchSpace.from_config(cfg.search)
+    _check_data(cfg)
+    if cfg.train.val_fraction <= 0:
+        raise ConfigError(
+            "train.val_fraction=0 leaves no validation rows, which trials are scored on: use "
+            "a fraction such as 0.05"
+        )
+    if cfg.train.device == "cuda" and cfg.tune.gpus_per_trial == 0:
+        raise ConfigError(
+            "train.device=cuda but tune.gpus_per_trial=0: a trial gets no GPU; set "
+            "tune.gpus_per_trial (e.g. 1 or 0.25) or train.device=auto"
+        )
     missing = sorted(set(space.layers()) - set(cfg.extract.layers))
     if missing:
         raise ConfigError(
@@ -84,6 +105,104 @@ def check_sweep(cfg: Config) -> None:
         tracking.check_tracking_uri(cfg.sweep.resolved_tracking_uri())
     except tracking.TrackingError as e:
         raise ConfigError(f"sweep.tracking_uri: {e}") from None
+    _check_sweep_records(cfg, resume, overwrite)
+
+
+def _check_data(cfg: Config) -> None:
+    import glob
+
+    path = cfg.data.path
+    # An hf path may be a hub name; a path that starts like one on disk must exist.
+    local = cfg.data.source != "hf" or path.startswith(("/", "./", "../", "~"))
+    if local and "://" not in path and not glob.glob(os.path.expanduser(path)):
+        raise ConfigError(
+            f"data.path: {path!r} does not exist (data.source={cfg.data.source}): fix the path"
+        )
+
+
+def _check_sweep_records(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """A name holds one sweep: `sweep` refuses an existing one unless told to overwrite it,
+    and `resume` refuses a config that differs from the one the sweep started with."""
+    path = experiment_path(cfg)
+    uri = cfg.sweep.resolved_tracking_uri()
+    parent = tracking.find_sweep_run(uri, _experiment(cfg), path)
+    has_state = storage.exists(path)
+    if resume:
+        if parent is None and not has_state:
+            raise ConfigError(
+                f"sweep.name: no sweep {cfg.sweep.name!r} to resume at {path} or in MLflow "
+                f"experiment {_experiment(cfg)!r}: run `sweep` first, or check sweep.name and "
+                "sweep.out_dir/storage_path"
+            )
+        changed = tracking.config_changes(parent, dataclasses.asdict(cfg), RESUMABLE_FIELDS)
+        if parent is not None and changed:
+            raise ConfigError(
+                f"resume: the config differs from the one sweep {cfg.sweep.name!r} started "
+                f"with, in {', '.join(changed)}. A resumed sweep keeps its config; start a new "
+                "sweep under another sweep.name to change them"
+            )
+        return
+    if (parent is not None or has_state) and not overwrite:
+        held = [f"Tune state at {path}"] if has_state else []
+        held += [f"MLflow run {parent.info.run_id}"] if parent is not None else []
+        raise ConfigError(
+            f"sweep.name: a sweep named {cfg.sweep.name!r} exists ({', '.join(held)}). Use "
+            "`sae-sweep resume` to continue it, another sweep.name, or `sweep --overwrite` to "
+            "delete its records and SAEs first"
+        )
+
+
+def delete_sweep(cfg: Config) -> list[str]:
+    """Delete a sweep's Tune state, SAEs and MLflow runs (for `sweep --overwrite`); returns
+    what was deleted, for the CLI to say."""
+    path = experiment_path(cfg)
+    uri = cfg.sweep.resolved_tracking_uri()
+    deleted = []
+    if storage.exists(path):
+        storage.delete_dir(path)
+        deleted.append(path)
+    parent = tracking.find_sweep_run(uri, _experiment(cfg), path)
+    if parent is not None:
+        n = tracking.delete_sweep_runs(uri, parent)
+        deleted.append(f"{n} MLflow runs of experiment {_experiment(cfg)!r}")
+    return deleted
+
+
+def _experiment(cfg: Config) -> str:
+    return cfg.sweep.experiment or cfg.sweep.name
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail at once when no node the cluster has, or that its autoscaler can launch, can run a
+    trial; Tune would wait for it forever. Ray must be initialised."""
+    need = {"CPU": cfg.tune.cpus_per_trial, "GPU": cfg.tune.gpus_per_trial}
+    if cfg.train.device == "cuda":
+        need["GPU"] = max(need["GPU"], 1e-9)
+    shapes = [n["Resources"] for n in ray.nodes() if n["Alive"]] + _autoscaler_node_types()
+    if any(all(shape.get(r, 0) >= v for r, v in need.items()) for shape in shapes):
+        return
+    largest = {r: max(shape.get(r, 0) for shape in shapes) for r in need}
+    raise ConfigError(
+        f"tune: a trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU "
+        f"(tune.cpus_per_trial, tune.gpus_per_trial, train.device={cfg.train.device}), but the "
+        f"largest node here or in the autoscaler's node types has {largest['CPU']:g} CPU and "
+        f"{largest['GPU']:g} GPU: lower the request or add such a node type"
+    )
+
+
+def _autoscaler_node_types() -> list[dict]:
+    """Resources of the node types the autoscaler can launch: from the cluster config it
+    reports to the GCS, else from the config `ray up` leaves on the head."""
+    import yaml
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return [dict(group.resources) for group in config.node_group_configs]
+    path = Path("~/ray_bootstrap_config.yaml").expanduser()
+    if not path.is_file():
+        return []
+    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+    return [t.get("resources") or {} for t in types.values()]
 
 
 def experiment_path(cfg: Config) -> str:
@@ -97,7 +216,10 @@ def _sampler(cfg: Config):
     seed = cfg.tune.seed
     if cfg.tune.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    # TPE samples at random until it has n_startup_trials results (Optuna's default: 10), which
+    # would leave a small sweep all random: a quarter of the trials, 2 to 10.
+    startup = min(10, max(2, cfg.tune.num_samples // 4))
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
 
 
 def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_image: int):
@@ -125,52 +247,87 @@ def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_i
     return sources, n_train
 
 
-def _trainable(cfg: Config, sources, tokens_per_image: int):
+def _trainable_settings(cfg: Config, tokens_per_image: int) -> dict[str, Any]:
+    """What every trial shares: the fixed SAE and training settings and where SAEs go."""
     train = dataclasses.asdict(cfg.train)
     for searched in ("lr", "auxk_alpha"):
         train.pop(searched)
-    fixed = {
+    return {
         "sae": {"normalize_decoder": cfg.sae.normalize_decoder, "num_latents": 0},
         "train": train,
         "tokens_per_image": tokens_per_image,
         "sae_root": storage.join(experiment_path(cfg), "sae"),
+        "objectives": list(cfg.tune.objective_modes()),
     }
+
+
+def _trainable(cfg: Config, sources, tokens_per_image: int):
+    fixed = _trainable_settings(cfg, tokens_per_image)
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
     trainable = tune.with_parameters(run_trial, layers=sources, fixed=fixed)
     return tune.with_resources(trainable, resources)
 
 
-def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback, resume: bool):
-    path = experiment_path(cfg)
+class _OptunaSearch(OptunaSearch):
+    """OptunaSearch whose sampler draws afresh after Tuner.restore.
+
+    Tune saves the searcher with the trials, so a driver that dies after proposing a trial
+    but before saving comes back with the sampler's old random state, and would propose that
+    lost trial's configuration again."""
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self._ot_study.sampler.reseed_rng()
+
+    # Tune saves the trials and the searcher as separate files, so a restored searcher may be
+    # one snapshot older than the trials: results of trials it never proposed are not its own.
+    def on_trial_result(self, trial_id: str, result: dict):
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
+
+
+def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
+    """ASHA on the sweep's objective (config validation allows it with one objective only)."""
+    if not cfg.tune.asha:
+        return None
+    ((metric, mode),) = cfg.tune.objective_modes().items()
+    return ASHAScheduler(
+        time_attr="step",
+        metric=metric,
+        mode=mode,
+        max_t=max_steps,
+        grace_period=min(cfg.tune.grace_period, max_steps),
+        reduction_factor=cfg.tune.reduction_factor,
+    )
+
+
+def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks, resume: bool):
+    fs = storage.tune_filesystem(cfg.sweep.storage_path)
     if resume:
-        if not tune.Tuner.can_restore(path):
-            raise FileNotFoundError(
-                f"no sweep to resume at {path}: run `sweep` first, or check sweep.name and "
-                "sweep.storage_path"
-            )
         # Finished trials stay finished; unfinished and errored ones go on from checkpoints.
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            experiment_path(cfg),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
+        )
     objectives = cfg.tune.objective_modes()
     metric, mode = list(objectives), list(objectives.values())
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
-    searcher = OptunaSearch(
+    searcher = _OptunaSearch(
         space=space.suggest,
         metric=metric,
         mode=mode,
         sampler=_sampler(cfg),
         points_to_evaluate=space.optuna_points() or None,
     )
-    scheduler = None
-    if cfg.tune.asha:
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            metric="val/fvu",
-            mode="min",
-            max_t=max_steps,
-            grace_period=min(cfg.tune.grace_period, max_steps),
-            reduction_factor=cfg.tune.reduction_factor,
-        )
+    scheduler = _scheduler(cfg, max_steps)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -184,7 +341,8 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback,
         run_config=tune.RunConfig(
             name=cfg.sweep.name,
             storage_path=cfg.sweep.storage_path,
-            callbacks=[callback],
+            storage_filesystem=fs,
+            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=cfg.tune.verbose,
@@ -192,58 +350,72 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callback,
     )
 
 
-def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
+def run_sweep(cfg: Config, resume: bool = False, callbacks: Sequence = ()) -> SweepResult:
     """Extract (or reuse) the cache, run or resume the sweep, summarise it in MLflow.
 
-    Ray must be initialised and cfg checked with check_sweep."""
+    Ray must be initialised and cfg checked with check_sweep. The parent run exists from the
+    start, and any failure of the driver closes it FAILED (KILLED on Ctrl-C) with the error."""
     space = SearchSpace.from_config(cfg.search)
     started = time.time()
+    path = experiment_path(cfg)
+    uri = cfg.sweep.resolved_tracking_uri()
+    parent = tracking.start_sweep_run(
+        uri,
+        _experiment(cfg),
+        sweep_id=path,
+        config=dataclasses.asdict(cfg),
+        search_space=space.describe(),
+    )
+    try:
+        result = _run(cfg, space, parent, uri, resume, callbacks)
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        tracking.finish_sweep_run(uri, parent, status, error=f"{type(e).__name__}: {e}")
+        raise
+    n_err = sum(r["status"] == "FAILED" for r in result.rows)
+    tracking.finish_sweep_run(uri, parent, "FAILED" if n_err else "FINISHED")
+    result.elapsed_s = time.time() - started
+    return result
+
+
+def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, callbacks):
     ex = extract(cfg)
+    tracking.set_tags(uri, parent, {"cache_key": ex.manifest["key"]})
     tokens = ex.manifest["tokens_per_image"]
     sources, n_train = _layer_sources(cfg, ex.cache_dir, space.layers(), tokens)
     batch = cfg.train.batch_size * tokens
     max_steps = total_steps(cfg.train, n_train, min(batch, n_train))
 
     path = experiment_path(cfg)
-    uri = cfg.sweep.resolved_tracking_uri()
-    parent = tracking.start_sweep_run(
-        uri,
-        cfg.sweep.experiment or cfg.sweep.name,
-        sweep_id=path,
-        config=dataclasses.asdict(cfg),
-        search_space=space.describe(),
-        cache_key=ex.manifest["key"],
-    )
-    callback = tracking.MlflowTrialCallback(uri, parent)
-    tuner = _tuner(cfg, space, _trainable(cfg, sources, tokens), max_steps, callback, resume)
+    fixed = _trainable_settings(cfg, tokens)
+    shared = {k: fixed[k] for k in ("sae", "train", "tokens_per_image")}
+    shared |= {"model": {"name_or_path": cfg.model.name_or_path}, "data": {"path": cfg.data.path}}
+    callbacks = [tracking.MlflowTrialCallback(uri, parent, fixed_params=shared), *callbacks]
+    # A resumed sweep whose driver died before Tune saved any state starts its trials afresh.
+    restore = resume and tune.Tuner.can_restore(path)
+    tuner = _tuner(cfg, space, _trainable(cfg, sources, tokens), max_steps, callbacks, restore)
     grid = tuner.fit()
-
     objectives = cfg.tune.objective_modes()
-    best = tracking.log_sweep_summary(uri, parent, grid, objectives)
-    tracking.finish_sweep_run(uri, parent, failed=any(r.error for r in grid))
     rows = _rows(grid, objectives)
-    print(format_table(rows, objectives, limit=cfg.tune.show_top))
-    n_err = sum(r["status"] == "ERROR" for r in rows)
-    print(
-        f"sweep {cfg.sweep.name}: {len(rows)} trials ({n_err} errored) in "
-        f"{time.time() - started:.0f}s; results {path}"
-    )
-    print(mlflow_ui_hint(uri))
-    return SweepResult(path, parent, uri, rows, best)
+    tracking.close_lost_trial_runs(uri, parent, [r["trial_id"] for r in rows])
+    best = tracking.log_sweep_summary(uri, parent, grid, objectives)
+    experiment_id = tracking.MlflowClient(uri).get_run(parent).info.experiment_id
+    return SweepResult(path, parent, uri, experiment_id, str(ex.cache_dir), rows, best)
 
 
 def _rows(grid, objectives: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
     for r in grid:
         m = r.metrics or {}
+        failed = r.error or m.get("error")
         row = {
             "trial_id": m.get("trial_id", ""),
-            "status": "ERROR" if r.error else ("DONE" if m.get("sae_dir") else "STOPPED"),
+            "status": "FAILED" if failed else ("DONE" if m.get("sae_dir") else "STOPPED"),
             **{c: r.config.get(c) for c in SUMMARY_COLUMNS},
             **{k: m.get(k) for k in ("val/fvu", "val/l0", "dead_frac", "step")},
             **{k: m.get(k) for k in objectives},
             "sae_dir": m.get("sae_dir"),
-            "error": str(r.error).strip().splitlines()[-1] if r.error else "",
+            "error": str(r.error).strip().splitlines()[-1] if r.error else m.get("error", ""),
         }
         rows.append(row)
     first, mode = next(iter(objectives.items()))
@@ -252,7 +424,7 @@ def _rows(grid, objectives: dict[str, str]) -> list[dict[str, Any]]:
     def key(row):
         v = row.get(first)
         ok = isinstance(v, (int, float)) and math.isfinite(v)
-        return (row["status"] == "ERROR", not ok, sign * v if ok else 0.0)
+        return (row["status"] == "FAILED", not ok, sign * v if ok else 0.0)
 
     return sorted(rows, key=key)
 
@@ -264,12 +436,14 @@ def format_table(rows: list[dict], objectives: dict[str, str], limit: int = 10) 
         *SUMMARY_COLUMNS,
         *dict.fromkeys(["val/fvu", "val/l0", "dead_frac", *objectives]),
     ]
+    if any(row.get("error") for row in rows[:limit]):
+        cols.append("error")
     cells = [[_fmt(row.get(c)) for c in cols] for row in rows[:limit]]
     widths = [
         max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
     ]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more trials (sae-sweep best --top N)")
     return "\n".join(lines)
@@ -285,9 +459,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def mlflow_ui_hint(uri: str) -> str:
+def mlflow_ui_hint(result: SweepResult, objectives: dict[str, str]) -> str:
+    """How to open the sweep's leaderboard in the MLflow UI."""
+    metric, mode = next(iter(objectives.items()))
+    uri = result.tracking_uri
     if uri.startswith("sqlite:"):
-        return (
-            f"open the MLflow UI: mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
-        )
-    return f"open the MLflow UI at {uri} (through `ray dashboard` or an SSH tunnel on a cluster)"
+        url = tracking.leaderboard_url("http://127.0.0.1:5000", result.experiment_id, metric, mode)
+        return f"MLflow UI: mlflow ui --backend-store-uri {uri}\n  then open {url}"
+    url = tracking.leaderboard_url(uri, result.experiment_id, metric, mode)
+    return f"MLflow UI: {url}\n  (on a cluster, through `ray attach -p` or an SSH tunnel)"

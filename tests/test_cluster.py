@@ -105,7 +105,7 @@ def test_fractional_gpu_trials_spread_over_both_workers(demo_sets, mlflow_server
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
     report = run_cluster_sweep(sets, tmp_path / "shared" / "spread", False, env)
 
-    assert "sweep spread: 4 trials (0 errored)" in report["output"]
+    assert "sweep spread: 4 trials (0 failed)" in report["output"]
     nodes = {node for steps in report["reports"].values() for node, _ in steps}
     assert nodes == set(report["workers"])  # two trials per worker's GPU, none on the head
 
@@ -141,7 +141,7 @@ def test_removed_worker_node_trials_resume_elsewhere(demo_sets, mlflow_server, t
     ]
     report = run_cluster_sweep(sets, tmp_path / "ray_results" / "nodeloss", True)
 
-    assert "sweep nodeloss: 4 trials (0 errored)" in report["output"]
+    assert "sweep nodeloss: 4 trials (0 failed)" in report["output"]
     (removed,) = report["removed"]
     (survivor,) = set(report["workers"]) - {removed}
     moved = [t for t, steps in report["reports"].items() if steps[0][0] == removed]
@@ -228,7 +228,7 @@ def test_sweep_submitted_as_a_ray_job(demo_assets, mlflow_server, tmp_path):
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on exit
         head.wait(timeout=60)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "sweep job: 2 trials (0 errored)" in job.stdout
+    assert "sweep job: 2 trials (0 failed)" in job.stdout
     _, parents, kids = sweep_runs(mlflow_server, "job")
     assert len(parents) == 1 and len(kids) == 2
     assert all(k.info.status == "FINISHED" for k in kids)

@@ -17,8 +17,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sae import TopKSae
 from sweeps.cli import DEMO_CONFIG, main
-from sweeps.config import load_config
-from sweeps.tune import run_sweep
+from sweeps.config import ConfigError, load_config
+from sweeps.tune import format_table, run_sweep
 from tests.helpers import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     proc = cli(["demo", *args])
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
-    assert "sweep e2e: 4 trials (0 errored)" in log
+    assert "sweep e2e: 4 trials (0 failed)" in log
     assert "mlflow ui --backend-store-uri sqlite:///" in log
 
     client, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "e2e")
@@ -87,10 +87,76 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     assert sae.cfg.k == int(best_run.data.params["k"])
     assert f"runs:/{best_run.info.run_id}/sae" in log
 
+    # One sweep, one name: a rerun is refused, a resume with another config too.
+    again = cli(["sweep", "--config", DEMO_CONFIG, *args])
+    log, _ = again.communicate(timeout=120)
+    assert again.returncode == 2 and "a sweep named 'e2e' exists" in log, log
+    assert "sae-sweep resume" in log and "--overwrite" in log
+    changed = cli(["resume", "--config", DEMO_CONFIG, *args, "--set", "tune.num_samples=12"])
+    log, _ = changed.communicate(timeout=120)
+    assert changed.returncode == 2 and "differs" in log and "tune.num_samples" in log, log
+    smaller = [*args, "--set", "tune.num_samples=2", "--set", "train.epochs=2"]
+    over = cli(["sweep", "--overwrite", "--config", DEMO_CONFIG, *smaller])
+    log, _ = over.communicate(timeout=600)
+    assert over.returncode == 0, log
+    assert "--overwrite: deleted" in log and "sweep e2e: 2 trials (0 failed)" in log
+    _, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "e2e")
+    assert len(parents) == 1 and len(kids) == 2
+    assert parents[0].data.params["tune.num_samples"] == "2"
+    assert parents[0].data.tags["best.run_id"] in {k.info.run_id for k in kids}
+
+
+def test_a_trial_that_cannot_run_fails_once_with_its_reason(ray_session, demo_assets, tmp_path):
+    # The CLI refuses device=cuda without GPUs before Ray starts; run_sweep meets it in the trial.
+    sets = [*demo_assets, f"sweep.out_dir={tmp_path}", "sweep.name=nocuda", "train.device=cuda"]
+    sets += ["tune.num_samples=1", "tune.max_failures=3", "tune.asha=false", "tune.verbose=0"]
+    result = run_sweep(load_config(DEMO_CONFIG, sets))
+    (row,) = result.rows
+    assert row["status"] == "FAILED" and "CUDA is not available" in row["error"]
+    assert "CUDA is not available" in format_table(result.rows, {"val/fvu": "min"})
+    _, (parent,), (kid,) = sweep_runs(result.tracking_uri, "nocuda")
+    assert kid.info.status == "FAILED" and "CUDA is not available" in kid.data.tags["error"]
+    assert "num_failures" not in kid.data.tags  # failed once, not retried
+    assert parent.info.status == "FAILED"
+
+
+def test_a_driver_error_closes_the_parent_run_failed(ray_session, demo_assets, tmp_path):
+    sets = [*demo_assets, f"sweep.out_dir={tmp_path}", "sweep.name=drivererr"]
+    sets += ["train.val_fraction=0.0001", "tune.verbose=0"]
+    with pytest.raises(ValueError, match="leaves"):
+        run_sweep(load_config(DEMO_CONFIG, sets))
+    _, (parent,), kids = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "drivererr")
+    assert parent.info.status == "FAILED" and "leaves" in parent.data.tags["error"]
+    assert not kids
+
+
+def test_resources_no_node_can_supply_fail_at_once(demo_assets, tmp_path):
+    proc = cli(
+        [
+            "sweep",
+            "--config",
+            DEMO_CONFIG,
+            *overrides(demo_assets, tmp_path, "toobig", "tune.gpus_per_trial=1"),
+        ]
+    )
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, log
+    assert "a trial needs 1 CPU and 1 GPU" in log and "largest node" in log
+    assert "Traceback" not in log
+
+
+def test_asha_stops_on_the_objective(demo_assets):
+    from sweeps.tune import _scheduler
+
+    cfg = load_config(DEMO_CONFIG, [*demo_assets, "tune.objectives=[dead_frac:min]"])
+    scheduler = _scheduler(cfg, max_steps=1000)
+    assert (scheduler._metric, scheduler._mode) == ("dead_frac", "min")
+
 
 def terminated_trials(exp_dir: Path) -> set[str]:
     """Trials that Tune's saved experiment state records as finished."""
-    states = sorted(exp_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # Named by the driver session's start: a resumed sweep writes a newer file.
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
     if not states:
         return set()
     try:
@@ -100,41 +166,106 @@ def terminated_trials(exp_dir: Path) -> set[str]:
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
-def test_killed_driver_resumes_without_retraining_or_duplicate_runs(demo_assets, tmp_path):
-    out = tmp_path / "out"
+def assert_records_exact(uri: str, name: str, exp_dir: Path, eval_every: int) -> None:
+    """The invariants a sweep's records keep through any kill and resume."""
+    client, parents, kids = sweep_runs(uri, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    tune_trials = terminated_trials(exp_dir)
+    live = [k for k in kids if k.info.status != "KILLED"]
+    # exactly one run per Tune trial; runs of trials Tune lost are KILLED and say why
+    assert sorted(k.data.tags["trial_id"] for k in live) == sorted(tune_trials)
+    assert all(k.info.status in ("FINISHED", "FAILED") for k in live)
+    for k in kids:
+        if k.info.status == "KILLED":
+            assert k.data.tags["trial_id"] not in tune_trials and k.data.tags["killed_reason"]
+    # Optuna proposed no configuration twice
+    configs = [tuple(sorted(k.data.params.items())) for k in kids]
+    assert len(configs) == len(set(configs))
+    for k in live:  # every reported point exactly once, none lost
+        for key in ("val/fvu", "train/fvu", "dead_frac"):
+            steps = [m.step for m in client.get_metric_history(k.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (k.data.tags["trial_id"], key, steps)
+        steps = sorted(m.step for m in client.get_metric_history(k.info.run_id, "val/fvu"))
+        evals = [s for s in steps if s % eval_every == 0]
+        assert evals == list(range(eval_every, evals[-1] + 1, eval_every)), steps
+
+
+def _wait(proc: subprocess.Popen, condition, what: str, timeout: float = 300) -> bool:
+    """Poll `condition` until it holds (True), or until the driver exits (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return True
+
+
+def _kids(uri: str, name: str) -> list:
+    try:
+        return sweep_runs(uri, name)[2]
+    except Exception:  # the store or experiment is not there yet
+        return []
+
+
+@pytest.mark.timeout(1800)  # five driver starts; minutes on a loaded 2-core machine
+def test_killed_driver_at_any_moment_then_resume_keeps_records_exact(demo_assets, tmp_path):
+    """SIGKILL the driver during extraction, mid-trial (2 concurrent, ASHA on), right after a
+    trial finishes and during the final summary; `resume` after each."""
+    out, name, eval_every = tmp_path / "out", "kill", 40
+    cache = tmp_path / "cache"  # its own cache, so that extraction runs
     args = overrides(
         demo_assets,
         out,
-        "resume",
+        name,
+        f"extract.cache_dir={cache}",
         "tune.num_samples=6",
-        "tune.asha=false",
-        "tune.max_concurrent=1",
-        "train.epochs=40",
-        "train.eval_every=100",
+        "tune.max_concurrent=2",
+        "tune.asha=true",
+        "tune.grace_period=80",
+        "train.epochs=8",
+        f"train.eval_every={eval_every}",
     )
-    exp_dir = out / "ray_results" / "resume"
-    proc = cli(["sweep", "--config", DEMO_CONFIG, *args])
-    deadline = time.time() + 300
-    while time.time() < deadline and len(terminated_trials(exp_dir)) < 2:
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = terminated_trials(exp_dir)
-    assert 2 <= len(done) < 6
-    mtimes = {t: (exp_dir / "sae" / t / "sae.safetensors").stat().st_mtime_ns for t in done}
+    uri, exp_dir = f"sqlite:///{out / 'mlflow.db'}", out / "ray_results" / name
+
+    def running_with_metrics():
+        return any(
+            k.info.status == "RUNNING" and "val/fvu" in k.data.metrics for k in _kids(uri, name)
+        )
+
+    def finished():
+        return {k.data.tags["trial_id"] for k in _kids(uri, name) if k.info.status == "FINISHED"}
+
+    moments = [
+        ("during extraction", lambda: any(cache.rglob("part-*.parquet"))),
+        ("mid-trial", running_with_metrics),
+        ("after a trial finished", lambda: len(finished()) > len(done_before)),
+        ("during the final summary", lambda: len(finished()) >= 6),
+    ]
+    command, killed = "sweep", []
+    mtimes: dict[str, int] = {}
+    for what, condition in moments:
+        done_before = finished()
+        proc = cli([command, "--config", DEMO_CONFIG, *args])
+        if _wait(proc, condition, what):
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed.append(what)
+        log, _ = proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), log
+        command = "resume"
+        for trial_id in finished():  # SAEs of finished trials must not be written again
+            path = exp_dir / "sae" / trial_id / "sae.safetensors"
+            if path.is_file():  # trials that ASHA stopped have none
+                mtimes.setdefault(trial_id, path.stat().st_mtime_ns)
+    assert killed[:3] == [m[0] for m in moments[:3]], killed
 
     resumed = cli(["resume", "--config", DEMO_CONFIG, *args])
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log
-    assert "sweep resume: 6 trials (0 errored)" in log
-
-    _, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "resume")
-    assert len(parents) == 1
-    trial_ids = [k.data.tags["trial_id"] for k in kids]
-    assert len(trial_ids) == len(set(trial_ids)) == 6
-    assert all(k.info.status == "FINISHED" for k in kids)
-    for trial_id, mtime in mtimes.items():  # finished trials were not trained again
+    assert f"sweep {name}: 6 trials (0 failed)" in log
+    assert "Traceback" not in log
+    assert_records_exact(uri, name, exp_dir, eval_every)
+    for trial_id, mtime in mtimes.items():
         assert (exp_dir / "sae" / trial_id / "sae.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -251,7 +382,7 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
     result = run_sweep(cfg)
     status = {r["lr"]: r for r in result.rows}
     assert status[0.001]["status"] == "DONE"
-    assert status[1e30]["status"] == "ERROR"
+    assert status[1e30]["status"] == "FAILED"
     assert "loss became" in status[1e30]["error"]
     _, _, kids = sweep_runs(result.tracking_uri, "diverge")
     failed = [k for k in kids if k.info.status == "FAILED"]
@@ -278,6 +409,21 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
         (["search.activation=relu"], "search.activation: use topk, batchtopk"),
         (["tune.gpus_per_trial=1.5"], "tune.gpus_per_trial (got 1.5)"),
         (["sweep.tracking_uri=http://127.0.0.1:9"], "is not reachable"),
+        # types come from the dataclass annotations, for every field
+        (["tune.num_samples=eight"], "tune.num_samples: expected an integer, got 'eight'"),
+        (["train.epochs=ten"], "train.epochs: expected a number, got 'ten'"),
+        (["tune.asha=maybe"], "tune.asha: expected true or false, got 'maybe'"),
+        (["train.batch_size=32.5"], "train.batch_size: expected an integer, got 32.5"),
+        (["extract.token_mode=both"], "extract.token_mode: expected one of cls, all"),
+        (["extract.layers=[2, x]"], "extract.layers[1]: expected an integer, got 'x'"),
+        (["sae.normalize_decoder=1"], "sae.normalize_decoder: expected true or false, got 1"),
+        (["search.lr={low: 1e-4, high: 1e-2, step: 1e-4}"], "takes step or log, not both"),
+        (["search.k={low: 4, high: 16, step: -3}"], "search.k.step: use a number > 0"),
+        (["tune.objectives=[lr:max]"], "tune.objectives (got 'lr:max'): give metric:mode"),
+        (["tune.objectives=[val/fvu:max]"], "tune.objectives (got 'val/fvu:max')"),
+        (["data.path=/nonexistent/images"], "data.path: '/nonexistent/images' does not exist"),
+        (["train.val_fraction=0"], "train.val_fraction=0 leaves no validation rows"),
+        (["train.device=cuda"], "train.device=cuda but tune.gpus_per_trial=0"),
     ],
 )
 def test_invalid_configs_fail_before_any_compute(demo_assets, tmp_path, capsys, sets, message):
@@ -287,7 +433,33 @@ def test_invalid_configs_fail_before_any_compute(demo_assets, tmp_path, capsys, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err
+    assert "Traceback" not in err
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_numeric_strings_are_numbers_and_yaml_errors_name_the_place(demo_assets, tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; where a number is expected it is one.
+    cfg = load_config(
+        DEMO_CONFIG,
+        [*demo_assets, "search.points_to_evaluate=[{lr: 5e-3, k: 8}]", "search.auxk_alpha=1e-2"],
+    )
+    assert cfg.search.points_to_evaluate == [{"lr": "5e-3", "k": 8}]
+    assert cfg.search.auxk_alpha == "1e-2"
+    from sweeps.space import SearchSpace
+
+    space = SearchSpace.from_config(cfg.search)
+    assert space.optuna_points()[0]["lr"] == 0.005 and space.dims["auxk_alpha"].values == (0.01,)
+    for text, where in [
+        ("search:\n  k: [4, 8\ntune: {}\n", ":3:5: invalid YAML"),
+        ("search:\n\tk: 4\n", ":2:1: invalid YAML"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=f"{bad}{where}"):
+            load_config(bad)
+    bad.write_text("search:\n\tk: 4\n")
+    with pytest.raises(ConfigError, match="YAML forbids tabs"):
+        load_config(bad)
 
 
 def test_unreachable_ray_address_fails_fast(demo_assets, tmp_path, capsys):

@@ -254,3 +254,70 @@ def test_check_tracking_uri(tmp_path, mlflow_server, monkeypatch):
             check_tracking_uri(uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's explicit opt-in
     check_tracking_uri(f"file://{tmp_path}")
+
+
+def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
+    ray_session, demo_assets, mlflow_server, tmp_path
+):
+    """A small sweep logged to a real `mlflow server`, then its pages in headless Chromium."""
+    import re
+    import shutil
+    import subprocess
+
+    from sweeps.cli import DEMO_CONFIG
+    from sweeps.config import load_config
+    from sweeps.tracking import leaderboard_url, trial_label
+    from sweeps.tune import run_sweep
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
+    sets = [*demo_assets, f"sweep.out_dir={tmp_path}", "sweep.name=ui", "tune.num_samples=3"]
+    sets += [f"sweep.tracking_uri={mlflow_server}", "tune.asha=false", "train.epochs=2"]
+    result = run_sweep(load_config(DEMO_CONFIG, sets))
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment(result.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    kids = client.search_runs(
+        [result.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
+    )
+    names = {k.info.run_name for k in kids}
+    assert names == {trial_label(r) for r in result.rows} and len(names) == 3
+    for kid in kids:  # sampled values and fixed settings side by side
+        assert {"lr", "k", "layer", "train.batch_size", "model.name_or_path"} <= set(
+            kid.data.params
+        )
+    parent = client.get_run(result.parent_run_id)
+    assert "| trial | run |" in parent.data.tags["mlflow.note.content"]
+    assert "best/lr" not in parent.data.metrics and "best/fvu" in parent.data.metrics
+
+    artifacts = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000",
+        "--window-size=1400,900",
+    ]  # fmt: skip
+
+    def page_text(url: str, shot: str) -> str:
+        subprocess.run([chromium, *flags, f"--screenshot={artifacts / shot}", url],
+                       capture_output=True, timeout=180)  # fmt: skip
+        dom = subprocess.run([chromium, *flags, "--dump-dom", url],
+                             capture_output=True, text=True, timeout=180).stdout  # fmt: skip
+        text = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+    runs = page_text(
+        leaderboard_url(mlflow_server, result.experiment_id, "val/fvu", "min"), "mlflow_runs.png"
+    )
+    assert "Training runs" in runs
+    shown = [n for n in names if n in runs]
+    assert len(shown) == 3, runs[:3000]
+    order = sorted(shown, key=runs.index)  # best first, as the leaderboard ranks them
+    assert order[0] == trial_label(result.rows[0])
+
+    page = f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
+    text = page_text(page, "mlflow_parent.png")
+    assert "3 trials" in text and "best first by" in text, text[:3000]
+    assert trial_label(result.rows[0]) in text
