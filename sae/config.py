@@ -24,8 +24,10 @@ class SaeConfig:
     normalize_decoder: bool = True
     """Keep every decoder row at unit norm during training."""
 
-    activation: Literal["topk"] = "topk"
-    """Sparsity function; only TopK. Kept so that sparsify reads our cfg.json unchanged."""
+    activation: Literal["topk", "batchtopk"] = "topk"
+    """topk: the k largest latents of each input (sparsify's). batchtopk (Bussmann et al.
+    2024): the k * B largest over a training batch of B inputs, so inputs share the budget;
+    at inference a latent fires above a threshold estimated during training."""
 
     def resolve_num_latents(self, d_in: int) -> int:
         """Width of the SAE for an input of width d_in."""
@@ -41,8 +43,8 @@ class SaeConfig:
             raise ValueError(f"num_latents must be >= 0 (got {self.num_latents})")
         if self.k <= 0:
             raise ValueError(f"k must be > 0 (got {self.k})")
-        if self.activation != "topk":
-            raise ValueError(f"activation must be 'topk' (got {self.activation!r})")
+        if self.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"activation must be topk or batchtopk (got {self.activation!r})")
         if d_in is not None:
             if d_in <= 0:
                 raise ValueError(f"d_in must be > 0 (got {d_in})")
@@ -70,6 +72,15 @@ class TrainConfig:
     """A latent is dead once it has not fired for this many training activations. The default
     is about one epoch of a 10^5-image CLS dataset and a small fraction of an epoch at 10^7;
     sparsify's 10M counts text tokens and would never fire on a CLS dataset of 10^4..10^6."""
+
+    normalize_input: bool = False
+    """Scale the activations so their mean squared norm is d_in (the scale is estimated on
+    training rows) and fold the scale back into the saved weights, which then read raw
+    activations. Layers whose norms differ then share one lr range. On in sweeps."""
+
+    b_dec_init: Literal["mean", "geometric_median"] = "mean"
+    """Initial b_dec: the first batch's mean, or its geometric median (Gao et al.), which
+    outlier rows and dimensions move less."""
 
     lr_warmup_steps: int = 100
     """Linear warmup steps from 0 to lr."""
@@ -104,6 +115,10 @@ class TrainConfig:
             (self.batch_size > 0, "batch_size must be > 0"),
             (self.auxk_alpha >= 0 and math.isfinite(self.auxk_alpha), "auxk_alpha must be >= 0"),
             (self.dead_feature_threshold > 0, "dead_feature_threshold must be > 0"),
+            (
+                self.b_dec_init in ("mean", "geometric_median"),
+                "b_dec_init must be mean or geometric_median",
+            ),
             (self.lr_warmup_steps >= 0, "lr_warmup_steps must be >= 0"),
             (
                 self.lr_schedule in ("constant", "linear", "cosine"),

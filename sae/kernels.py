@@ -95,9 +95,10 @@ class TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc_MD, b_enc_M, b_dec_D, k: int, dead_M, k_aux: int):
+    def forward(ctx, x_BD, W_enc_MD, b_enc_M, b_dec_D, k: int, dead_M, k_aux: int, rule, threshold):
         xc_BD = x_BD - b_dec_D
-        prefilter = bf16_prefilter(xc_BD, W_enc_MD)
+        # The batch and threshold rules need every pre-activation exactly: no prefilter.
+        prefilter = rule == "topk" and bf16_prefilter(xc_BD, W_enc_MD)
         if prefilter:
             W_enc_lo = W_enc_MD.bfloat16()
             pre_BM = torch.addmm(b_enc_M.bfloat16(), xc_BD.bfloat16(), W_enc_lo.t())
@@ -117,8 +118,22 @@ class TopKEncode(torch.autograd.Function):
             vals, local = exact.topk(n, dim=1, sorted=False)
             return vals, cand.gather(1, local)
 
-        # TopK then ReLU selects the same values as ReLU then TopK, on k instead of M columns.
-        acts_BK, idx_BK = select(None, k)
+        if rule == "topk":
+            # TopK then ReLU selects the same values as ReLU then TopK, on k instead of M columns.
+            acts_BK, idx_BK = select(None, k)
+        else:
+            # A cut over the whole matrix: the k*B-th largest value (batchtopk) or a fixed
+            # threshold. Rows keep different counts, padded to the widest row with zeros at
+            # real (distinct) latents, which decode to nothing and get no gradient.
+            if rule == "batchtopk":
+                n = min(k * pre_BM.shape[0], pre_BM.numel())
+                threshold = pre_BM.reshape(-1).topk(n, sorted=False).values.min()
+                keep_BM = pre_BM >= threshold
+            else:
+                keep_BM = pre_BM > threshold
+            width = max(int(keep_BM.sum(1).max()), 1)
+            acts_BK, idx_BK = pre_BM.topk(width, dim=1, sorted=False)
+            acts_BK = torch.where(keep_BM.gather(1, idx_BK), acts_BK, 0)
         acts_BK = acts_BK.relu_()
         if dead_M is not None and k_aux > 0:
             aux_acts_BA, aux_idx_BA = select(dead_M.nonzero().squeeze(1), k_aux)
@@ -152,7 +167,7 @@ class TopKEncode(torch.autograd.Function):
             g_b_dec = -(g_pre_M @ W_enc_MD) if need_b_dec else None
         if need_x:
             g_x = F.embedding_bag(idx_BK, W_enc_MD, per_sample_weights=g_BK, mode="sum")
-        return g_x, g_W, g_b_enc, g_b_dec, None, None, None
+        return g_x, g_W, g_b_enc, g_b_dec, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -179,8 +194,12 @@ class SparseDecode(torch.autograd.Function):
         return g_acts, None, g_W
 
 
-def topk_encode(x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M=None, k_aux=0):
-    return TopKEncode.apply(x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M, k_aux)
+def topk_encode(
+    x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M=None, k_aux=0, rule="topk", threshold=0.0
+):
+    """rule: "topk" (k per row), "batchtopk" (k * B over the batch) or "threshold" (every
+    pre-activation above `threshold`). The last two return rows padded with zeros."""
+    return TopKEncode.apply(x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M, k_aux, rule, threshold)
 
 
 def sparse_decode(acts_BK, idx_BK, W_dec_MD):

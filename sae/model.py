@@ -1,4 +1,9 @@
-"""The TopK sparse autoencoder, saved in EleutherAI sparsify's checkpoint layout."""
+"""The TopK sparse autoencoder, saved in EleutherAI sparsify's checkpoint layout.
+
+A BatchTopK SAE (`activation: batchtopk`) is saved in the same layout plus one tensor,
+`threshold` (a scalar): at inference a latent fires where its pre-activation exceeds it.
+sparsify has no BatchTopK and does not load these.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,21 @@ from torch import Tensor, nn
 from .config import SaeConfig, from_dict
 from .kernels import sparse_decode, topk_encode
 
+THRESHOLD_LR = 0.01
+"""BatchTopK: weight of each training batch in the running average of the inference
+threshold (SAELens's topk_threshold_lr)."""
+
+#: sparsify cfg.json keys for models this class cannot run: loading them would ignore weights.
+UNSUPPORTED = {"transcode": "a transcoder", "skip_connection": "a skip connection"}
+
 
 class ForwardOutput(NamedTuple):
     sae_out: Tensor
     """Reconstruction of the input."""
     latent_acts: Tensor
-    """Activations of the k selected latents, (B, k)."""
+    """Activations of the selected latents, (B, k); BatchTopK: (B, widest row), zero-padded."""
     latent_indices: Tensor
-    """Indices of the k selected latents, (B, k)."""
+    """Indices of the selected latents, same shape."""
     fvu: Tensor
     """Fraction of variance unexplained on this batch."""
     auxk_loss: Tensor
@@ -43,6 +55,8 @@ class TopKSae(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         # Unit-norm rows from the start, as the issue and Gao et al. prescribe for every SAE.
         self.set_decoder_norm_to_unit_norm()
+        if cfg.activation == "batchtopk":
+            self.register_buffer("threshold", torch.zeros((), device=device, dtype=dtype))
 
     @property
     def device(self) -> torch.device:
@@ -54,11 +68,24 @@ class TopKSae(nn.Module):
                 f"input has d_in={x_BD.shape[-1]} but this SAE was built for d_in={self.d_in}"
             )
 
-    def encode(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        """Activations and indices of the top-k latents, each (B, k)."""
+    def _rule(self, batch_topk: bool) -> tuple[str, float]:
+        if self.cfg.activation == "topk":
+            return "topk", 0.0
+        return ("batchtopk", 0.0) if batch_topk else ("threshold", float(self.threshold))
+
+    def encode(self, x_BD: Tensor, *, batch_topk: bool = False) -> tuple[Tensor, Tensor]:
+        """Activations and indices of the selected latents, each (B, k) for TopK.
+        BatchTopK selects by its threshold, or with batch_topk=True the top k*B of the batch."""
         self._check_width(x_BD)
+        rule, threshold = self._rule(batch_topk)
         acts_BK, idx_BK, _, _ = topk_encode(
-            x_BD, self.encoder.weight, self.encoder.bias, self.b_dec, self.cfg.k
+            x_BD,
+            self.encoder.weight,
+            self.encoder.bias,
+            self.b_dec,
+            self.cfg.k,
+            rule=rule,
+            threshold=threshold,
         )
         return acts_BK, idx_BK
 
@@ -66,10 +93,17 @@ class TopKSae(nn.Module):
         return sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
 
     def forward(
-        self, x_BD: Tensor, *, dead_mask: Tensor | None = None, total_variance: Tensor | None = None
+        self,
+        x_BD: Tensor,
+        *,
+        dead_mask: Tensor | None = None,
+        total_variance: Tensor | None = None,
+        batch_topk: bool = False,
     ) -> ForwardOutput:
-        """Encode, decode and score x. `dead_mask` (M,) bool turns on the AuxK loss."""
+        """Encode, decode and score x. `dead_mask` (M,) bool turns on the AuxK loss;
+        `batch_topk` selects BatchTopK's training rule (top k*B of the batch)."""
         self._check_width(x_BD)
+        rule, threshold = self._rule(batch_topk)
         num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         # Gao et al. appendix B.1: k_aux = d/2, capped at the dead count; loss scaled down
         # when there are few dead latents.
@@ -82,6 +116,8 @@ class TopKSae(nn.Module):
             self.cfg.k,
             dead_mask if k_aux > 0 else None,
             k_aux,
+            rule,
+            threshold,
         )
         sae_out = self.decode(acts_BK, idx_BK)
         e_BD = x_BD - sae_out
@@ -99,6 +135,30 @@ class TopKSae(nn.Module):
         return ForwardOutput(sae_out, acts_BK, idx_BK, fvu, auxk_loss)
 
     @torch.no_grad()
+    def update_threshold(self, acts_BK: Tensor) -> None:
+        """BatchTopK: move the inference threshold towards the smallest positive activation
+        the batch rule kept (Bussmann et al.); the first batch sets it."""
+        positive = acts_BK[acts_BK > 0]
+        if len(positive) == 0:
+            return
+        smallest = positive.min().to(self.threshold.dtype)
+        if self.threshold == 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.lerp_(smallest, THRESHOLD_LR)
+
+    @torch.no_grad()
+    def input_scale_folded(self, scale: float) -> TopKSae:
+        """A copy that reads raw x, for an SAE trained on scale * x: the same latents fire,
+        their activations and both biases shrink by 1/scale; the weights are unchanged."""
+        raw = TopKSae(self.d_in, self.cfg, device=self.device, dtype=self.W_dec.dtype)
+        raw.load_state_dict(self.state_dict())
+        for name, tensor in raw.state_dict().items():
+            if name not in ("encoder.weight", "W_dec"):
+                tensor.div_(scale)
+        return raw
+
+    @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
         eps = torch.finfo(self.W_dec.dtype).eps
         self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True) + eps
@@ -112,15 +172,11 @@ class TopKSae(nn.Module):
         self.W_dec.grad -= parallel_M * self.W_dec.data
 
     def save(self, directory: str | Path) -> Path:
-        """Write cfg.json and sae.safetensors in sparsify's layout."""
+        """Write cfg.json and sae.safetensors in sparsify's layout (plus `threshold` for
+        BatchTopK)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "encoder.weight": self.encoder.weight,
-            "encoder.bias": self.encoder.bias,
-            "W_dec": self.W_dec,
-            "b_dec": self.b_dec,
-        }
+        tensors = self.state_dict()
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
             str(directory / "sae.safetensors"),
@@ -132,7 +188,8 @@ class TopKSae(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> TopKSae:
-        """Load a checkpoint written by `save` or by sparsify (extra cfg keys are ignored)."""
+        """Load a checkpoint written by `save` or by sparsify (other extra cfg keys, such as
+        sparsify's training-only multi_topk, are ignored)."""
         directory = Path(directory)
         cfg_path, weights_path = directory / "cfg.json", directory / "sae.safetensors"
         for path in (cfg_path, weights_path):
@@ -140,6 +197,12 @@ class TopKSae(nn.Module):
                 raise FileNotFoundError(f"{path} is missing: not an SAE checkpoint directory")
         raw = json.loads(cfg_path.read_text())
         d_in = raw.pop("d_in")
+        for key, what in UNSUPPORTED.items():
+            if raw.get(key):
+                raise ValueError(
+                    f"{cfg_path} describes {what} ({key}: true), which TopKSae cannot run: "
+                    "load it with sparsify.SparseCoder.load_from_disk"
+                )
         known = {f.name for f in dataclasses.fields(SaeConfig)}
         cfg = from_dict(SaeConfig, {k: v for k, v in raw.items() if k in known})
         tensors = load_file(str(weights_path), device=str(device))

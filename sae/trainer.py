@@ -27,10 +27,17 @@ class DivergedError(RuntimeError):
 @dataclass
 class TrainResult:
     sae: TopKSae
+    """The trained SAE; with normalize_input its weights read raw activations."""
     metrics: dict[str, float]
-    """Final validation metrics: fvu, l0, dead_frac, dense_frac (and train/fvu, step)."""
+    """Final metrics: dead_frac (training window) and, on the validation split, fvu,
+    explained_variance, l0, never_fired_frac, dense_frac, mean_act, max_act (and train/fvu,
+    step, input_scale)."""
     firing_frequency: Tensor
     """Fraction of validation inputs on which each latent fired, (M,)."""
+    mean_activation: Tensor
+    """Per latent, its mean validation activation where it fired (0 if it never did), (M,)."""
+    max_activation: Tensor
+    """Per latent, its largest validation activation, (M,)."""
     history: list[dict[str, float]] = field(default_factory=list)
     """The metrics passed to the callback at each evaluation."""
 
@@ -75,6 +82,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def geometric_median(x_BD: Tensor, iters: int = 200) -> Tensor:
+    """The point minimising the summed distance to the rows (Weiszfeld's iteration)."""
+    x = x_BD.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp(min=1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        done = (new - m).norm() <= 1e-9 * (1 + m.norm())
+        m = new
+        if done:
+            break
+    return m.to(x_BD.dtype)
+
+
 def total_steps(cfg: TrainConfig, n_train: int, batch_size: int) -> int:
     """Optimizer steps of a run: cfg.steps, or cfg.epochs passes of n_train rows."""
     return cfg.steps or max(1, math.ceil(cfg.epochs * n_train / batch_size))
@@ -101,6 +122,9 @@ class Trainer:
 
     Batches are a pure function of (seed, epoch, step), so `save_state`/`load_state` plus the
     same data resume a run exactly where it stopped.
+
+    With normalize_input, `self.sae` trains on input_scale * x; `export_sae()` is the same SAE
+    reading raw x, which is what results and checkpoints hold.
     """
 
     def __init__(self, acts, sae_cfg: SaeConfig, cfg: TrainConfig, val_acts=None):
@@ -141,6 +165,7 @@ class Trainer:
         self.batch_size = min(cfg.batch_size, self.n_train)
         self.batches_per_epoch = self.n_train // self.batch_size
         self.total_steps = total_steps(cfg, self.n_train, self.batch_size)
+        self.input_scale = self._estimate_input_scale() if cfg.normalize_input else 1.0
 
         torch.manual_seed(cfg.seed)
         self.sae = TopKSae(d_in, sae_cfg, device=self.device)
@@ -158,13 +183,27 @@ class Trainer:
         self._perm: tuple[int, Tensor] | None = None
 
     # -- data --------------------------------------------------------------------------------
-    def _batch(self, step: int) -> Tensor:
+    def _estimate_input_scale(self, max_rows: int = 2**16) -> float:
+        """The factor that brings the training rows' mean squared norm to d_in (so each
+        coordinate has unit RMS, as in SAELens), estimated on a fixed sample of rows."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        sample = self.train_idx[torch.randperm(self.n_train, generator=gen)[:max_rows]]
+        mean_sq = self.acts[sample.sort().values].double().pow(2).sum(1).mean().item()
+        if mean_sq == 0:
+            raise ValueError("every training row is zero: normalize_input has nothing to scale")
+        return math.sqrt(self.acts.shape[1] / mean_sq)
+
+    def batch_rows(self, step: int) -> Tensor:
+        """Training row indices of a step's batch: each epoch is its own permutation."""
         epoch, pos = divmod(step, self.batches_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
             self._perm = (epoch, self.train_idx[torch.randperm(self.n_train, generator=gen)])
-        rows = self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size]
-        return self.acts[rows].to(self.device, torch.float32, non_blocking=True)
+        return self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size]
+
+    def _batch(self, step: int) -> Tensor:
+        x = self.acts[self.batch_rows(step)].to(self.device, torch.float32, non_blocking=True)
+        return x.mul_(self.input_scale) if self.input_scale != 1 else x
 
     # -- training ----------------------------------------------------------------------------
     def train_step(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,10 +211,11 @@ class Trainer:
         sae, cfg = self.sae, self.cfg
         if self.step == 0:
             with torch.no_grad():
-                sae.b_dec.copy_(x_BD.mean(0))
+                init = x_BD.mean(0) if cfg.b_dec_init == "mean" else geometric_median(x_BD)
+                sae.b_dec.copy_(init)
         dead_M = self.since_fired_M >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = sae(x_BD, dead_mask=dead_M)
+            out = sae(x_BD, dead_mask=dead_M, batch_topk=True)
         loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
         if not torch.isfinite(loss):
             raise DivergedError(
@@ -190,6 +230,8 @@ class Trainer:
         self.scheduler.step()
         if self.sae_cfg.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()
+        if self.sae_cfg.activation == "batchtopk":
+            sae.update_threshold(out.latent_acts)
         self.since_fired_M += len(x_BD)
         self.since_fired_M[out.latent_indices[out.latent_acts > 0]] = 0
         self.step += 1
@@ -199,7 +241,11 @@ class Trainer:
         if self.val is None:
             return None
         return evaluate(
-            self.sae, self.val, batch_size=max(self.batch_size, 1024), device=self.device
+            self.sae,
+            self.val,
+            batch_size=max(self.batch_size, 1024),
+            device=self.device,
+            input_scale=self.input_scale,
         )
 
     def fit(self, callback: Callable[[dict, Trainer], None] | None = None) -> TrainResult:
@@ -220,7 +266,7 @@ class Trainer:
                     "auxk_loss": (aux_sum / n_since).item(),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "acts_per_s": n_since * self.batch_size / max(elapsed, 1e-9),
-                    "train/dead_frac": self.dead_fraction(),
+                    "dead_frac": self.dead_fraction(),
                 }
                 stats = self.validate()
                 self.last_stats = (self.step, stats) if stats is not None else None
@@ -230,7 +276,7 @@ class Trainer:
                         {
                             "val/fvu": val["fvu"],
                             "val/l0": val["l0"],
-                            "dead_frac": val["dead_frac"],
+                            "val/never_fired_frac": val["never_fired_frac"],
                             "dense_frac": val["dense_frac"],
                         }
                     )
@@ -245,14 +291,38 @@ class Trainer:
         fresh = self.last_stats is not None and self.last_stats[0] == self.step
         stats = self.last_stats[1] if fresh else self.validate()
         if stats is None:  # no validation split: score the training rows instead
-            stats = evaluate(self.sae, self.acts[self.train_idx], device=self.device)
-        final = {**stats.result(), "step": self.step}
+            stats = evaluate(
+                self.sae,
+                self.acts[self.train_idx],
+                device=self.device,
+                input_scale=self.input_scale,
+            )
+        final = {
+            **stats.result(),
+            "dead_frac": self.dead_fraction(),
+            "step": self.step,
+            "input_scale": self.input_scale,
+        }
         if history:
             final["train/fvu"] = history[-1]["train/fvu"]
-        return TrainResult(self.sae, final, stats.firing_frequency().cpu(), history)
+        return TrainResult(
+            self.export_sae(),
+            final,
+            stats.firing_frequency().cpu(),
+            stats.mean_activation().cpu(),
+            stats.max_act_M.cpu(),
+            history,
+        )
+
+    def export_sae(self):
+        """The SAE reading raw activations (input_scale folded into its biases)."""
+        if self.input_scale == 1:
+            return self.sae
+        return self.sae.input_scale_folded(self.input_scale)
 
     def dead_fraction(self) -> float:
-        """Latents that have not fired for dead_feature_threshold training activations."""
+        """Latents that have not fired for dead_feature_threshold training activations (the
+        window AuxK acts on; sparsify's dead fraction)."""
         return (self.since_fired_M >= self.cfg.dead_feature_threshold).float().mean().item()
 
     def checkpoint_due(self) -> bool:
@@ -264,8 +334,15 @@ class Trainer:
         """SAE (sparsify layout) plus everything needed to continue: optimizer, schedule,
         dead counters and step. Loads with torch.load(weights_only=True)."""
         directory = Path(directory)
-        self.sae.save(directory)
+        self.export_sae().save(directory)
         state = {
+            # The training-space biases, so a resume need not unfold (inexactly) the saved ones.
+            "train_space": {
+                name: t.cpu()
+                for name, t in self.sae.state_dict().items()
+                if name not in ("encoder.weight", "W_dec")
+            },
+            "input_scale": self.input_scale,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "since_fired": self.since_fired_M.cpu(),
@@ -299,6 +376,10 @@ class Trainer:
                 f"this run has d_in={self.sae.d_in}, M={self.sae.num_latents}"
             )
         self.sae.load_state_dict(loaded.state_dict())
+        self.input_scale = state.get("input_scale", 1.0)
+        with torch.no_grad():
+            for name, tensor in state.get("train_space", {}).items():
+                self.sae.state_dict()[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.since_fired_M.copy_(state["since_fired"])

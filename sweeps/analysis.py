@@ -76,7 +76,8 @@ class LatentStats:
     """Whole-dataset results of one SAE on one layer."""
 
     summary: dict[str, float]
-    """fvu, l0, dead_frac, dense_frac over every input, plus images and inputs counted."""
+    """fvu, l0, never_fired_frac, dense_frac, ... (SaeStats.result) over every input, plus
+    images and inputs counted."""
     frequency_M: np.ndarray
     """Fraction of inputs (tokens in `all` mode) on which each latent fired."""
     max_act_M: np.ndarray

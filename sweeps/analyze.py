@@ -309,11 +309,11 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Path:
         for path in sweep_figs.values():
             client.log_artifact(parent.info.run_id, str(path), "analysis")
     s = stats.summary
-    dead = int(round(s["dead_frac"] * sae.num_latents))
+    dead = int(round(s["never_fired_frac"] * sae.num_latents))
     shown = ", ".join(f"{k} {v:.3g}" for k, v in checks.items() if isinstance(v, float))
     print(
         f"analyze {target.name} (layer {target.layer}): {s['images']} images, fvu {s['fvu']:.4g}, "
-        f"l0 {s['l0']:.3g}, {dead}/{sae.num_latents} dead, dense {s['dense_frac']:.3g}"
+        f"l0 {s['l0']:.3g}, {dead}/{sae.num_latents} never fired, dense {s['dense_frac']:.3g}"
         f"{'; ' + shown if shown else ''}; report {html}"
         + (f" (logged to MLflow run {target.run_id})" if target.run_id else "")
     )

@@ -19,7 +19,14 @@ from sae.config import SaeConfig, TrainConfig, field_help, from_dict
 from sweeps.space import SearchConfig
 
 #: Fields set per trial by the search space, so not settable in the fixed sections.
-SEARCHED = {"sae": ("k", "expansion_factor", "num_latents"), "train": ("lr", "auxk_alpha")}
+SEARCHED = {
+    "sae": ("k", "expansion_factor", "num_latents", "activation"),
+    "train": ("lr", "auxk_alpha"),
+}
+
+#: Library defaults a sweep changes. Sweeps compare layers whose activation norms differ, so
+#: one lr range needs normalised input.
+SWEEP_DEFAULTS = {"train": {"normalize_input": True}}
 
 
 @dataclass
@@ -337,7 +344,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**SWEEP_DEFAULTS["train"]))
     search: SearchConfig = field(default_factory=SearchConfig)
     tune: TuneSettings = field(default_factory=TuneSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
@@ -431,7 +438,7 @@ def from_mapping(values: dict) -> Config:
                     else f"{name}.num_latents: the width comes from search.expansion_factor"
                 )
         try:
-            built[name] = from_dict(cls, body, where=name)
+            built[name] = from_dict(cls, {**SWEEP_DEFAULTS.get(name, {}), **body}, where=name)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     cfg = Config(**built)

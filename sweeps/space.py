@@ -1,7 +1,8 @@
 """The search space: each hyperparameter is fixed, a list of choices, or a range.
 
 The space is define-by-run for Optuna: `suggest(trial)` asks for values one by one, so
-auxk_alpha is only sampled in trials where `auxk` is on.
+auxk_alpha is only sampled in trials where `auxk` is on. `activation` and `auxk` are
+categorical switches beside the numeric PARAMS.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+ACTIVATIONS = ("topk", "batchtopk")
 
 #: name -> (value type, log scale by default for ranges, lower bound, bound is exclusive)
 PARAMS: dict[str, tuple[type, bool, float, bool]] = {
@@ -42,6 +45,9 @@ class SearchConfig:
 
     auxk: Any = True
     """AuxK on (true), off (false), or searched ([true, false])."""
+
+    activation: Any = "topk"
+    """Sparsity rule: topk, batchtopk, or searched ([topk, batchtopk])."""
 
     points_to_evaluate: list[dict] = field(default_factory=list)
     """Known-good settings to try first, e.g. [{lr: 5e-4, k: 64, layer: 11}]."""
@@ -128,6 +134,7 @@ class SearchSpace:
     dims: dict[str, Dim]
     auxk: tuple[bool, ...]
     points_to_evaluate: tuple[dict, ...] = ()
+    activation: tuple[str, ...] = ("topk",)
 
     @classmethod
     def from_config(cls, cfg: SearchConfig) -> SearchSpace:
@@ -135,14 +142,26 @@ class SearchSpace:
         auxk = cfg.auxk if isinstance(cfg.auxk, list) else [cfg.auxk]
         if not auxk or not all(isinstance(a, bool) for a in auxk):
             raise ValueError(f"search.auxk: use true, false or [true, false] (got {cfg.auxk!r})")
+        activation = cfg.activation if isinstance(cfg.activation, list) else [cfg.activation]
+        if not activation or not all(a in ACTIVATIONS for a in activation):
+            raise ValueError(
+                f"search.activation: use topk, batchtopk or [topk, batchtopk] "
+                f"(got {cfg.activation!r})"
+            )
+        switches = {"auxk", "activation"}
         for i, point in enumerate(cfg.points_to_evaluate):
-            unknown = set(point) - set(PARAMS) - {"auxk"}
+            unknown = set(point) - set(PARAMS) - switches
             if unknown:
                 raise ValueError(
                     f"search.points_to_evaluate[{i}]: unknown keys {sorted(unknown)}; "
-                    f"use {sorted([*PARAMS, 'auxk'])}"
+                    f"use {sorted([*PARAMS, *switches])}"
                 )
-        space = cls(dims, tuple(dict.fromkeys(auxk)), tuple(cfg.points_to_evaluate))
+        space = cls(
+            dims,
+            tuple(dict.fromkeys(auxk)),
+            tuple(cfg.points_to_evaluate),
+            tuple(dict.fromkeys(activation)),
+        )
         space.optuna_points()  # validates the points against the space
         space.dry_run()
         return space
@@ -186,6 +205,10 @@ class SearchSpace:
 
         for name in ("layer", "expansion_factor", "k", "lr"):
             ask(self.dims[name])
+        if len(self.activation) == 1:
+            fixed["activation"] = self.activation[0]
+        else:
+            trial.suggest_categorical("activation", [*self.activation])
         auxk = (
             self.auxk[0] if len(self.auxk) == 1 else trial.suggest_categorical("auxk", [*self.auxk])
         )
@@ -203,10 +226,11 @@ class SearchSpace:
             where = f"search.points_to_evaluate[{i}]"
             params = {}
             for name, value in point.items():
-                if name == "auxk":
-                    if value not in self.auxk:
-                        raise ValueError(f"{where}: auxk={value!r} is not in {list(self.auxk)}")
-                    if len(self.auxk) > 1:
+                if name in ("auxk", "activation"):
+                    choices = getattr(self, name)
+                    if value not in choices:
+                        raise ValueError(f"{where}: {name}={value!r} is not in {list(choices)}")
+                    if len(choices) > 1:
                         params[name] = value
                     continue
                 dim = self.dims[name]
@@ -229,4 +253,7 @@ class SearchSpace:
                 else (d.values[0] if len(d.values) == 1 else list(d.values))
             )
         out["auxk"] = list(self.auxk) if len(self.auxk) > 1 else self.auxk[0]
+        out["activation"] = (
+            list(self.activation) if len(self.activation) > 1 else self.activation[0]
+        )
         return out

@@ -43,6 +43,7 @@ METRIC_KEYS = (
     "val/fvu",
     "val/l0",
     "dead_frac",
+    "val/never_fired_frac",
     "dense_frac",
     "auxk_loss",
     "lr",
@@ -51,7 +52,7 @@ METRIC_KEYS = (
 
 
 #: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
-EVAL_KEYS = ("train/fvu", "val/fvu", "val/l0", "dead_frac", "dense_frac")
+EVAL_KEYS = ("train/fvu", "val/fvu", "val/l0", "dead_frac", "val/never_fired_frac", "dense_frac")
 
 #: Metrics a sweep may optimise, each with the only mode that makes sense for it.
 OBJECTIVES = {
@@ -59,6 +60,7 @@ OBJECTIVES = {
     "train/fvu": "min",
     "val/l0": "min",
     "dead_frac": "min",
+    "val/never_fired_frac": "min",
     "dense_frac": "min",
     "acts_per_s": "max",
 }

@@ -40,6 +40,7 @@ def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeCon
         SaeConfig(**fixed["sae"]),
         k=int(config["k"]),
         expansion_factor=int(config["expansion_factor"]),
+        activation=config.get("activation", "topk"),
     )
     train = dict(fixed["train"])
     train["batch_size"] = train["batch_size"] * fixed["tokens_per_image"]
@@ -118,7 +119,7 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
             metrics[SAE_DIR_KEY] = sae_dir
 
             def write(directory: Path) -> None:
-                trainer.sae.save(directory)
+                trainer.export_sae().save(directory)
                 frequency_histogram(frequency_M, directory / "firing_frequency.png")
                 # Last: its presence means the trial is done (see the start of run_trial).
                 (directory / FINAL_METRICS).write_text(json.dumps(metrics, default=float))

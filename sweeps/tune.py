@@ -34,7 +34,7 @@ from sweeps.extract import extract
 from sweeps.space import SearchSpace
 from sweeps.trainable import CachedLayer, run_trial
 
-SUMMARY_COLUMNS = ("layer", "k", "expansion_factor", "lr", "auxk_alpha")
+SUMMARY_COLUMNS = ("layer", "activation", "k", "expansion_factor", "lr", "auxk_alpha")
 
 
 @dataclass

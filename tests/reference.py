@@ -1,24 +1,41 @@
-"""An independent dense TopK SAE forward, written with stock autograd, to check the kernels."""
+"""Independent dense SAE forwards, written with stock autograd, to check the kernels.
+
+The AuxK term follows Gao et al. (2024) appendix B.1 as sparsify's SparseCoder.forward
+states it, step by step, rather than sae/model.py's arrangement of the same rule.
+"""
 
 import torch
 
 
-def dense_forward(x, W_enc, b_enc, W_dec, b_dec, k, dead_mask=None, auxk_alpha=0.0):
-    """Loss of a TopK SAE computed densely: (B, M) latents, dense decoder matmul."""
+def _auxk(pre, e, W_dec, dead_mask, total_variance):
+    """Top dead latents (of d/2, fewer if fewer are dead) predict the residual e; the loss
+    shrinks in proportion when fewer than d/2 latents are dead."""
+    half = e.shape[1] // 2
+    num_dead = int(dead_mask.sum())
+    scale = min(num_dead / half, 1.0)
+    dead_only = torch.where(dead_mask[None], pre, -torch.inf)
+    vals, idx = dead_only.topk(min(half, num_dead), dim=1)
+    e_hat = torch.zeros_like(pre).scatter(1, idx, vals) @ W_dec  # no b_dec: e already has it
+    return scale * (e_hat - e.detach()).pow(2).sum() / total_variance
+
+
+def dense_forward(
+    x, W_enc, b_enc, W_dec, b_dec, k, dead_mask=None, auxk_alpha=0.0, batch_topk=False
+):
+    """Loss of a TopK (or, with batch_topk, BatchTopK) SAE computed densely: (B, M) latents
+    and a dense decoder matmul."""
     pre = torch.relu((x - b_dec) @ W_enc.T + b_enc)
-    vals, idx = pre.topk(k, dim=1)
-    z = torch.zeros_like(pre).scatter(1, idx, vals)
+    if batch_topk:  # Bussmann et al. 2024: the k * B largest latents of the whole batch
+        vals, flat = pre.flatten().topk(k * len(x))
+        z = torch.zeros_like(pre).flatten().scatter(0, flat, vals).view_as(pre)
+    else:
+        vals, idx = pre.topk(k, dim=1)
+        z = torch.zeros_like(pre).scatter(1, idx, vals)
     x_hat = z @ W_dec + b_dec
     e = x - x_hat
     total_variance = (x - x.mean(0)).pow(2).sum()
     fvu = e.pow(2).sum() / total_variance
     aux = torch.zeros(())
     if dead_mask is not None and dead_mask.any():
-        num_dead = int(dead_mask.sum())
-        k_aux = min(x.shape[1] // 2, num_dead)
-        masked = torch.where(dead_mask[None], pre, torch.full_like(pre, -1.0))
-        a_vals, a_idx = masked.topk(k_aux, dim=1)
-        z_aux = torch.zeros_like(pre).scatter(1, a_idx, a_vals.clamp(min=0))
-        scale = min(num_dead / (x.shape[1] // 2), 1.0)
-        aux = scale * (z_aux @ W_dec - e.detach()).pow(2).sum() / total_variance
+        aux = _auxk(pre, e, W_dec, dead_mask, total_variance)
     return fvu + auxk_alpha * aux, fvu, aux, z

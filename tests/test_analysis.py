@@ -102,7 +102,7 @@ def test_statistics_and_top_images_equal_a_direct_computation(tmp_path, token_mo
     assert stats.summary["l0"] == pytest.approx(float((z_NM > 0).sum(1).double().mean()))
     assert stats.summary["images"] == len(rows)
     np.testing.assert_allclose(stats.frequency_M, (fired / len(x_ND)).numpy())
-    assert stats.summary["dead_frac"] == pytest.approx(float((fired == 0).double().mean()))
+    assert stats.summary["never_fired_frac"] == pytest.approx(float((fired == 0).double().mean()))
     np.testing.assert_allclose(stats.max_act_M, z_NM.max(0).values.numpy(), rtol=1e-6)
     mean = z_NM.sum(0) / fired.clamp(min=1)
     np.testing.assert_allclose(stats.mean_act_M, mean.numpy(), rtol=1e-5)

@@ -59,3 +59,26 @@ def test_sparsify_loads_our_checkpoint_with_same_latents_and_reconstruction(tmp_
         ours.latent_acts.gather(1, order_ours.indices),
         out.latent_acts.gather(1, order_theirs.indices),
     )
+
+
+@pytest.mark.parametrize("option, what", [("transcode", "transcoder"), ("skip_connection", "skip")])
+def test_sparsify_transcoder_or_skip_connection_is_refused(tmp_path, option, what):
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is in the dev extra")
+    cfg = sparsify.SparseCoderConfig(num_latents=32, k=4, **{option: True})
+    sparsify.SparseCoder(8, cfg).save_to_disk(tmp_path / "coder")
+    with pytest.raises(ValueError, match=f"{what}.*{option}: true.*sparsify"):
+        TopKSae.load(tmp_path / "coder")
+
+
+def test_batchtopk_checkpoint_holds_its_threshold(tmp_path):
+    torch.manual_seed(0)
+    sae = TopKSae(16, SaeConfig(expansion_factor=4, k=5, activation="batchtopk"))
+    sae.threshold.fill_(0.25)
+    sae.save(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "cfg.json").read_text())["activation"] == "batchtopk"
+    with safe_open(str(tmp_path / "ckpt" / "sae.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"encoder.weight", "encoder.bias", "W_dec", "b_dec", "threshold"}
+    loaded = TopKSae.load(tmp_path / "ckpt")
+    assert loaded.threshold.item() == 0.25
+    x = torch.randn(8, 16)
+    assert torch.equal(sae(x).sae_out, loaded(x).sae_out)

@@ -65,9 +65,27 @@ def test_l0_dead_and_dense_fractions_match_direct_computation():
     freq = fired.mean(0)
     result = stats.result()
     assert result["l0"] == fired.sum(1).mean().item()
-    assert result["dead_frac"] == (freq == 0).float().mean().item()
+    assert result["never_fired_frac"] == (freq == 0).float().mean().item()
     assert result["dense_frac"] == (freq > 0.1).float().mean().item()
     torch.testing.assert_close(stats.firing_frequency(), freq.double())
+    count = fired.sum(0)
+    mean_when_fired = torch.where(count > 0, z.sum(0) / count.clamp(min=1), 0)
+    torch.testing.assert_close(stats.mean_activation().float(), mean_when_fired)
+    torch.testing.assert_close(stats.max_act_M, z.max(0).values)
+    assert abs(result["mean_act"] - mean_when_fired[count > 0].mean().item()) < 1e-6
+    assert result["max_act"] == z.max().item()
     x_hat = sae.decode(acts, idx)
     direct = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert abs(result["fvu"] - direct.item()) < 1e-5
+
+
+def test_explained_variance_forgives_an_offset_that_fvu_counts():
+    x = torch.randn(1000, 8) * 2
+    noise = 0.1 * torch.randn(1000, 8)
+    stats = SaeStats(4)
+    _feed(stats, x, x + noise + 0.5, batch=128)  # a constant offset on top of the noise
+    result = stats.result()
+    var_x = (x.double() - x.double().mean(0)).pow(2).sum()
+    var_r = (noise.double() - noise.double().mean(0)).pow(2).sum()
+    assert abs(result["explained_variance"] - (1 - var_r / var_x).item()) < 1e-9
+    assert result["fvu"] > 1 - result["explained_variance"] + 0.05

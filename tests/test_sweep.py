@@ -352,9 +352,12 @@ def test_multi_objective_sweep_returns_a_pareto_set(ray_session, demo_assets, tm
             "train.epochs=3",
             "tune.verbose=0",
             "tune.objectives=[val/fvu:min, val/l0:min]",
+            "search.activation=[topk, batchtopk]",
+            "search.points_to_evaluate=[{activation: batchtopk}]",
         ],
     )
     result = run_sweep(cfg)
+    assert "batchtopk" in {r["activation"] for r in result.rows}
     front = [(t["metrics"]["val/fvu"], t["metrics"]["val/l0"]) for t in result.best]
     assert front
     for a in front:  # no point of the front dominates another
@@ -414,6 +417,8 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
         (["search.lr=0"], "search.lr: 0 must be > 0"),
         (["search.lr=-0.001"], "search.lr: -0.001 must be > 0"),
         (["train.lr=0.01"], "train.lr is chosen per trial: set it under search.lr"),
+        (["sae.activation=batchtopk"], "sae.activation is chosen per trial"),
+        (["search.activation=relu"], "search.activation: use topk, batchtopk"),
         (["tune.gpus_per_trial=1.5"], "tune.gpus_per_trial (got 1.5)"),
         (["sweep.tracking_uri=http://127.0.0.1:9"], "is not reachable"),
         # types come from the dataclass annotations, for every field

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sae import DivergedError, SaeConfig, TrainConfig, train_sae
+from sae.trainer import Trainer, geometric_median
 
 
 def sparse_dictionary_data(seed, d, n_atoms, n, active):
@@ -47,9 +48,12 @@ def test_auxk_leaves_fewer_dead_latents():
     assert dead[0.25] < dead[0.0] / 2
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("activation, normalize_input", [("topk", False), ("batchtopk", True)])
+def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, activation, normalize_input):
     x, _ = sparse_dictionary_data(1, d=16, n_atoms=32, n=3000, active=2)
+    x = 7 * x + 3  # an input scale to fold away, and an offset for b_dec
     cfg = TrainConfig(
+        normalize_input=normalize_input,
         batch_size=128,
         steps=60,
         eval_every=10,
@@ -58,7 +62,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
         dead_feature_threshold=500,
         seed=3,
     )
-    sae_cfg = SaeConfig(expansion_factor=4, k=2)
+    sae_cfg = SaeConfig(expansion_factor=4, k=2, activation=activation)
 
     def save_at_30(metrics, trainer):
         if metrics["step"] == 30:
@@ -90,11 +94,11 @@ def test_callback_runs_at_every_eval_interval_with_metrics():
         "val/fvu",
         "val/l0",
         "dead_frac",
+        "val/never_fired_frac",
         "dense_frac",
         "auxk_loss",
         "lr",
         "acts_per_s",
-        "train/dead_frac",
         "epoch",
     }
     assert expected <= set(seen[0])
@@ -149,3 +153,114 @@ def test_wrong_d_in_is_rejected(tmp_path):
         )
     with pytest.raises(ValueError, match="d_in"):
         a.sae(torch.randn(3, 5))
+
+
+def _trainer(x, **train_kw):
+    kw = {"batch_size": 100, "steps": 20, "val_fraction": 0.1, **train_kw}
+    return Trainer(x, SaeConfig(expansion_factor=4, k=2), TrainConfig(**kw))
+
+
+def test_b_dec_starts_at_the_first_batch_mean_or_geometric_median():
+    x = torch.randn(1000, 8) + 50.0
+    x[::10] += 400.0  # outlier rows: they pull the mean, hardly the geometric median
+    for init in ("mean", "geometric_median"):
+        trainer = _trainer(x, lr=1e-7, b_dec_init=init)
+        batch = trainer._batch(0)
+        trainer.train_step(batch)
+        expected = batch.mean(0) if init == "mean" else geometric_median(batch)
+        torch.testing.assert_close(trainer.sae.b_dec.detach(), expected, atol=1e-3, rtol=0)
+    assert (batch.mean(0) - geometric_median(batch)).norm() > 10
+
+
+def test_geometric_median_minimises_the_summed_distance():
+    # In one dimension the geometric median is the median.
+    assert geometric_median(torch.tensor([[0.0], [1.0], [2.0], [10.0], [100.0]])).item() == (
+        pytest.approx(2.0, abs=1e-4)
+    )
+    x = torch.randn(301, 5).double() * torch.tensor([1.0, 2, 3, 4, 50])
+    m = geometric_median(x)
+    cost = (x - m).norm(dim=1).sum()
+    for step in 1e-3 * torch.eye(5, dtype=torch.float64):
+        assert cost <= (x - m - step).norm(dim=1).sum() and cost <= (x - m + step).norm(dim=1).sum()
+
+
+def test_default_lr_scales_with_width_as_in_sparsify():
+    # sparsify: 2e-4 / sqrt(num_latents / 2**14), so 4e-4 at 4096 latents and 1e-4 at 65536.
+    x = torch.randn(200, 8)
+    for num_latents, lr in ((4096, 4e-4), (65536, 1e-4)):
+        trainer = Trainer(x, SaeConfig(num_latents=num_latents, k=2), TrainConfig(steps=1))
+        assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(lr)
+
+
+def test_decoder_rows_stay_unit_norm_through_training():
+    x, _ = sparse_dictionary_data(0, d=16, n_atoms=32, n=2000, active=2)
+    trainer = _trainer(x * 5, lr=3e-2, steps=30)
+    trainer.fit()
+    norms = trainer.sae.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+
+
+def test_every_epoch_visits_each_training_row_once_in_a_new_order():
+    trainer = _trainer(torch.randn(1000, 8))
+    per_epoch = trainer.batches_per_epoch
+    epochs = [
+        torch.cat([trainer.batch_rows(e * per_epoch + i) for i in range(per_epoch)])
+        for e in range(3)
+    ]
+    for rows in epochs:
+        assert torch.equal(rows.sort().values, trainer.train_idx)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+
+
+def test_dead_frac_is_the_training_window_and_never_fired_is_reported_apart():
+    x, _ = sparse_dictionary_data(0, d=16, n_atoms=32, n=3000, active=2)
+    seen = []
+    result = train_sae(
+        x,
+        SaeConfig(num_latents=256, k=2),
+        TrainConfig(batch_size=100, steps=40, eval_every=20, dead_feature_threshold=1000),
+        callback=lambda m, t: seen.append((m, t.dead_fraction())),
+    )
+    for metrics, window in seen:
+        assert metrics["dead_frac"] == window
+    # 150 validation rows at k=2 light at most 300 latents: many live ones never fire there.
+    assert result.metrics["never_fired_frac"] > result.metrics["dead_frac"]
+
+
+def test_normalized_input_makes_training_blind_to_the_input_scale(tmp_path):
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is in the dev extra")
+    x, _ = sparse_dictionary_data(2, d=16, n_atoms=32, n=3000, active=3)
+    x = x + 0.5
+    cfg = TrainConfig(batch_size=100, steps=60, lr=3e-3, normalize_input=True)
+    runs = {s: train_sae(x * s, SaeConfig(expansion_factor=4, k=3), cfg) for s in (0.1, 100.0)}
+    small, large = runs[0.1], runs[100.0]
+    assert small.metrics["fvu"] == pytest.approx(large.metrics["fvu"], rel=1e-3)
+    # Same latents; raw-unit weights differ by the input scale only in biases and activations.
+    torch.testing.assert_close(small.sae.W_dec, large.sae.W_dec, atol=1e-3, rtol=0)
+    torch.testing.assert_close(1000 * small.sae.b_dec, large.sae.b_dec, rtol=1e-3, atol=1e-3)
+    # The checkpoint reads raw activations, in our loader and in sparsify's.
+    large.sae.save(tmp_path / "ckpt")
+    theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "ckpt")
+    raw = x[:64] * 100.0
+    out = large.sae(raw)
+    torch.testing.assert_close(theirs(raw).sae_out, out.sae_out, rtol=1e-4, atol=1e-3)
+    assert out.fvu.item() == pytest.approx(large.metrics["fvu"], abs=0.1)
+
+
+def test_input_scale_brings_the_mean_squared_norm_to_d_in():
+    x = torch.randn(5000, 8) * 30 + 4
+    trainer = _trainer(x, normalize_input=True)
+    scaled = x[trainer.train_idx] * trainer.input_scale
+    assert scaled.pow(2).sum(1).mean().item() == pytest.approx(8.0, rel=0.01)
+
+
+def test_batchtopk_learns_a_threshold_and_keeps_l0_near_k():
+    x, _ = sparse_dictionary_data(0, d=32, n_atoms=64, n=8000, active=3)
+    result = train_sae(
+        x,
+        SaeConfig(expansion_factor=4, k=3, activation="batchtopk"),
+        TrainConfig(batch_size=256, steps=300, lr=3e-3, dead_feature_threshold=5000),
+    )
+    assert result.sae.threshold > 0
+    assert 2 <= result.metrics["l0"] <= 4.5  # at inference the threshold, not k, decides
+    assert result.metrics["fvu"] < 0.3
