@@ -1,15 +1,24 @@
 """TopK sparse autoencoders in pure PyTorch, checkpoint-compatible with EleutherAI sparsify."""
 
 from .config import SaeConfig, TrainConfig
-from .model import ForwardOutput, TopKSae
-from .trainer import DivergedError, TrainResult, train_sae
 
-__all__ = [
-    "SaeConfig",
-    "TrainConfig",
-    "TopKSae",
-    "ForwardOutput",
-    "train_sae",
-    "TrainResult",
-    "DivergedError",
-]
+# torch loads on first use of the model or trainer, not with the configs: tools that only
+# read configs (the CLI's --help, `sae-sweep best`) start without it.
+_LAZY = {
+    "TopKSae": "model",
+    "ForwardOutput": "model",
+    "train_sae": "trainer",
+    "TrainResult": "trainer",
+    "DivergedError": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["SaeConfig", "TrainConfig", *_LAZY]

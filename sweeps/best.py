@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
+import numpy as np
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sweeps import storage
 from sweeps.config import Config
-from sweeps.tracking import final_name
-from sweeps.trainable import final_sae_dir
-from sweeps.tune import SUMMARY_COLUMNS, experiment_path, format_table
+from sweeps.schema import SEARCHED_PARAMS, child_filter, final_name, final_sae_dir
+from sweeps.tracking import find_sweep_run
 
 
-def sweep_parent(client: MlflowClient, cfg: Config):
+def sweep_parent(cfg: Config):
     """The sweep's parent MLflow run, or None when this config's sweep never ran."""
-    experiment = client.get_experiment_by_name(cfg.sweep.experiment or cfg.sweep.name)
-    if experiment is None:
-        return None
-    found = client.search_runs(
-        [experiment.experiment_id], f"tags.sweep_id = '{experiment_path(cfg)}'", max_results=1
+    sweep = cfg.sweep
+    return find_sweep_run(
+        sweep.resolved_tracking_uri(), sweep.experiment or sweep.name, sweep.experiment_path()
     )
-    return found[0] if found else None
 
 
 def trial_sae_dir(cfg: Config, trial_id: str, layer: int) -> str | None:
     """A trial's final SAE: `sae/<trial_id>/layers.<L>`, or `sae/<trial_id>` itself where
     sweeps wrote it before they followed sparsify's folder convention; None when there is
     none (a trial stopped early)."""
-    root = storage.join(experiment_path(cfg), "sae")
+    root = storage.join(cfg.sweep.experiment_path(), "sae")
     for path in (final_sae_dir(root, trial_id, layer), storage.join(root, trial_id)):
         if storage.exists(storage.join(path, "cfg.json")):
             return path
@@ -38,17 +34,17 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
     """Finished trials of the sweep, best first by the first objective."""
     uri = cfg.sweep.resolved_tracking_uri()
     client = MlflowClient(uri)
-    parent = sweep_parent(client, cfg)
+    parent = sweep_parent(cfg)
     if parent is None:
         raise FileNotFoundError(
-            f"no sweep {cfg.sweep.name!r} with results {experiment_path(cfg)} in MLflow store "
-            f"{uri}: run `sae-sweep sweep` with this config first"
+            f"no sweep {cfg.sweep.name!r} with results {cfg.sweep.experiment_path()} in MLflow "
+            f"store {uri}: run `sae-sweep sweep` with this config first"
         )
     metric, mode = next(iter(cfg.tune.objective_modes().items()))
     order = f"metrics.{final_name(metric)} {'ASC' if mode == 'min' else 'DESC'}"
     runs = client.search_runs(
         [parent.info.experiment_id],
-        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' and status = 'FINISHED'",
+        f"{child_filter(parent.info.run_id)} and status = 'FINISHED'",
         order_by=[order],
         max_results=top,
     )
@@ -60,7 +56,7 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
                 "trial_id": trial_id,
                 "run_id": run.info.run_id,
                 "status": "STOPPED" if run.data.tags.get("stopped_early") else "DONE",
-                **{c: run.data.params.get(c) for c in SUMMARY_COLUMNS},
+                **{c: run.data.params.get(c) for c in SEARCHED_PARAMS},
                 **{k: run.data.metrics.get(final_name(k)) for k in ("val/fvu", "val/l0")},
                 "dead_frac": run.data.metrics.get("dead_frac"),
                 "sae_dir": trial_sae_dir(cfg, trial_id, int(run.data.params["layer"])),
@@ -77,3 +73,33 @@ def print_best(rows: list[dict], cfg: Config) -> None:
         print(f"best SAE: {best['sae_dir'] or '(stopped early: no final SAE)'}")
         print(f"  in MLflow: {best['mlflow_uri']}  (mlflow.artifacts.download_artifacts)")
         print("  load it: from sae import TopKSae; TopKSae.load(path)")
+
+
+def format_table(rows: list[dict], objectives: dict[str, str], limit: int = 10) -> str:
+    cols = [
+        "trial_id",
+        "status",
+        *SEARCHED_PARAMS,
+        *dict.fromkeys(["val/fvu", "val/l0", "dead_frac", *objectives]),
+    ]
+    if any(row.get("error") for row in rows[:limit]):
+        cols.append("error")
+    cells = [[_fmt(row.get(c)) for c in cols] for row in rows[:limit]]
+    widths = [
+        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
+    ]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more trials (sae-sweep best --top N)")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, np.generic):
+        return _fmt(v.item())
+    return str(v)

@@ -71,15 +71,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def _sweep(configs, args, resume: bool) -> list:
     """Check, then run or resume each config's sweep, printing its summary; the results."""
+    from sweeps.best import format_table
     from sweeps.display import SweepDisplay
-    from sweeps.tune import (
-        check_resources,
-        check_sweep,
-        delete_sweep,
-        format_table,
-        mlflow_ui_hint,
-        run_sweep,
-    )
+    from sweeps.tune import check_resources, check_sweep, delete_sweep, mlflow_ui_hint, run_sweep
 
     overwrite = args.command == "demo" or getattr(args, "overwrite", False)
     for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run

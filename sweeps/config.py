@@ -267,7 +267,7 @@ class TuneSettings:
             "use auto, object_store or cache",
             self.data,
         )
-        from sweeps.tracking import OBJECTIVES
+        from sweeps.schema import OBJECTIVES
 
         for o in self.objectives:
             metric, _, mode = o.rpartition(":")
@@ -313,8 +313,14 @@ class SweepSettings:
     """At the end of `sweep`, `resume` and `demo`, register the best trial's SAE in MLflow's
     model registry under this name (a new version each time); empty: register nothing."""
 
+    def experiment_path(self) -> str:
+        """The sweep's Tune experiment: an absolute directory or a URI (s3://...)."""
+        from sweeps import storage
+
+        return storage.join(self.storage_path, self.name)
+
     def resolved_tracking_uri(self) -> str:
-        from sweeps.tracking import default_tracking_uri
+        from sweeps.schema import default_tracking_uri
 
         env = os.environ.get("MLFLOW_TRACKING_URI")
         return self.tracking_uri or env or default_tracking_uri(self.out_dir)

@@ -11,7 +11,7 @@ import sys
 from ray import tune
 from tqdm import tqdm
 
-from sweeps.tracking import trial_label
+from sweeps.schema import trial_label
 
 #: Result keys shown on a trial's closing line, with their labels.
 SHOWN = (("val/fvu", "fvu"), ("val/l0", "L0"), ("dead_frac", "dead"))

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,82 +21,30 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
-from ray import tune
 
-from sweeps import storage
-
-logger = logging.getLogger(__name__)
-
-#: Result keys logged as step metrics when a trial reports them; at the end of a trial also as
-#: final metrics named by `final_name` ("val/fvu" -> "fvu").
-METRIC_KEYS = (
-    "train/fvu",
-    "val/fvu",
-    "val/l0",
-    "dead_frac",
-    "val/never_fired_frac",
-    "dense_frac",
-    "auxk_loss",
-    "lr",
-    "acts_per_s",
+from sweeps.schema import (
+    EVAL_KEYS,
+    METRIC_KEYS,
+    child_filter,
+    default_tracking_uri,
+    final_name,
+    is_num,
+    pareto_front,
+    trial_label,
 )
 
-
-#: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
-EVAL_KEYS = ("train/fvu", "val/fvu", "val/l0", "dead_frac", "val/never_fired_frac", "dense_frac")
-
-#: Metrics a sweep may optimise, each with the only mode that makes sense for it.
-OBJECTIVES = {
-    "val/fvu": "min",
-    "train/fvu": "min",
-    "val/l0": "min",
-    "dead_frac": "min",
-    "val/never_fired_frac": "min",
-    "dense_frac": "min",
-    "acts_per_s": "max",
-}
-
-
-def leaderboard_url(server: str, experiment_id: str, metric: str, mode: str) -> str:
-    """The MLflow UI's runs page of an experiment sorted by `metric`: sorted by a metric, it
-    lists the trial runs flat, best first, instead of folding them under the sweep's run."""
-    from urllib.parse import quote
-
-    key = quote(f"metrics.`{metric}`", safe="")
-    ascending = "true" if mode == "min" else "false"
-    page = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return f"{page}?orderByKey={key}&orderByAsc={ascending}"
-
-
-def trial_label(config: Mapping[str, Any]) -> str:
-    """A trial's hyperparameters in a few characters, `L9 k32 x8 lr3.2e-04 aux0.031`: its
-    MLflow run name and its line on the console."""
-    parts = [
-        fmt.format(config[key])
-        for key, fmt in (("layer", "L{}"), ("k", "k{}"), ("expansion_factor", "x{}"))
-        if key in config
-    ]
-    if "lr" in config:
-        parts.append(f"lr{float(config['lr']):.1e}")
-    if "auxk_alpha" in config:
-        parts.append(f"aux{float(config['auxk_alpha']):.2g}")
-    return " ".join(parts)
+logger = logging.getLogger(__name__)
 
 
 class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used; the message says how to fix it."""
-
-
-def default_tracking_uri(out_dir: str | Path) -> str:
-    """The SQLite store under the sweep's output directory."""
-    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
@@ -197,7 +143,7 @@ def child_runs(client: MlflowClient, parent) -> list:
     """Every trial run of a sweep's parent run."""
     return client.search_runs(
         [parent.info.experiment_id],
-        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
+        child_filter(parent.info.run_id),
         max_results=50000,
     )
 
@@ -258,210 +204,6 @@ def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iter
     return len(lost)
 
 
-class MlflowTrialCallback(tune.Callback):
-    """Keeps exactly one MLflow child run per Tune trial, across retries and Tuner.restore.
-
-    Result keys read from trials:
-    - the numeric keys of `metric_keys`: step metrics on every result, final metrics (see
-      `final_name`) when the trial completes;
-    - `step_key` (default "step", else training_iteration): the step of the metrics;
-    - `fixed_params`: settings every trial shares, logged as params beside the trial's config,
-      so runs of several sweeps in one experiment compare on them;
-    - `sae_dir_key` (default "sae_dir"): the final SAE checkpoint directory, absolute, relative
-      to the trial directory, or a storage URI (s3://...); logged with its plots under the
-      artifact path "sae/". Report it once, after the final SAE is written: a trial that a
-      scheduler (ASHA) or stopper ends before then is tagged stopped_early=true.
-
-    Each result's metrics are sent when Tune hands it over, so a driver that dies loses none
-    that Tune recorded. A reopened run (retry, resume) skips points at steps it already holds:
-    a trial that continues from an older checkpoint logs each step once.
-    """
-
-    def __init__(
-        self,
-        tracking_uri: str,
-        parent_run_id: str,
-        metric_keys: Sequence[str] = METRIC_KEYS,
-        step_key: str = "step",
-        sae_dir_key: str = "sae_dir",
-        fixed_params: Mapping[str, Any] | None = None,
-    ):
-        self.fixed_params = dict(fixed_params or {})
-        self.tracking_uri = tracking_uri
-        self.parent_run_id = parent_run_id
-        self.metric_keys = tuple(metric_keys)
-        self.step_key = step_key
-        self.sae_dir_key = sae_dir_key
-        self._reset()
-
-    def _reset(self) -> None:
-        self._client: MlflowClient | None = None
-        self._experiment_id: str | None = None
-        self._runs: dict[str, str] = {}  # trial_id -> run id of trials whose run is open
-        self._logged: dict[str, dict[str, int]] = {}  # trial_id -> metric -> last logged step
-        self._stopped: set[str] = set()
-
-    # Tuner pickles its callbacks into tuner.pkl; a client and open-run caches must not travel.
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
-
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-            self._experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
-        return self._client
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._open(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        step = int(result.get(self.step_key, result["training_iteration"]))
-        self._log(trial, {k: result.get(k) for k in self.metric_keys}, step)
-        # Tune marks a result done only when a scheduler or stopper decided to stop the trial;
-        # a trainable that returns on its own ends without such a result.
-        if result.get("done"):
-            self._stopped.add(trial.trial_id)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._open(trial)
-        last = trial.last_result
-        step = int(last.get(self.step_key, last.get("training_iteration", 0)))
-        self._log(trial, {final_name(k): last.get(k) for k in self.metric_keys}, step)
-        tags = []
-        if trial.trial_id in self._stopped and not last.get(self.sae_dir_key):
-            tags.append(RunTag("stopped_early", "true"))
-        if last.get("error"):  # a trial that cannot run ends itself with its reason
-            tags.append(RunTag("error", str(last["error"])[:MAX_TAG_VAL_LENGTH]))
-        _log_batch(self.client, run_id, tags=tags)
-        self._log_sae_dir(trial, run_id)
-        self._close(trial, "FAILED" if last.get("error") else "FINISHED")
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        # The trial restarts from its last checkpoint and keeps this run.
-        run_id = self._open(trial)
-        self.client.set_tag(run_id, "num_failures", str(trial.num_failures))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._open(trial)
-        text = _read_error(trial)
-        lines = text.strip().splitlines() or ["unknown error"]
-        self.client.log_text(run_id, text, "error.txt")
-        self.client.set_tag(run_id, "error", lines[-1][:MAX_TAG_VAL_LENGTH])
-        self._close(trial, "FAILED")
-
-    def on_experiment_end(self, trials, **info):
-        # Trials still open here did not finish (Ctrl-C, a stopper's stop_all, a time budget).
-        # KILLED, so no run stays RUNNING with nothing behind it; Tuner.restore reopens them.
-        for trial in trials:
-            if trial.trial_id in self._runs:
-                self._close(trial, "KILLED")
-
-    def _open(self, trial) -> str:
-        """The trial's run id: cached, found under the parent and reopened, or created."""
-        trial_id = trial.trial_id
-        if trial_id in self._runs:
-            return self._runs[trial_id]
-        _check_quotable(trial_id)
-        client = self.client  # connects and sets self._experiment_id
-        found = client.search_runs(
-            [self._experiment_id],
-            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}' "
-            f"and tags.trial_id = '{trial_id}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-            if "error" in found[0].data.tags:  # resumed after an error: error.txt keeps it
-                client.delete_tag(run_id, "error")
-            self._logged[trial_id] = {
-                key: max(m.step for m in client.get_metric_history(run_id, key))
-                for key in found[0].data.metrics
-            }
-        else:
-            tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial_id}
-            name = trial_label(trial.config) or str(trial)
-            run = client.create_run(self._experiment_id, tags=tags, run_name=name)
-            run_id = run.info.run_id
-            params = _flatten(self.fixed_params) | _flatten(trial.config)
-            _log_batch(client, run_id, params=_params(params))
-            self._logged[trial_id] = {}
-        self._runs[trial_id] = run_id
-        return run_id
-
-    def _log(self, trial, values: Mapping[str, Any], step: int) -> None:
-        """Log the numeric values at `step`, skipping metrics the run already has there."""
-        run_id = self._open(trial)
-        logged = self._logged[trial.trial_id]
-        ts = int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(v), ts, step)
-            for k, v in values.items()
-            if _is_num(v) and step > logged.get(k, -1)
-        ]
-        _log_batch(self.client, run_id, metrics=metrics)
-        logged.update({m.key: step for m in metrics})
-
-    def _close(self, trial, status: str) -> None:
-        self.client.set_terminated(self._runs.pop(trial.trial_id), status)
-        self._logged.pop(trial.trial_id, None)
-        self._stopped.discard(trial.trial_id)
-
-    def _log_sae_dir(self, trial, run_id: str) -> None:
-        reported = trial.last_result.get(self.sae_dir_key)
-        if not reported:
-            return
-        if storage.is_uri(reported):
-            with tempfile.TemporaryDirectory() as tmp:
-                storage.download_dir(reported, tmp)
-                self.client.log_artifacts(run_id, tmp, "sae")
-            return
-        path = Path(trial.local_path or "", reported)  # an absolute path stays as it is
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), "sae")
-        else:
-            logger.warning(
-                "Trial %s reported %s=%s, which is not a directory on the driver: its SAE is not "
-                "logged to MLflow. On several nodes, write it to shared storage.",
-                trial,
-                self.sae_dir_key,
-                reported,
-            )
-
-
-def final_name(key: str) -> str:
-    """Final metric name of a result key: "val/fvu" -> "fvu", "train/fvu" -> "train_fvu"."""
-    return key.removeprefix("val/").replace("/", "_")
-
-
-def pareto_front(points: Sequence[Mapping[str, Any]], objectives: Mapping[str, str]) -> list[int]:
-    """Indices of the points no other point dominates, best first by the first objective.
-
-    `objectives` maps a metric to "min" or "max". Points missing an objective or holding NaN
-    are left out. With one objective this is the best point (and its ties).
-    """
-    bad = {m for m in objectives.values() if m not in ("min", "max")}
-    if bad:
-        raise ValueError(f"Objective modes must be 'min' or 'max', got {sorted(bad)}")
-    sign = [1.0 if mode == "min" else -1.0 for mode in objectives.values()]
-    costs = {
-        i: tuple(s * float(p[k]) for s, k in zip(sign, objectives, strict=True))
-        for i, p in enumerate(points)
-        if all(_is_num(p.get(k)) and not math.isnan(p[k]) for k in objectives)
-    }
-
-    def dominates(a: tuple, b: tuple) -> bool:
-        return a != b and all(x <= y for x, y in zip(a, b, strict=True))
-
-    front = [i for i, c in costs.items() if not any(dominates(o, c) for o in costs.values())]
-    return sorted(front, key=lambda i: costs[i])
-
-
 def log_sweep_summary(
     tracking_uri: str,
     parent_run_id: str,
@@ -497,7 +239,7 @@ def log_sweep_summary(
         metrics = [
             Metric(f"best/{final_name(k)}", float(best["metrics"][k]), int(time.time() * 1000), 0)
             for k in keys
-            if _is_num(best["metrics"].get(k))
+            if is_num(best["metrics"].get(k))
         ]
         tags = {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"] or ""}
         tags |= {f"best.params.{k}": v for k, v in _flatten(best["config"]).items()}
@@ -534,7 +276,7 @@ def leaderboard(
 
     def key(t):
         v = t["metrics"].get(metric)
-        return (not _is_num(v) or math.isnan(v), sign * v if _is_num(v) else 0.0)
+        return (not is_num(v) or math.isnan(v), sign * v if is_num(v) else 0.0)
 
     cols = list(dict.fromkeys([*objectives, "val/fvu", "val/l0", "dead_frac"]))
     on_front = {t["trial_id"] for t in front}
@@ -550,7 +292,7 @@ def leaderboard(
         if t["trial_id"] in on_front:
             label = f"**{label}**"
         values = [t["metrics"].get(c) for c in cols]
-        cells = [f"{v:.4g}" if _is_num(v) else "-" for v in values]
+        cells = [f"{v:.4g}" if is_num(v) else "-" for v in values]
         lines.append(f"| {label} | {run_ids.get(t['trial_id'], '')[:8]} | {' | '.join(cells)} |")
     if len(trials) > top:
         lines.append(f"\n{len(trials) - top} more: `sae-sweep best --top N`")
@@ -612,21 +354,10 @@ def _tags(d: Mapping[str, Any]) -> list[RunTag]:
     return [RunTag(k, str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in d.items()]
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _check_quotable(value: str) -> None:
     # Both ids end up inside single-quoted MLflow search filters.
     if "'" in value:
         raise ValueError(f"Id {value!r} must not contain a single quote")
-
-
-def _read_error(trial) -> str:
-    path = trial.error_file
-    if path and Path(path).is_file():
-        return Path(path).read_text(errors="replace")
-    return f"Trial {trial} failed; its error file is missing, see the Ray driver log."
 
 
 def _git_commit() -> str | None:

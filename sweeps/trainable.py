@@ -18,16 +18,7 @@ from sae import SaeConfig, TrainConfig
 from sae.trainer import Trainer
 from sweeps import cache, storage
 from sweeps.report import frequency_histogram
-
-SAE_DIR_KEY = "sae_dir"
-#: The final result of a finished trial, written beside its SAE.
-FINAL_METRICS = "metrics.json"
-
-
-def final_sae_dir(sae_root: str, trial_id: str, layer: int) -> str:
-    """Where a trial's final SAE goes: `<sae_root>/<trial_id>/layers.<L>`, sparsify's folder
-    convention, so `SparseCoder.load_many(<sae_root>/<trial_id>, local=True)` finds it."""
-    return storage.join(sae_root, trial_id, f"layers.{int(layer)}")
+from sweeps.schema import FINAL_METRICS, SAE_DIR_KEY, final_sae_dir
 
 
 def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeConfig, TrainConfig]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
+from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -31,10 +31,9 @@ from sae.trainer import total_steps
 from sweeps import cache, storage, tracking
 from sweeps.config import Config, ConfigError
 from sweeps.extract import extract
+from sweeps.schema import SEARCHED_PARAMS
 from sweeps.space import SearchSpace
 from sweeps.trainable import CachedLayer, run_trial
-
-SUMMARY_COLUMNS = ("layer", "activation", "k", "expansion_factor", "lr", "auxk_alpha")
 
 
 @dataclass
@@ -123,7 +122,7 @@ def _check_data(cfg: Config) -> None:
 def _check_sweep_records(cfg: Config, resume: bool, overwrite: bool) -> None:
     """A name holds one sweep: `sweep` refuses an existing one unless told to overwrite it,
     and `resume` refuses a config that differs from the one the sweep started with."""
-    path = experiment_path(cfg)
+    path = cfg.sweep.experiment_path()
     uri = cfg.sweep.resolved_tracking_uri()
     parent = tracking.find_sweep_run(uri, _experiment(cfg), path)
     has_state = storage.exists(path)
@@ -155,7 +154,7 @@ def _check_sweep_records(cfg: Config, resume: bool, overwrite: bool) -> None:
 def delete_sweep(cfg: Config) -> list[str]:
     """Delete a sweep's Tune state, SAEs and MLflow runs (for `sweep --overwrite`); returns
     what was deleted, for the CLI to say."""
-    path = experiment_path(cfg)
+    path = cfg.sweep.experiment_path()
     uri = cfg.sweep.resolved_tracking_uri()
     deleted = []
     if storage.exists(path):
@@ -205,11 +204,6 @@ def _autoscaler_node_types() -> list[dict]:
     return [t.get("resources") or {} for t in types.values()]
 
 
-def experiment_path(cfg: Config) -> str:
-    """The sweep's Tune experiment: an absolute directory or a URI (s3://...)."""
-    return storage.join(cfg.sweep.storage_path, cfg.sweep.name)
-
-
 def _sampler(cfg: Config):
     import optuna
 
@@ -256,7 +250,7 @@ def _trainable_settings(cfg: Config, tokens_per_image: int) -> dict[str, Any]:
         "sae": {"normalize_decoder": cfg.sae.normalize_decoder, "num_latents": 0},
         "train": train,
         "tokens_per_image": tokens_per_image,
-        "sae_root": storage.join(experiment_path(cfg), "sae"),
+        "sae_root": storage.join(cfg.sweep.experiment_path(), "sae"),
         "objectives": list(cfg.tune.objective_modes()),
     }
 
@@ -310,7 +304,7 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks
     if resume:
         # Finished trials stay finished; unfinished and errored ones go on from checkpoints.
         return tune.Tuner.restore(
-            experiment_path(cfg),
+            cfg.sweep.experiment_path(),
             trainable,
             resume_unfinished=True,
             resume_errored=True,
@@ -357,7 +351,7 @@ def run_sweep(cfg: Config, resume: bool = False, callbacks: Sequence = ()) -> Sw
     start, and any failure of the driver closes it FAILED (KILLED on Ctrl-C) with the error."""
     space = SearchSpace.from_config(cfg.search)
     started = time.time()
-    path = experiment_path(cfg)
+    path = cfg.sweep.experiment_path()
     uri = cfg.sweep.resolved_tracking_uri()
     parent = tracking.start_sweep_run(
         uri,
@@ -386,7 +380,7 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, c
     batch = cfg.train.batch_size * tokens
     max_steps = total_steps(cfg.train, n_train, min(batch, n_train))
 
-    path = experiment_path(cfg)
+    path = cfg.sweep.experiment_path()
     fixed = _trainable_settings(cfg, tokens)
     shared = {k: fixed[k] for k in ("sae", "train", "tokens_per_image")}
     shared |= {"model": {"name_or_path": cfg.model.name_or_path}, "data": {"path": cfg.data.path}}
@@ -399,7 +393,7 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, c
     rows = _rows(grid, objectives)
     tracking.close_lost_trial_runs(uri, parent, [r["trial_id"] for r in rows])
     best = tracking.log_sweep_summary(uri, parent, grid, objectives)
-    experiment_id = tracking.MlflowClient(uri).get_run(parent).info.experiment_id
+    experiment_id = MlflowClient(uri).get_run(parent).info.experiment_id
     return SweepResult(path, parent, uri, experiment_id, str(ex.cache_dir), rows, best)
 
 
@@ -411,7 +405,7 @@ def _rows(grid, objectives: dict[str, str]) -> list[dict[str, Any]]:
         row = {
             "trial_id": m.get("trial_id", ""),
             "status": "FAILED" if failed else ("DONE" if m.get("sae_dir") else "STOPPED"),
-            **{c: r.config.get(c) for c in SUMMARY_COLUMNS},
+            **{c: r.config.get(c) for c in SEARCHED_PARAMS},
             **{k: m.get(k) for k in ("val/fvu", "val/l0", "dead_frac", "step")},
             **{k: m.get(k) for k in objectives},
             "sae_dir": m.get("sae_dir"),
@@ -427,36 +421,6 @@ def _rows(grid, objectives: dict[str, str]) -> list[dict[str, Any]]:
         return (row["status"] == "FAILED", not ok, sign * v if ok else 0.0)
 
     return sorted(rows, key=key)
-
-
-def format_table(rows: list[dict], objectives: dict[str, str], limit: int = 10) -> str:
-    cols = [
-        "trial_id",
-        "status",
-        *SUMMARY_COLUMNS,
-        *dict.fromkeys(["val/fvu", "val/l0", "dead_frac", *objectives]),
-    ]
-    if any(row.get("error") for row in rows[:limit]):
-        cols.append("error")
-    cells = [[_fmt(row.get(c)) for c in cols] for row in rows[:limit]]
-    widths = [
-        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
-    ]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)).rstrip()]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-    if len(rows) > limit:
-        lines.append(f"... {len(rows) - limit} more trials (sae-sweep best --top N)")
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, np.generic):
-        return _fmt(v.item())
-    return str(v)
 
 
 def mlflow_ui_hint(result: SweepResult, objectives: dict[str, str]) -> str:

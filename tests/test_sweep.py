@@ -16,9 +16,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sae import TopKSae
+from sweeps.best import format_table
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import ConfigError, load_config
-from sweeps.tune import format_table, run_sweep
+from sweeps.tune import run_sweep
 from tests.helpers import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]

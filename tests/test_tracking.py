@@ -20,13 +20,12 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
+from sweeps.mlflow_callback import MlflowTrialCallback  # noqa: E402
+from sweeps.schema import default_tracking_uri, pareto_front  # noqa: E402
 from sweeps.tracking import (  # noqa: E402
-    MlflowTrialCallback,
     TrackingError,
     check_tracking_uri,
-    default_tracking_uri,
     log_sweep_summary,
-    pareto_front,
     start_sweep_run,
 )
 
@@ -266,7 +265,7 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
 
     from sweeps.cli import DEMO_CONFIG
     from sweeps.config import load_config
-    from sweeps.tracking import leaderboard_url, trial_label
+    from sweeps.schema import leaderboard_url, trial_label
     from sweeps.tune import run_sweep
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,0 +1,206 @@
+"""The Tune callback that keeps exactly one MLflow child run per trial, across retries and
+Tuner.restore: a trial's run is found again by its `trial_id` tag under the sweep's parent run,
+and reopened instead of duplicated."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+from ray import tune
+
+from sweeps import storage
+from sweeps.schema import METRIC_KEYS, child_filter, final_name, is_num, trial_label
+from sweeps.tracking import _check_quotable, _flatten, _log_batch, _params
+
+logger = logging.getLogger(__name__)
+
+
+class MlflowTrialCallback(tune.Callback):
+    """Keeps exactly one MLflow child run per Tune trial, across retries and Tuner.restore.
+
+    Result keys read from trials:
+    - the numeric keys of `metric_keys`: step metrics on every result, final metrics (see
+      `final_name`) when the trial completes;
+    - `step_key` (default "step", else training_iteration): the step of the metrics;
+    - `fixed_params`: settings every trial shares, logged as params beside the trial's config,
+      so runs of several sweeps in one experiment compare on them;
+    - `sae_dir_key` (default "sae_dir"): the final SAE checkpoint directory, absolute, relative
+      to the trial directory, or a storage URI (s3://...); logged with its plots under the
+      artifact path "sae/". Report it once, after the final SAE is written: a trial that a
+      scheduler (ASHA) or stopper ends before then is tagged stopped_early=true.
+
+    Each result's metrics are sent when Tune hands it over, so a driver that dies loses none
+    that Tune recorded. A reopened run (retry, resume) skips points at steps it already holds:
+    a trial that continues from an older checkpoint logs each step once.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        parent_run_id: str,
+        metric_keys: Sequence[str] = METRIC_KEYS,
+        step_key: str = "step",
+        sae_dir_key: str = "sae_dir",
+        fixed_params: Mapping[str, Any] | None = None,
+    ):
+        self.fixed_params = dict(fixed_params or {})
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self.metric_keys = tuple(metric_keys)
+        self.step_key = step_key
+        self.sae_dir_key = sae_dir_key
+        self._reset()
+
+    def _reset(self) -> None:
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+        self._runs: dict[str, str] = {}  # trial_id -> run id of trials whose run is open
+        self._logged: dict[str, dict[str, int]] = {}  # trial_id -> metric -> last logged step
+        self._stopped: set[str] = set()
+
+    # Tuner pickles its callbacks into tuner.pkl; a client and open-run caches must not travel.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+            self._experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
+        return self._client
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._open(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get(self.step_key, result["training_iteration"]))
+        self._log(trial, {k: result.get(k) for k in self.metric_keys}, step)
+        # Tune marks a result done only when a scheduler or stopper decided to stop the trial;
+        # a trainable that returns on its own ends without such a result.
+        if result.get("done"):
+            self._stopped.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._open(trial)
+        last = trial.last_result
+        step = int(last.get(self.step_key, last.get("training_iteration", 0)))
+        self._log(trial, {final_name(k): last.get(k) for k in self.metric_keys}, step)
+        tags = []
+        if trial.trial_id in self._stopped and not last.get(self.sae_dir_key):
+            tags.append(RunTag("stopped_early", "true"))
+        if last.get("error"):  # a trial that cannot run ends itself with its reason
+            tags.append(RunTag("error", str(last["error"])[:MAX_TAG_VAL_LENGTH]))
+        _log_batch(self.client, run_id, tags=tags)
+        self._log_sae_dir(trial, run_id)
+        self._close(trial, "FAILED" if last.get("error") else "FINISHED")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # The trial restarts from its last checkpoint and keeps this run.
+        run_id = self._open(trial)
+        self.client.set_tag(run_id, "num_failures", str(trial.num_failures))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._open(trial)
+        text = _read_error(trial)
+        lines = text.strip().splitlines() or ["unknown error"]
+        self.client.log_text(run_id, text, "error.txt")
+        self.client.set_tag(run_id, "error", lines[-1][:MAX_TAG_VAL_LENGTH])
+        self._close(trial, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        # Trials still open here did not finish (Ctrl-C, a stopper's stop_all, a time budget).
+        # KILLED, so no run stays RUNNING with nothing behind it; Tuner.restore reopens them.
+        for trial in trials:
+            if trial.trial_id in self._runs:
+                self._close(trial, "KILLED")
+
+    def _open(self, trial) -> str:
+        """The trial's run id: cached, found under the parent and reopened, or created."""
+        trial_id = trial.trial_id
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        _check_quotable(trial_id)
+        client = self.client  # connects and sets self._experiment_id
+        found = client.search_runs(
+            [self._experiment_id],
+            f"{child_filter(self.parent_run_id)} and tags.trial_id = '{trial_id}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            if "error" in found[0].data.tags:  # resumed after an error: error.txt keeps it
+                client.delete_tag(run_id, "error")
+            self._logged[trial_id] = {
+                key: max(m.step for m in client.get_metric_history(run_id, key))
+                for key in found[0].data.metrics
+            }
+        else:
+            tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial_id}
+            name = trial_label(trial.config) or str(trial)
+            run = client.create_run(self._experiment_id, tags=tags, run_name=name)
+            run_id = run.info.run_id
+            params = _flatten(self.fixed_params) | _flatten(trial.config)
+            _log_batch(client, run_id, params=_params(params))
+            self._logged[trial_id] = {}
+        self._runs[trial_id] = run_id
+        return run_id
+
+    def _log(self, trial, values: Mapping[str, Any], step: int) -> None:
+        """Log the numeric values at `step`, skipping metrics the run already has there."""
+        run_id = self._open(trial)
+        logged = self._logged[trial.trial_id]
+        ts = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), ts, step)
+            for k, v in values.items()
+            if is_num(v) and step > logged.get(k, -1)
+        ]
+        _log_batch(self.client, run_id, metrics=metrics)
+        logged.update({m.key: step for m in metrics})
+
+    def _close(self, trial, status: str) -> None:
+        self.client.set_terminated(self._runs.pop(trial.trial_id), status)
+        self._logged.pop(trial.trial_id, None)
+        self._stopped.discard(trial.trial_id)
+
+    def _log_sae_dir(self, trial, run_id: str) -> None:
+        reported = trial.last_result.get(self.sae_dir_key)
+        if not reported:
+            return
+        if storage.is_uri(reported):
+            with tempfile.TemporaryDirectory() as tmp:
+                storage.download_dir(reported, tmp)
+                self.client.log_artifacts(run_id, tmp, "sae")
+            return
+        path = Path(trial.local_path or "", reported)  # an absolute path stays as it is
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), "sae")
+        else:
+            logger.warning(
+                "Trial %s reported %s=%s, which is not a directory on the driver: its SAE is not "
+                "logged to MLflow. On several nodes, write it to shared storage.",
+                trial,
+                self.sae_dir_key,
+                reported,
+            )
+
+
+def _read_error(trial) -> str:
+    path = trial.error_file
+    if path and Path(path).is_file():
+        return Path(path).read_text(errors="replace")
+    return f"Trial {trial} failed; its error file is missing, see the Ray driver log."

@@ -1,0 +1,126 @@
+"""The sweep's vocabulary, defined once: the parameters a sweep searches, the metric keys a
+trial reports and their names in MLflow, the objectives, and where a trial's final SAE goes.
+Every other module of the service reads these names from here. No Ray, no MLflow."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sweeps import storage
+
+#: Hyperparameters chosen per trial, as the summary table and `best` show them.
+SEARCHED_PARAMS = ("layer", "activation", "k", "expansion_factor", "lr", "auxk_alpha")
+
+#: Result keys logged as step metrics when a trial reports them; at the end of a trial also as
+#: final metrics named by `final_name` ("val/fvu" -> "fvu").
+METRIC_KEYS = (
+    "train/fvu",
+    "val/fvu",
+    "val/l0",
+    "dead_frac",
+    "val/never_fired_frac",
+    "dense_frac",
+    "auxk_loss",
+    "lr",
+    "acts_per_s",
+)
+
+
+#: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
+EVAL_KEYS = ("train/fvu", "val/fvu", "val/l0", "dead_frac", "val/never_fired_frac", "dense_frac")
+
+#: Metrics a sweep may optimise, each with the only mode that makes sense for it.
+OBJECTIVES = {
+    "val/fvu": "min",
+    "train/fvu": "min",
+    "val/l0": "min",
+    "dead_frac": "min",
+    "val/never_fired_frac": "min",
+    "dense_frac": "min",
+    "acts_per_s": "max",
+}
+
+
+#: The result key of a finished trial's SAE directory.
+SAE_DIR_KEY = "sae_dir"
+
+#: The final result of a finished trial, written beside its SAE.
+FINAL_METRICS = "metrics.json"
+
+
+def final_sae_dir(sae_root: str, trial_id: str, layer: int) -> str:
+    """Where a trial's final SAE goes: `<sae_root>/<trial_id>/layers.<L>`, sparsify's folder
+    convention, so `SparseCoder.load_many(<sae_root>/<trial_id>, local=True)` finds it."""
+    return storage.join(sae_root, trial_id, f"layers.{int(layer)}")
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    """The SQLite store under the sweep's output directory."""
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def child_filter(parent_run_id: str) -> str:
+    """The MLflow search filter of a sweep's trial runs."""
+    return f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+
+
+def leaderboard_url(server: str, experiment_id: str, metric: str, mode: str) -> str:
+    """The MLflow UI's runs page of an experiment sorted by `metric`: sorted by a metric, it
+    lists the trial runs flat, best first, instead of folding them under the sweep's run."""
+    from urllib.parse import quote
+
+    key = quote(f"metrics.`{metric}`", safe="")
+    ascending = "true" if mode == "min" else "false"
+    page = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}?orderByKey={key}&orderByAsc={ascending}"
+
+
+def trial_label(config: Mapping[str, Any]) -> str:
+    """A trial's hyperparameters in a few characters, `L9 k32 x8 lr3.2e-04 aux0.031`: its
+    MLflow run name and its line on the console."""
+    parts = [
+        fmt.format(config[key])
+        for key, fmt in (("layer", "L{}"), ("k", "k{}"), ("expansion_factor", "x{}"))
+        if key in config
+    ]
+    if "lr" in config:
+        parts.append(f"lr{float(config['lr']):.1e}")
+    if "auxk_alpha" in config:
+        parts.append(f"aux{float(config['auxk_alpha']):.2g}")
+    return " ".join(parts)
+
+
+def final_name(key: str) -> str:
+    """Final metric name of a result key: "val/fvu" -> "fvu", "train/fvu" -> "train_fvu"."""
+    return key.removeprefix("val/").replace("/", "_")
+
+
+def pareto_front(points: Sequence[Mapping[str, Any]], objectives: Mapping[str, str]) -> list[int]:
+    """Indices of the points no other point dominates, best first by the first objective.
+
+    `objectives` maps a metric to "min" or "max". Points missing an objective or holding NaN
+    are left out. With one objective this is the best point (and its ties).
+    """
+    bad = {m for m in objectives.values() if m not in ("min", "max")}
+    if bad:
+        raise ValueError(f"Objective modes must be 'min' or 'max', got {sorted(bad)}")
+    sign = [1.0 if mode == "min" else -1.0 for mode in objectives.values()]
+    costs = {
+        i: tuple(s * float(p[k]) for s, k in zip(sign, objectives, strict=True))
+        for i, p in enumerate(points)
+        if all(is_num(p.get(k)) and not math.isnan(p[k]) for k in objectives)
+    }
+
+    def dominates(a: tuple, b: tuple) -> bool:
+        return a != b and all(x <= y for x, y in zip(a, b, strict=True))
+
+    front = [i for i, c in costs.items() if not any(dominates(o, c) for o in costs.values())]
+    return sorted(front, key=lambda i: costs[i])
+
+
+def is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
