@@ -28,7 +28,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from sae import TopKSae
 from sweeps.best import best_trials
 from sweeps.cli import DEMO_CONFIG
-from sweeps.config import load_config
+from sweeps.config import ConfigError, load_config
+from sweeps.tune import _on_network_fs
 from tests.helpers import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +45,163 @@ def test_cluster_yaml_passes_rays_own_validation(path):
     validate_config(prepare_config(yaml.safe_load(path.read_text())))
 
 
-def test_aws_cluster_pins_ray_and_opens_no_port():
-    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+def _yaml(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def _project_dir(config: dict) -> str:
+    """Where `ray up` puts this repository on the nodes."""
+    (remote,) = [r for r, local in config["file_mounts"].items() if local == "."]
+    return remote
+
+
+def test_cluster_yamls_share_what_is_not_the_providers():
+    aws, local = _yaml("cluster.yaml"), _yaml("cluster-local.yaml")
+    # The head and worker start commands are one script each, called alike by every YAML;
+    # only the artifact store (S3 on AWS, the share on your machines) is an argument.
+    for config, artifacts in ((aws, "s3://"), (local, "/mnt/shared/")):
+        project = _project_dir(config)
+        (head,) = config["head_start_ray_commands"]
+        assert head.startswith(f"bash {project}/cluster/start-head.sh {artifacts}")
+        assert config["worker_start_ray_commands"] == [f"bash {project}/cluster/start-worker.sh"]
+    for key in ("file_mounts", "setup_commands", "rsync_filter", "rsync_exclude"):
+        assert aws[key] == local[key], key
+    for key in ("image", "container_name"):
+        assert aws["docker"][key] == local["docker"][key], key
+    assert set(aws["docker"]["run_options"]) == set(local["docker"]["run_options"])
+    # The nodes' Ray is pyproject's, their torch is CI's, as a CUDA build.
     ray_pin = re.search(r'"ray\[[\w,]*\]==([\w.]+)"', (ROOT / "pyproject.toml").read_text())[1]
-    assert config["docker"]["image"] == f"rayproject/ray:{ray_pin}-py311-gpu"
-    workers = [t for name, t in config["available_node_types"].items() if "head" not in name]
-    assert workers and all(t["min_workers"] == 0 for t in workers)
-    text = (ROOT / "cluster.yaml").read_text()
-    assert "mlflow server" in text and "--artifacts-destination s3://" in text
-    # Ray's default security group opens SSH alone; no rule here may widen it, no key may hide.
-    assert "SecurityGroupIds" not in text and "IpPermissions" not in text
-    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|ssh_private_key:", text)
+    assert aws["docker"]["image"] == f"rayproject/ray:{ray_pin}-py311-gpu"
+    torch_pin = re.search(r"torch==([\w.]+)", (ROOT / ".ci" / "run").read_text())[1]
+    assert any(
+        f"torch=={torch_pin} --index-url https://download.pytorch.org/whl/cu" in cmd
+        for cmd in aws["setup_commands"]
+    )
+
+
+def test_aws_cluster_pins_its_ami_group_and_profiles_and_prefers_spot():
+    config = _yaml("cluster.yaml")
+    types = config["available_node_types"]
+    nodes = [t["node_config"] for t in types.values()]
+    # Ray's defaults (an old CUDA 11 AMI, a security group open to SSH from anywhere, a role
+    # with EC2 and S3 full access) apply to no node.
+    assert len({n["ImageId"] for n in nodes}) == 1
+    assert all(n["SecurityGroupIds"] for n in nodes)
+    head = types[config["head_node_type"]]["node_config"]["IamInstanceProfile"]["Arn"]
+    assert head.endswith(":instance-profile/clip-sae-head")
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert all(t["min_workers"] == 0 for t in workers.values())
+    assert all(
+        t["node_config"]["IamInstanceProfile"]["Arn"].endswith(":instance-profile/clip-sae-worker")
+        for t in workers.values()
+    )
+    spot, on_demand = workers["gpu_spot"], workers["gpu_on_demand"]
+    assert spot["node_config"].pop("InstanceMarketOptions") == {"MarketType": "spot"}
+    assert spot["priority"] > on_demand["priority"]
+    assert {**spot, "priority": 0} == {**on_demand, "priority": 0}
+
+
+def _shipped_files() -> list[Path]:
+    return [*CLUSTER_YAMLS, *sorted((ROOT / "cluster").iterdir())]
+
+
+def test_no_port_or_rule_open_to_the_world_and_every_ray_start_authenticates():
+    for path in _shipped_files():
+        text = path.read_text()
+        assert "0.0.0.0" not in text, path  # no bind to every interface, no rule from anywhere
+        assert "IpPermissions" not in text, path  # the README's security group has the rules
+        lines = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
+        for i, line in enumerate(lines):
+            if re.search(r"\bray start\b", line):
+                # Only the two scripts start Ray, after turning token auth on.
+                assert path.parent.name == "cluster", path
+                assert "export RAY_AUTH_MODE=token" in lines[:i], path
+            if "mlflow server --" in line:
+                assert "--host 127.0.0.1" in line, path
+            if "ray start --head" in line:
+                assert "--dashboard-host=127.0.0.1" in line, path
+    for script in ("start-head.sh", "start-worker.sh"):
+        assert "~/.ray/auth_token" in (ROOT / "cluster" / script).read_text()
+    # The token reaches every node through file_mounts, from the user's machine.
+    for path in CLUSTER_YAMLS:
+        mounts = yaml.safe_load(path.read_text())["file_mounts"]
+        assert mounts["/home/ray/.ray/auth_token"] == "~/.ray/auth_token", path
+
+
+CREDENTIALS = re.compile(
+    r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[=:]|-----BEGIN [A-Z ]*PRIVATE KEY|"
+    r"^\s*ssh_private_key:|RAY_AUTH_TOKEN=[0-9a-f]{16}",
+    re.MULTILINE,
+)
+
+
+def test_no_credentials_in_any_file():
+    files = [
+        p
+        for p in ROOT.rglob("*")
+        if p.is_file()
+        and p.suffix in {".py", ".yaml", ".yml", ".sh", ".md", ".toml", ".json", ".txt", ""}
+        and not any(part.startswith(".") and part != ".ci" for part in p.relative_to(ROOT).parts)
+    ]
+    assert ROOT / ".ci" / "run" in files and ROOT / "cluster.yaml" in files
+    leaks = [str(p) for p in files if CREDENTIALS.search(p.read_text(errors="replace"))]
+    assert not leaks
+
+
+def test_placeholders_are_marked_and_refused_by_name(tmp_path):
+    for path in CLUSTER_YAMLS:
+        text = path.read_text()
+        # Every value to fill in says so; none could pass for a real one.
+        assert "REPLACE_ME" in text
+        assert not re.search(r"192\.168\.|my-sae-bucket|fs-0123456789abcdef0", text), path
+    # The head refuses to start MLflow on a placeholder artifact store, before stopping Ray.
+    out = subprocess.run(
+        ["bash", str(ROOT / "cluster" / "start-head.sh"), "s3://REPLACE_ME-bucket/mlflow"],
+        env=os.environ | {"HOME": str(tmp_path)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "s3://REPLACE_ME-bucket/mlflow" in out.stderr
+    # ... and without the token `ray up` should have copied.
+    out = subprocess.run(
+        ["bash", str(ROOT / "cluster" / "start-head.sh"), str(tmp_path / "artifacts")],
+        env=os.environ | {"HOME": str(tmp_path)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "~/.ray/auth_token" in out.stderr
+    # A sweep config holding one is refused at start-up, naming the field.
+    with pytest.raises(ConfigError, match=r"sweep\.storage_path .*REPLACE_ME"):
+        load_config(DEMO_CONFIG, ["sweep.storage_path=s3://REPLACE_ME-bucket/sweeps"])
+
+
+def test_sweeps_on_the_head_find_its_mlflow_server(tmp_path, monkeypatch):
+    """`ray submit` and `ray exec` drivers do not inherit `ray start`'s environment: they read
+    the address cluster/start-head.sh wrote on the head."""
+    cfg = load_config(DEMO_CONFIG, [f"sweep.out_dir={tmp_path}"])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cfg.sweep.resolved_tracking_uri().startswith("sqlite:///")
+    (tmp_path / ".clip-sae").mkdir()
+    (tmp_path / ".clip-sae" / "tracking_uri").write_text("http://127.0.0.1:5000\n")
+    assert cfg.sweep.resolved_tracking_uri() == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:6000")
+    assert cfg.sweep.resolved_tracking_uri() == "http://127.0.0.1:6000"
+    cfg.sweep.tracking_uri = "http://127.0.0.1:7000"
+    assert cfg.sweep.resolved_tracking_uri() == "http://127.0.0.1:7000"
+
+
+def test_tune_data_auto_follows_where_the_cache_lives(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "overlay / overlay rw 0 0\n"
+        "fs-1.efs.us-west-2.amazonaws.com:/ /mnt/shared nfs4 rw,vers=4.1 0 0\n"
+        "tmpfs /mnt/shared/tmp tmpfs rw 0 0\n"
+        "server:/x /mnt/my\\040share nfs rw 0 0\n"
+    )
+    assert _on_network_fs(Path("/mnt/shared/sae-cache"), mounts)
+    assert _on_network_fs(Path("/mnt/shared"), mounts)
+    assert _on_network_fs(Path("/mnt/my share/cache"), mounts)
+    assert not _on_network_fs(Path("/mnt/shared/tmp/cache"), mounts)
+    assert not _on_network_fs(Path("/mnt/sharedx"), mounts)
+    assert not _on_network_fs(tmp_path, mounts)
+    assert not _on_network_fs(tmp_path)  # this machine's /proc/mounts: a local disk
 
 
 @pytest.fixture(scope="module")
