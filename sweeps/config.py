@@ -300,7 +300,7 @@ class SweepSettings:
 
     tracking_uri: str = ""
     """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI when set, else the head's `mlflow
-    server` on a cluster (the address cluster/start-head.sh writes to ~/.clip-sae/tracking_uri),
+    server` on a cluster (the address cluster/prepare-head.sh writes to ~/.clip-sae/tracking_uri),
     else sqlite:///<out_dir>/mlflow.db."""
 
     experiment: str = ""
@@ -402,7 +402,7 @@ def _check(ok: bool, name: str, fix: str, value=dataclasses.MISSING) -> None:
 #: Marks a value the cluster YAMLs leave for the user to fill in (a bucket, a file system).
 PLACEHOLDER = "REPLACE_ME"
 
-#: Written by cluster/start-head.sh on a cluster's head: the address of its MLflow server, for
+#: Written by cluster/prepare-head.sh on a cluster's head: the address of its MLflow server, for
 #: sweeps started there however they are launched (`ray job submit`, `ray submit`, `ray exec`).
 CLUSTER_TRACKING_FILE = "~/.clip-sae/tracking_uri"
 

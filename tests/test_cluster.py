@@ -57,13 +57,14 @@ def _project_dir(config: dict) -> str:
 
 def test_cluster_yamls_share_what_is_not_the_providers():
     aws, local = _yaml("cluster.yaml"), _yaml("cluster-local.yaml")
-    # The head and worker start commands are one script each, called alike by every YAML;
-    # only the artifact store (S3 on AWS, the share on your machines) is an argument.
-    for config, artifacts in ((aws, "s3://"), (local, "/mnt/shared/")):
-        project = _project_dir(config)
-        (head,) = config["head_start_ray_commands"]
-        assert head.startswith(f"bash {project}/cluster/start-head.sh {artifacts}")
-        assert config["worker_start_ray_commands"] == [f"bash {project}/cluster/start-worker.sh"]
+    # Every node starts alike; only MLflow's artifact store (S3 on AWS, the share on your
+    # machines) is the provider's.
+    artifacts = "s3://REPLACE_ME-bucket/mlflow", "/mnt/shared/mlflow-artifacts"
+    prepare = f"bash {_project_dir(aws)}/cluster/prepare-head.sh"
+    assert aws["head_start_ray_commands"][0] == f"{prepare} {artifacts[0]}"
+    assert local["head_start_ray_commands"][0] == f"{prepare} {artifacts[1]}"
+    assert aws["head_start_ray_commands"][1:] == local["head_start_ray_commands"][1:]
+    assert aws["worker_start_ray_commands"] == local["worker_start_ray_commands"]
     for key in ("file_mounts", "setup_commands", "rsync_filter", "rsync_exclude"):
         assert aws[key] == local[key], key
     for key in ("image", "container_name"):
@@ -105,27 +106,33 @@ def _shipped_files() -> list[Path]:
     return [*CLUSTER_YAMLS, *sorted((ROOT / "cluster").iterdir())]
 
 
+def _commands(config: dict) -> list[str]:
+    kinds = ("initialization", "setup", "head_setup", "worker_setup", "head_start_ray",
+             "worker_start_ray")  # fmt: skip
+    return [cmd for kind in kinds for cmd in config.get(f"{kind}_commands", [])]
+
+
 def test_no_port_or_rule_open_to_the_world_and_every_ray_start_authenticates():
     for path in _shipped_files():
         text = path.read_text()
         assert "0.0.0.0" not in text, path  # no bind to every interface, no rule from anywhere
         assert "IpPermissions" not in text, path  # the README's security group has the rules
-        lines = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
-        for i, line in enumerate(lines):
-            if re.search(r"\bray start\b", line):
-                # Only the two scripts start Ray, after turning token auth on.
-                assert path.parent.name == "cluster", path
-                assert "export RAY_AUTH_MODE=token" in lines[:i], path
-            if "mlflow server --" in line:
-                assert "--host 127.0.0.1" in line, path
-            if "ray start --head" in line:
-                assert "--dashboard-host=127.0.0.1" in line, path
-    for script in ("start-head.sh", "start-worker.sh"):
-        assert "~/.ray/auth_token" in (ROOT / "cluster" / script).read_text()
-    # The token reaches every node through file_mounts, from the user's machine.
+    mlflow = [
+        line
+        for line in (ROOT / "cluster" / "prepare-head.sh").read_text().splitlines()
+        if "mlflow server --" in line
+    ]
+    assert mlflow and all("--host 127.0.0.1 " in line for line in mlflow)
     for path in CLUSTER_YAMLS:
-        mounts = yaml.safe_load(path.read_text())["file_mounts"]
-        assert mounts["/home/ray/.ray/auth_token"] == "~/.ray/auth_token", path
+        config = yaml.safe_load(path.read_text())
+        starts = [cmd for cmd in _commands(config) if re.search(r"\bray start\b", cmd)]
+        assert len(starts) == 2, path  # head and workers
+        for cmd in starts:
+            assert "RAY_AUTH_MODE=token ray start" in cmd, path
+            if "--head" in cmd:
+                assert "--dashboard-host=127.0.0.1" in cmd, path
+        # The token reaches every node through file_mounts, from the user's machine.
+        assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token", path
 
 
 CREDENTIALS = re.compile(
@@ -154,15 +161,15 @@ def test_placeholders_are_marked_and_refused_by_name(tmp_path):
         # Every value to fill in says so; none could pass for a real one.
         assert "REPLACE_ME" in text
         assert not re.search(r"192\.168\.|my-sae-bucket|fs-0123456789abcdef0", text), path
-    # The head refuses to start MLflow on a placeholder artifact store, before stopping Ray.
+    # The head refuses a placeholder artifact store before it stops a running Ray.
     out = subprocess.run(
-        ["bash", str(ROOT / "cluster" / "start-head.sh"), "s3://REPLACE_ME-bucket/mlflow"],
+        ["bash", str(ROOT / "cluster" / "prepare-head.sh"), "s3://REPLACE_ME-bucket/mlflow"],
         env=os.environ | {"HOME": str(tmp_path)}, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "s3://REPLACE_ME-bucket/mlflow" in out.stderr
     # ... and without the token `ray up` should have copied.
     out = subprocess.run(
-        ["bash", str(ROOT / "cluster" / "start-head.sh"), str(tmp_path / "artifacts")],
+        ["bash", str(ROOT / "cluster" / "prepare-head.sh"), str(tmp_path / "artifacts")],
         env=os.environ | {"HOME": str(tmp_path)}, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "~/.ray/auth_token" in out.stderr
@@ -173,7 +180,7 @@ def test_placeholders_are_marked_and_refused_by_name(tmp_path):
 
 def test_sweeps_on_the_head_find_its_mlflow_server(tmp_path, monkeypatch):
     """`ray submit` and `ray exec` drivers do not inherit `ray start`'s environment: they read
-    the address cluster/start-head.sh wrote on the head."""
+    the address cluster/prepare-head.sh wrote on the head."""
     cfg = load_config(DEMO_CONFIG, [f"sweep.out_dir={tmp_path}"])
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
