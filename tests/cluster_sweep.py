@@ -32,7 +32,10 @@ import time
 from pathlib import Path
 
 import ray
-from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+from ray.autoscaler._private.fake_multi_node.node_provider import (
+    FAKE_HEAD_NODE_ID,
+    FakeMultiNodeProvider,
+)
 from ray.cluster_utils import AutoscalingCluster, Cluster
 
 RUN_SWEEP = str(Path(__file__).resolve().parents[1] / "run_sweep.py")
@@ -99,12 +102,15 @@ def main(spec: dict) -> None:
 
 
 class FakeAutoscalingCluster(AutoscalingCluster):
-    """AutoscalingCluster with its base config here: Ray's wheel lacks the example.yaml it reads
-    (the values are that file's)."""
+    """AutoscalingCluster with its base config here. Ray's wheel lacks the fake provider's
+    example.yaml, which AutoscalingCluster and the autoscaler read as the provider's defaults;
+    the values are that file's, and the provider is named as an external module, whose
+    defaults Ray holds in code."""
 
     def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **kw):
         head = {"resources": head_resources, "node_config": {}, "max_workers": 0}
-        provider = {"type": "fake_multinode", "use_node_id_as_ip": True,
+        provider = {"type": "external", "module": f"{FakeMultiNodeProvider.__module__}."
+                    "FakeMultiNodeProvider", "use_node_id_as_ip": True,
                     "disable_node_updaters": True, "disable_launch_config_check": True}  # fmt: skip
         if autoscaler_v2:
             provider |= {"launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID}

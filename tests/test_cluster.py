@@ -344,7 +344,9 @@ def test_gpu_workers_scale_from_zero_run_the_trials_and_go_when_idle(demo_sets, 
         "train.epochs=4",
     ]
     exp_dir = tmp_path / "ray_results" / "autoscale"
-    report = run_cluster_sweep(sets, exp_dir, False, autoscale=True)
+    # Token auth on, as on the real cluster; its own token, not this machine's ~/.ray one.
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    report = run_cluster_sweep(sets, exp_dir, False, token, autoscale=True)
     assert "sweep autoscale: 2 trials (0 errored)" in report["output"]
     ran_on = {t: sorted({node for node, _ in steps}) for t, steps in report["reports"].items()}
     print(f"first GPU worker {report['first_worker_s']:.1f}s after the driver started; workers "
