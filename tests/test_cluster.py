@@ -1,22 +1,27 @@
-"""The service on a cluster: cluster YAMLs against Ray's own schema, and sweeps on a simulated
-cluster (tests/cluster_sweep.py) whose worker nodes carry fake GPUs.
+"""The service on a cluster: the cluster YAMLs (Ray's own schema, what they share, security,
+placeholders), a real `ray up`/`ray down` of cluster-local.yaml's head on a loopback node over
+SSH, GPU workers autoscaled from zero, and sweeps on a simulated cluster (tests/cluster_sweep.py)
+whose worker nodes carry fake GPUs.
 
 Extraction's actor pool spreading over two GPU workers is tested in test_extract.py
-(test_two_simulated_gpu_nodes_each_run_an_actor). What a simulation cannot show: shared storage
-here is this machine's disk, the "GPUs" are CPU cores, and no node is a separate machine.
-"""
+(test_two_simulated_gpu_nodes_each_run_an_actor). What one machine cannot show: shared storage
+here is this machine's disk, the "GPUs" are CPU cores, no node is a separate machine, and AWS
+(AMI, security group, EFS, IAM, spot, Docker) is not there."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -496,7 +501,7 @@ def loopback_node(root: Path):
         node.wait()
 
 
-def _loopback_config(node: dict, token: Path, shared: Path) -> dict:
+def _loopback_config(node: dict, name: str, token: Path, shared: Path) -> dict:
     """cluster-local.yaml for the loopback node: the same file mounts and start commands, with
     the container's home and the NFS share at this node's paths."""
     config = _yaml("cluster-local.yaml")
@@ -506,7 +511,7 @@ def _loopback_config(node: dict, token: Path, shared: Path) -> dict:
 
     return {
         **config,
-        "cluster_name": f"clip-sae-test-{secrets.token_hex(4)}",
+        "cluster_name": name,
         "provider": {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []},
         "auth": node["auth"],
         # No Docker: the node is the container. No setup: its Python has the dependencies,
@@ -542,7 +547,24 @@ def _tunnel(config_path: Path, local: int, remote: int, env: dict) -> subprocess
     )  # fmt: skip
 
 
-def test_ray_up_starts_the_cluster_and_a_job_sweeps_into_its_mlflow(demo_assets, tmp_path):
+@pytest.fixture
+def cluster_name():
+    """A new cluster's name; afterwards, the files Ray's CLI kept about it on this machine go:
+    the local provider's state, cached configs and SSH control sockets."""
+    name = f"clip-sae-test-{secrets.token_hex(4)}"
+    yield name
+    tmp = Path(tempfile.gettempdir())
+    for path in [*tmp.glob(f"ray/cluster-{name}.*"), *tmp.glob("ray-config-*")]:
+        if path.name.startswith("cluster-") or name in path.read_text(errors="replace"):
+            path.unlink(missing_ok=True)
+    control = hashlib.sha256(name.encode()).hexdigest()[:10]
+    for path in tmp.glob(f"ray_ssh_*/{control}"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_ray_up_starts_the_cluster_and_a_job_sweeps_into_its_mlflow(
+    demo_assets, cluster_name, tmp_path
+):
     """The README's procedure minus the cloud: `ray up` cluster-local.yaml's head on a loopback
     node over SSH, its dashboard and MLflow through SSH tunnels, a sweep submitted with
     `ray job submit` and the cluster's token, then `ray down`."""
@@ -551,7 +573,7 @@ def test_ray_up_starts_the_cluster_and_a_job_sweeps_into_its_mlflow(demo_assets,
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
     with loopback_node(tmp_path / "node") as node:
-        config = _loopback_config(node, token, tmp_path / "shared")
+        config = _loopback_config(node, cluster_name, token, tmp_path / "shared")
         config_path = tmp_path / "cluster.yaml"
         config_path.write_text(yaml.safe_dump(config))
         up = subprocess.run(["ray", "up", "-y", "--no-config-cache", str(config_path)],
