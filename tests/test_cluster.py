@@ -557,9 +557,23 @@ def cluster_name():
     for path in [*tmp.glob(f"ray/cluster-{name}.*"), *tmp.glob("ray-config-*")]:
         if path.name.startswith("cluster-") or name in path.read_text(errors="replace"):
             path.unlink(missing_ok=True)
-    control = hashlib.sha256(name.encode()).hexdigest()[:10]
-    for path in tmp.glob(f"ray_ssh_*/{control}"):
+    _close_ssh_masters(name)
+    for path in tmp.glob(f"ray_ssh_*/{_control_dir(name)}"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _control_dir(cluster_name: str) -> str:
+    """The directory of the cluster's SSH control sockets under /tmp/ray_ssh_<user>/ (Ray's
+    SSHCommandRunner names it so)."""
+    return hashlib.sha256(cluster_name.encode()).hexdigest()[:10]
+
+
+def _close_ssh_masters(cluster_name: str) -> None:
+    """End the SSH master connections Ray's CLI keeps open to the cluster's nodes: a master
+    that carried a `ray dashboard` tunnel outlives the tunnel."""
+    for sock in Path(tempfile.gettempdir()).glob(f"ray_ssh_*/{_control_dir(cluster_name)}/*"):
+        subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "node"],
+                       capture_output=True, timeout=30)  # fmt: skip
 
 
 def test_ray_up_starts_the_cluster_and_a_job_sweeps_into_its_mlflow(
@@ -618,6 +632,7 @@ def test_ray_up_starts_the_cluster_and_a_job_sweeps_into_its_mlflow(
         down = subprocess.run(["ray", "down", "-y", str(config_path)],
                               env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+        _close_ssh_masters(cluster_name)  # this machine's SSH clients: not the node's to end
         # `ray down` ends every Ray process; what it leaves, MLflow's server, ends with the
         # node (`docker stop` with Docker, the instance's end on AWS).
         (server,) = [p for p in _node_pids(node["ns"]) if "mlflow server" in _cmdline(p)]
