@@ -228,7 +228,8 @@ class TuneSettings:
     data: Literal["auto", "object_store", "cache"] = "auto"
     """How trials get activations: object_store (the driver loads each layer once and shares
     it), cache (each trial worker reads it from extract.cache_dir, which must be shared
-    storage), or auto (object_store on one node, cache on several)."""
+    storage), or auto (cache when extract.cache_dir is on a network file system such as the
+    cluster's NFS/EFS, else object_store; never from which nodes happen to be up)."""
 
     show_top: int = 10
     """Trials in the summary table."""
@@ -303,8 +304,9 @@ class SweepSettings:
     NFS) or a URI such as s3://bucket/sweeps; empty: <out_dir>/ray_results."""
 
     tracking_uri: str = ""
-    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI when set (cluster.yaml sets it to the
-    head's `mlflow server` on every node), else sqlite:///<out_dir>/mlflow.db."""
+    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI when set, else the head's `mlflow
+    server` on a cluster (the address cluster/prepare-head.sh writes to ~/.clip-sae/tracking_uri),
+    else sqlite:///<out_dir>/mlflow.db."""
 
     experiment: str = ""
     """MLflow experiment; empty: the sweep name."""
@@ -323,7 +325,8 @@ class SweepSettings:
         from sweeps.schema import default_tracking_uri
 
         env = os.environ.get("MLFLOW_TRACKING_URI")
-        return self.tracking_uri or env or default_tracking_uri(self.out_dir)
+        uri = self.tracking_uri or env or _cluster_tracking_uri()
+        return uri or default_tracking_uri(self.out_dir)
 
     def validate(self) -> None:
         _check(
@@ -361,6 +364,7 @@ class Config:
         self.sweep.storage_path = storage if "://" in storage else str(Path(storage).resolve())
 
     def validate(self) -> None:
+        _check_placeholders(self)
         for section in dataclasses.fields(self):
             try:
                 getattr(self, section.name).validate()
@@ -415,6 +419,32 @@ def _check(ok: bool, name: str, fix: str, value=dataclasses.MISSING) -> None:
     if not ok:
         got = "" if value is dataclasses.MISSING else f" (got {value!r})"
         raise ConfigError(f"{name}{got}: {fix}")
+
+
+#: Marks a value the cluster YAMLs leave for the user to fill in (a bucket, a file system).
+PLACEHOLDER = "REPLACE_ME"
+
+#: Written by cluster/prepare-head.sh on a cluster's head: the address of its MLflow server, for
+#: sweeps started there however they are launched (`ray job submit`, `ray submit`, `ray exec`).
+CLUSTER_TRACKING_FILE = "~/.clip-sae/tracking_uri"
+
+
+def _cluster_tracking_uri() -> str:
+    path = Path(CLUSTER_TRACKING_FILE).expanduser()
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def _check_placeholders(cfg: Config) -> None:
+    """Refuse values still holding a placeholder copied from a cluster YAML or the README."""
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            _check(
+                PLACEHOLDER not in str(value),
+                f"{section.name}.{f.name}",
+                f"replace the placeholder {PLACEHOLDER}... with your own value",
+                value,
+            )
 
 
 def _sections() -> dict[str, type]:

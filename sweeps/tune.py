@@ -11,6 +11,7 @@ well-ranked ones, measured in full.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -221,7 +222,9 @@ def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_i
 
     On one node the driver reads each layer once and puts it in the object store, where trials
     map it without a copy. On several, trials read it from the cache on shared storage (each
-    reused trial worker once), so the head's memory and network are not the bottleneck."""
+    reused trial worker once), so the head's memory and network are not the bottleneck.
+    `auto` decides by where the cache lives, not by the nodes alive now: on a cluster that
+    scales from zero workers, those come and go."""
     split = (cfg.train.val_fraction, cfg.train.seed)
     n_train = len(cache.load_row_ids(cache_dir, "train", *split)) * tokens_per_image
     n_val = len(cache.load_row_ids(cache_dir, "val", *split))
@@ -232,13 +235,30 @@ def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_i
         )
     mode = cfg.tune.data
     if mode == "auto":
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-        mode = "object_store" if len(nodes) == 1 else "cache"
+        mode = "cache" if _on_network_fs(cache_dir) else "object_store"
     sources = {}
     for layer in layers:
         spec = CachedLayer(str(cache_dir), layer, *split)
         sources[layer] = spec if mode == "cache" else tuple(map(ray.put, spec.read()))
     return sources, n_train
+
+
+#: File systems a cluster's nodes share (/proc/mounts types): NFS (EFS), SMB, Lustre, Ceph, ...
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "fuse.sshfs"}
+
+
+def _on_network_fs(path: Path, mounts: str = "/proc/mounts") -> bool:
+    """Whether path lies on a network file system: the type of its longest mount point."""
+    path = os.path.realpath(path)
+    best, fstype = "", ""
+    with contextlib.suppress(OSError):  # no /proc (macOS): a local disk as far as we know
+        for line in Path(mounts).read_text().splitlines():
+            _, point, kind = line.split()[:3]
+            point = point.replace("\\040", " ")
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
+                best, fstype = point, kind
+    return fstype in NETWORK_FS
 
 
 def _trainable_settings(cfg: Config, tokens_per_image: int) -> dict[str, Any]:
