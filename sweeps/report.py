@@ -213,7 +213,7 @@ function render() {
   const key = sortCol === 5 ? (r => label(r[5])) : (r => r[sortCol]);
   rows.sort((a, b) => {
     const x = key(a), y = key(b);
-    return (x < y ? -1 : x > y ? 1 : a[0] - b[0]) * (desc ? -1 : 1);
+    return (x < y ? -1 : x > y ? 1 : 0) * (desc ? -1 : 1) || a[0] - b[0];
   });
   tbody.innerHTML = rows.slice(0, D.shown).map(r =>
     `<tr data-id="${r[0]}"><td>${r[0]}</td><td>${pct(r[1])}</td><td>${pct(r[2])}</td>` +

@@ -3,6 +3,7 @@ HTML report in headless Chromium, and `run_sweep.py analyze` end to end."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -13,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from sae import SaeConfig, TopKSae
-from sae.clip import Preprocessing
+from sae.clip import Preprocessing, capture_layers
 from sweeps import cache
 from sweeps.analysis import (
     HIST_EDGES,
@@ -283,12 +285,34 @@ def test_splice_with_the_identity_keeps_the_original_accuracy(swept, token_mode)
     torch.testing.assert_close(embs["original"], reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(embs["spliced"], embs["original"])
 
+    # Mean ablation puts the mean over images, per token position, in the edited positions.
+    h_BTD = capture_layers(clip, pixels, [1], "all")[1]
+    mean_TD = h_BTD.mean(0)[: 1 if token_mode == "cls" else None].numpy()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     acc = zero_shot(
-        clip, AutoTokenizer.from_pretrained(model_dir), list(CLASSES), batches, 1, token_mode,
-        lambda x: x, pre,
+        clip, tokenizer, list(CLASSES), batches, 1, token_mode, lambda x: x, pre, mean_TD,
+        templates=("a photo of a {}.", "art of the {}."),
     )  # fmt: skip
     assert acc["zero_shot/spliced"] == acc["zero_shot/original"]
-    assert set(acc) == {"zero_shot/original", "zero_shot/spliced", "zero_shot/zero_ablation"}
+    assert acc["zero_shot/cosine_spliced"] == pytest.approx(1.0, abs=1e-5)
+    assert acc["zero_shot/cosine_mean_ablation"] < 1 - 1e-4
+    labels = np.concatenate([b[1] for b in batches])
+    assert acc["zero_shot/n"] == len(labels) == 60
+    assert acc["zero_shot/classes_covered"] == len(set(labels)) and acc["zero_shot/templates"] == 2
+    for ablation in ("zero", "mean"):
+        lost = acc["zero_shot/original"] - acc[f"zero_shot/{ablation}_ablation"]
+        recovered = acc[f"zero_shot/recovered_vs_{ablation}"]
+        assert recovered == pytest.approx(1.0) if lost else np.isnan(recovered)
+        assert acc[f"zero_shot/{ablation}_ablation_ci_low"] <= acc[f"zero_shot/{ablation}_ablation"]
+
+    # The ensemble's class embedding: the normalised mean of each template's unit embedding.
+    ensemble = class_text_features(clip, tokenizer, list(CLASSES), PROMPT_ENSEMBLE[:3])
+    units = []
+    for template in PROMPT_ENSEMBLE[:3]:
+        text = tokenizer([template.format(c) for c in CLASSES], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            units.append(F.normalize(clip.get_text_features(**text).pooler_output, dim=-1))
+    torch.testing.assert_close(ensemble, F.normalize(torch.stack(units).mean(0), dim=-1))
 
 
 @pytest.fixture(scope="module")
@@ -297,29 +321,55 @@ def analyzed(swept):
     out = swept["root"] / "report"
     args = [sys.executable, str(ROOT / "run_sweep.py"), "analyze", "--config", DEMO_CONFIG]
     args += [a for s in swept["sets"] for a in ("--set", s)]
-    args += ["--top-latents", "6", "--top-images", "4", "--out", str(out)]
+    args += ["--top-images", "4", "--prompts", "a photo of a {}.|a {}.", "--out", str(out)]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout
 
 
+def read_latents_csv(out: Path) -> list[dict]:
+    with open(out / "latents.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyzed):
     out, stdout = analyzed
-    for name in ("report.html", "summary.json", "latents.csv", "frequency.png", "top_images.png"):
+    for name in ("report.html", "summary.json", "latents.csv", "frequency.png"):
         assert (out / name).is_file(), name
     for name in ("pareto.png", "fvu_vs_params.png", "best_per_layer.png", "importances.png"):
         assert (out / name).is_file(), name
+    assert not (out / "top_images.png").exists()  # the browser shows the top images once
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 240 and len(summary["latents"]) == 6
+    assert summary["images"] == 240
+    table = read_latents_csv(out)
+    live = [int(r["latent"]) for r in table if float(r["frequency"]) > 0]
+    assert sorted(summary["latents"]) == live  # every live latent gets its top images
+    # Each top image once, as a JPEG file beside the report, not inlined.
+    thumbs = sorted((out / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == summary["thumbnails"] > 0
+    assert Image.open(thumbs[0]).format == "JPEG"
+    assert "data:image" not in (out / "report.html").read_text()
+    for row in table:
+        share = row["top_label_share"]
+        assert row["top_label"] in CLASSES and 0 < float(share) <= 1 if share else True
+
     checks = summary["downstream"]
-    for key in ("probe/original", "probe/reconstructed", "zero_shot/spliced"):
+    for key in (
+        "probe/original",
+        "probe/reconstructed",
+        "zero_shot/spliced",
+        "probe/majority_rate",
+    ):
         assert 0 <= checks[key] <= 1, key
+    val = int(is_val(np.arange(240), swept["cfg"].train.val_fraction, 0).sum())
+    assert checks["zero_shot/n"] == checks["probe/n"] == val
+    assert checks["zero_shot/classes"] == 3 and checks["zero_shot/templates"] == 2
     assert re.search(r"analyze \w+ \(layer \d\): 240 images, fvu ", stdout)
 
     run_id = re.search(r"logged to MLflow run (\w+)", stdout).group(1)
     client = MlflowClient(swept["cfg"].sweep.resolved_tracking_uri())
     logged = {a.path for a in client.list_artifacts(run_id, "analysis")}
-    assert {"analysis/report.html", "analysis/top_images.png"} <= logged
+    assert {"analysis/report.html", "analysis/thumbs", "analysis/latents.csv"} <= logged
     run = client.get_run(run_id)
     assert run.data.metrics["analysis/fvu"] == pytest.approx(summary["fvu"])
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -327,35 +377,75 @@ def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyz
     assert "analysis/pareto.png" in parent_logged
 
 
-def test_report_renders_in_headless_chromium_with_its_images_loaded(analyzed, tmp_path):
+# Appended to a copy of the page: once loaded, search, sort and open a latent through the
+# page's own controls, and record what the DOM shows.
+BROWSER_PROBE = """<script>
+addEventListener('load', async () => {
+  const out = document.body.dataset, ids = () =>
+    [...document.querySelectorAll('#latents tbody tr')].map(tr => tr.dataset.id).join(',');
+  const search = document.getElementById('search');
+  out.all = ids();
+  search.value = 'blue';
+  search.dispatchEvent(new Event('input'));
+  out.blue = ids();
+  search.value = '';
+  search.dispatchEvent(new Event('input'));
+  document.querySelectorAll('#latents th')[1].click();
+  out.sorted = ids();
+  const first = document.querySelector('#latents tbody tr');
+  first.click();
+  out.panel = document.querySelector('#panel h2').textContent;
+  const images = [...document.querySelectorAll('#panel img')];
+  images.forEach(im => im.scrollIntoView());
+  await Promise.all(images.map(im => im.complete ? 0 :
+    new Promise(done => { im.onload = im.onerror = done; })));
+  out.lazy = images.filter(im => im.loading === 'lazy').length;
+  out.images = images.length;
+  out.loaded = images.filter(im => im.complete && im.naturalWidth > 0).length;
+  out.figures = [...document.querySelectorAll('img.fig')].length;
+  out.done = 'yes';
+});
+</script>"""
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--virtual-time-budget=10000",
+]  # fmt: skip
+
+
+def test_report_opens_searches_and_sorts_in_headless_chromium(analyzed, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
     out, _ = analyzed
-    html = (out / "report.html").read_text()
-    assert "http://" not in html and "https://" not in html  # self-contained
-    # Probe appended to a copy: record, once loaded, how many images decoded.
-    probe = (
-        "<script>addEventListener('load', () => { const im = [...document.images];"
-        " document.body.dataset.images = im.length;"
-        " document.body.dataset.loaded = im.filter(i => i.complete && i.naturalWidth > 0).length;"
-        "});</script>"
-    )
-    page = tmp_path / "report.html"
-    page.write_text(html.replace("</body>", probe + "</body>"))
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-    ]  # fmt: skip
+    site = tmp_path / "site"
+    shutil.copytree(out, site)
+    html = (site / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # nothing fetched from outside
+    page = site / "probe.html"
+    page.write_text(html.replace("</body>", BROWSER_PROBE + "</body>"))
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(
         [chromium, *flags, "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
-    found = re.search(r'data-images="(\d+)" data-loaded="(\d+)"', dom)
-    assert found, dom[:2000]
-    images, loaded = map(int, found.groups())
-    assert images > 6 and loaded == images  # figures plus thumbnails, every one decoded
+    got = dict(re.findall(r'data-(\w+)="([^"]*)"', dom.split("<body", 1)[1].split(">", 1)[0]))
+    assert got.get("done") == "yes", dom[:2000]
+
+    table = read_latents_csv(out)
+    assert len(got["all"].split(",")) == len(table)  # every latent, first sorted by max_act
+    maxes = [float(table[int(i)]["max_act"]) for i in got["all"].split(",")]
+    assert maxes == sorted(maxes, reverse=True)
+    blue = {int(r["latent"]) for r in table if r["top_label"] == "blue"}
+    assert {int(i) for i in got["blue"].split(",") if i} == blue
+    freqs = [float(table[int(i)]["frequency"]) for i in got["sorted"].split(",")]
+    assert freqs[0] == max(freqs) and all(a >= b * 0.999 for a, b in zip(freqs, freqs[1:]))
+    top = got["sorted"].split(",")[0]
+    assert got["panel"] == f"latent {top}"
+    # Its top images, lazy-loaded from thumbs/, all decoded; the figures are files too.
+    assert 0 < int(got["images"]) == int(got["loaded"]) == int(got["lazy"]) <= 4
+    assert int(got["figures"]) >= 4
 
     shot = tmp_path / "shot.png"
     subprocess.run(
