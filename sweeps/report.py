@@ -186,6 +186,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 #latents tbody tr{cursor:pointer}#latents tbody tr:hover{background:#eef}
 #latents tr.on{background:#dde}#latents td{text-align:right}
 #latents td:nth-child(6){text-align:left}
+#latents.cls :is(td,th):nth-child(3){display:none}
 .grid{display:flex;flex-wrap:wrap;gap:.4em}
 figure{margin:0;text-align:center;font-size:.75em;width:112px}
 figure img{display:block;width:112px;height:112px;background:#eee}
@@ -230,11 +231,13 @@ function esc(s) {
 function histogram(h) {
   if (!h) return '<p>never fired</p>';
   const first = h[0], counts = h.slice(1), top = Math.max(...counts);
-  const bars = counts.map((c, i) => `<rect x="${i * 8}" y="${100 - 100 * c / top}" width="7" ` +
-    `height="${100 * c / top}" fill="#4477aa"><title>${num(D.edges[first + i])} - ` +
-    `${num(D.edges[first + i + 1])}: ${c}</title></rect>`).join('');
-  return `<svg width="${counts.length * 8}" height="100">${bars}</svg><br><small>` +
-    `${num(D.edges[first])} to ${num(D.edges[first + counts.length])}, log-spaced bins</small>`;
+  const w = Math.max(8, Math.floor(400 / counts.length));
+  const bars = counts.map((c, i) => `<rect x="${i * w}" y="${100 - 100 * c / top}" ` +
+    `width="${w - 1}" height="${100 * c / top}" fill="#4477aa"><title>` +
+    `${num(D.edges[first + i])} - ${num(D.edges[first + i + 1])}: ${c}</title></rect>`).join('');
+  return `<svg width="${counts.length * w}" height="100">${bars}</svg><br><small>` +
+    `activation ${num(D.edges[first])} to ${num(D.edges[first + counts.length])}, ` +
+    `log-spaced bins; the tallest holds ${top}</small>`;
 }
 function show(id) {
   const r = D.latents[id], d = D.details[id];
@@ -256,8 +259,8 @@ function show(id) {
     `<h3>Labels of the images it fires on</h3>` +
     (classes ? `<table><tr><th>label</th><th>images</th><th>share</th></tr>${classes}</table>`
       : '<p>no labelled images</p>') +
-    `<h3>Top images</h3><p>The images with its highest activation ` +
-    (D.mode === 'all' ? '(its max over the image\'s tokens)' : '') +
+    `<h3>Top images</h3><p>The images with its highest activation` +
+    (D.mode === 'all' ? ' (its max over the image\'s tokens)' : '') +
     `, ties in row id order; each with its activation and label.</p>` + images;
   document.querySelectorAll('#latents tr.on').forEach(tr => tr.classList.remove('on'));
   document.querySelector(`#latents tr[data-id="${id}"]`)?.classList.add('on');
@@ -321,13 +324,13 @@ def write_html(
         f"<style>{CSS}</style></head><body><main>"
         f"<h1>{html.escape(title)}</h1><h2>Whole dataset</h2><table>{rows}</table>"
         f"<h2>Downstream checks</h2>{downstream_html(downstream)}"
-        f"<h2>Figures</h2>{figs}"
         f"<h2>Latents</h2><p>Every latent of the SAE. Click a header to sort (first by "
         f"{html.escape(browser['sort'])}, the --criterion), a row to see the latent. Search by "
         f"latent id or label. Frequencies count "
         f"{'tokens; images counts images with any token firing' if all_mode else 'images'}.</p>"
         f'<input id=search type=search placeholder="latent id or label"> <span id=count></span>'
-        f"<table id=latents><thead><tr>{head}</tr></thead><tbody></tbody></table>"
+        f"<table id=latents class={browser['mode']}><thead><tr>{head}</tr></thead><tbody></tbody></table>"
+        f"<h2>Figures</h2>{figs}"
         f"</main><aside id=panel></aside>"
         f'<script type="application/json" id="data">{data}</script>'
         f"<script>{SCRIPT}</script></body></html>"
