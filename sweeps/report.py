@@ -329,7 +329,8 @@ def write_html(
         f"latent id or label. Frequencies count "
         f"{'tokens; images counts images with any token firing' if all_mode else 'images'}.</p>"
         f'<input id=search type=search placeholder="latent id or label"> <span id=count></span>'
-        f"<table id=latents class={browser['mode']}><thead><tr>{head}</tr></thead><tbody></tbody></table>"
+        f"<table id=latents class={browser['mode']}><thead><tr>{head}</tr></thead>"
+        "<tbody></tbody></table>"
         f"<h2>Figures</h2>{figs}"
         f"</main><aside id=panel></aside>"
         f'<script type="application/json" id="data">{data}</script>'
