@@ -56,6 +56,8 @@ def inputs_per_image(cache_dir: str | Path, layer: int) -> int:
     manifest = cache.read_manifest(cache_dir)
     if layer not in manifest["layers"]:
         raise KeyError(f"layer {layer} is not in cache {cache_dir} (layers: {manifest['layers']})")
+    if not manifest["parts"]:
+        return 1
     schema = pq.read_schema(Path(cache_dir) / manifest["parts"][0])
     shape = schema.field(f"layer_{layer}").type.shape
     return shape[0] if len(shape) == 2 else 1
