@@ -46,6 +46,8 @@ HIST_EDGES = 10.0 ** np.arange(-3, 4.01, 0.125)
 first or last bin."""
 ROW_LIMIT = 2**31
 """Top images pack (activation, row id) in one int64 sort key: row ids must be below this."""
+MERGE_COLUMNS = 512
+"""Latents merged into the top images at a time."""
 TIE_BITS = 10
 """Top images rank activations at float32 precision less this many bits: 13 significant bits,
 about 4 digits (the float16 cache itself holds 11)."""
@@ -211,22 +213,22 @@ class Scan:
 
     def _merge_top(self, row_B: Tensor, label_B: Tensor, img_BM: Tensor) -> None:
         # Only latents where this batch beats the current N-th best need a merge; after the
-        # first batches that is a small fraction of them.
+        # first batches that is a small fraction of them. They merge in chunks, so the int64
+        # keys never take (B, M) memory at once.
         low_M = _lowest_tying(self.top_key_NM[-1])
         cols = ((img_BM > 0) & (img_BM >= low_M)).any(0).nonzero().squeeze(1)
-        if len(cols) == 0:
-            return
         n = len(self.top_key_NM)
-        img_BC = img_BM[:, cols]
-        cand = torch.cat([self.top_key_NM[:, cols], _sort_keys(img_BC, row_B[:, None])])
-        # Keys are unique (one per row id), so topk has no ties to break arbitrarily.
-        keys_NC, pos_NC = cand.topk(n, dim=0)
-        new = pos_NC >= n
-        at_new, at_old = (pos_NC - n).clamp(min=0), pos_NC.clamp(max=n - 1)
-        for top, batch in ((self.top_label_NM, label_B[:, None]), (self.top_act_NM, img_BC)):
-            batch_NC = batch.expand(-1, len(cols)).gather(0, at_new)
-            top[:, cols] = torch.where(new, batch_NC, top[:, cols].gather(0, at_old))
-        self.top_key_NM[:, cols] = keys_NC
+        for chunk in cols.split(MERGE_COLUMNS):
+            img_BC = img_BM[:, chunk]
+            cand = torch.cat([self.top_key_NM[:, chunk], _sort_keys(img_BC, row_B[:, None])])
+            # Keys are unique (one per row id), so topk has no ties to break arbitrarily.
+            keys_NC, pos_NC = cand.topk(n, dim=0)
+            new = pos_NC >= n
+            at_new, at_old = (pos_NC - n).clamp(min=0), pos_NC.clamp(max=n - 1)
+            for top, batch in ((self.top_label_NM, label_B[:, None]), (self.top_act_NM, img_BC)):
+                batch_NC = batch.expand(-1, len(chunk)).gather(0, at_new)
+                top[:, chunk] = torch.where(new, batch_NC, top[:, chunk].gather(0, at_old))
+            self.top_key_NM[:, chunk] = keys_NC
 
     def result(self) -> LatentStats:
         fired_M = self.stats.fired_M.double()
