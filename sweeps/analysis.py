@@ -46,8 +46,6 @@ HIST_EDGES = 10.0 ** np.arange(-3, 4.01, 0.125)
 first or last bin."""
 ROW_LIMIT = 2**31
 """Top images pack (activation, row id) in one int64 sort key: row ids must be below this."""
-MERGE_COLUMNS = 512
-"""Latents merged into the top images at a time."""
 TIE_BITS = 10
 """Top images rank activations at float32 precision less this many bits: 13 significant bits,
 about 4 digits (the float16 cache itself holds 11)."""
@@ -212,23 +210,32 @@ class Scan:
         self.class_count_CM += flat.view(classes, m)
 
     def _merge_top(self, row_B: Tensor, label_B: Tensor, img_BM: Tensor) -> None:
-        # Only latents where this batch beats the current N-th best need a merge; after the
-        # first batches that is a small fraction of them. They merge in chunks, so the int64
-        # keys never take (B, M) memory at once.
+        # Candidates: the (image, latent) pairs that fire at least as high as the latent's
+        # current N-th best, at most B * T * k of them (few once the lists fill up). Each
+        # touched latent's N entries and its candidates are sorted together by (latent, key
+        # descending); the first N of each latent stay.
         low_M = _lowest_tying(self.top_key_NM[-1])
-        cols = ((img_BM > 0) & (img_BM >= low_M)).any(0).nonzero().squeeze(1)
+        b_idx, m_idx = ((img_BM > 0) & (img_BM >= low_M)).nonzero(as_tuple=True)
+        if len(b_idx) == 0:
+            return
         n = len(self.top_key_NM)
-        for chunk in cols.split(MERGE_COLUMNS):
-            img_BC = img_BM[:, chunk]
-            cand = torch.cat([self.top_key_NM[:, chunk], _sort_keys(img_BC, row_B[:, None])])
-            # Keys are unique (one per row id), so topk has no ties to break arbitrarily.
-            keys_NC, pos_NC = cand.topk(n, dim=0)
-            new = pos_NC >= n
-            at_new, at_old = (pos_NC - n).clamp(min=0), pos_NC.clamp(max=n - 1)
-            for top, batch in ((self.top_label_NM, label_B[:, None]), (self.top_act_NM, img_BC)):
-                batch_NC = batch.expand(-1, len(chunk)).gather(0, at_new)
-                top[:, chunk] = torch.where(new, batch_NC, top[:, chunk].gather(0, at_old))
-            self.top_key_NM[:, chunk] = keys_NC
+        cols = m_idx.unique()
+        act = img_BM[b_idx, m_idx]
+        latent = torch.cat([cols.repeat(n), m_idx])
+        key = torch.cat([self.top_key_NM[:, cols].flatten(), _sort_keys(act, row_B[b_idx])])
+        label = torch.cat([self.top_label_NM[:, cols].flatten(), label_B[b_idx]])
+        act = torch.cat([self.top_act_NM[:, cols].flatten(), act])
+        # Keys are unique (one per row id; -1 marks an empty slot), so the order is total.
+        order = key.argsort(descending=True, stable=True)
+        order = order[latent[order].argsort(stable=True)]
+        latent = latent[order]
+        rank = torch.arange(len(order), device=order.device)
+        rank -= torch.searchsorted(latent, latent)
+        keep = rank < n
+        at = (rank[keep], latent[keep])
+        self.top_key_NM[at] = key[order][keep]
+        self.top_label_NM[at] = label[order][keep]
+        self.top_act_NM[at] = act[order][keep]
 
     def result(self) -> LatentStats:
         fired_M = self.stats.fired_M.double()

@@ -20,7 +20,7 @@ from PIL import Image
 
 from sae import SaeConfig, TopKSae
 from sae.clip import Preprocessing, capture_layers
-from sweeps import analysis, cache
+from sweeps import cache
 from sweeps.analysis import (
     HIST_EDGES,
     PROMPT_ENSEMBLE,
@@ -172,9 +172,8 @@ def test_statistics_and_top_images_equal_a_direct_computation(tmp_path, token_mo
 
 
 @pytest.mark.parametrize("token_mode", ["cls", "all"])
-def test_top_images_break_ties_by_row_id_at_every_batch_size(tmp_path, token_mode, monkeypatch):
+def test_top_images_break_ties_by_row_id_at_every_batch_size(tmp_path, token_mode):
     """Four distinct images repeated over 150 rows: every top-N list is full of ties."""
-    monkeypatch.setattr(analysis, "MERGE_COLUMNS", 7)  # merges in several chunks
     cache_dir = synthetic_cache(tmp_path, token_mode, n=150, distinct=4)
     torch.manual_seed(0)
     sae = TopKSae(16, SaeConfig(expansion_factor=4, k=3))
