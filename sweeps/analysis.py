@@ -218,20 +218,28 @@ class Scan:
         b_idx, m_idx = ((img_BM > 0) & (img_BM >= low_M)).nonzero(as_tuple=True)
         if len(b_idx) == 0:
             return
-        n = len(self.top_key_NM)
-        cols = m_idx.unique()
+        n, m = self.top_key_NM.shape
+        touched = torch.zeros(m, dtype=torch.bool, device=m_idx.device)
+        touched[m_idx] = True
+        filled_NC = self.top_key_NM[:, touched] >= 0  # empty slots need no sorting
+        n_idx, c_idx = filled_NC.nonzero(as_tuple=True)
+        cols = touched.nonzero().squeeze(1)[c_idx]
         act = img_BM[b_idx, m_idx]
-        latent = torch.cat([cols.repeat(n), m_idx])
-        key = torch.cat([self.top_key_NM[:, cols].flatten(), _sort_keys(act, row_B[b_idx])])
-        label = torch.cat([self.top_label_NM[:, cols].flatten(), label_B[b_idx]])
-        act = torch.cat([self.top_act_NM[:, cols].flatten(), act])
-        # Keys are unique (one per row id; -1 marks an empty slot), so the order is total.
-        order = key.argsort(descending=True, stable=True)
-        order = order[latent[order].argsort(stable=True)]
+        latent = torch.cat([cols, m_idx])
+        key = torch.cat([self.top_key_NM[n_idx, cols], _sort_keys(act, row_B[b_idx])])
+        label = torch.cat([self.top_label_NM[n_idx, cols], label_B[b_idx]])
+        act = torch.cat([self.top_act_NM[n_idx, cols], act])
+        # Keys are unique (one per row id), so the order is total: by key, then by latent
+        # keeping that order (one sort of latent * len + position).
+        by_key = key.argsort(descending=True)
+        position = torch.empty_like(by_key)
+        position[by_key] = torch.arange(len(key), device=key.device)
+        order = (latent * len(key) + position).argsort()
         latent = latent[order]
         rank = torch.arange(len(order), device=order.device)
         rank -= torch.searchsorted(latent, latent)
         keep = rank < n
+        # A latent keeps at least as many entries as it had filled, so no stale slot is left.
         at = (rank[keep], latent[keep])
         self.top_key_NM[at] = key[order][keep]
         self.top_label_NM[at] = label[order][keep]
