@@ -9,17 +9,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sae import TopKSae
 from sweeps import analysis, cache, report
 from sweeps.best import best_trials, sweep_parent, trial_sae_dir
 from sweeps.config import AnalyzeOptions, Config
 from sweeps.extract import absolute_paths, locate_cache
-from sweeps.tracking import final_name
+from sweeps.schema import child_filter, final_name
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Target:
 
 
 def _children(client: MlflowClient, parent, extra: str = "") -> list:
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'" + extra
+    query = child_filter(parent.info.run_id) + extra
     return client.search_runs([parent.info.experiment_id], query, max_results=50000)
 
 
@@ -165,15 +165,55 @@ def sweep_figures(trials: list[dict], out: Path) -> dict[str, Path]:
     return figures
 
 
-def downstream(cfg, target, sae, source, pre, manifest, n_images: int) -> dict:
+def class_names(label_names: list[str], mapping: str) -> list[str]:
+    """The names zero-shot prompts use: the dataset's label names, or those of a --class-names
+    file (JSON: {label name: readable name}; text: one name per label, in label order)."""
+    if not mapping:
+        return label_names
+    path = Path(mapping)
+    if path.suffix == ".json":
+        table = json.loads(path.read_text())
+        missing = [n for n in label_names if n not in table]
+        if missing:
+            raise ValueError(
+                f"--class-names {path} has no name for {len(missing)} of the dataset's "
+                f"{len(label_names)} labels, e.g. {missing[:5]}"
+            )
+        return [str(table[n]) for n in label_names]
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(names) != len(label_names):
+        raise ValueError(
+            f"--class-names {path} holds {len(names)} names but the dataset has "
+            f"{len(label_names)} labels (one line per label, in label order)"
+        )
+    return names
+
+
+def templates(prompts: str) -> tuple[str, ...]:
+    """--prompts as templates: "ensemble", or templates separated by |."""
+    if prompts.strip() == "ensemble":
+        return analysis.PROMPT_ENSEMBLE
+    found = tuple(t.strip() for t in prompts.split("|") if t.strip())
+    bad = [t for t in found if t.count("{}") != 1]
+    if not found or bad:
+        raise ValueError(
+            f"--prompts {prompts!r}: give templates holding one {{}} each, separated by |, "
+            "or 'ensemble'"
+        )
+    return found
+
+
+def downstream(cfg, target, sae, source, pre, manifest, cache_dir, opts, mean_TD) -> dict:
     """Zero-shot accuracies with the SAE spliced in, or why the check was skipped."""
     from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
     model = cfg.model
-    if n_images == 0:
+    if opts.downstream_images == 0:
         return {"zero_shot": "skipped (downstream_images=0)"}
     if not manifest.get("label_names"):
         return {"zero_shot": "skipped: the dataset has no label names for text prompts"}
+    names = class_names(manifest["label_names"], opts.class_names)
+    prompts = templates(opts.prompts)
     if AutoConfig.from_pretrained(model.name_or_path, revision=model.revision).model_type != "clip":
         return {"zero_shot": "skipped: vision-only checkpoint (no text tower)"}
     try:
@@ -182,71 +222,120 @@ def downstream(cfg, target, sae, source, pre, manifest, n_images: int) -> dict:
         return {"zero_shot": f"skipped: no tokenizer with {model.name_or_path} ({e})"}
     clip = CLIPModel.from_pretrained(model.name_or_path, revision=model.revision).eval()
     clip.to(sae.device)
-    ids = source.index["row_id"].to_numpy()
-    ids = ids[analysis.is_val(ids, cfg.train.val_fraction, cfg.train.seed)][:n_images]
+    split = ("val", cfg.train.val_fraction, cfg.train.seed)
+    ids = analysis.zero_shot_sample(
+        cache.load_row_ids(cache_dir, *split),
+        cache.load_labels(cache_dir, *split),
+        opts.downstream_images,
+        cfg.train.seed,
+    )
     batches = analysis.iter_images(source.index, ids, cfg.data, pre)
     return analysis.zero_shot(
         clip,
         tokenizer,
-        manifest["label_names"],
+        names,
         batches,
         target.layer,
         manifest["token_mode"],
         analysis.reconstruct_with(sae),
         pre,
+        mean_TD,
+        prompts,
     )
 
 
-def latent_cards(stats, latents, source, cfg, pre, label_names) -> list[dict]:
-    """Per shown latent: its statistics and top images (thumbnail, activation, label)."""
-    rows = {
-        int(r)
-        for lat in latents
-        for r, a in zip(stats.top_row_MN[lat], stats.top_act_MN[lat])
-        if a > 0
-    }
-    thumbs = {}
-    for row_B, _, pixels_BCHW in analysis.iter_images(source.index, sorted(rows), cfg.data, pre):
-        thumbs |= {int(r): report.thumbnail(p) for r, p in zip(row_B, pixels_BCHW)}
+def write_thumbnails(stats, latents, source, data, pre, directory: Path) -> int:
+    """thumbs/<row id>.jpg for the top images of the given latents, each image once; returns
+    how many were written (rows that no longer decode are left out)."""
+    directory.mkdir(exist_ok=True)
+    rows = {int(r) for r in stats.top_row_MN[latents].flat if r >= 0}
+    written = 0
+    for row_B, _, pixels_BCHW in analysis.iter_images(source.index, sorted(rows), data, pre):
+        for r, p in zip(row_B, pixels_BCHW):
+            (directory / f"{int(r)}.jpg").write_bytes(report.thumbnail(p))
+            written += 1
+    return written
 
-    def name(label: int) -> str:
-        if label < 0:
-            return "-"
-        return label_names[label] if label_names and label < len(label_names) else str(label)
 
-    cards = []
-    for lat in latents:
-        top = zip(stats.top_row_MN[lat], stats.top_act_MN[lat], stats.top_label_MN[lat])
-        images = [
-            {"row_id": int(r), "act": float(a), "label": name(int(y)), "png": thumbs[int(r)]}
-            for r, a, y in top
-            if a > 0 and int(r) in thumbs
-        ]
-        cards.append(
+def _round(v: float) -> float:
+    return float(f"{v:.4g}")
+
+
+def top_labels(stats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per latent: labelled images it fires on, its most frequent label among them (-1: none)
+    and that label's share."""
+    counts_CM = stats.class_count_CM
+    if len(counts_CM) == 0:
+        m = len(stats.frequency_M)
+        return np.zeros(m, np.int64), np.full(m, -1), np.zeros(m)
+    labelled_M = counts_CM.sum(0)
+    top_M = np.where(labelled_M > 0, counts_CM.argmax(0), -1)
+    share_M = counts_CM.max(0) / np.maximum(labelled_M, 1)
+    return labelled_M, top_M, share_M
+
+
+def browser_data(stats, latents, label_names, token_mode: str, criterion: str) -> dict:
+    """What report.html's browser reads: one row per latent (id, frequency over inputs and
+    over images, max, mean when firing, top label and its share of the labelled images it
+    fires on), and per latent its activation histogram, its top labels and, for the chosen
+    latents, its top images."""
+    labelled_M, top_M, share_M = top_labels(stats)
+    numbers = (stats.frequency_M, stats.image_frequency_M, stats.max_act_M, stats.mean_act_M)
+    chosen = set(latents)
+    rows, details = [], []
+    for m in range(len(stats.frequency_M)):
+        rows.append([m, *(_round(float(a[m])) for a in numbers), int(top_M[m]), _round(share_M[m])])
+        hist = stats.act_hist_MH[m]
+        nz = np.flatnonzero(hist)
+        counts = stats.class_count_CM[:, m]
+        by_class = [y for y in np.argsort(-counts, kind="stable")[:8] if counts[y]]
+        top = None
+        if m in chosen:
+            ranked = zip(stats.top_row_MN[m], stats.top_act_MN[m], stats.top_label_MN[m])
+            top = [[int(r), _round(float(a)), int(y)] for r, a, y in ranked if r >= 0]
+        details.append(
             {
-                "id": lat,
-                "frequency": float(stats.frequency_M[lat]),
-                "max_act": float(stats.max_act_M[lat]),
-                "mean_act": float(stats.mean_act_M[lat]),
-                "images": images,
+                "hist": [int(nz[0]), *hist[nz[0] : nz[-1] + 1].tolist()] if len(nz) else None,
+                "classes": [[int(y), int(counts[y])] for y in by_class],
+                "labelled": int(labelled_M[m]),
+                "top": top,
             }
         )
-    return cards
+    return {
+        "mode": token_mode,
+        "sort": criterion,
+        "shown": report.SHOWN_ROWS,
+        "labels": list(label_names or []),
+        "edges": [_round(e) for e in analysis.HIST_EDGES],
+        "latents": rows,
+        "details": details,
+    }
 
 
-def write_latent_table(stats, path: Path) -> Path:
+def write_latent_table(stats, label_names, path: Path) -> Path:
+    """latents.csv: the browser's table, one row per latent."""
+    columns = {
+        "frequency": stats.frequency_M,
+        "image_frequency": stats.image_frequency_M,
+        "max_act": stats.max_act_M,
+        "mean_act_when_firing": stats.mean_act_M,
+    }
+    _, top_M, share_M = top_labels(stats)
+    names = list(label_names or [])
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["latent", "frequency", "max_act", "mean_act"])
-        for m, row in enumerate(zip(stats.frequency_M, stats.max_act_M, stats.mean_act_M)):
-            writer.writerow([m, *(f"{v:.6g}" for v in row)])
+        writer.writerow(["latent", *columns, "top_label", "top_label_share"])
+        for m, top in enumerate(top_M):
+            label = "" if top < 0 else names[top] if top < len(names) else str(top)
+            share = "" if top < 0 else f"{share_M[m]:.6g}"
+            writer.writerow([m, *(f"{c[m]:.6g}" for c in columns.values()), label, share])
     return path
 
 
 def analyze(cfg: Config, opts: AnalyzeOptions) -> Path:
     """Run the analysis; returns the HTML report's path."""
     client = MlflowClient(cfg.sweep.resolved_tracking_uri())
-    parent = sweep_parent(client, cfg)
+    parent = sweep_parent(cfg)
     cache_dir, source, pre = find_cache(cfg)
     manifest = cache.read_manifest(cache_dir)
     target = resolve_target(cfg, opts, client, parent, manifest["layers"])
@@ -271,33 +360,35 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Path:
     )
     checks = {
         **probe,
-        **downstream(cfg, target, sae, source, pre, manifest, opts.downstream_images),
+        **downstream(cfg, target, sae, source, pre, manifest, cache_dir, opts, stats.mean_TD),
     }
     latents = opts.latents or analysis.select_latents(stats, opts.criterion, opts.top_latents)
     bad = [m for m in latents if not 0 <= m < sae.num_latents]
     if bad:
         raise ValueError(f"latents {bad} do not exist: this SAE has 0..{sae.num_latents - 1}")
-    cards = latent_cards(stats, latents, source, cfg, pre, manifest.get("label_names"))
+    label_names = manifest.get("label_names")
+    thumbs = write_thumbnails(stats, latents, source, cfg.data, pre, out / "thumbs")
 
     trials = sweep_trials(client, parent) if parent else []
     sweep_figs = sweep_figures(trials, out)
     figures = {
         "firing frequency": report.frequency_histogram(stats.frequency_M, out / "frequency.png"),
-        "top images": report.latent_grid(cards, out / "top_images.png"),
         **sweep_figs,
     }
     summary = {"sae": str(target.sae_dir), "layer": target.layer, **stats.summary}
+    summary |= {"token_mode": manifest["token_mode"], "thumbnails": thumbs}
     (out / "summary.json").write_text(
         json.dumps({**summary, "downstream": checks, "latents": latents}, indent=2)
     )
-    write_latent_table(stats, out / "latents.csv")
+    write_latent_table(stats, label_names, out / "latents.csv")
+    browser = browser_data(stats, latents, label_names, manifest["token_mode"], opts.criterion)
     html = report.write_html(
         out / "report.html",
         f"SAE {target.name}, layer {target.layer}",
         summary,
         checks,
         figures,
-        cards,
+        browser,
     )
 
     if target.run_id:
@@ -310,7 +401,9 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Path:
             client.log_artifact(parent.info.run_id, str(path), "analysis")
     s = stats.summary
     dead = int(round(s["never_fired_frac"] * sae.num_latents))
-    shown = ", ".join(f"{k} {v:.3g}" for k, v in checks.items() if isinstance(v, float))
+    headline = ("probe/original", "probe/reconstructed", "probe/majority_rate")
+    headline += ("zero_shot/original", "zero_shot/spliced", "zero_shot/recovered_vs_mean")
+    shown = ", ".join(f"{k} {checks[k]:.3g}" for k in headline if k in checks)
     print(
         f"analyze {target.name} (layer {target.layer}): {s['images']} images, fvu {s['fvu']:.4g}, "
         f"l0 {s['l0']:.3g}, {dead}/{sae.num_latents} never fired, dense {s['dense_frac']:.3g}"

@@ -1,13 +1,13 @@
-"""Rendering of an analysis: PNG figures and one self-contained HTML feature browser.
+"""Rendering of an analysis: PNG figures, JPEG thumbnails and an HTML feature browser.
 
 Pure drawing: everything shown is computed by sweeps.analysis and sweeps.analyze.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import io
+import json
 import math
 from pathlib import Path
 
@@ -18,17 +18,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sweeps.tracking import pareto_front  # noqa: E402
+from sweeps.schema import pareto_front  # noqa: E402
 
 PARAMS = ("layer", "k", "expansion_factor", "lr", "auxk_alpha")
 THUMB_PX = 112
+SHOWN_ROWS = 500
+"""Table rows the browser draws at once; searching and sorting reach the others."""
 
 
 def thumbnail(pixels_CHW: np.ndarray, size: int = THUMB_PX) -> bytes:
-    """PNG bytes of a model-input crop, scaled to `size` pixels (what CLIP saw)."""
+    """JPEG bytes of a model-input crop, scaled to `size` pixels (what CLIP saw)."""
     image = Image.fromarray(np.ascontiguousarray(pixels_CHW.transpose(1, 2, 0)))
     buf = io.BytesIO()
-    image.resize((size, size), Image.Resampling.BICUBIC).save(buf, format="PNG")
+    image.resize((size, size), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 
 
@@ -48,26 +50,6 @@ def frequency_histogram(frequency_M: np.ndarray, path: Path) -> Path:
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     ax.set_title(f"{len(frequency_M) - len(live)} dead of {len(frequency_M)} latents")
-    return _save(fig, path)
-
-
-def latent_grid(latents: list[dict], path: Path, max_rows: int = 12) -> Path:
-    """One row per latent: its top images with activation and label."""
-    rows = latents[:max_rows]
-    cols = max((len(lat["images"]) for lat in rows), default=1) or 1
-    fig, axes = plt.subplots(
-        len(rows) or 1, cols, figsize=(1.3 * cols, 1.5 * max(len(rows), 1)), squeeze=False
-    )
-    for ax in axes.flat:
-        ax.axis("off")
-    for r, lat in enumerate(rows):
-        axes[r, 0].set_title(f"latent {lat['id']}", loc="left", fontsize=8)
-        for c, img in enumerate(lat["images"]):
-            axes[r, c].imshow(Image.open(io.BytesIO(img["png"])))
-            axes[r, c].text(
-                0.5, -0.08, f"{img['act']:.3g} {img['label']}", transform=axes[r, c].transAxes,
-                ha="center", va="top", fontsize=6,
-            )  # fmt: skip
     return _save(fig, path)
 
 
@@ -132,28 +114,175 @@ def best_per_layer(trials: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
 def _fmt(v) -> str:
     if isinstance(v, float):
         return "-" if math.isnan(v) else f"{v:.4g}"
     return html.escape(str(v))
 
 
+def _table(head: list[str], rows: list[list]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _accuracies(checks: dict, prefix: str, names: list[str], extra=None) -> str:
+    rows = []
+    for name in names:
+        key = f"{prefix}/{name}"
+        if key in checks:
+            ci = f"{checks[key + '_ci_low']:.3f} - {checks[key + '_ci_high']:.3f}"
+            rows.append([name.replace("_", " "), checks[key], ci, *(extra(name) if extra else [])])
+    head = ["input", "accuracy", "95% interval"] + (["cosine to original"] if extra else [])
+    return _table(head, rows)
+
+
+def downstream_html(checks: dict) -> str:
+    """The downstream checks with what they are measured against: n, chance, intervals."""
+    parts = []
+    if "probe/n" in checks:
+        c = checks
+        parts.append(
+            f"<h3>Linear probe</h3><p>Ridge regression to one-hot labels (one regularisation, "
+            f"&lambda; = {c['probe/ridge']:.3g}, for both), fit on {c['probe/n_train']} training "
+            f"images and scored on {c['probe/n']} validation images of {c['probe/classes']} "
+            f"classes. Predicting the training split's majority class scores "
+            f"{c['probe/majority_rate']:.3f}.</p>"
+            + _accuracies(c, "probe", ["original", "reconstructed"])
+        )
+    if "zero_shot/n" in checks:
+        c = checks
+
+        def cos(name):
+            return ["1" if name == "original" else c.get(f"zero_shot/cosine_{name}", math.nan)]
+
+        names = ["original", "spliced", "zero_ablation", "mean_ablation"]
+        recovered = ", ".join(
+            f"{c[k]:.3f} against {k.rsplit('_', 1)[1]} ablation"
+            for k in ("zero_shot/recovered_vs_zero", "zero_shot/recovered_vs_mean")
+            if k in c
+        )
+        parts.append(
+            f"<h3>Zero-shot classification</h3><p>{c['zero_shot/n']} validation images, "
+            f"stratified by class, covering {c['zero_shot/classes_covered']} of "
+            f"{c['zero_shot/classes']} classes; {c['zero_shot/templates']} prompt template(s); "
+            f"chance is 1/{c['zero_shot/classes']}. The SAE's reconstruction replaces the "
+            "residual stream at the layer (spliced); ablations put zeros or the dataset mean "
+            "there. Fraction of the ablation's loss the splice recovers, (spliced - ablated) / "
+            f"(original - ablated): {recovered or '-'}.</p>"
+            + _accuracies(c, "zero_shot", names, cos)
+        )
+    notes = [f"<p>{html.escape(k)}: {html.escape(v)}</p>" for k, v in checks.items()
+             if isinstance(v, str)]  # fmt: skip
+    return "".join(parts + notes) or "<p>none</p>"
+
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh}
-nav{width:15em;overflow-y:auto;border-right:1px solid #ccc;padding:.5em;flex:none}
-nav a{display:block;text-decoration:none;color:#225;padding:.1em .3em;font-size:.85em}
-nav a:hover{background:#eef}
 main{overflow-y:auto;padding:1em 2em;flex:1}
+aside{width:34em;overflow-y:auto;border-left:1px solid #ccc;padding:.5em 1em;flex:none}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em}
-.grid{display:flex;flex-wrap:wrap;gap:.5em}
-figure{margin:0;text-align:center;font-size:.75em}
-figure img{display:block;width:112px;height:112px;image-rendering:pixelated}
-section{border-top:1px solid #ddd;padding-top:.5em}
-.fig{max-width:100%}
+#latents th{cursor:pointer;background:#f4f4f8;position:sticky;top:0}
+#latents tbody tr{cursor:pointer}#latents tbody tr:hover{background:#eef}
+#latents tr.on{background:#dde}#latents td{text-align:right}
+#latents td:nth-child(6){text-align:left}
+#latents.cls :is(td,th):nth-child(3){display:none}
+.grid{display:flex;flex-wrap:wrap;gap:.4em}
+figure{margin:0;text-align:center;font-size:.75em;width:112px}
+figure img{display:block;width:112px;height:112px;background:#eee}
+.fig{max-width:100%}#search{width:20em;font-size:1em}
+"""
+
+SCRIPT = r"""
+const D = JSON.parse(document.getElementById('data').textContent);
+const COLS = ['latent', 'frequency', 'image_frequency', 'max_act', 'mean_act', 'top_label',
+              'top_share'];
+const tbody = document.querySelector('#latents tbody');
+const search = document.getElementById('search');
+let sortCol = COLS.indexOf(D.sort), desc = true;
+const label = i => i < 0 ? '' : (D.labels[i] ?? String(i));
+const num = v => v === 0 ? '0' : (Math.abs(v) < 1e-3 ? v.toExponential(2) : v.toPrecision(4));
+const pct = v => (100 * v).toPrecision(3) + '%';
+function matches(row, q) {
+  if (!q) return true;
+  if (/^\d+$/.test(q)) return row[0] === Number(q);
+  return label(row[5]).toLowerCase().includes(q);
+}
+function render() {
+  const q = search.value.trim().toLowerCase();
+  const rows = D.latents.filter(r => matches(r, q));
+  const key = sortCol === 5 ? (r => label(r[5])) : (r => r[sortCol]);
+  rows.sort((a, b) => {
+    const x = key(a), y = key(b);
+    return (x < y ? -1 : x > y ? 1 : 0) * (desc ? -1 : 1) || a[0] - b[0];
+  });
+  tbody.innerHTML = rows.slice(0, D.shown).map(r =>
+    `<tr data-id="${r[0]}"><td>${r[0]}</td><td>${pct(r[1])}</td><td>${pct(r[2])}</td>` +
+    `<td>${num(r[3])}</td><td>${num(r[4])}</td><td>${esc(label(r[5]))}</td>` +
+    `<td>${r[5] < 0 ? '' : pct(r[6])}</td></tr>`).join('');
+  document.getElementById('count').textContent = `${rows.length} of ${D.latents.length} latents` +
+    (rows.length > D.shown ? `, the first ${D.shown} shown` : '');
+  document.querySelectorAll('#latents th').forEach((th, i) =>
+    th.dataset.sort = i === sortCol ? (desc ? 'desc' : 'asc') : '');
+}
+function esc(s) {
+  return s.replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'})[c]);
+}
+function histogram(h) {
+  if (!h) return '<p>never fired</p>';
+  const first = h[0], counts = h.slice(1), top = Math.max(...counts);
+  const w = Math.max(8, Math.floor(400 / counts.length));
+  const bars = counts.map((c, i) => `<rect x="${i * w}" y="${100 - 100 * c / top}" ` +
+    `width="${w - 1}" height="${100 * c / top}" fill="#4477aa"><title>` +
+    `${num(D.edges[first + i])} - ${num(D.edges[first + i + 1])}: ${c}</title></rect>`).join('');
+  return `<svg width="${counts.length * w}" height="100">${bars}</svg><br><small>` +
+    `activation ${num(D.edges[first])} to ${num(D.edges[first + counts.length])}, ` +
+    `log-spaced bins; the tallest holds ${top}</small>`;
+}
+function show(id) {
+  const r = D.latents[id], d = D.details[id];
+  if (!r) return;
+  const images = d.top === null
+    ? '<p>Top images were not collected for this latent (not among the latents chosen ' +
+      'with --latents / --top-latents).</p>'
+    : '<div class="grid">' + d.top.map(([row, act, y]) =>
+      `<figure><img loading="lazy" alt="row ${row}" src="thumbs/${row}.jpg">` +
+      `${num(act)}<br>${esc(label(y))}</figure>`).join('') + '</div>';
+  const classes = d.classes.map(([y, c]) =>
+    `<tr><td>${esc(label(y))}</td><td>${c}</td><td>${pct(c / d.labelled)}</td></tr>`).join('');
+  document.getElementById('panel').innerHTML =
+    `<h2>latent ${id}</h2><p>Fires on ${pct(r[1])} of inputs` +
+    (D.mode === 'all' ? ` (tokens) and on ${pct(r[2])} of images (any token)` : '') +
+    `; max ${num(r[3])}, mean when firing ${num(r[4])}.</p>` +
+    `<h3>Activations when firing (${D.mode === 'all' ? 'tokens' : 'images'})</h3>` +
+    histogram(d.hist) +
+    `<h3>Labels of the images it fires on</h3>` +
+    (classes ? `<table><tr><th>label</th><th>images</th><th>share</th></tr>${classes}</table>`
+      : '<p>no labelled images</p>') +
+    `<h3>Top images</h3><p>The images with its highest activation` +
+    (D.mode === 'all' ? ' (its max over the image\'s tokens)' : '') +
+    `, ties in row id order; each with its activation and label.</p>` + images;
+  document.querySelectorAll('#latents tr.on').forEach(tr => tr.classList.remove('on'));
+  document.querySelector(`#latents tr[data-id="${id}"]`)?.classList.add('on');
+  history.replaceState(null, '', '#latent=' + id);
+}
+search.addEventListener('input', render);
+document.querySelector('#latents thead').addEventListener('click', e => {
+  const i = [...e.target.closest('tr').children].indexOf(e.target.closest('th'));
+  if (i < 0) return;
+  desc = i === sortCol ? !desc : i !== 0 && i !== 5;
+  sortCol = i;
+  render();
+});
+tbody.addEventListener('click', e => {
+  const tr = e.target.closest('tr');
+  if (tr) show(Number(tr.dataset.id));
+});
+const hash = new URLSearchParams(location.hash.slice(1));
+if (hash.has('q')) search.value = hash.get('q');
+render();
+show(hash.has('latent') ? Number(hash.get('latent')) : (D.latents.length ? Number(
+  tbody.querySelector('tr')?.dataset.id ?? 0) : 0));
 """
 
 
@@ -163,46 +292,49 @@ def write_html(
     summary: dict,
     downstream: dict,
     figures: dict[str, Path],
-    latents: list[dict],
+    browser: dict,
 ) -> Path:
-    """One file, images inlined: summary tables, figures, and a browser of latents.
-
-    Each latent dict holds id, frequency, max_act, mean_act and images (png, act, label)."""
-    nav = "".join(
-        f'<a href="#latent-{lat["id"]}">latent {lat["id"]} '
-        f"<small>({lat['frequency']:.2%})</small></a>"
-        for lat in latents
-    )
+    """report.html beside its figures and thumbs/<row id>.jpg: summary tables, the downstream
+    checks, the figures, and a browser of every latent. `browser` is the JSON the page reads
+    (analyze.browser_data): a row per latent, details per latent, label names."""
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in summary.items()
     )
-    checks = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in downstream.items()
-    )
     figs = "".join(
         f"<h3>{html.escape(name)}</h3>"
-        f'<img class="fig" alt="{html.escape(name)}" src="{_data_uri(p.read_bytes())}">'
+        f'<img class="fig" loading="lazy" alt="{html.escape(name)}" src="{p.name}">'
         for name, p in figures.items()
     )
-    sections = []
-    for lat in latents:
-        cells = "".join(
-            f'<figure><img alt="row {img["row_id"]}" src="{_data_uri(img["png"])}">'
-            f"{img['act']:.3g}<br>{html.escape(str(img['label']))}</figure>"
-            for img in lat["images"]
+    all_mode = browser["mode"] == "all"
+    head = "".join(
+        f'<th title="{html.escape(tip)}">{html.escape(name)}</th>'
+        for name, tip in (
+            ("latent", "latent id"),
+            ("frequency", "fraction of inputs (tokens in all-token mode) it fires on"),
+            ("images", "fraction of images it fires on (on any token)"),
+            ("max", "highest activation"),
+            ("mean when firing", "mean activation over the inputs where it fires"),
+            ("top label", "the label most frequent among the images it fires on"),
+            ("share", "that label's share of the labelled images it fires on"),
         )
-        sections.append(
-            f'<section id="latent-{lat["id"]}"><h3>latent {lat["id"]}</h3>'
-            f"<p>fires on {lat['frequency']:.3%} of inputs; max {lat['max_act']:.4g}, "
-            f"mean when firing {lat['mean_act']:.4g}</p><div class=grid>{cells}</div></section>"
-        )
+    )
+    data = json.dumps(browser, separators=(",", ":")).replace("</", "<\\/")
     page = (
         f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-        f"<style>{CSS}</style></head><body><nav><b>latents</b>{nav}</nav><main>"
+        f"<style>{CSS}</style></head><body><main>"
         f"<h1>{html.escape(title)}</h1><h2>Whole dataset</h2><table>{rows}</table>"
-        f"<h2>Downstream checks</h2><table>{checks or '<tr><td>none</td></tr>'}</table>"
-        f"<h2>Figures</h2>{figs}<h2>Top images per latent</h2>{''.join(sections)}"
-        "</main></body></html>"
+        f"<h2>Downstream checks</h2>{downstream_html(downstream)}"
+        f"<h2>Latents</h2><p>Every latent of the SAE. Click a header to sort (first by "
+        f"{html.escape(browser['sort'])}, the --criterion), a row to see the latent. Search by "
+        f"latent id or label. Frequencies count "
+        f"{'tokens; images counts images with any token firing' if all_mode else 'images'}.</p>"
+        f'<input id=search type=search placeholder="latent id or label"> <span id=count></span>'
+        f"<table id=latents class={browser['mode']}><thead><tr>{head}</tr></thead>"
+        "<tbody></tbody></table>"
+        f"<h2>Figures</h2>{figs}"
+        f"</main><aside id=panel></aside>"
+        f'<script type="application/json" id="data">{data}</script>'
+        f"<script>{SCRIPT}</script></body></html>"
     )
     path.write_text(page)
     return path

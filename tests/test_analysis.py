@@ -3,6 +3,7 @@ HTML report in headless Chromium, and `run_sweep.py analyze` end to end."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -13,13 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from sae import SaeConfig, TopKSae
-from sae.clip import Preprocessing
+from sae.clip import Preprocessing, capture_layers
 from sweeps import cache
-from sweeps.analysis import iter_images, scan, spliced_embeddings, zero_shot
+from sweeps.analysis import (
+    HIST_EDGES,
+    PROMPT_ENSEMBLE,
+    TIE_BITS,
+    class_text_features,
+    is_val,
+    iter_images,
+    iter_layer,
+    scan,
+    spliced_embeddings,
+    wilson_interval,
+    zero_shot,
+    zero_shot_sample,
+)
+from sweeps.analyze import class_names, templates
 from sweeps.cli import DEMO_CONFIG
 from sweeps.config import load_config
 from sweeps.demo import make_image_folder, make_tiny_clip
@@ -67,18 +83,44 @@ def swept(tmp_path_factory, ray_session):
     return {"sets": sets, "cfg": cfg, "root": root, "cache_dir": cache_dir}
 
 
-def synthetic_cache(root: Path, token_mode: str, n: int = 300, t: int = 3, d: int = 16) -> Path:
-    """A cache of random activations, written in parts of uneven size, rows out of order."""
+def synthetic_cache(
+    root: Path, token_mode: str, n: int = 300, t: int = 3, d: int = 16, distinct: int = 0
+) -> Path:
+    """A cache of random activations, written in parts of uneven size, rows out of order;
+    with `distinct`, only that many different images, repeated (ties everywhere)."""
     rng = np.random.default_rng(0)
-    run_dir = cache.start_run(root, token_mode)
+    run_dir = cache.start_run(root, f"{token_mode}{distinct}")
     shape = (n, d) if token_mode == "cls" else (n, t, d)
     acts = rng.standard_normal(shape).astype(np.float16)
+    if distinct:
+        acts = acts[rng.integers(0, distinct, n)]
     row_ids, labels = rng.permutation(n) + 1000, rng.integers(-1, 4, n)
     parts = []
-    for lo, hi in ((0, 70), (70, 71), (71, 200), (200, n)):
+    bounds = [b for b in (0, 70, 71, 200) if b < n] + [n]
+    for lo, hi in zip(bounds, bounds[1:]):
         parts.append(cache.write_part(run_dir, row_ids[lo:hi], labels[lo:hi], {3: acts[lo:hi]}))
     manifest = {"key": token_mode, "layers": [3], "parts": sorted(parts), "rows": n}
     return cache.finish_run(run_dir, manifest)[0]
+
+
+def direct(sae, cache_dir):
+    """Every input's dense code (N*T, M), with the row ids, labels and inputs per image."""
+    x_ND = torch.from_numpy(cache.load_layer(cache_dir, 3, "all")).float()
+    rows, labels = cache.load_row_ids(cache_dir, "all"), cache.load_labels(cache_dir, "all")
+    with torch.no_grad():
+        acts_NK, idx_NK = sae.encode(x_ND)
+        x_hat = sae.decode(acts_NK, idx_NK).double()
+    z_NM = torch.zeros(len(x_ND), sae.num_latents).scatter_(1, idx_NK, acts_NK).double()
+    return x_ND, x_hat, z_NM, rows, labels
+
+
+def expected_top(img_NM: torch.Tensor, rows: np.ndarray, m: int, n: int) -> np.ndarray:
+    """Row ids of latent m's n top images: activation descending (at TIE_BITS less than
+    float32 precision), then row id ascending."""
+    acts = img_NM[:, m].float().numpy()
+    bits = acts.view(np.int32).astype(np.int64)
+    order = np.lexsort((rows, -((bits + (1 << (TIE_BITS - 1))) >> TIE_BITS)))[:n]
+    return np.where(acts[order] > 0, rows[order], -1)
 
 
 @pytest.mark.parametrize("token_mode", ["cls", "all"])
@@ -88,12 +130,7 @@ def test_statistics_and_top_images_equal_a_direct_computation(tmp_path, token_mo
     sae = TopKSae(16, SaeConfig(expansion_factor=4, k=3))
     stats, _ = scan(sae, cache_dir, 3, top_n=5, batch_size=37)
 
-    x_ND = torch.from_numpy(cache.load_layer(cache_dir, 3, "all")).float()
-    rows, labels = cache.load_row_ids(cache_dir, "all"), cache.load_labels(cache_dir, "all")
-    with torch.no_grad():
-        acts_NK, idx_NK = sae.encode(x_ND)
-        x_hat = sae.decode(acts_NK, idx_NK).double()
-    z_NM = torch.zeros(len(x_ND), sae.num_latents).scatter_(1, idx_NK, acts_NK).double()
+    x_ND, x_hat, z_NM, rows, labels = direct(sae, cache_dir)
     x = x_ND.double()
     fired = (z_NM > 0).sum(0)
     assert stats.summary["fvu"] == pytest.approx(
@@ -106,15 +143,129 @@ def test_statistics_and_top_images_equal_a_direct_computation(tmp_path, token_mo
     np.testing.assert_allclose(stats.max_act_M, z_NM.max(0).values.numpy(), rtol=1e-6)
     mean = z_NM.sum(0) / fired.clamp(min=1)
     np.testing.assert_allclose(stats.mean_act_M, mean.numpy(), rtol=1e-5)
-
-    # An image's activation is its highest token's: the top images are the top rows of that.
-    img_NM = z_NM.view(len(rows), -1, sae.num_latents).amax(1)
+    # Each input's firing activations land in HIST_EDGES' bins (ends clamped).
     for m in range(sae.num_latents):
-        order = torch.argsort(img_NM[:, m], descending=True, stable=True)[:5].numpy()
-        np.testing.assert_allclose(stats.top_act_MN[m], img_NM[order, m].numpy(), rtol=1e-6)
-        live = img_NM[order, m].numpy() > 0
-        assert (stats.top_row_MN[m][live] == rows[order][live]).all()
-        assert (stats.top_label_MN[m][live] == labels[order][live]).all()
+        firing = z_NM[:, m][z_NM[:, m] > 0].numpy()
+        bins = np.clip(np.searchsorted(HIST_EDGES, firing, "right") - 1, 0, len(HIST_EDGES) - 2)
+        np.testing.assert_array_equal(
+            stats.act_hist_MH[m], np.bincount(bins, minlength=len(HIST_EDGES) - 1)
+        )
+    t = len(x_ND) // len(rows)
+    np.testing.assert_allclose(stats.mean_TD, x.view(len(rows), t, -1).mean(0), rtol=1e-5)
+
+    # An image's activation is its highest token's: image frequency, firing by class and the
+    # top images all follow from that.
+    img_NM = z_NM.view(len(rows), -1, sae.num_latents).amax(1)
+    np.testing.assert_allclose(stats.image_frequency_M, (img_NM > 0).double().mean(0).numpy())
+    for c in range(4):
+        counts = (img_NM[torch.from_numpy(labels == c)] > 0).sum(0).numpy()
+        np.testing.assert_array_equal(stats.class_count_CM[c], counts)
+    for m in range(sae.num_latents):
+        want = expected_top(img_NM, rows, m, 5)
+        np.testing.assert_array_equal(stats.top_row_MN[m], want)
+        live = want >= 0
+        by_row = dict(zip(rows, labels))
+        assert list(stats.top_label_MN[m][live]) == [by_row[r] for r in want[live]]
+        by_row_act = dict(zip(rows, img_NM[:, m].numpy()))
+        want_acts = [by_row_act[r] for r in want[live]]
+        np.testing.assert_allclose(stats.top_act_MN[m][live], want_acts, rtol=1e-6)
+
+
+@pytest.mark.parametrize("token_mode", ["cls", "all"])
+def test_top_images_break_ties_by_row_id_at_every_batch_size(tmp_path, token_mode):
+    """Four distinct images repeated over 150 rows: every top-N list is full of ties."""
+    cache_dir = synthetic_cache(tmp_path, token_mode, n=150, distinct=4)
+    torch.manual_seed(0)
+    sae = TopKSae(16, SaeConfig(expansion_factor=4, k=3))
+    _, _, z_NM, rows, _ = direct(sae, cache_dir)
+    img_NM = z_NM.view(len(rows), -1, sae.num_latents).amax(1)
+    want = np.stack([expected_top(img_NM, rows, m, 8) for m in range(sae.num_latents)])
+    t = 1 if token_mode == "cls" else 3
+    for batch_size in (t, 5 * t, 37 * t, 1024 * t):  # 1, 5, 37 and all 150 images
+        stats, _ = scan(sae, cache_dir, 3, top_n=8, batch_size=batch_size)
+        np.testing.assert_array_equal(stats.top_row_MN, want, err_msg=f"batch {batch_size}")
+
+
+def test_all_token_batches_count_tokens_not_images(tmp_path):
+    cache_dir = synthetic_cache(tmp_path, "all", t=3)
+    sizes = [len(row) for row, _, _ in iter_layer(cache_dir, 3, batch_size=10)]
+    assert max(sizes) == 3 and sum(sizes) == 300  # 3 images of 3 tokens: 9 <= 10 inputs
+    # Below one image's tokens, a batch still holds a whole image.
+    assert {len(row) for row, _, _ in iter_layer(cache_dir, 3, batch_size=2)} == {1}
+    cls_dir = synthetic_cache(tmp_path / "cls", "cls")
+    assert max(len(row) for row, _, _ in iter_layer(cls_dir, 3, batch_size=10)) == 10
+
+
+def test_probe_reports_n_chance_and_an_interval_with_one_regularisation(tmp_path):
+    """The probe's accuracies against ridge regression solved directly, with the lambda of
+    the original features used for both inputs."""
+    cache_dir = synthetic_cache(tmp_path, "cls", n=400)
+    torch.manual_seed(0)
+    sae = TopKSae(16, SaeConfig(expansion_factor=2, k=2))
+    _, probe = scan(sae, cache_dir, 3, batch_size=50, val_fraction=0.3, seed=1)
+
+    x_ND, x_hat, _, rows, labels = direct(sae, cache_dir)
+    val = is_val(rows, 0.3, 1)
+    train, test = ~val & (labels >= 0), val & (labels >= 0)
+    feats = {"original": x_ND.double().numpy(), "reconstructed": x_hat.numpy()}
+    f = np.hstack([feats["original"][train], np.ones((train.sum(), 1))])
+    lam = 1e-3 * np.diag(f.T @ f).mean()
+    assert probe["probe/ridge"] == pytest.approx(lam)
+    for name, x in feats.items():
+        f = np.hstack([x[train], np.ones((train.sum(), 1))])
+        w = np.linalg.solve(f.T @ f + lam * np.eye(len(f.T)), f.T @ np.eye(4)[labels[train]])
+        pred = (np.hstack([x[test], np.ones((test.sum(), 1))]) @ w).argmax(1)
+        correct = int((pred == labels[test]).sum())
+        assert probe[f"probe/{name}"] == pytest.approx(correct / test.sum())
+        low, high = wilson_interval(correct, int(test.sum()))
+        assert probe[f"probe/{name}_ci_low"] == pytest.approx(low)
+        assert low < correct / test.sum() < high
+    majority = np.bincount(labels[train]).argmax()
+    assert probe["probe/majority_rate"] == pytest.approx((labels[test] == majority).mean())
+    assert probe["probe/n"] == test.sum() and probe["probe/n_train"] == train.sum()
+    assert probe["probe/classes"] == 4
+
+
+def test_wilson_interval_matches_known_values():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+
+
+def test_zero_shot_sample_covers_every_class_of_an_imagenet_shaped_index():
+    """1000 classes x 1281 images, row ids grouped by class as folder data gives them."""
+    rows = np.arange(1000 * 1281)
+    labels = rows // 1281
+    val = is_val(rows, 0.05, 0)
+    first = labels[val][:1000]  # the old rule: the first validation rows in id order
+    assert len(np.unique(first)) < 20
+    picked = zero_shot_sample(rows[val], labels[val], 1000, seed=0)
+    assert len(picked) == 1000 and len(np.unique(labels[picked])) == 1000
+    few = zero_shot_sample(rows[val], labels[val], 50, seed=0)
+    assert len(np.unique(labels[few])) == 50  # fewer images than classes: one per class
+    assert np.ptp(labels[few]) > 500  # spread over the classes, not the first ones
+    # Unlabelled rows are never picked, and a sample larger than the split is all of it.
+    labels_u = np.where(rows % 7 == 0, -1, labels)
+    everything = zero_shot_sample(rows[val], labels_u[val], 10**9, seed=0)
+    assert set(everything) == set(rows[val][labels_u[val] >= 0])
+
+
+def test_class_names_and_prompts_from_user_files(tmp_path):
+    wnids = ["n01440764", "n01443537"]
+    mapping = tmp_path / "names.json"
+    mapping.write_text(json.dumps({"n01440764": "tench", "n01443537": "goldfish"}))
+    assert class_names(wnids, str(mapping)) == ["tench", "goldfish"]
+    assert class_names(wnids, "") == wnids
+    lines = tmp_path / "names.txt"
+    lines.write_text("tench\ngoldfish\n")
+    assert class_names(wnids, str(lines)) == ["tench", "goldfish"]
+    with pytest.raises(ValueError, match=r"no name for 1 .*n09999999"):
+        class_names([*wnids, "n09999999"], str(mapping))
+    with pytest.raises(ValueError, match="holds 2 names but the dataset has 3"):
+        class_names([*wnids, "n09999999"], str(lines))
+    assert templates("ensemble") == PROMPT_ENSEMBLE
+    assert templates("a photo of a {}. | art of the {}.") == ("a photo of a {}.", "art of the {}.")
+    with pytest.raises(ValueError, match="one {} each"):
+        templates("a photo")
 
 
 @pytest.mark.parametrize("token_mode", ["cls", "all"])
@@ -134,12 +285,34 @@ def test_splice_with_the_identity_keeps_the_original_accuracy(swept, token_mode)
     torch.testing.assert_close(embs["original"], reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(embs["spliced"], embs["original"])
 
+    # Mean ablation puts the mean over images, per token position, in the edited positions.
+    h_BTD = capture_layers(clip, pixels, [1], "all")[1]
+    mean_TD = h_BTD.mean(0)[: 1 if token_mode == "cls" else None].numpy()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     acc = zero_shot(
-        clip, AutoTokenizer.from_pretrained(model_dir), list(CLASSES), batches, 1, token_mode,
-        lambda x: x, pre,
+        clip, tokenizer, list(CLASSES), batches, 1, token_mode, lambda x: x, pre, mean_TD,
+        templates=("a photo of a {}.", "art of the {}."),
     )  # fmt: skip
     assert acc["zero_shot/spliced"] == acc["zero_shot/original"]
-    assert set(acc) == {"zero_shot/original", "zero_shot/spliced", "zero_shot/zero_ablation"}
+    assert acc["zero_shot/cosine_spliced"] == pytest.approx(1.0, abs=1e-5)
+    assert acc["zero_shot/cosine_mean_ablation"] < 1 - 1e-4
+    labels = np.concatenate([b[1] for b in batches])
+    assert acc["zero_shot/n"] == len(labels) == 60
+    assert acc["zero_shot/classes_covered"] == len(set(labels)) and acc["zero_shot/templates"] == 2
+    for ablation in ("zero", "mean"):
+        lost = acc["zero_shot/original"] - acc[f"zero_shot/{ablation}_ablation"]
+        recovered = acc[f"zero_shot/recovered_vs_{ablation}"]
+        assert recovered == pytest.approx(1.0) if lost else np.isnan(recovered)
+        assert acc[f"zero_shot/{ablation}_ablation_ci_low"] <= acc[f"zero_shot/{ablation}_ablation"]
+
+    # The ensemble's class embedding: the normalised mean of each template's unit embedding.
+    ensemble = class_text_features(clip, tokenizer, list(CLASSES), PROMPT_ENSEMBLE[:3])
+    units = []
+    for template in PROMPT_ENSEMBLE[:3]:
+        text = tokenizer([template.format(c) for c in CLASSES], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            units.append(F.normalize(clip.get_text_features(**text).pooler_output, dim=-1))
+    torch.testing.assert_close(ensemble, F.normalize(torch.stack(units).mean(0), dim=-1))
 
 
 @pytest.fixture(scope="module")
@@ -148,29 +321,55 @@ def analyzed(swept):
     out = swept["root"] / "report"
     args = [sys.executable, str(ROOT / "run_sweep.py"), "analyze", "--config", DEMO_CONFIG]
     args += [a for s in swept["sets"] for a in ("--set", s)]
-    args += ["--top-latents", "6", "--top-images", "4", "--out", str(out)]
+    args += ["--top-images", "4", "--prompts", "a photo of a {}.|a {}.", "--out", str(out)]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout
 
 
+def read_latents_csv(out: Path) -> list[dict]:
+    with open(out / "latents.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyzed):
     out, stdout = analyzed
-    for name in ("report.html", "summary.json", "latents.csv", "frequency.png", "top_images.png"):
+    for name in ("report.html", "summary.json", "latents.csv", "frequency.png"):
         assert (out / name).is_file(), name
     for name in ("pareto.png", "fvu_vs_params.png", "best_per_layer.png", "importances.png"):
         assert (out / name).is_file(), name
+    assert not (out / "top_images.png").exists()  # the browser shows the top images once
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 240 and len(summary["latents"]) == 6
+    assert summary["images"] == 240
+    table = read_latents_csv(out)
+    live = [int(r["latent"]) for r in table if float(r["frequency"]) > 0]
+    assert sorted(summary["latents"]) == live  # every live latent gets its top images
+    # Each top image once, as a JPEG file beside the report, not inlined.
+    thumbs = sorted((out / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == summary["thumbnails"] > 0
+    assert Image.open(thumbs[0]).format == "JPEG"
+    assert "data:image" not in (out / "report.html").read_text()
+    for row in table:
+        share = row["top_label_share"]
+        assert row["top_label"] in CLASSES and 0 < float(share) <= 1 if share else True
+
     checks = summary["downstream"]
-    for key in ("probe/original", "probe/reconstructed", "zero_shot/spliced"):
+    for key in (
+        "probe/original",
+        "probe/reconstructed",
+        "zero_shot/spliced",
+        "probe/majority_rate",
+    ):
         assert 0 <= checks[key] <= 1, key
+    val = int(is_val(np.arange(240), swept["cfg"].train.val_fraction, 0).sum())
+    assert checks["zero_shot/n"] == checks["probe/n"] == val
+    assert checks["zero_shot/classes"] == 3 and checks["zero_shot/templates"] == 2
     assert re.search(r"analyze \w+ \(layer \d\): 240 images, fvu ", stdout)
 
     run_id = re.search(r"logged to MLflow run (\w+)", stdout).group(1)
     client = MlflowClient(swept["cfg"].sweep.resolved_tracking_uri())
     logged = {a.path for a in client.list_artifacts(run_id, "analysis")}
-    assert {"analysis/report.html", "analysis/top_images.png"} <= logged
+    assert {"analysis/report.html", "analysis/thumbs", "analysis/latents.csv"} <= logged
     run = client.get_run(run_id)
     assert run.data.metrics["analysis/fvu"] == pytest.approx(summary["fvu"])
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -178,35 +377,75 @@ def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyz
     assert "analysis/pareto.png" in parent_logged
 
 
-def test_report_renders_in_headless_chromium_with_its_images_loaded(analyzed, tmp_path):
+# Appended to a copy of the page: once loaded, search, sort and open a latent through the
+# page's own controls, and record what the DOM shows.
+BROWSER_PROBE = """<script>
+addEventListener('load', async () => {
+  const out = document.body.dataset, ids = () =>
+    [...document.querySelectorAll('#latents tbody tr')].map(tr => tr.dataset.id).join(',');
+  const search = document.getElementById('search');
+  out.all = ids();
+  search.value = 'blue';
+  search.dispatchEvent(new Event('input'));
+  out.blue = ids();
+  search.value = '';
+  search.dispatchEvent(new Event('input'));
+  document.querySelectorAll('#latents th')[1].click();
+  out.sorted = ids();
+  const first = document.querySelector('#latents tbody tr');
+  first.click();
+  out.panel = document.querySelector('#panel h2').textContent;
+  const images = [...document.querySelectorAll('#panel img')];
+  images.forEach(im => im.scrollIntoView());
+  await Promise.all(images.map(im => im.complete ? 0 :
+    new Promise(done => { im.onload = im.onerror = done; })));
+  out.lazy = images.filter(im => im.loading === 'lazy').length;
+  out.images = images.length;
+  out.loaded = images.filter(im => im.complete && im.naturalWidth > 0).length;
+  out.figures = [...document.querySelectorAll('img.fig')].length;
+  out.done = 'yes';
+});
+</script>"""
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--virtual-time-budget=10000",
+]  # fmt: skip
+
+
+def test_report_opens_searches_and_sorts_in_headless_chromium(analyzed, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
     out, _ = analyzed
-    html = (out / "report.html").read_text()
-    assert "http://" not in html and "https://" not in html  # self-contained
-    # Probe appended to a copy: record, once loaded, how many images decoded.
-    probe = (
-        "<script>addEventListener('load', () => { const im = [...document.images];"
-        " document.body.dataset.images = im.length;"
-        " document.body.dataset.loaded = im.filter(i => i.complete && i.naturalWidth > 0).length;"
-        "});</script>"
-    )
-    page = tmp_path / "report.html"
-    page.write_text(html.replace("</body>", probe + "</body>"))
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-    ]  # fmt: skip
+    site = tmp_path / "site"
+    shutil.copytree(out, site)
+    html = (site / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # nothing fetched from outside
+    page = site / "probe.html"
+    page.write_text(html.replace("</body>", BROWSER_PROBE + "</body>"))
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(
         [chromium, *flags, "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
-    found = re.search(r'data-images="(\d+)" data-loaded="(\d+)"', dom)
-    assert found, dom[:2000]
-    images, loaded = map(int, found.groups())
-    assert images > 6 and loaded == images  # figures plus thumbnails, every one decoded
+    got = dict(re.findall(r'data-(\w+)="([^"]*)"', dom.split("<body", 1)[1].split(">", 1)[0]))
+    assert got.get("done") == "yes", dom[:2000]
+
+    table = read_latents_csv(out)
+    assert len(got["all"].split(",")) == len(table)  # every latent, first sorted by max_act
+    maxes = [float(table[int(i)]["max_act"]) for i in got["all"].split(",")]
+    assert maxes == sorted(maxes, reverse=True)
+    blue = {int(r["latent"]) for r in table if r["top_label"] == "blue"}
+    assert {int(i) for i in got["blue"].split(",") if i} == blue
+    freqs = [float(table[int(i)]["frequency"]) for i in got["sorted"].split(",")]
+    assert freqs[0] == max(freqs) and all(a >= b * 0.999 for a, b in zip(freqs, freqs[1:]))
+    top = got["sorted"].split(",")[0]
+    assert got["panel"] == f"latent {top}"
+    # Its top images, lazy-loaded from thumbs/, all decoded; the figures are files too.
+    assert 0 < int(got["images"]) == int(got["loaded"]) == int(got["lazy"]) <= 4
+    assert int(got["figures"]) >= 4
 
     shot = tmp_path / "shot.png"
     subprocess.run(
