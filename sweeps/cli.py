@@ -160,6 +160,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(AUROC >= 0.9 on validation images): "
         + ", ".join(f"{k} (latent {latent})" for k, (latent, _) in found.items())
     )
+    from sweeps.analyze import analyze
+
+    analyze(cfg, AnalyzeOptions())  # the best trial's report: what its latents respond to
     print(f"next: sae-sweep best --config {saved}  (or analyze, export)")
     return _exit_code([result])
 

@@ -70,6 +70,7 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
         assert noise not in log
     assert "image factors have a latent that picks them out" in log
     assert "best SAE: " in log and "next: sae-sweep best --config " in log
+    assert "analyze " in log and "report.html" in log
 
     client, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "e2e")
     assert len(parents) == 1 and len(kids) == 4
