@@ -32,7 +32,8 @@ from sae.trainer import total_steps
 from sweeps import cache, storage, tracking
 from sweeps.config import Config, ConfigError
 from sweeps.extract import extract
-from sweeps.schema import SEARCHED_PARAMS
+from sweeps.mlflow_callback import MlflowTrialCallback
+from sweeps.schema import SEARCHED_PARAMS, leaderboard_url
 from sweeps.space import SearchSpace
 from sweeps.trainable import CachedLayer, run_trial
 
@@ -404,7 +405,7 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, c
     fixed = _trainable_settings(cfg, tokens)
     shared = {k: fixed[k] for k in ("sae", "train", "tokens_per_image")}
     shared |= {"model": {"name_or_path": cfg.model.name_or_path}, "data": {"path": cfg.data.path}}
-    callbacks = [tracking.MlflowTrialCallback(uri, parent, fixed_params=shared), *callbacks]
+    callbacks = [MlflowTrialCallback(uri, parent, fixed_params=shared), *callbacks]
     # A resumed sweep whose driver died before Tune saved any state starts its trials afresh.
     restore = resume and tune.Tuner.can_restore(path)
     tuner = _tuner(cfg, space, _trainable(cfg, sources, tokens), max_steps, callbacks, restore)
@@ -448,7 +449,7 @@ def mlflow_ui_hint(result: SweepResult, objectives: dict[str, str]) -> str:
     metric, mode = next(iter(objectives.items()))
     uri = result.tracking_uri
     if uri.startswith("sqlite:"):
-        url = tracking.leaderboard_url("http://127.0.0.1:5000", result.experiment_id, metric, mode)
+        url = leaderboard_url("http://127.0.0.1:5000", result.experiment_id, metric, mode)
         return f"MLflow UI: mlflow ui --backend-store-uri {uri}\n  then open {url}"
-    url = tracking.leaderboard_url(uri, result.experiment_id, metric, mode)
+    url = leaderboard_url(uri, result.experiment_id, metric, mode)
     return f"MLflow UI: {url}\n  (on a cluster, through `ray attach -p` or an SSH tunnel)"
