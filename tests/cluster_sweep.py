@@ -198,6 +198,7 @@ def autoscale(spec: dict) -> None:
         "workers_left": sorted(workers_alive()),
         "removed_after_s": gone - ended,
     }
+    Path(spec["report"]).parent.mkdir(parents=True, exist_ok=True)
     Path(spec["report"]).write_text(json.dumps(report))
     ray.shutdown()
     cluster.shutdown()

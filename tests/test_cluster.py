@@ -621,7 +621,7 @@ def test_ray_up_starts_the_cluster_and_a_job_sweeps_into_its_mlflow(
             assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
             assert "sweep job: 2 trials (0 failed)" in job.stdout
             # The driver found the head's server from the file prepare-head.sh wrote.
-            assert "MLflow UI at http://127.0.0.1:5000" in job.stdout
+            assert "MLflow UI: http://127.0.0.1:5000" in job.stdout
             _, parents, kids = sweep_runs(f"http://127.0.0.1:{mlflow_port}", "job")
             assert len(parents) == 1 and parents[0].info.status == "FINISHED"
             assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
