@@ -179,7 +179,10 @@ def check_resources(cfg: Config) -> None:
     need = {"CPU": cfg.tune.cpus_per_trial, "GPU": cfg.tune.gpus_per_trial}
     if cfg.train.device == "cuda":
         need["GPU"] = max(need["GPU"], 1e-9)
-    shapes = [n["Resources"] for n in ray.nodes() if n["Alive"]] + _autoscaler_node_types()
+    node_types = _autoscaler_node_types()
+    if node_types is None:
+        return  # an autoscaler whose node types this driver cannot read: Tune will wait
+    shapes = [n["Resources"] for n in ray.nodes() if n["Alive"]] + node_types
     if any(all(shape.get(r, 0) >= v for r, v in need.items()) for shape in shapes):
         return
     largest = {r: max(shape.get(r, 0) for shape in shapes) for r in need}
@@ -191,20 +194,22 @@ def check_resources(cfg: Config) -> None:
     )
 
 
-def _autoscaler_node_types() -> list[dict]:
+def _autoscaler_node_types() -> list[dict] | None:
     """Resources of the node types the autoscaler can launch: from the cluster config it
-    reports to the GCS, else from the config `ray up` leaves on the head."""
+    reports to the GCS, else from the config `ray up` leaves on the head; [] without an
+    autoscaler; None for an autoscaler whose node types neither tells."""
     import yaml
+    from ray.experimental.internal_kv import _internal_kv_get
 
     config = ray._private.state.state.get_cluster_config()
     if config is not None and config.node_group_configs:
         return [dict(group.resources) for group in config.node_group_configs]
     path = Path("~/ray_bootstrap_config.yaml").expanduser()
-    if not path.is_file():
-        return []
-    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
-    return [t.get("resources") or {} for t in types.values()]
-
+    if path.is_file():
+        types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+        return [t.get("resources") or {} for t in types.values()]
+    # Ray's autoscaler (v1 and v2) announces itself under this key when it starts.
+    return None if _internal_kv_get(b"AutoscalerMetricsAddress") else []
 
 def _sampler(cfg: Config):
     import optuna
