@@ -114,7 +114,7 @@ def main():
     for d, M, k, B in SHAPES:
         x = torch.randn(B, d, device=device)
         if device.type == "cpu":
-            on = B * M * d >= kernels.PREFILTER_MIN_MACS and kernels.bf16_matmul_faster(B, d, M)
+            on = kernels.bf16_prefilter(torch.empty(B, d), torch.empty(M, d))
             print(
                 f"bf16 prefilter at B={B}: {'on' if on else 'off'} (native bf16 flags: "
                 f"{kernels._native_bf16_cpu()}, >= 2^28 MACs: {B * M * d >= 2**28})"
