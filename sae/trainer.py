@@ -39,19 +39,21 @@ def as_acts_tensor(acts, name: str = "acts") -> Tensor:
     """View an (N, d) array or tensor as a CPU/GPU tensor without copying it.
 
     Read-only numpy arrays (memory-mapped caches, Ray object-store arrays) are wrapped as is:
-    torch warns that they are not writable, but training never writes to its input.
+    torch warns that they are not writable, but training never writes to its input. Any other
+    object with a torch `shape` and `dtype` whose `[rows]` (an index tensor or a slice) returns a
+    tensor is taken as is: it reads batches on demand, e.g. sweeps.cache.MappedRows.
     """
     if isinstance(acts, np.ndarray):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
             acts = torch.from_numpy(acts)
-    elif not isinstance(acts, Tensor):
+    elif not isinstance(acts, Tensor) and not isinstance(getattr(acts, "dtype", None), torch.dtype):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(acts).__name__}")
-    if acts.ndim != 2:
+    if len(acts.shape) != 2:
         raise ValueError(f"{name} must be 2-D (rows, d_in), got shape {tuple(acts.shape)}")
     if acts.shape[0] == 0:
         raise ValueError(f"{name} is empty: no rows to train on")
-    if not acts.is_floating_point():
+    if not acts.dtype.is_floating_point:
         raise ValueError(f"{name} must be floating point, got {acts.dtype}")
     return acts
 

@@ -220,8 +220,10 @@ class TuneSettings:
 
     data: Literal["auto", "object_store", "cache"] = "auto"
     """How trials get activations: object_store (the driver loads each layer once and shares
-    it), cache (each trial worker reads it from extract.cache_dir, which must be shared
-    storage), or auto (object_store on one node, cache on several)."""
+    it), cache (trials read batches from an uncompressed copy of the layer that each node
+    writes once from extract.cache_dir, which must be shared storage; $SAE_ARRAY_DIR or the
+    temp directory holds it), or auto (object_store on one node in cls token mode, else
+    cache)."""
 
     show_top: int = 10
     """Trials in the summary table."""

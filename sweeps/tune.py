@@ -103,9 +103,10 @@ def _sampler(cfg: Config):
 def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_image: int):
     """How trials get each layer, and the training rows per layer.
 
-    On one node the driver reads each layer once and puts it in the object store, where trials
-    map it without a copy. On several, trials read it from the cache on shared storage (each
-    reused trial worker once), so the head's memory and network are not the bottleneck."""
+    On one node the driver reads each CLS layer once and puts it in the object store, where
+    trials map it without a copy. On several, and for all-token layers (which can outgrow
+    memory), trials map each node's uncompressed copy of the cache (cache.layer_file) and read
+    batches from it, so neither the head's memory nor a trial's bounds the data."""
     split = (cfg.train.val_fraction, cfg.train.seed)
     n_train = len(cache.load_row_ids(cache_dir, "train", *split)) * tokens_per_image
     n_val = len(cache.load_row_ids(cache_dir, "val", *split))
@@ -117,7 +118,7 @@ def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_i
     mode = cfg.tune.data
     if mode == "auto":
         nodes = [n for n in ray.nodes() if n["Alive"]]
-        mode = "object_store" if len(nodes) == 1 else "cache"
+        mode = "object_store" if len(nodes) == 1 and tokens_per_image == 1 else "cache"
     sources = {}
     for layer in layers:
         spec = CachedLayer(str(cache_dir), layer, *split)

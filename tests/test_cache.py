@@ -1,0 +1,98 @@
+"""The node-local uncompressed copy of a cached layer, and training from it batch by batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae import SaeConfig, TrainConfig
+from sae.trainer import Trainer
+from sweeps import cache
+
+D = 8
+
+
+def make_cache(root, tokens: int, n: int = 40, part_rows=((0, 10), (25, 40), (10, 25))):
+    """A cache written as extraction does, its parts in the order Ray might finish them; part
+    (25, 40) also holds its rows shuffled."""
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((n, tokens, D)).astype(np.float16)
+    run_dir = cache.start_run(root, "k")
+    parts = []
+    for lo, hi in part_rows:
+        ids = np.arange(lo, hi)
+        if lo == 25:
+            ids = rng.permutation(ids)
+        values = acts[ids] if tokens > 1 else acts[ids, 0]
+        parts.append(cache.write_part(run_dir, ids, ids % 3, {2: values}))
+    manifest = {
+        "key": f"key-{tokens}",
+        "layers": [2],
+        "parts": sorted(parts),
+        "d_model": D,
+        "tokens_per_image": tokens,
+        "dtype": "float16",
+    }
+    return cache.finish_run(run_dir, manifest)[0]
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("split", ["train", "val", "all"])
+def test_layer_file_holds_the_rows_of_load_layer(tmp_path, tokens, split):
+    cache_dir = make_cache(tmp_path / "cache", tokens)
+    path = cache.layer_file(cache_dir, 2, split, 0.3, 1, root=tmp_path / "arrays")
+    expected = cache.load_layer(cache_dir, 2, split, 0.3, 1)
+    np.testing.assert_array_equal(np.load(path), expected)
+    # the split stays by image: all tokens of an image on one side
+    assert len(expected) % tokens == 0
+
+
+def test_layer_file_is_written_once_and_refuses_unknown_layers(tmp_path):
+    cache_dir = make_cache(tmp_path / "cache", 1)
+    path = cache.layer_file(cache_dir, 2, root=tmp_path / "arrays")
+    inode = path.stat().st_ino
+    assert cache.layer_file(cache_dir, 2, root=tmp_path / "arrays").stat().st_ino == inode
+    with pytest.raises(KeyError, match="layer 5 is not in cache"):
+        cache.layer_file(cache_dir, 5, root=tmp_path / "arrays")
+
+
+def _resident_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_mapped_rows_return_batches_and_keep_no_pages(tmp_path):
+    cache_dir = make_cache(tmp_path / "cache", 5)
+    path = cache.layer_file(cache_dir, 2, "all", root=tmp_path / "arrays")
+    rows = cache.MappedRows(path)
+    expected = np.load(path)
+    assert rows.shape == expected.shape and len(rows) == 200 and rows.dtype == torch.float16
+    index = torch.tensor([150, 3, 77, 3, 0])
+    np.testing.assert_array_equal(rows[index].numpy(), expected[index.numpy()])
+    np.testing.assert_array_equal(rows[10:20].numpy(), expected[10:20])
+    rows.array.sum()  # touch every page of the map
+    assert _resident_kb(path) > 0
+    rows[index]
+    assert _resident_kb(path) == 0  # what a batch touched left this process's memory
+
+
+def test_training_on_mapped_rows_equals_training_in_memory(tmp_path):
+    cache_dir = make_cache(tmp_path / "cache", 5)
+    cfg = TrainConfig(batch_size=20, steps=12, eval_every=4, device="cpu", seed=3)
+    sae_cfg = SaeConfig(num_latents=32, k=4)
+    splits = [("train", 0.25, 0), ("val", 0.25, 0)]
+    arrays = [cache.load_layer(cache_dir, 2, *s) for s in splits]
+    mapped = [cache.MappedRows(cache.layer_file(cache_dir, 2, *s, tmp_path)) for s in splits]
+    ref = Trainer(arrays[0], sae_cfg, cfg, val_acts=arrays[1]).fit()
+    got = Trainer(mapped[0], sae_cfg, cfg, val_acts=mapped[1]).fit()
+    for name, tensor in ref.sae.state_dict().items():
+        torch.testing.assert_close(got.sae.state_dict()[name], tensor, rtol=0, atol=0)
+    assert got.metrics == ref.metrics
