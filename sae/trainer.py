@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,6 +169,17 @@ class Trainer:
         rows = self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size]
         return self.acts[rows].to(self.device, torch.float32, non_blocking=True)
 
+    def _read_ahead(self):
+        """Batches from self.step on, each read in a thread while the one before trains: rows
+        of a memory-mapped file may have to come from disk. One batch ahead, no more."""
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(self._batch, self.step)
+            while True:
+                batch = pending.result()
+                if self.step + 1 < self.total_steps:
+                    pending = reader.submit(self._batch, self.step + 1)
+                yield batch
+
     # -- training ----------------------------------------------------------------------------
     def train_step(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         """One optimizer step; returns (fvu, auxk_loss) as tensors."""
@@ -210,8 +222,9 @@ class Trainer:
         fvu_sum = aux_sum = torch.zeros((), device=self.device)
         n_since, t0 = 0, time.perf_counter()
         metrics: dict[str, float] = {}
+        batches = self._read_ahead()
         while self.step < self.total_steps:
-            fvu, aux = self.train_step(self._batch(self.step))
+            fvu, aux = self.train_step(next(batches))
             fvu_sum, aux_sum, n_since = fvu_sum + fvu, aux_sum + aux, n_since + 1
             if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - t0
