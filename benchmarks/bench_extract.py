@@ -153,6 +153,18 @@ def forward_only(checkpoint: str, batch_size: int, layer: int, repeats: int = 3)
     return min(full), min(stopped)
 
 
+def decode_only(checkpoint: str, paths: list[Path]) -> float:
+    """Seconds per image to read, decode and preprocess on one thread (sweeps.extract)."""
+    from sae.clip import Preprocessing
+    from sweeps.extract import decode_image
+
+    pre = Preprocessing.from_pretrained(checkpoint)
+    start = time.perf_counter()
+    for path in paths:
+        decode_image(str(path), pre, 10**9)
+    return (time.perf_counter() - start) / len(paths)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1024)
@@ -181,6 +193,7 @@ def main() -> None:
             pipe.append(seconds)
             first.append(to_first)
         t_full, t_stop = forward_only(checkpoint, args.batch_size, args.layer)
+        t_decode = decode_only(checkpoint, paths[:128])
         cuda = cuda_inner_loop(checkpoint, paths, args.layer) if torch.cuda.is_available() else None
     ray.shutdown()
 
@@ -207,6 +220,11 @@ def main() -> None:
     print("|---|---:|---:|")
     print(f"| all 12 blocks, output_hidden_states | {t_full * 1e3:.0f} | 1.00x |")
     print(f"| stop after layer {args.layer} | {t_stop * 1e3:.0f} | {t_full / t_stop:.2f}x |")
+    print(
+        f"\nper image: decode + preprocess {t_decode * 1e3:.1f} ms on one thread; forward "
+        f"stopped after layer {args.layer} {t_stop / args.batch_size * 1e3:.1f} ms on "
+        f"{torch.get_num_threads()} threads"
+    )
     if cuda is None:
         print("\nno CUDA device: the GPU inner-loop table is skipped")
     else:

@@ -96,3 +96,15 @@ def test_training_on_mapped_rows_equals_training_in_memory(tmp_path):
     for name, tensor in ref.sae.state_dict().items():
         torch.testing.assert_close(got.sae.state_dict()[name], tensor, rtol=0, atol=0)
     assert got.metrics == ref.metrics
+
+
+def test_a_trial_maps_its_cached_layer_from_the_node_copy(tmp_path, monkeypatch):
+    from sweeps.trainable import CachedLayer, layer_arrays
+
+    monkeypatch.setenv(cache.ARRAY_DIR_ENV, str(tmp_path / "node"))
+    cache_dir = make_cache(tmp_path / "cache", 5)
+    train, val = layer_arrays(CachedLayer(str(cache_dir), 2, 0.25, 0))
+    assert isinstance(train, cache.MappedRows) and train.path.parent.parent == tmp_path / "node"
+    for rows, split in ((train, "train"), (val, "val")):
+        expected = cache.load_layer(cache_dir, 2, split, 0.25, 0)
+        np.testing.assert_array_equal(rows[torch.arange(len(rows))].numpy(), expected)
