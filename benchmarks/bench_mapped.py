@@ -1,5 +1,5 @@
 """Training from a layer larger than the trial's memory: peak resident memory and throughput of
-a trial reading batches from the node's uncompressed copy (cache.MappedRows), against the same
+a trial reading batches from the node's uncompressed copy (cache.RowFile), against the same
 trial holding the layer in memory, in one run.
 
 It writes an all-token layer of --gb gigabytes as the .npy files cache.layer_file makes (train
@@ -92,7 +92,7 @@ def run_child(mode: str, first: str, second: str, steps: int) -> dict:
     from sae.trainer import Trainer
 
     if mode == "mapped":  # first, second: the train and validation .npy files
-        train, val = cache.MappedRows(first), cache.MappedRows(second)
+        train, val = cache.RowFile(first), cache.RowFile(second)
     else:
         train, val = np.load(first), np.load(second)
     sae_cfg = SaeConfig(num_latents=SHAPE["num_latents"], k=SHAPE["k"])
@@ -152,7 +152,7 @@ def main() -> None:
     print("| trial reads | act/s (median, 2 runs) | peak RSS MiB (max of 2) | within budget |")
     print("|---|---:|---:|---|")
     rates = {}
-    for mode, name in (("mapped", "MappedRows (memory map)"), ("memory", "whole layer in memory")):
+    for mode, name in (("mapped", "RowFile (reads from the node copy)"), ("memory", "whole layer in memory")):
         rate = float(np.median([r["acts_per_s"] for r in results[mode]]))
         rss = max(r["peak_mib"] for r in results[mode])
         rates[mode] = rate

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import socket
@@ -290,13 +289,15 @@ def _write_layer_file(cache_dir, manifest, layer, split, val_fraction, seed, pat
     os.replace(tmp, path)
 
 
-class MappedRows:
-    """The rows of an .npy file for training: `rows[index]` copies those rows out of a
-    read-only memory map into a tensor, then drops the map's pages from this process.
+class RowFile:
+    """The rows of an .npy file for training: `rows[index]` reads just those rows into a new
+    tensor with positioned reads, one per run of consecutive rows.
 
-    The pages stay in the node's page cache, shared by every process mapping the file, but
-    they do not accumulate in this process's resident memory: its peak is one batch's pages.
-    A drop-in for an (N, d) tensor where the trainer reads batches (shape, dtype, len, [ ]).
+    The reads go through the node's page cache, shared by every trial reading the file, and
+    nothing of the file stays in this process's memory: its peak is one batch. (A memory map
+    would not bound it: a fault maps a whole large folio of the page cache, and a batch of
+    random rows touched most of a 4 GB file's pages.) A drop-in for an (N, d) tensor where the
+    trainer reads batches (shape, dtype, len, [ ]).
     """
 
     def __init__(self, path: str | Path):
@@ -306,26 +307,35 @@ class MappedRows:
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            offset = f.tell()
-            if fortran or len(shape) != 2:
-                raise ValueError(f"{self.path}: expected a 2-D C-ordered array, got {shape}")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._map.madvise(mmap.MADV_RANDOM)  # batches jump around: no read-ahead into memory
-        self.array = np.frombuffer(self._map, dtype, shape[0] * shape[1], offset).reshape(shape)
+            self._offset = f.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{self.path}: expected a 2-D C-ordered array, got {shape}")
+        self.np_dtype = dtype
         self.shape = torch.Size(shape)
         self.dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+        self._row_bytes = shape[1] * dtype.itemsize
+        self._file = open(self.path, "rb", buffering=0)  # closed when this object goes
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, torch.Tensor):
-            index = index.numpy()
-        if isinstance(index, np.ndarray):
-            order = np.argsort(index, kind="stable")  # read in file order, return in asked order
-            rows = np.empty((len(index), self.shape[1]), self.array.dtype)
-            rows[order] = self.array[index[order]]
-        else:
-            rows = np.array(self.array[index])
-        self._map.madvise(mmap.MADV_DONTNEED)
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        index = np.asarray(index, np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows of {self.path}")
+        order = np.argsort(index, kind="stable")  # read in file order
+        wanted = index[order]
+        rows = np.empty((len(index), self.shape[1]), self.np_dtype)
+        runs = np.flatnonzero(np.diff(wanted) != 1) + 1
+        for lo, hi in zip(np.r_[0, runs], np.r_[runs, len(wanted)]):
+            want = (hi - lo) * self._row_bytes
+            got = os.preadv(
+                self._file.fileno(), [rows[lo:hi]], self._offset + int(wanted[lo]) * self._row_bytes
+            )
+            if got != want:
+                raise OSError(f"{self.path}: short read ({got} of {want} bytes): file truncated?")
+        if not np.array_equal(order, np.arange(len(order))):
+            rows[order] = rows.copy()  # back to the asked order
         return torch.from_numpy(rows)

@@ -57,54 +57,66 @@ def test_layer_file_is_written_once_and_refuses_unknown_layers(tmp_path):
         cache.layer_file(cache_dir, 5, root=tmp_path / "arrays")
 
 
-def _resident_kb(path) -> int:
-    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
-                inside = line.rstrip().endswith(str(path))
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1])
-    return total
+def _peak_rise_kb(read) -> int:
+    """How far this process's peak resident memory rose above its current size during read()."""
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak := current
+    before = status("VmRSS")
+    read()
+    return status("VmHWM") - before
 
 
-def test_mapped_rows_return_batches_and_keep_no_pages(tmp_path):
+def test_row_file_returns_batches_and_holds_only_them(tmp_path):
     cache_dir = make_cache(tmp_path / "cache", 5)
     path = cache.layer_file(cache_dir, 2, "all", root=tmp_path / "arrays")
-    rows = cache.MappedRows(path)
+    rows = cache.RowFile(path)
     expected = np.load(path)
     assert rows.shape == expected.shape and len(rows) == 200 and rows.dtype == torch.float16
-    index = torch.tensor([150, 3, 77, 3, 0])
+    index = torch.tensor([150, 3, 77, 3, 0, 1, 2])
     np.testing.assert_array_equal(rows[index].numpy(), expected[index.numpy()])
     np.testing.assert_array_equal(rows[10:20].numpy(), expected[10:20])
-    rows.array.sum()  # touch every page of the map
-    assert _resident_kb(path) > 0
-    rows[index]
-    assert _resident_kb(path) == 0  # what a batch touched left this process's memory
+    with pytest.raises(IndexError, match="out of range"):
+        rows[torch.tensor([200])]
+    # 64 MB of rows on disk; a batch of 1,000 random rows (2 MB) may not map the file in
+    big = cache.RowFile(write_rows(tmp_path / "big.npy", 1 << 22))
+    batch = torch.from_numpy(np.random.default_rng(0).choice(1 << 22, 1000, replace=False))
+    assert _peak_rise_kb(lambda: big[batch]) < 8 * 1024
 
 
-def test_training_on_mapped_rows_equals_training_in_memory(tmp_path):
+def write_rows(path, n):
+    a = np.lib.format.open_memmap(path, "w+", np.float16, (n, D))
+    a[:] = 1
+    a.flush()
+    del a
+    return path
+
+
+def test_training_on_a_row_file_equals_training_in_memory(tmp_path):
     cache_dir = make_cache(tmp_path / "cache", 5)
     cfg = TrainConfig(batch_size=20, steps=12, eval_every=4, device="cpu", seed=3)
     sae_cfg = SaeConfig(num_latents=32, k=4)
     splits = [("train", 0.25, 0), ("val", 0.25, 0)]
     arrays = [cache.load_layer(cache_dir, 2, *s) for s in splits]
-    mapped = [cache.MappedRows(cache.layer_file(cache_dir, 2, *s, tmp_path)) for s in splits]
+    files = [cache.RowFile(cache.layer_file(cache_dir, 2, *s, tmp_path)) for s in splits]
     ref = Trainer(arrays[0], sae_cfg, cfg, val_acts=arrays[1]).fit()
-    got = Trainer(mapped[0], sae_cfg, cfg, val_acts=mapped[1]).fit()
+    got = Trainer(files[0], sae_cfg, cfg, val_acts=files[1]).fit()
     for name, tensor in ref.sae.state_dict().items():
         torch.testing.assert_close(got.sae.state_dict()[name], tensor, rtol=0, atol=0)
     assert got.metrics == ref.metrics
 
 
-def test_a_trial_maps_its_cached_layer_from_the_node_copy(tmp_path, monkeypatch):
+def test_a_trial_reads_its_cached_layer_from_the_node_copy(tmp_path, monkeypatch):
     from sweeps.trainable import CachedLayer, layer_arrays
 
     monkeypatch.setenv(cache.ARRAY_DIR_ENV, str(tmp_path / "node"))
     cache_dir = make_cache(tmp_path / "cache", 5)
     train, val = layer_arrays(CachedLayer(str(cache_dir), 2, 0.25, 0))
-    assert isinstance(train, cache.MappedRows) and train.path.parent.parent == tmp_path / "node"
+    assert isinstance(train, cache.RowFile) and train.path.parent.parent == tmp_path / "node"
     for rows, split in ((train, "train"), (val, "val")):
         expected = cache.load_layer(cache_dir, 2, split, 0.25, 0)
         np.testing.assert_array_equal(rows[torch.arange(len(rows))].numpy(), expected)
