@@ -177,7 +177,8 @@ def main() -> None:
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     start = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # address="local": a fresh instance, never a cluster another process started here
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     t_ray = time.perf_counter() - start
     plain, pipe, first = [], [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,10 +3,10 @@ a trial reading batches from the node's uncompressed copy (cache.RowFile), again
 trial holding the layer in memory, in one run.
 
 It writes an all-token layer of --gb gigabytes as the .npy files cache.layer_file makes (train
-and validation), then trains in fresh processes, alternating: mapped, in memory, mapped, in
-memory. Each child reports its own peak resident set (VmHWM), which counts mapped file pages
-while they are resident: the figure a memory limit on the trial would see. The conversion from
-Parquet (cache.layer_file) is timed on a --convert-gb cache, also in a child of its own.
+and validation), then trains in fresh processes, alternating: file, in memory, file, in memory.
+Each child reports its own peak resident set (VmHWM): the figure a memory limit on the trial
+would see. The conversion from Parquet (cache.layer_file) is timed on a --convert-gb cache, in
+a child of its own.
 
     python benchmarks/bench_mapped.py [--gb 4] [--budget-mib 1280] [--steps 20]
 """
