@@ -481,10 +481,9 @@ def _run_pipeline(cfg, pre, source, run_dir, num_gpus, cpu_threads) -> dict:
     )
     total, max_bad = len(index), ex.max_bad_fraction * len(index)
     skipped, done, nodes, devices = Counter(), [], set(), set()
-    start, first = time.perf_counter(), None
+    start = time.perf_counter()
     with tqdm(total=total, desc="extract", unit="img", dynamic_ncols=True) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            first = first or time.perf_counter() - start
             reasons = batch["reason"]
             nonfinite = batch["row_id"][reasons == "nonfinite"]
             if len(nonfinite):
@@ -511,8 +510,6 @@ def _run_pipeline(cfg, pre, source, run_dir, num_gpus, cpu_threads) -> dict:
         "skipped": dict(skipped),
         "run": {
             "seconds": round(seconds, 3),
-            # actor start, model load and the first batch: what a small run mostly waits for
-            "first_batch_seconds": round(first or seconds, 3),
             "images_per_s": round(len(done_ids) / seconds, 2),
             "nodes": sorted(nodes),
             "devices": sorted(devices),
