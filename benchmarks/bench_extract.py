@@ -1,19 +1,22 @@
 """Extraction throughput: the Ray Data pipeline against a plain loop, in one run.
 
 Plain loop: the HF image processor, then the full model with output_hidden_states, batch by
-batch in this process. Pipeline: `sweeps.extract.extract` end to end (actor start and model
-load included), decoding in CPU tasks while the actor runs a forward stopped after the
-deepest requested layer. Both load the same ViT-B/32-shaped checkpoint (random weights) and
-read the same JPEG files. A second table isolates the forward: 12 blocks against stopping
-after layer 9.
+batch in this process, model and processor loading included. Pipeline: `sweeps.extract.extract`
+end to end into a fresh cache (actor start and model load included; `ray.init` is not, and is
+printed apart). Both load the same ViT-B/32-shaped checkpoint (random weights) and read the
+same JPEG files; they alternate, --runs times, and the table gives medians. A second table
+isolates the forward: 12 blocks against stopping after the layer. Where CUDA exists, a third
+times the GPU actor's inner loop without Ray (decode + preprocess on this machine's cores,
+float16 forward stopped after the layer) at batch 256.
 
-    python benchmarks/bench_extract.py [--images 1024] [--batch-size 64] [--layer 9]
+    python benchmarks/bench_extract.py [--images 1024] [--batch-size 64] [--layer 9] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +78,7 @@ def plain_loop(checkpoint: str, paths: list[Path], batch_size: int, layer: int) 
 
 
 def pipeline(checkpoint: str, folder: Path, cache_dir: Path, batch_size: int, layer: int):
+    """Seconds for one extraction, end to end."""
     cfg = from_mapping(
         {
             "model": {"name_or_path": checkpoint},
@@ -85,6 +89,49 @@ def pipeline(checkpoint: str, folder: Path, cache_dir: Path, batch_size: int, la
     start = time.perf_counter()
     extract(cfg)
     return time.perf_counter() - start
+
+
+def cuda_inner_loop(checkpoint: str, paths: list[Path], layer: int, batch: int = 256):
+    """Images/s of the GPU actor's work per batch without Ray: decode + preprocess on all
+    cores, then the float16 forward stopped after `layer`; and each half alone."""
+    from sae.clip import Preprocessing
+    from sweeps.config import DataConfig
+    from sweeps.extract import decode_batch
+
+    pre = Preprocessing.from_pretrained(checkpoint)
+    model = load_vision_model(checkpoint, dtype=torch.float16).cuda()
+    data = DataConfig(source="folder", path=str(paths[0].parent))
+    paths = (paths * (batch // len(paths) + 1))[:batch]
+    index = {
+        "row_id": np.arange(batch),
+        "path": np.array([str(p) for p in paths], object),
+        "label": np.full(batch, -1),
+    }
+    threads = os.cpu_count() or 1
+
+    def decode():
+        return decode_batch(index, data, pre, 10**9, threads=threads)["pixels"]
+
+    def forward(pixels):
+        x = pre.normalize(torch.from_numpy(pixels).cuda(non_blocking=True), torch.float16)
+        out = capture_layers(model, x, [layer])[layer].float().cpu()
+        return out
+
+    pixels = decode()
+    forward(pixels)  # warm-up: cuBLAS handles, allocator
+    torch.cuda.synchronize()
+    times = {"decode": [], "forward": [], "both": []}
+    for _ in range(3):
+        t = time.perf_counter()
+        decode()
+        times["decode"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        forward(pixels)
+        times["forward"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        forward(decode())
+        times["both"].append(time.perf_counter() - t)
+    return {k: batch / statistics.median(v) for k, v in times.items()}, torch.cuda.get_device_name()
 
 
 def forward_only(checkpoint: str, batch_size: int, layer: int, repeats: int = 3):
@@ -104,43 +151,87 @@ def forward_only(checkpoint: str, batch_size: int, layer: int, repeats: int = 3)
     return min(full), min(stopped)
 
 
+def decode_only(checkpoint: str, paths: list[Path]) -> float:
+    """Seconds per image to read, decode and preprocess on one thread (sweeps.extract)."""
+    from sae.clip import Preprocessing
+    from sweeps.extract import decode_image
+
+    pre = Preprocessing.from_pretrained(checkpoint)
+    start = time.perf_counter()
+    for path in paths:
+        decode_image(str(path), pre, 10**9)
+    return (time.perf_counter() - start) / len(paths)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--layer", type=int, default=9)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
     import ray
 
     os.environ.setdefault("TQDM_DISABLE", "1")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    start = time.perf_counter()
+    # address="local": a fresh instance, never a cluster another process started here
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    t_ray = time.perf_counter() - start
+    plain, pipe = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "vit-b-32")
         paths = make_images(tmp / "images", args.images)
         n = len(paths)
-        t_plain = plain_loop(checkpoint, paths, args.batch_size, args.layer)
-        t_pipe = pipeline(checkpoint, tmp / "images", tmp / "cache", args.batch_size, args.layer)
+        for run in range(args.runs):  # alternating, so background load hits both alike
+            plain.append(plain_loop(checkpoint, paths, args.batch_size, args.layer))
+            pipe.append(
+                pipeline(
+                    checkpoint, tmp / "images", tmp / f"cache{run}", args.batch_size, args.layer
+                )
+            )
         t_full, t_stop = forward_only(checkpoint, args.batch_size, args.layer)
+        t_decode = decode_only(checkpoint, paths[:128])
+        cuda = cuda_inner_loop(checkpoint, paths, args.layer) if torch.cuda.is_available() else None
     ray.shutdown()
 
+    t_plain, t_pipe = statistics.median(plain), statistics.median(pipe)
     print(
         f"\n{n} images of 400x300, ViT-B/32 shape, random weights, batch {args.batch_size}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, layer {args.layer}\n"
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, layer {args.layer}, "
+        f"median of {args.runs} alternating runs (ray.init {t_ray:.1f} s, not counted)\n"
     )
-    print("| path | images/s | vs plain loop |")
-    print("|---|---:|---:|")
+    print("| path | seconds (runs) | images/s | vs plain loop |")
+    print("|---|---:|---:|---:|")
     rows = [
-        ("plain loop: HF processor + full model, output_hidden_states", n / t_plain),
-        (f"pipeline, end to end (layers [{args.layer}])", n / t_pipe),
+        ("plain loop: HF processor + full model, output_hidden_states", t_plain, plain),
+        (f"pipeline, end to end (layers [{args.layer}])", t_pipe, pipe),
     ]
-    for name, rate in rows:
-        print(f"| {name} | {rate:.1f} | {rate * t_plain / n:.2f}x |")
+    for name, t, runs in rows:
+        each = ", ".join(f"{r:.0f}" for r in runs)
+        print(f"| {name} | {t:.1f} ({each}) | {n / t:.1f} | {t_plain / t:.2f}x |")
     print(f"\n| forward, batch {args.batch_size} | ms/batch | speedup |")
     print("|---|---:|---:|")
     print(f"| all 12 blocks, output_hidden_states | {t_full * 1e3:.0f} | 1.00x |")
     print(f"| stop after layer {args.layer} | {t_stop * 1e3:.0f} | {t_full / t_stop:.2f}x |")
+    per_image = t_stop / args.batch_size + t_decode / torch.get_num_threads()
+    print(
+        f"\nwhere the pipeline's time goes, per image: decode + preprocess {t_decode * 1e3:.1f} "
+        f"ms on one thread, forward stopped after layer {args.layer} "
+        f"{t_stop / args.batch_size * 1e3:.1f} ms on {torch.get_num_threads()} threads; the "
+        f"rest, {t_pipe - n * per_image:.1f} s of {t_pipe:.1f} s, is start-up (indexing, weight "
+        "hash, Ray Data, actor start, model load)"
+    )
+    if cuda is None:
+        print("\nno CUDA device: the GPU inner-loop table is skipped")
+    else:
+        rates, device = cuda
+        print(f"\n| GPU actor inner loop, batch 256, {device}, {os.cpu_count()} CPUs | images/s |")
+        print("|---|---:|")
+        print(f"| decode + preprocess ({os.cpu_count()} threads) | {rates['decode']:,.0f} |")
+        print(f"| float16 forward stopped after layer {args.layer} | {rates['forward']:,.0f} |")
+        print(f"| both, one after the other (the actor's loop) | {rates['both']:,.0f} |")
 
 
 if __name__ == "__main__":

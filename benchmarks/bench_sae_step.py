@@ -3,6 +3,10 @@ vs EleutherAI sparsify (when installed), same inputs, measured in one run. The d
 uses our fused Adam; sparsify runs twice, with its trainer's Adam and with our fused one.
 
     python benchmarks/bench_sae_step.py [--steps 7] [--device cpu|cuda]
+
+On a GPU machine `--device cuda` prints the whole GPU table in one run: ours, the dense
+reference and, where sparsify imports, its Triton kernels (sparsify uses them on CUDA). On CPU
+the header says whether the bf16 candidate prefilter is on at each shape, and why.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 
 import torch
 
-from sae import SaeConfig, TrainConfig
+from sae import SaeConfig, TrainConfig, kernels
 from sae.trainer import Trainer, _adam
 
 SHAPES = [(768, 6144, 32, 4096), (768, 3072, 64, 500)]  # (d, M, k, B)
@@ -109,6 +113,12 @@ def main():
     print(header + "\n" + "-" * len(header))
     for d, M, k, B in SHAPES:
         x = torch.randn(B, d, device=device)
+        if device.type == "cpu":
+            on = kernels.bf16_prefilter(torch.empty(B, d), torch.empty(M, d))
+            print(
+                f"bf16 prefilter at B={B}: {'on' if on else 'off'} (native bf16 flags: "
+                f"{kernels._native_bf16_cpu()}, >= 2^28 MACs: {B * M * d >= 2**28})"
+            )
         rate = {"ours": measure(ours(d, M, k, B, args.device), x, args.steps, sync)}
         rate["dense"] = measure(dense_reference(d, M, k, device), x, args.steps, sync)
         if have_sparsify:

@@ -10,7 +10,10 @@ tensor of per-row contributions; both cost more than the matmul we keep.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import re
+import time
 import warnings
 
 import torch
@@ -62,26 +65,77 @@ EXACT_TOPK = os.environ.get("SAE_EXACT_TOPK") == "1"
 PREFILTER_MIN_MACS = 2**28
 
 
+def native_bf16(cpuinfo: str) -> bool | None:
+    """Whether a CPU computes bf16 dot products in hardware, from /proc/cpuinfo's text: x86
+    `avx512_bf16` or `amx_bf16`, ARM `bf16`. None when the text lists no flags.
+
+    oneDNN also runs bf16 matmuls on CPUs without these instructions (any AVX512 core), by
+    converting to fp32: there they are about 2x slower than fp32 itself.
+    """
+    lines = [line for line in cpuinfo.splitlines() if re.match(r"(flags|Features)\s*:", line)]
+    if not lines:
+        return None
+    flags = set(lines[0].split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 @functools.cache
-def _fast_bf16_cpu() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def _native_bf16_cpu() -> bool | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return native_bf16(f.read())
+    except OSError:  # not Linux: let the timing decide
+        return None
+
+
+def _seconds(x_BD: Tensor, w_MD: Tensor) -> float:
+    start = time.perf_counter()
+    torch.mm(x_BD, w_MD.t())
+    return time.perf_counter() - start
+
+
+@functools.cache
+def bf16_matmul_faster(B: int, D: int, M: int) -> bool:
+    """Whether a bf16 (B, D) x (D, M) matmul beats fp32 on this CPU: never without native bf16
+    instructions; where they exist (or the flags are unknown), timed once per shape and process.
+
+    The timing also catches what flags cannot: oneDNN limited by ONEDNN_MAX_CPU_ISA, or a
+    build without bf16 kernels. Native bf16 ran 3-4x faster than fp32 where we measured, an
+    emulated one 2x slower, so a few timed calls decide it even on a busy machine.
+    """
+    if _native_bf16_cpu() is False:
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    fp32 = (torch.randn(B, D, generator=gen), torch.randn(M, D, generator=gen))
+    bf16 = tuple(t.bfloat16() for t in fp32)
+    _seconds(*fp32), _seconds(*bf16)  # first calls: oneDNN builds its kernels
+    t32 = t16 = math.inf
+    for _ in range(3):  # best of three, interleaved, so background load slows both alike
+        t32, t16 = min(t32, _seconds(*fp32)), min(t16, _seconds(*bf16))
+    return t16 < 0.8 * t32
 
 
 def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor) -> bool:
-    """Whether to pick TopK candidates with a bf16 matmul: on CPUs with native bf16 it runs
-    about 4x faster than fp32, and the encoder matmul is most of a training step.
+    """Whether to pick TopK candidates with a bf16 matmul: where bf16 matmuls are faster than
+    fp32 (see bf16_matmul_faster), since the encoder matmul is most of a CPU training step.
 
     Only the choice of candidates (2k per row) uses bf16; their values, the activations and all
     gradients are exact fp32. A true top-k latent outside the bf16 top 2k would need a bf16
     rounding error larger than the gap between the k-th and 2k-th pre-activation.
     """
+    B, D = xc_BD.shape
+    M = W_enc_MD.shape[0]
     return (
         not EXACT_TOPK
         and xc_BD.device.type == "cpu"
         and xc_BD.dtype == W_enc_MD.dtype == torch.float32
         # Below ~3e8 multiply-adds the conversions and rescoring cost more than they save.
-        and xc_BD.shape[0] * W_enc_MD.numel() >= PREFILTER_MIN_MACS
-        and _fast_bf16_cpu()
+        and B * M * D >= PREFILTER_MIN_MACS
+        # Timed at the batch rounded up to a power of two: the last, smaller batch of an
+        # evaluation pass reuses its full batches' answer instead of timing again.
+        and bf16_matmul_faster(1 << (B - 1).bit_length(), D, M)
     )
 
 
@@ -135,7 +189,13 @@ class TopKEncode(torch.autograd.Function):
             acts_BK, idx_BK = pre_BM.topk(width, dim=1, sorted=False)
             acts_BK = torch.where(keep_BM.gather(1, idx_BK), acts_BK, 0)
         acts_BK = acts_BK.relu_()
-        if dead_M is not None and k_aux > 0:
+        if dead_M is not None and k_aux > 0 and not prefilter and xc_BD.device.type != "cpu":
+            # On a GPU, nonzero() would wait for the device; masking the live latents does
+            # not. The caller keeps k_aux <= the dead count, so every pick is a dead latent.
+            live = pre_BM.masked_fill(~dead_M, -math.inf)
+            aux_acts_BA, aux_idx_BA = live.topk(k_aux, dim=1, sorted=False)
+            aux_acts_BA = aux_acts_BA.relu_()
+        elif dead_M is not None and k_aux > 0:
             aux_acts_BA, aux_idx_BA = select(dead_M.nonzero().squeeze(1), k_aux)
             aux_acts_BA = aux_acts_BA.relu_()
         else:

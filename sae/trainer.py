@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,19 +47,21 @@ def as_acts_tensor(acts, name: str = "acts") -> Tensor:
     """View an (N, d) array or tensor as a CPU/GPU tensor without copying it.
 
     Read-only numpy arrays (memory-mapped caches, Ray object-store arrays) are wrapped as is:
-    torch warns that they are not writable, but training never writes to its input.
+    torch warns that they are not writable, but training never writes to its input. Any other
+    object with a torch `shape` and `dtype` whose `[rows]` (an index tensor or a slice) returns a
+    tensor is taken as is: it reads batches on demand, e.g. sweeps.cache.RowFile.
     """
     if isinstance(acts, np.ndarray):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
             acts = torch.from_numpy(acts)
-    elif not isinstance(acts, Tensor):
+    elif not isinstance(acts, Tensor) and not isinstance(getattr(acts, "dtype", None), torch.dtype):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(acts).__name__}")
-    if acts.ndim != 2:
+    if len(acts.shape) != 2:
         raise ValueError(f"{name} must be 2-D (rows, d_in), got shape {tuple(acts.shape)}")
     if acts.shape[0] == 0:
         raise ValueError(f"{name} is empty: no rows to train on")
-    if not acts.is_floating_point():
+    if not acts.dtype.is_floating_point:
         raise ValueError(f"{name} must be floating point, got {acts.dtype}")
     return acts
 
@@ -205,6 +208,17 @@ class Trainer:
         x = self.acts[self.batch_rows(step)].to(self.device, torch.float32, non_blocking=True)
         return x.mul_(self.input_scale) if self.input_scale != 1 else x
 
+    def _read_ahead(self):
+        """Batches from self.step on, each read in a thread while the one before trains: rows
+        read from a file (sweeps.cache.RowFile) may come from disk. One batch ahead, no more."""
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(self._batch, self.step)
+            while True:
+                batch = pending.result()
+                if self.step + 1 < self.total_steps:
+                    pending = reader.submit(self._batch, self.step + 1)
+                yield batch
+
     # -- training ----------------------------------------------------------------------------
     def train_step(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         """One optimizer step; returns (fvu, auxk_loss) as tensors."""
@@ -254,8 +268,9 @@ class Trainer:
         fvu_sum = aux_sum = torch.zeros((), device=self.device)
         n_since, t0 = 0, time.perf_counter()
         metrics: dict[str, float] = {}
+        batches = self._read_ahead()
         while self.step < self.total_steps:
-            fvu, aux = self.train_step(self._batch(self.step))
+            fvu, aux = self.train_step(next(batches))
             fvu_sum, aux_sum, n_since = fvu_sum + fvu, aux_sum + aux, n_since + 1
             if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - t0

@@ -8,11 +8,13 @@ share files. Columns: `row_id` int64, `label` int64 (-1: none), `layer_<L>` fixe
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -21,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import torch
 
 FORMAT_VERSION = 1
 Split = Literal["train", "val", "all"]
@@ -202,3 +205,137 @@ def load_labels(cache_dir, split: Split = "train", val_fraction: float = 0.05, s
 def load_row_ids(cache_dir, split: Split = "train", val_fraction: float = 0.05, seed: int = 0):
     """Row ids (int64) per image, in load_layer's image order."""
     return _split_table(cache_dir, [], split, val_fraction, seed)["row_id"].to_numpy()
+
+
+ARRAY_DIR_ENV = "SAE_ARRAY_DIR"
+"""Where each node keeps its uncompressed layer files (default: <tmp>/clip-sae-arrays)."""
+
+
+def layer_file(
+    cache_dir: str | Path,
+    layer: int,
+    split: Split = "train",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    root: str | Path | None = None,
+) -> Path:
+    """An uncompressed .npy of load_layer's array, written once per node, part by part.
+
+    It lives on the node (`root`, $SAE_ARRAY_DIR, or the temp directory), not beside the
+    Parquet cache on shared storage: every trial on the node reads the same file, so the
+    kernel's page cache holds its rows once for all of them. Writing holds one part in memory.
+    """
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    if layer not in manifest["layers"]:
+        raise KeyError(f"layer {layer} is not in cache {cache_dir} (layers: {manifest['layers']})")
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be train, val or all (got {split!r})")
+    root = Path(
+        root or os.environ.get(ARRAY_DIR_ENV) or Path(tempfile.gettempdir()) / "clip-sae-arrays"
+    )
+    directory = root / manifest["key"]
+    path = directory / f"layer_{layer}-{split}-{val_fraction}-{seed}.npy"
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # trials starting together: one writes, others wait
+        if not path.exists():
+            _write_layer_file(cache_dir, manifest, layer, split, val_fraction, seed, path)
+    return path
+
+
+def _write_layer_file(cache_dir, manifest, layer, split, val_fraction, seed, path: Path) -> None:
+    column = f"layer_{layer}"
+    ids = _split_table(cache_dir, [], split, val_fraction, seed)["row_id"].to_numpy()
+    d, tokens = manifest["d_model"], manifest["tokens_per_image"]
+    dtype = np.dtype(manifest["dtype"])
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    image_bytes = tokens * d * dtype.itemsize
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(ids) * tokens, d)})
+        start = f.tell()
+        # The full size as a sparse file: rows go in with positioned writes below, which pass
+        # through the page cache instead of this process's memory.
+        f.truncate(start + len(ids) * image_bytes)
+    fd = os.open(tmp, os.O_WRONLY)
+    try:
+        for part in manifest["parts"]:
+            table = pq.read_table(Path(cache_dir) / part, columns=["row_id", column])
+            part_ids = table["row_id"].to_numpy()
+            pos = np.searchsorted(ids, part_ids)
+            mine = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == part_ids)
+            if not mine.any():
+                continue
+            values = np.concatenate(
+                [c.storage.flatten().to_numpy(zero_copy_only=False) for c in table[column].chunks]
+            ).reshape(len(part_ids), -1)
+            order = np.flatnonzero(mine)[np.argsort(pos[mine])]
+            # one write per run of consecutive images
+            runs = np.split(order, np.flatnonzero(np.diff(pos[order]) != 1) + 1)
+            for run in runs:
+                os.pwrite(
+                    fd,
+                    values[run].astype(dtype, copy=False).tobytes(),
+                    start + int(pos[run[0]]) * image_bytes,
+                )
+        os.close(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+class RowFile:
+    """The rows of an .npy file for training: `rows[index]` reads just those rows into a new
+    tensor with positioned reads, one per run of consecutive rows.
+
+    The reads go through the node's page cache, shared by every trial reading the file, and
+    nothing of the file stays in this process's memory: its peak is one batch. (A memory map
+    would not bound it: a fault maps a whole large folio of the page cache, and a batch of
+    random rows touched most of a 4 GB file's pages.) A drop-in for an (N, d) tensor where the
+    trainer reads batches (shape, dtype, len, [ ]).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            if np.lib.format.read_magic(f) == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            self._offset = f.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{self.path}: expected a 2-D C-ordered array, got {shape}")
+        self.np_dtype = dtype
+        self.shape = torch.Size(shape)
+        self.dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+        self._row_bytes = shape[1] * dtype.itemsize
+        self._file = open(self.path, "rb", buffering=0)  # closed when this object goes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        index = np.asarray(index, np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows of {self.path}")
+        order = np.argsort(index, kind="stable")  # read in file order
+        wanted = index[order]
+        rows = np.empty((len(index), self.shape[1]), self.np_dtype)
+        runs = np.flatnonzero(np.diff(wanted) != 1) + 1
+        for lo, hi in zip(np.r_[0, runs], np.r_[runs, len(wanted)]):
+            want = (hi - lo) * self._row_bytes
+            got = os.preadv(
+                self._file.fileno(), [rows[lo:hi]], self._offset + int(wanted[lo]) * self._row_bytes
+            )
+            if got != want:
+                raise OSError(f"{self.path}: short read ({got} of {want} bytes): file truncated?")
+        if not np.array_equal(order, np.arange(len(order))):
+            rows[order] = rows.copy()  # back to the asked order
+        return torch.from_numpy(rows)

@@ -227,9 +227,11 @@ class TuneSettings:
 
     data: Literal["auto", "object_store", "cache"] = "auto"
     """How trials get activations: object_store (the driver loads each layer once and shares
-    it), cache (each trial worker reads it from extract.cache_dir, which must be shared
-    storage), or auto (cache when extract.cache_dir is on a network file system such as the
-    cluster's NFS/EFS, else object_store; never from which nodes happen to be up)."""
+    it), cache (trials read batches from an uncompressed copy of the layer that each node
+    writes once from extract.cache_dir, which must be shared storage; $SAE_ARRAY_DIR or the
+    temp directory holds it), or auto (cache for all-token layers, which can outgrow memory,
+    and when extract.cache_dir is on a network file system such as a cluster's NFS/EFS; else
+    object_store. Never from which nodes happen to be up)."""
 
     show_top: int = 10
     """Trials in the summary table."""

@@ -16,6 +16,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,15 +254,29 @@ def decode_image(value, pre: Preprocessing, max_pixels: int) -> tuple[np.ndarray
 
 
 def decode_batch(
-    index: dict[str, np.ndarray], data: DataConfig, pre: Preprocessing, max_pixels: int
+    index: dict[str, np.ndarray],
+    data: DataConfig,
+    pre: Preprocessing,
+    max_pixels: int,
+    threads: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Fetch, decode and preprocess a block; bad rows keep their row id and get a reason."""
+    """Fetch, decode and preprocess a block; bad rows keep their row id and get a reason.
+
+    With threads > 1, images decode in parallel: PIL releases the GIL to decode and resize."""
     images, labels = _fetch(index, data)
     crop_h, crop_w = pre.crop_hw or pre.size_hw
     pixels_BCHW = np.zeros((len(images), 3, crop_h, crop_w), np.uint8)
     reasons = []
-    for i, value in enumerate(images):
-        pixels, reason = decode_image(value, pre, max_pixels)
+
+    def decode(value):
+        return decode_image(value, pre, max_pixels)
+
+    if threads > 1 and len(images) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            decoded = list(pool.map(decode, images))
+    else:
+        decoded = map(decode, images)
+    for i, (pixels, reason) in enumerate(decoded):
         if pixels is not None:
             pixels_BCHW[i] = pixels
         reasons.append(reason)
@@ -277,9 +292,20 @@ def decode_batch(
 
 
 class Encoder:
-    """A Ray Data actor: one CLIP vision model, writing a Parquet part per batch."""
+    """A Ray Data actor: one CLIP vision model, writing a Parquet part per batch.
 
-    def __init__(self, cfg: Config, pre: Preprocessing, run_dir: str, cpu_threads: int):
+    On CPU it also decodes its batches (`decode`: decode_batch's keyword arguments): decoding
+    in separate tasks would only take cores from the forward, and each thread it adds to the
+    forward's threads makes both slower than taking turns."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        pre: Preprocessing,
+        run_dir: str,
+        cpu_threads: int,
+        decode: dict | None = None,
+    ):
         import ray
         import torch
 
@@ -298,10 +324,13 @@ class Encoder:
         self.layers, self.token_mode = cfg.extract.layers, cfg.extract.token_mode
         self.cache_dtype = np.dtype(cfg.extract.cache_dtype)
         self.node = ray.get_runtime_context().get_node_id()
+        self.decode = None if decode is None else {**decode, "threads": cpu_threads}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from sae.clip import capture_layers
 
+        if self.decode is not None:
+            batch = decode_batch(batch, **self.decode)
         reasons = batch["reason"].copy()
         ok = reasons == ""
         if ok.any():
@@ -427,26 +456,27 @@ def _run_pipeline(cfg, pre, source, run_dir, num_gpus, cpu_threads) -> dict:
     ctx.enable_progress_bars = False  # one tqdm bar in images instead of one per operator
     index = source.index
     blocks = [index.slice(i, ex.rows_per_task) for i in range(0, len(index), ex.rows_per_task)]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        decode_batch,
-        batch_size=None,
-        batch_format="numpy",
-        fn_kwargs={"data": cfg.data, "pre": pre, "max_pixels": ex.max_image_pixels},
-    )
+    ds = ray.data.from_arrow(blocks)
+    decode = {"data": cfg.data, "pre": pre, "max_pixels": ex.max_image_pixels}
+    if num_gpus > 0:
+        # A GPU actor must not wait for decoding: CPU tasks decode ahead of it.
+        ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", fn_kwargs=decode)
     ds = ds.map_batches(
         Encoder,
         batch_size=ex.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=ex.num_actors),
         num_gpus=num_gpus,
-        # a model actor mostly waits on its device; and remote args unlike the decode
-        # tasks' keep Ray from fusing decoding into the actor, which would serialise them
+        # a GPU actor mostly waits on its device; and remote args unlike the decode tasks'
+        # keep Ray from fusing decoding into it, which would serialise them. A CPU actor
+        # decodes itself and sizes its threads by cpu_threads.
         num_cpus=0.5,
         fn_constructor_kwargs={
             "cfg": cfg,
             "pre": pre,
             "run_dir": str(run_dir),
             "cpu_threads": cpu_threads,
+            "decode": None if num_gpus > 0 else decode,
         },
     )
     total, max_bad = len(index), ex.max_bad_fraction * len(index)

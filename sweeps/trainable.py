@@ -54,17 +54,27 @@ class CachedLayer:
             for split in ("train", "val")
         )
 
+    def row_files(self) -> tuple[cache.RowFile, cache.RowFile]:
+        """Both splits read batch by batch from the node's uncompressed copy of the layer,
+        written there by the first trial that needs it: no trial holds the layer in memory."""
+        return tuple(
+            cache.RowFile(
+                cache.layer_file(self.cache_dir, self.layer, split, self.val_fraction, self.seed)
+            )
+            for split in ("train", "val")
+        )
+
 
 @functools.lru_cache(maxsize=2)
-def _read_once(layer: CachedLayer):
-    # Tune reuses trial workers: each reads a layer once, not once per trial.
-    return layer.read()
+def _open_once(layer: CachedLayer):
+    # Tune reuses trial workers: each opens a layer once, not once per trial.
+    return layer.row_files()
 
 
-def layer_arrays(source) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) activations from object refs the driver put, or from the cache."""
+def layer_arrays(source) -> tuple:
+    """(train, val) activations from object refs the driver put, or read from the cache."""
     if isinstance(source, CachedLayer):
-        return _read_once(source)
+        return _open_once(source)
     # ray.get maps object-store arrays read-only and zero-copy on the trial's node.
     return tuple(ray.get(list(source)))
 

@@ -211,6 +211,7 @@ def _autoscaler_node_types() -> list[dict] | None:
     # Ray's autoscaler (v1 and v2) announces itself under this key when it starts.
     return None if _internal_kv_get(b"AutoscalerMetricsAddress") else []
 
+
 def _sampler(cfg: Config):
     import optuna
 
@@ -226,11 +227,12 @@ def _sampler(cfg: Config):
 def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_image: int):
     """How trials get each layer, and the training rows per layer.
 
-    On one node the driver reads each layer once and puts it in the object store, where trials
-    map it without a copy. On several, trials read it from the cache on shared storage (each
-    reused trial worker once), so the head's memory and network are not the bottleneck.
-    `auto` decides by where the cache lives, not by the nodes alive now: on a cluster that
-    scales from zero workers, those come and go."""
+    On one node the driver reads each CLS layer once and puts it in the object store, where
+    trials map it without a copy. On several, and for all-token layers (which can outgrow
+    memory), trials read batches from each node's uncompressed copy of the cache
+    (cache.layer_file), so neither the head's memory nor a trial's bounds the data. `auto`
+    decides by the token mode and where the cache lives, not by the nodes alive now: on a
+    cluster that scales from zero workers, those come and go."""
     split = (cfg.train.val_fraction, cfg.train.seed)
     n_train = len(cache.load_row_ids(cache_dir, "train", *split)) * tokens_per_image
     n_val = len(cache.load_row_ids(cache_dir, "val", *split))
@@ -241,7 +243,8 @@ def _layer_sources(cfg: Config, cache_dir: Path, layers: list[int], tokens_per_i
         )
     mode = cfg.tune.data
     if mode == "auto":
-        mode = "cache" if _on_network_fs(cache_dir) else "object_store"
+        shared = _on_network_fs(cache_dir)
+        mode = "cache" if shared or tokens_per_image > 1 else "object_store"
     sources = {}
     for layer in layers:
         spec = CachedLayer(str(cache_dir), layer, *split)

@@ -240,16 +240,33 @@ def test_killed_run_then_rerun_gives_a_complete_cache(ray_session, tiny, tmp_pat
 
 
 CLUSTER_SCRIPT = """
-import json, sys
+import json, sys, threading, time
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
 from sweeps.config import from_mapping
 from sweeps.extract import extract
 
+sections, images = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
 ray.init(address=cluster.address, log_to_driver=False)
-result = extract(from_mapping(json.loads(sys.argv[1])))
+
+def feed(fifo, image):
+    with open(fifo, "wb") as f:  # blocks until a decode task opens the pipe
+        f.write(open(image, "rb").read())
+
+def release_images_once_both_actors_are_up():
+    # An actor is ALIVE once its constructor (model load) returned. Until then no image can
+    # be decoded, so the first actor up cannot take every row before the second starts.
+    alive = [("state", "=", "ALIVE")]
+    while sum("Encoder" in a.class_name for a in list_actors(filters=alive)) < 2:
+        time.sleep(0.2)
+    for fifo, image in images.items():
+        threading.Thread(target=feed, args=(fifo, image), daemon=True).start()
+
+threading.Thread(target=release_images_once_both_actors_are_up, daemon=True).start()
+result = extract(from_mapping(sections))
 print(json.dumps({"nodes": result.manifest["run"]["nodes"], "rows": result.manifest["rows"],
                   "workers": sorted(w.node_id for w in workers)}))
 ray.shutdown()
@@ -258,9 +275,17 @@ cluster.shutdown()
 
 
 def test_two_simulated_gpu_nodes_each_run_an_actor(tiny, folder, tmp_path):
+    # The images are named pipes that the script fills only once both actors are up.
+    pipes, images = tmp_path / "pipes", {}
+    for image in sorted(Path(folder).rglob("*.png")):
+        pipe = pipes / image.relative_to(folder)
+        pipe.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(pipe)
+        images[str(pipe)] = str(image)
+    assert len(images) == 24
     sections = config(
         tiny,
-        folder,
+        pipes,
         tmp_path / "cache",
         num_actors=2,
         num_gpus_per_actor=1,
@@ -269,7 +294,7 @@ def test_two_simulated_gpu_nodes_each_run_an_actor(tiny, folder, tmp_path):
     )
     env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
     out = subprocess.run(
-        [sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(sections)],
+        [sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(sections), json.dumps(images)],
         cwd=ROOT,
         env=env,
         capture_output=True,
