@@ -64,8 +64,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from sweeps.extract import extract
 
     cfg = load_config(args.config, args.set)
-    init_ray(args.address, args.verbose)
-    extract(cfg)
+    extract(cfg, start_ray=lambda: init_ray(args.address, args.verbose))  # not on a cache hit
     return 0
 
 

@@ -16,6 +16,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,8 +387,10 @@ def locate_cache(cfg: Config):
     return pre, source, inputs, key, cache.find_cache(cfg.extract.cache_dir, key)
 
 
-def extract(cfg: Config) -> ExtractResult:
-    """Build the activation cache for cfg, or find it. Ray must be initialised."""
+def extract(cfg: Config, start_ray: Callable[[], object] | None = None) -> ExtractResult:
+    """Build the activation cache for cfg, or find it. Ray must be initialised, or
+    `start_ray` given: it is called only when there is work to do, so a cache hit needs no
+    Ray."""
     import ray
     from transformers import CLIPVisionConfig
 
@@ -405,6 +408,8 @@ def extract(cfg: Config) -> ExtractResult:
         print(f"extract: cache hit, no work done: {manifest['rows']} images in {found}")
         return ExtractResult(found, manifest, reused=True)
 
+    if start_ray is not None:
+        start_ray()
     run_dir = cache.start_run(ex.cache_dir, key)
     try:
         num_gpus = ex.num_gpus_per_actor

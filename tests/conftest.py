@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -12,6 +15,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Node copies of cached layers (cache.layer_file) go to a folder of this session, not /tmp.
+os.environ.setdefault("SAE_ARRAY_DIR", tempfile.mkdtemp(prefix="sae-arrays-"))
+atexit.register(shutil.rmtree, os.environ["SAE_ARRAY_DIR"], True)
 
 
 @pytest.fixture(scope="session")

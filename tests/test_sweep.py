@@ -476,6 +476,17 @@ def test_numeric_strings_are_numbers_and_yaml_errors_name_the_place(demo_assets,
         load_config(bad)
 
 
+def test_a_cache_hit_needs_no_ray(demo_assets, tmp_path):
+    args = ["extract", "--config", DEMO_CONFIG, *overrides(demo_assets, tmp_path, "hit")]
+    first = cli(args)  # builds the cache, or finds it
+    log, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, log
+    # An address nothing listens on: reaching for Ray would fail, a cache hit must not.
+    again = cli([*args, "--address", "127.0.0.1:9"])
+    log, _ = again.communicate(timeout=120)
+    assert again.returncode == 0 and "cache hit, no work done" in log, log
+
+
 def test_unreachable_ray_address_fails_fast(demo_assets, tmp_path, capsys):
     args = ["sweep", "--config", DEMO_CONFIG, "--address", "127.0.0.1:9"]
     for s in [*demo_assets, f"sweep.out_dir={tmp_path}"]:
