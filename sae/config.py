@@ -180,7 +180,7 @@ def coerce(value, hint, name: str):
         raise ValueError(f"{name}: expected one of {', '.join(map(str, args))}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{name}: expected a list of {_type_name(args[0])}, got {value!r}")
+            raise ValueError(f"{name}: expected {_type_name(hint)}, got {value!r}")
         return [coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
@@ -214,7 +214,8 @@ def _type_name(hint) -> str:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(args[0])}"
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0]) or _type_name(args[0])}"
     text = " or ".join(_type_name(a) for a in args)
     return text + " or null" if type(None) in typing.get_args(hint) else text
 

@@ -32,10 +32,9 @@ def check_ray_address(address: str) -> None:
         ) from None
 
 
-def init_ray(address: str | None, verbose: bool = False) -> None:
-    """Connect to a cluster when an address is given (flag or RAY_ADDRESS), else start one.
-
-    Ray's INFO logs reach the console only with --verbose."""
+def init_ray(address: str | None, verbose: bool = False) -> bool:
+    """Connect to a cluster when an address is given (flag or RAY_ADDRESS), else start one;
+    whether it started one. Ray's INFO logs reach the console only with --verbose."""
     import logging
 
     import ray
@@ -49,15 +48,16 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     if address:
         check_ray_address(address)
         ray.init(address=address, log_to_driver=verbose, **quiet)
-    else:
-        # Loopback: a local instance needs no other interface.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=verbose,
-            _node_ip_address="127.0.0.1",
-            **quiet,
-        )
+        return False
+    # Loopback: a local instance needs no other interface.
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=verbose,
+        _node_ip_address="127.0.0.1",
+        **quiet,
+    )
+    return True
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -81,9 +81,9 @@ def _sweep(configs, args, resume: bool) -> list:
         for cfg in configs:
             for what in delete_sweep(cfg):
                 print(f"--overwrite: deleted {what}")
-    init_ray(args.address, args.verbose)
+    local = init_ray(args.address, args.verbose)
     for cfg in configs:
-        check_resources(cfg)
+        check_resources(cfg, local)
     results = []
     for cfg in configs:
         display = [] if cfg.tune.verbose else [SweepDisplay(cfg.tune.num_samples)]

@@ -173,13 +173,14 @@ def _experiment(cfg: Config) -> str:
     return cfg.sweep.experiment or cfg.sweep.name
 
 
-def check_resources(cfg: Config) -> None:
+def check_resources(cfg: Config, local: bool) -> None:
     """Fail at once when no node the cluster has, or that its autoscaler can launch, can run a
-    trial; Tune would wait for it forever. Ray must be initialised."""
+    trial; Tune would wait for it forever. Ray must be initialised; `local`: by this process,
+    so no autoscaler adds nodes."""
     need = {"CPU": cfg.tune.cpus_per_trial, "GPU": cfg.tune.gpus_per_trial}
     if cfg.train.device == "cuda":
         need["GPU"] = max(need["GPU"], 1e-9)
-    node_types = _autoscaler_node_types()
+    node_types = [] if local else _autoscaler_node_types()
     if node_types is None:
         return  # an autoscaler whose node types this driver cannot read: Tune will wait
     shapes = [n["Resources"] for n in ray.nodes() if n["Alive"]] + node_types
@@ -196,10 +197,9 @@ def check_resources(cfg: Config) -> None:
 
 def _autoscaler_node_types() -> list[dict] | None:
     """Resources of the node types the autoscaler can launch: from the cluster config it
-    reports to the GCS, else from the config `ray up` leaves on the head; [] without an
-    autoscaler; None for an autoscaler whose node types neither tells."""
+    reports to the GCS, else from the config `ray up` leaves on the head; None when neither
+    tells (a cluster started by hand, or Ray's fake autoscaler)."""
     import yaml
-    from ray.experimental.internal_kv import _internal_kv_get
 
     config = ray._private.state.state.get_cluster_config()
     if config is not None and config.node_group_configs:
@@ -208,8 +208,7 @@ def _autoscaler_node_types() -> list[dict] | None:
     if path.is_file():
         types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
         return [t.get("resources") or {} for t in types.values()]
-    # Ray's autoscaler (v1 and v2) announces itself under this key when it starts.
-    return None if _internal_kv_get(b"AutoscalerMetricsAddress") else []
+    return None
 
 
 def _sampler(cfg: Config):

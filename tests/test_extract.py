@@ -316,8 +316,10 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
         load_config(cfg_file, ["sea.x=1"])
     with pytest.raises(ConfigError, match="unknown extract field.*layer"):
         load_config(cfg_file, ["extract.layer=1"])
-    with pytest.raises(ConfigError, match=r"extract.layers \(got 9\).*\[7, 9, 11\]"):
+    with pytest.raises(ConfigError, match=r"extract.layers: expected a list of integers, got 9"):
         load_config(cfg_file, ["extract.layers=9"])
+    with pytest.raises(ConfigError, match=r"extract.layers \(got \[9, 9\]\).*\[7, 9, 11\]"):
+        load_config(cfg_file, ["extract.layers=[9, 9]"])
     with pytest.raises(ConfigError, match="data.fraction"):
         load_config(cfg_file, ["data.fraction=0"])
     with pytest.raises(ConfigError, match="section.field=value"):
