@@ -88,7 +88,7 @@ def main(spec: dict) -> None:
         env=os.environ | {"RAY_ADDRESS": cluster.address},
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=1200,  # a guard against a hang, not a speed limit: loaded machines are slow
     )
     report = {
         "workers": [w.node_id for w in workers],
@@ -178,7 +178,7 @@ def autoscale(spec: dict) -> None:
         env=os.environ | {"RAY_ADDRESS": "127.0.0.1:6379"},
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=1200,  # a guard against a hang, not a speed limit
     )
     ended = time.monotonic()
     # The workers go after the idle timeout; wait for that, not for a fixed time.

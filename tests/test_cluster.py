@@ -289,7 +289,7 @@ def run_cluster_sweep(
         env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", **LOOPBACK, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(report.read_text())
@@ -297,6 +297,7 @@ def run_cluster_sweep(
     return result
 
 
+@pytest.mark.timeout(1800)  # minutes on a loaded 2-core machine
 def test_fractional_gpu_trials_spread_over_both_workers(demo_sets, mlflow_server, tmp_path):
     # Storage as a URI goes through pyarrow.fs, as s3:// does on AWS.
     sets = [
@@ -332,6 +333,7 @@ def test_fractional_gpu_trials_spread_over_both_workers(demo_sets, mlflow_server
         TopKSae.load(row["sae_dir"].removeprefix("file://"))
 
 
+@pytest.mark.timeout(1800)  # minutes on a loaded 2-core machine
 def test_gpu_workers_scale_from_zero_run_the_trials_and_go_when_idle(demo_sets, tmp_path):
     """Ray's autoscaler (v2, as `ray up` runs it) on fake nodes: a head without GPUs, a GPU
     worker type at min_workers 0 as in cluster.yaml. Trials that need a GPU make it add
@@ -368,6 +370,7 @@ def test_gpu_workers_scale_from_zero_run_the_trials_and_go_when_idle(demo_sets, 
 EVAL_EVERY = 10
 
 
+@pytest.mark.timeout(1800)  # minutes on a loaded 2-core machine
 def test_removed_worker_node_trials_resume_elsewhere(demo_sets, mlflow_server, tmp_path):
     sets = [
         *demo_sets,
