@@ -225,6 +225,12 @@ class TuneSettings:
     max_failures: int = 2
     """Retries of a failed trial, each from its last checkpoint."""
 
+    checkpoint_interval_s: float = 60.0
+    """Least seconds between a trial's checkpoints (taken at evals, see train.checkpoint_every,
+    and at the end): a killed trial redoes at most this much work. Each checkpoint writes the
+    SAE and Adam's state, and every second one forces Tune to snapshot the experiment, so
+    checkpointing at every eval costs more than it saves. 0: at every eval."""
+
     data: Literal["auto", "object_store", "cache"] = "auto"
     """How trials get activations: object_store (the driver loads each layer once and shares
     it), cache (trials read batches from an uncompressed copy of the layer that each node
@@ -263,6 +269,12 @@ class TuneSettings:
             self.reduction_factor,
         )
         _check(self.max_failures >= 0, "tune.max_failures", "use 0 or more", self.max_failures)
+        _check(
+            self.checkpoint_interval_s >= 0,
+            "tune.checkpoint_interval_s",
+            "use 0 (every eval) or more seconds",
+            self.checkpoint_interval_s,
+        )
         _check(self.sampler in ("tpe", "nsga2"), "tune.sampler", "use tpe or nsga2", self.sampler)
         _check(
             self.data in ("auto", "object_store", "cache"),

@@ -5,6 +5,7 @@ Also the material the tests build on: nothing here touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -49,11 +50,26 @@ def make_tiny_clip(
     else:
         model = CLIPVisionModel(CLIPVisionConfig(**vision))
     directory = str(directory)
-    model.save_pretrained(directory)
+    with _quiet_progress():
+        model.save_pretrained(directory)
     CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(directory)
     return directory
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """transformers' "Writing model shards" bar, noise for a model of a few kB."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def random_image(rng: np.random.Generator, h: int | None = None, w: int | None = None):

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,10 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
 
     # Which node trained this step: a retried trial may move to another one.
     node_id = ray.get_runtime_context().get_node_id()
+    last_checkpoint = time.monotonic()
 
     def report(metrics: dict, trainer: Trainer) -> None:
+        nonlocal last_checkpoint
         metrics = {**metrics, "layer": int(config["layer"]), "node_id": node_id}
         final = trainer.step >= trainer.total_steps
         if final:
@@ -126,7 +129,9 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
                 (directory / FINAL_METRICS).write_text(json.dumps(metrics, default=float))
 
             storage.write_dir(sae_dir, write)
-        if trainer.checkpoint_due():
+        waited = time.monotonic() - last_checkpoint
+        if trainer.checkpoint_due() and (final or waited >= fixed["checkpoint_interval_s"]):
+            last_checkpoint = time.monotonic()
             with tempfile.TemporaryDirectory() as tmp:
                 trainer.save_state(tmp)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

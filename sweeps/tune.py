@@ -54,7 +54,7 @@ class SweepResult:
 
 
 #: Config fields a resume may change: they only shape what the driver prints.
-RESUMABLE_FIELDS = ("tune.show_top", "tune.verbose")
+RESUMABLE_FIELDS = ("tune.show_top", "tune.verbose", "tune.checkpoint_interval_s")
 
 
 def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
@@ -280,6 +280,7 @@ def _trainable_settings(cfg: Config, tokens_per_image: int) -> dict[str, Any]:
         "tokens_per_image": tokens_per_image,
         "sae_root": storage.join(cfg.sweep.experiment_path(), "sae"),
         "objectives": list(cfg.tune.objective_modes()),
+        "checkpoint_interval_s": cfg.tune.checkpoint_interval_s,
     }
 
 

@@ -53,7 +53,7 @@ def reports(exp_dir: Path) -> dict[str, list[tuple[str, int]]]:
 
 def remove_first_checkpointed(cluster: Cluster, exp_dir: Path, removed: list) -> None:
     """Once a trial has a checkpoint, remove the worker node it runs on, without warning."""
-    deadline = time.time() + 240
+    deadline = time.time() + 1200  # a hang guard: under load the first checkpoint takes minutes
     while time.time() < deadline:
         for ckpt in exp_dir.glob("run_trial_*/checkpoint_*"):
             try:  # the driver may not have written the result of this checkpoint yet

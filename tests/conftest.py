@@ -60,7 +60,9 @@ def mlflow_server(tmp_path_factory):
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     # Its own session, so that stopping it also stops the uvicorn and job-runner children.
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
+    # It starts in seconds on a quiet machine and in minutes beside busy loops: wait for it
+    # while it runs; the deadline only guards against a hang.
+    deadline = time.monotonic() + 900
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=1)

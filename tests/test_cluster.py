@@ -414,7 +414,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -645,7 +645,7 @@ def test_ray_up_starts_the_cluster_and_a_job_sweeps_into_its_mlflow(
     assert not _wait_for_none(lambda: _node_pids(node["ns"]))
 
 
-def _wait_for_none(find, timeout: float = 60) -> set:
+def _wait_for_none(find, timeout: float = 300) -> set:
     """Poll find() until it returns nothing or timeout passes; returns its last answer."""
     deadline = time.monotonic() + timeout
     while (found := find()) and time.monotonic() < deadline:

@@ -66,7 +66,8 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     assert sum(line.startswith("started ") for line in lines) == 4, log
     assert sum(line.startswith(("finished ", "stopped ")) for line in lines) == 4, log
     assert any(line.split()[:2] == ["trial_id", "status"] for line in lines)
-    for noise in ("Trial status", "Configuration for experiment", "INFO", "TensorBoard"):
+    noise_lines = ("Trial status", "Configuration for experiment", "INFO", "TensorBoard")
+    for noise in (*noise_lines, "snapshotting"):
         assert noise not in log
     assert "image factors have a latent that picks them out" in log
     assert "best SAE: " in log and "next: sae-sweep best --config " in log
@@ -207,7 +208,7 @@ def assert_records_exact(uri: str, name: str, exp_dir: Path, eval_every: int) ->
         assert evals == list(range(eval_every, evals[-1] + 1, eval_every)), steps
 
 
-def _wait(proc: subprocess.Popen, condition, what: str, timeout: float = 300) -> bool:
+def _wait(proc: subprocess.Popen, condition, what: str, timeout: float = 900) -> bool:
     """Poll `condition` until it holds (True), or until the driver exits (False)."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -242,6 +243,7 @@ def test_killed_driver_at_any_moment_then_resume_keeps_records_exact(demo_assets
         "tune.grace_period=80",
         "train.epochs=8",
         f"train.eval_every={eval_every}",
+        "tune.checkpoint_interval_s=0",  # checkpoint at every eval: resumes start from them
     )
     uri, exp_dir = f"sqlite:///{out / 'mlflow.db'}", out / "ray_results" / name
 
@@ -300,7 +302,7 @@ def _trial_worker_pids() -> list[int]:
 
 def _kill_first_trial_worker(exp_dir: Path, killed: list):
     """Once a trial has checkpointed twice, SIGKILL the worker process that runs it."""
-    deadline = time.time() + 240
+    deadline = time.time() + 900
     while time.time() < deadline:
         # The second checkpoint on disk means Tune has taken the first report (a report
         # blocks training until the driver fetches it), so the first checkpoint is Tune's.
@@ -325,6 +327,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(ray_session, demo_asset
             "tune.asha=false",
             "train.epochs=30",
             "train.eval_every=20",
+            "tune.checkpoint_interval_s=0",
             "tune.verbose=0",
         ],
     )
@@ -352,6 +355,8 @@ def test_multi_objective_sweep_returns_a_pareto_set(ray_session, demo_assets, tm
             "tune.asha=false",
             "tune.sampler=nsga2",
             "train.epochs=3",
+            "train.eval_every=20",
+            "tune.checkpoint_interval_s=3600",
             "tune.verbose=0",
             "tune.objectives=[val/fvu:min, val/l0:min]",
             "search.activation=[topk, batchtopk]",
@@ -369,6 +374,11 @@ def test_multi_objective_sweep_returns_a_pareto_set(ray_session, demo_assets, tm
         assert any(f[0] <= point[0] and f[1] <= point[1] for f in front)
     client = MlflowClient(result.tracking_uri)
     assert client.get_run(result.parent_run_id).data.tags["pareto.size"] == str(len(front))
+    # About ten evals per trial, one checkpoint: the interval spaces them out (Tune numbers them).
+    trial_dirs = list((tmp_path / "ray_results" / "pareto").glob("run_trial_*"))
+    assert len(trial_dirs) == 5
+    for trial_dir in trial_dirs:
+        assert [c.name for c in trial_dir.glob("checkpoint_*")] == ["checkpoint_000000"]
 
 
 def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
