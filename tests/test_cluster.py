@@ -381,6 +381,7 @@ def test_removed_worker_node_trials_resume_elsewhere(demo_sets, mlflow_server, t
         "tune.max_concurrent=4",
         "train.epochs=15",
         f"train.eval_every={EVAL_EVERY}",
+        "tune.checkpoint_interval_s=0",  # a checkpoint at every eval, to resume from
     ]
     report = run_cluster_sweep(sets, tmp_path / "ray_results" / "nodeloss", True)
 
