@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +17,55 @@ from mlflow.tracking import MlflowClient
 from sae import TopKSae
 from sweeps import analysis, cache, report
 from sweeps.best import best_trials, sweep_parent, trial_sae_dir
-from sweeps.config import AnalyzeOptions, Config
+from sweeps.config import Config
 from sweeps.extract import absolute_paths, locate_cache
 from sweeps.schema import child_filter, final_name
+
+
+@dataclass
+class AnalyzeOptions:
+    """What `analyze` looks at; the CLI flags of the same names."""
+
+    run_id: str | None = None
+    """MLflow run id of the trial to analyse (default: the sweep's best trial)."""
+
+    checkpoint: str | None = None
+    """An SAE checkpoint directory to analyse instead of a trial."""
+
+    layer: int | None = None
+    """Layer a --checkpoint SAE reads (default: its trial's layer, or the cache's only layer)."""
+
+    latents: list[int] = field(default_factory=list)
+    """Latents whose top images are shown, e.g. 1,2,3 (default: --top-latents)."""
+
+    top_latents: int = 0
+    """Latents whose top images are shown when --latents is not given: the top N by
+    --criterion (0: every live latent). The report lists every latent either way."""
+
+    criterion: str = "max_act"
+    """How latents are ranked: max_act, mean_act (when firing) or frequency."""
+
+    top_images: int = 16
+    """Top-activating images shown per latent."""
+
+    batch_size: int = 1024
+    """Inputs per encode batch (tokens in all-token mode; whole images); memory grows with it
+    and the SAE's width, not with the dataset."""
+
+    downstream_images: int = 1000
+    """Validation images for the zero-shot check, stratified by class (0: skip it)."""
+
+    class_names: str = ""
+    """Readable class names for the zero-shot prompts: a JSON file mapping the dataset's label
+    names (e.g. ImageNet WNIDs) to names, or a text file with one name per label, in label
+    order (default: the dataset's label names)."""
+
+    prompts: str = "a photo of a {}."
+    """Zero-shot prompt templates, separated by |, or "ensemble" for the CLIP paper's 7
+    ImageNet templates."""
+
+    out: str = ""
+    """Output directory (default: <sweep.out_dir>/analysis/<trial id or checkpoint name>)."""
 
 
 @dataclass
@@ -36,6 +82,32 @@ class Target:
 def _children(client: MlflowClient, parent, extra: str = "") -> list:
     query = child_filter(parent.info.run_id) + extra
     return client.search_runs([parent.info.experiment_id], query, max_results=50000)
+
+
+@dataclass
+class Analysis:
+    """What `analyze` wrote, with the numbers its console line shows."""
+
+    html: Path
+    target: Target
+    summary: dict[str, float]
+    """LatentStats.summary: fvu, l0, never_fired_frac, dense_frac, images, ..."""
+    checks: dict[str, float]
+    """The downstream checks: probe/*, zero_shot/*."""
+    num_latents: int
+
+    def headline(self) -> str:
+        s, t, checks = self.summary, self.target, self.checks
+        dead = int(round(s["never_fired_frac"] * self.num_latents))
+        headline = ("probe/original", "probe/reconstructed", "probe/majority_rate")
+        headline += ("zero_shot/original", "zero_shot/spliced", "zero_shot/recovered_vs_mean")
+        shown = ", ".join(f"{k} {checks[k]:.3g}" for k in headline if k in checks)
+        return (
+            f"analyze {t.name} (layer {t.layer}): {s['images']} images, fvu {s['fvu']:.4g}, "
+            f"l0 {s['l0']:.3g}, {dead}/{self.num_latents} never fired, "
+            f"dense {s['dense_frac']:.3g}{'; ' + shown if shown else ''}; report {self.html}"
+            + (f" (logged to MLflow run {t.run_id})" if t.run_id else "")
+        )
 
 
 def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: list[int]):
@@ -332,7 +404,7 @@ def write_latent_table(stats, label_names, path: Path) -> Path:
     return path
 
 
-def analyze(cfg: Config, opts: AnalyzeOptions) -> Path:
+def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     """Run the analysis; returns the HTML report's path."""
     client = MlflowClient(cfg.sweep.resolved_tracking_uri())
     parent = sweep_parent(cfg)
@@ -399,18 +471,7 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Path:
     if parent and sweep_figs:
         for path in sweep_figs.values():
             client.log_artifact(parent.info.run_id, str(path), "analysis")
-    s = stats.summary
-    dead = int(round(s["never_fired_frac"] * sae.num_latents))
-    headline = ("probe/original", "probe/reconstructed", "probe/majority_rate")
-    headline += ("zero_shot/original", "zero_shot/spliced", "zero_shot/recovered_vs_mean")
-    shown = ", ".join(f"{k} {checks[k]:.3g}" for k in headline if k in checks)
-    print(
-        f"analyze {target.name} (layer {target.layer}): {s['images']} images, fvu {s['fvu']:.4g}, "
-        f"l0 {s['l0']:.3g}, {dead}/{sae.num_latents} never fired, dense {s['dense_frac']:.3g}"
-        f"{'; ' + shown if shown else ''}; report {html}"
-        + (f" (logged to MLflow run {target.run_id})" if target.run_id else "")
-    )
-    return html
+    return Analysis(html, target, stats.summary, checks, sae.num_latents)
 
 
 def _metrics(values: dict[str, float]) -> list[Metric]:

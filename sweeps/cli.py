@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from sae.config import field_help
-from sweeps.config import AnalyzeOptions, ConfigError, config_help, load_config, load_configs
+from sweeps.config import ConfigError, config_help, load_config, load_configs
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -159,18 +159,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(AUROC >= 0.9 on validation images): "
         + ", ".join(f"{k} (latent {latent})" for k, (latent, _) in found.items())
     )
-    from sweeps.analyze import analyze
+    from sweeps.analyze import AnalyzeOptions, analyze
 
-    analyze(cfg, AnalyzeOptions())  # the best trial's report: what its latents respond to
+    # the best trial's report: what its latents respond to
+    print(analyze(cfg, AnalyzeOptions()).headline())
     print(f"next: sae-sweep best --config {saved}  (or analyze, export)")
     return _exit_code([result])
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from sweeps.best import best_trials, print_best
+    from sweeps.best import best_trials, format_table
 
     for cfg in load_configs(args.config, args.set):
-        print_best(best_trials(cfg, top=args.top), cfg)
+        rows = best_trials(cfg, top=args.top)
+        print(format_table(rows, cfg.tune.objective_modes(), limit=len(rows)))
+        if rows:
+            best = rows[0]
+            print(f"best SAE: {best['sae_dir'] or '(stopped early: no final SAE)'}")
+            print(f"  in MLflow: {best['mlflow_uri']}  (mlflow.artifacts.download_artifacts)")
+            print("  load it: from sae import TopKSae; TopKSae.load(path)")
         if args.register:
             _register(cfg, args.register, run_id=None)
     return 0
@@ -192,11 +199,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from sweeps.analyze import analyze
+    from sweeps.analyze import AnalyzeOptions, analyze
 
     fields = [f.name for f in dataclasses.fields(AnalyzeOptions)]
     opts = AnalyzeOptions(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
-    analyze(load_config(args.config, args.set), opts)
+    print(analyze(load_config(args.config, args.set), opts).headline())
     return 0
 
 
@@ -208,6 +215,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _analyze_flags(cmd: argparse.ArgumentParser) -> None:
+    from sweeps.analyze import AnalyzeOptions
+
     helps = field_help(AnalyzeOptions)
     types = {"layer": int, "latents": _int_list, "top_latents": int, "top_images": int}
     types |= {"batch_size": int, "downstream_images": int}
