@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from sae.config import field_help
-from sweeps.config import ConfigError, config_help, load_config, load_configs
+from sweeps.config import AnalyzeOptions, ConfigError, config_help, load_config, load_configs
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -159,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(AUROC >= 0.9 on validation images): "
         + ", ".join(f"{k} (latent {latent})" for k, (latent, _) in found.items())
     )
-    from sweeps.analyze import AnalyzeOptions, analyze
+    from sweeps.analyze import analyze
 
     # the best trial's report: what its latents respond to
     print(analyze(cfg, AnalyzeOptions()).headline())
@@ -199,7 +199,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from sweeps.analyze import AnalyzeOptions, analyze
+    from sweeps.analyze import analyze
 
     fields = [f.name for f in dataclasses.fields(AnalyzeOptions)]
     opts = AnalyzeOptions(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
@@ -215,8 +215,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def _analyze_flags(cmd: argparse.ArgumentParser) -> None:
-    from sweeps.analyze import AnalyzeOptions
-
     helps = field_help(AnalyzeOptions)
     types = {"layer": int, "latents": _int_list, "top_latents": int, "top_images": int}
     types |= {"batch_size": int, "downstream_images": int}

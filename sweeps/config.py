@@ -378,6 +378,54 @@ class Config:
                 raise ConfigError(prefix + msg) from None
 
 
+# Here, not in analyze.py: the CLI builds its parser from these before it quiets MLflow's
+# logging, and importing analyze.py loads MLflow, torch and matplotlib.
+@dataclass
+class AnalyzeOptions:
+    """What `analyze` looks at; the CLI flags of the same names."""
+
+    run_id: str | None = None
+    """MLflow run id of the trial to analyse (default: the sweep's best trial)."""
+
+    checkpoint: str | None = None
+    """An SAE checkpoint directory to analyse instead of a trial."""
+
+    layer: int | None = None
+    """Layer a --checkpoint SAE reads (default: its trial's layer, or the cache's only layer)."""
+
+    latents: list[int] = field(default_factory=list)
+    """Latents whose top images are shown, e.g. 1,2,3 (default: --top-latents)."""
+
+    top_latents: int = 0
+    """Latents whose top images are shown when --latents is not given: the top N by
+    --criterion (0: every live latent). The report lists every latent either way."""
+
+    criterion: str = "max_act"
+    """How latents are ranked: max_act, mean_act (when firing) or frequency."""
+
+    top_images: int = 16
+    """Top-activating images shown per latent."""
+
+    batch_size: int = 1024
+    """Inputs per encode batch (tokens in all-token mode; whole images); memory grows with it
+    and the SAE's width, not with the dataset."""
+
+    downstream_images: int = 1000
+    """Validation images for the zero-shot check, stratified by class (0: skip it)."""
+
+    class_names: str = ""
+    """Readable class names for the zero-shot prompts: a JSON file mapping the dataset's label
+    names (e.g. ImageNet WNIDs) to names, or a text file with one name per label, in label
+    order (default: the dataset's label names)."""
+
+    prompts: str = "a photo of a {}."
+    """Zero-shot prompt templates, separated by |, or "ensemble" for the CLIP paper's 7
+    ImageNet templates."""
+
+    out: str = ""
+    """Output directory (default: <sweep.out_dir>/analysis/<trial id or checkpoint name>)."""
+
+
 class ConfigError(ValueError):
     pass
 
