@@ -61,7 +61,7 @@ def mlflow_server(tmp_path_factory):
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     # Its own session, so that stopping it also stops the uvicorn and job-runner children.
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # against a hang, not a loaded machine (>60 s seen)
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=1)
