@@ -81,7 +81,7 @@ def plain_encode(sae, x_ND: torch.Tensor, batch_size: int) -> None:
 
 @torch.no_grad()
 def streamed_encode(sae, cache_dir: Path, batch_size: int) -> None:
-    for _, _, x_BTD in analysis.iter_layer(cache_dir, LAYER, batch_size):
+    for _, _, x_BTD in cache.iter_layer(cache_dir, LAYER, batch_size):
         sae.encode(x_BTD.flatten(0, 1))
 
 

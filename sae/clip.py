@@ -65,10 +65,6 @@ def load_vision_model(
     return model.eval()
 
 
-def num_layers(model: torch.nn.Module) -> int:
-    return len(vision_tower(model).encoder.layers)
-
-
 @dataclass(frozen=True)
 class Preprocessing:
     """A checkpoint's CLIPImageProcessor settings, applied in two halves: `to_uint8` (convert,
@@ -201,7 +197,6 @@ __all__ = [
     "capture_layers",
     "center_crop",
     "load_vision_model",
-    "num_layers",
     "to_rgb",
     "vision_tower",
 ]

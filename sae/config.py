@@ -133,8 +133,10 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                name = message.split()[0]
-                raise ValueError(f"{message} (got {getattr(self, name, None)!r})")
+                # the fields the message names, with their values
+                got = [(w, getattr(self, w)) for w in message.split() if w in self.__dict__]
+                shown = ", ".join(f"{k}={v!r}" for k, v in got)
+                raise ValueError(f"{message} (got {repr(got[0][1]) if len(got) == 1 else shown})")
 
 
 def from_dict(cls, values: dict, where: str = ""):

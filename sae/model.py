@@ -53,7 +53,7 @@ class TopKSae(nn.Module):
         self.encoder.bias.data.zero_()
         self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
-        # Unit-norm rows from the start, as the issue and Gao et al. prescribe for every SAE.
+        # Unit-norm rows from the start, as Gao et al. prescribe for every SAE.
         self.set_decoder_norm_to_unit_norm()
         if cfg.activation == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=dtype))

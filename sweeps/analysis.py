@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -49,57 +48,6 @@ ROW_LIMIT = 2**31
 TIE_BITS = 10
 """Top images rank activations at float32 precision less this many bits: 13 significant bits,
 about 4 digits (the float16 cache itself holds 11)."""
-
-
-def inputs_per_image(cache_dir: str | Path, layer: int) -> int:
-    """T: tokens per image in the cached layer (1 in `cls` mode)."""
-    manifest = cache.read_manifest(cache_dir)
-    if layer not in manifest["layers"]:
-        raise KeyError(f"layer {layer} is not in cache {cache_dir} (layers: {manifest['layers']})")
-    if not manifest["parts"]:
-        return 1
-    schema = pq.read_schema(Path(cache_dir) / manifest["parts"][0])
-    shape = schema.field(f"layer_{layer}").type.shape
-    return shape[0] if len(shape) == 2 else 1
-
-
-def iter_layer(
-    cache_dir: str | Path, layer: int, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, Tensor]]:
-    """(row_id_B, label_B, x_BTD float32) batches of one cached layer, T = 1 in `cls` mode.
-
-    batch_size counts inputs: B * T <= batch_size, with at least one whole image per batch
-    (an image's tokens are never split). Parts are read one at a time and regrouped (a part
-    holds one extraction batch, often of another size)."""
-    images = max(1, batch_size // inputs_per_image(cache_dir, layer))
-    column = f"layer_{layer}"
-    pending, size = [], 0
-    for part in cache.read_manifest(cache_dir)["parts"]:
-        reader = pq.ParquetFile(Path(cache_dir) / part)
-        for batch in reader.iter_batches(images, columns=["row_id", "label", column]):
-            col = batch.column(column)
-            x = col.storage.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-            pending.append(
-                (
-                    batch.column("row_id").to_numpy(),
-                    batch.column("label").to_numpy(),
-                    x.reshape(len(col), -1, col.type.shape[-1]),
-                )
-            )
-            size += batch.num_rows
-            while size >= images:
-                row, label, x = (np.concatenate(a) for a in zip(*pending))
-                yield row[:images], label[:images], torch.from_numpy(x[:images])
-                pending = [(row[images:], label[images:], x[images:])]
-                size -= images
-    if size:
-        row, label, x = (np.concatenate(a) for a in zip(*pending))
-        yield row, label, torch.from_numpy(x)
-
-
-def is_val(row_ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """The training run's validation split (cache.load_layer's rule)."""
-    return cache.unit_hash(row_ids, seed) < val_fraction
 
 
 @dataclass
@@ -347,7 +295,8 @@ def scan(
     with tqdm(total=rows, desc=f"analyse layer {layer}", unit="img") as bar:
         for row_B, label_B, x_BTD, x_hat_BTD, acts_BK, idx_BK in batches:
             stats.update(row_B, label_B, x_BTD, x_hat_BTD, acts_BK, idx_BK)
-            train_B = ~_val_mask(row_B, val_fraction, seed) & (label_B >= 0)
+            val_B = cache.is_val(row_B.cpu().numpy(), val_fraction, seed)
+            train_B = ~torch.from_numpy(val_B).to(row_B.device) & (label_B >= 0)
             for probe, inputs in zip(probes.values(), (x_BTD, x_hat_BTD)):
                 probe.update(image_features(inputs)[train_B], label_B[train_B])
             bar.update(len(row_B))
@@ -356,16 +305,12 @@ def scan(
     )
 
 
-def _val_mask(row_B: Tensor, val_fraction: float, seed: int) -> Tensor:
-    return torch.from_numpy(is_val(row_B.cpu().numpy(), val_fraction, seed)).to(row_B.device)
-
-
 def _encoded(sae: TopKSae, cache_dir, layer: int, batch_size: int, val_split=None):
     """Cached batches on the SAE's device with their codes and reconstructions; with
     `val_split=(val_fraction, seed)`, only the validation rows."""
-    for row_B, label_B, x_BTD in iter_layer(cache_dir, layer, batch_size):
+    for row_B, label_B, x_BTD in cache.iter_layer(cache_dir, layer, batch_size):
         if val_split is not None:
-            keep = is_val(row_B, *val_split)
+            keep = cache.is_val(row_B, *val_split)
             row_B, label_B, x_BTD = row_B[keep], label_B[keep], x_BTD[torch.from_numpy(keep)]
         if len(row_B) == 0:
             continue

@@ -38,6 +38,32 @@ def _children(client: MlflowClient, parent, extra: str = "") -> list:
     return client.search_runs([parent.info.experiment_id], query, max_results=50000)
 
 
+@dataclass
+class Analysis:
+    """What `analyze` wrote, with the numbers its console line shows."""
+
+    html: Path
+    target: Target
+    summary: dict[str, float]
+    """LatentStats.summary: fvu, l0, never_fired_frac, dense_frac, images, ..."""
+    checks: dict[str, float]
+    """The downstream checks: probe/*, zero_shot/*."""
+    num_latents: int
+
+    def headline(self) -> str:
+        s, t, checks = self.summary, self.target, self.checks
+        dead = int(round(s["never_fired_frac"] * self.num_latents))
+        headline = ("probe/original", "probe/reconstructed", "probe/majority_rate")
+        headline += ("zero_shot/original", "zero_shot/spliced", "zero_shot/recovered_vs_mean")
+        shown = ", ".join(f"{k} {checks[k]:.3g}" for k in headline if k in checks)
+        return (
+            f"analyze {t.name} (layer {t.layer}): {s['images']} images, fvu {s['fvu']:.4g}, "
+            f"l0 {s['l0']:.3g}, {dead}/{self.num_latents} never fired, "
+            f"dense {s['dense_frac']:.3g}{'; ' + shown if shown else ''}; report {self.html}"
+            + (f" (logged to MLflow run {t.run_id})" if t.run_id else "")
+        )
+
+
 def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: list[int]):
     """The SAE of --checkpoint, of --run-id, or of the sweep's best trial."""
     uri = cfg.sweep.resolved_tracking_uri()
@@ -332,7 +358,7 @@ def write_latent_table(stats, label_names, path: Path) -> Path:
     return path
 
 
-def analyze(cfg: Config, opts: AnalyzeOptions) -> Path:
+def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     """Run the analysis; returns the HTML report's path."""
     client = MlflowClient(cfg.sweep.resolved_tracking_uri())
     parent = sweep_parent(cfg)
@@ -399,18 +425,7 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Path:
     if parent and sweep_figs:
         for path in sweep_figs.values():
             client.log_artifact(parent.info.run_id, str(path), "analysis")
-    s = stats.summary
-    dead = int(round(s["never_fired_frac"] * sae.num_latents))
-    headline = ("probe/original", "probe/reconstructed", "probe/majority_rate")
-    headline += ("zero_shot/original", "zero_shot/spliced", "zero_shot/recovered_vs_mean")
-    shown = ", ".join(f"{k} {checks[k]:.3g}" for k in headline if k in checks)
-    print(
-        f"analyze {target.name} (layer {target.layer}): {s['images']} images, fvu {s['fvu']:.4g}, "
-        f"l0 {s['l0']:.3g}, {dead}/{sae.num_latents} never fired, dense {s['dense_frac']:.3g}"
-        f"{'; ' + shown if shown else ''}; report {html}"
-        + (f" (logged to MLflow run {target.run_id})" if target.run_id else "")
-    )
-    return html
+    return Analysis(html, target, stats.summary, checks, sae.num_latents)
 
 
 def _metrics(values: dict[str, float]) -> list[Metric]:

@@ -66,15 +66,6 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
     return rows
 
 
-def print_best(rows: list[dict], cfg: Config) -> None:
-    print(format_table(rows, cfg.tune.objective_modes(), limit=len(rows)))
-    if rows:
-        best = rows[0]
-        print(f"best SAE: {best['sae_dir'] or '(stopped early: no final SAE)'}")
-        print(f"  in MLflow: {best['mlflow_uri']}  (mlflow.artifacts.download_artifacts)")
-        print("  load it: from sae import TopKSae; TopKSae.load(path)")
-
-
 def format_table(rows: list[dict], objectives: dict[str, str], limit: int = 10) -> str:
     cols = [
         "trial_id",

@@ -16,6 +16,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -164,37 +165,54 @@ def read_manifest(cache_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _split_table(cache_dir, columns: list[str], split: Split, val_fraction: float, seed: int):
+def is_val(row_ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """The validation split, by image (hash of row id), never by token: the one rule that
+    training and analysis both use."""
+    return unit_hash(row_ids, seed) < val_fraction
+
+
+def _check_split(split: Split) -> None:
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be train, val or all (got {split!r})")
+
+
+def _split_table(cache_dir, columns: list[str], split: Split, val_fraction: float, seed: int):
+    _check_split(split)
     manifest = read_manifest(cache_dir)
     table = read_columns(cache_dir, manifest["parts"], columns)
     if split == "all":
         return table
-    is_val = unit_hash(table["row_id"].to_numpy(), seed) < val_fraction
-    return table.filter(pa.array(is_val if split == "val" else ~is_val))
+    val = is_val(table["row_id"].to_numpy(), val_fraction, seed)
+    return table.filter(pa.array(val if split == "val" else ~val))
 
 
-def load_layer(
-    cache_dir: str | Path,
-    layer: int,
-    split: Split = "train",
-    val_fraction: float = 0.05,
-    seed: int = 0,
-) -> np.ndarray:
+def _check_layer(cache_dir, layer: int, split: Split = "all") -> dict:
+    """The cache's manifest, once layer and split are known to be valid."""
+    _check_split(split)
+    manifest = read_manifest(cache_dir)
+    if layer not in manifest["layers"]:
+        raise KeyError(f"layer {layer} is not in cache {cache_dir} (layers: {manifest['layers']})")
+    return manifest
+
+
+def layer_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A layer column's fixed-shape tensors as one (images, T, d) array in the cache dtype
+    (T = 1 in `cls` mode): the one reader of the cache's layer columns."""
+    shape = column.type.shape
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    flat = [c.storage.flatten().to_numpy(zero_copy_only=False) for c in chunks]
+    if not flat:
+        flat = [np.zeros(0, column.type.value_type.to_pandas_dtype())]
+    return np.concatenate(flat).reshape(len(column), shape[0] if len(shape) == 2 else 1, shape[-1])
+
+
+def load_layer(cache_dir, layer: int, split: Split = "train", val_fraction=0.05, seed=0):
     """One layer's activations in the cache dtype, rows ordered by row id: (N, d) in `cls`
-    mode, (N * T, d) in `all` mode. The split is by image (hash of row id), never by token."""
+    mode, (N * T, d) in `all` mode. The split is by image (is_val), never by token."""
+    _check_layer(cache_dir, layer, split)
     column = f"layer_{layer}"
-    layers = read_manifest(cache_dir)["layers"]
-    if layer not in layers:
-        raise KeyError(f"layer {layer} is not in cache {cache_dir} (layers: {layers})")
-    table = _split_table(cache_dir, [column], split, val_fraction, seed)
-    col = table[column]
-    d = col.type.shape[-1]
-    if len(col) == 0:
-        return np.zeros((0, d), col.type.value_type.to_pandas_dtype())
-    flat = [c.storage.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
-    return np.concatenate(flat).reshape(-1, d)
+    values = layer_values(_split_table(cache_dir, [column], split, val_fraction, seed)[column])
+    return values.reshape(-1, values.shape[-1])
 
 
 def load_labels(cache_dir, split: Split = "train", val_fraction: float = 0.05, seed: int = 0):
@@ -205,6 +223,38 @@ def load_labels(cache_dir, split: Split = "train", val_fraction: float = 0.05, s
 def load_row_ids(cache_dir, split: Split = "train", val_fraction: float = 0.05, seed: int = 0):
     """Row ids (int64) per image, in load_layer's image order."""
     return _split_table(cache_dir, [], split, val_fraction, seed)["row_id"].to_numpy()
+
+
+def iter_layer(
+    cache_dir: str | Path, layer: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+    """(row_id_B, label_B, x_BTD float32) batches of one cached layer (every image), T = 1
+    in `cls` mode.
+
+    batch_size counts inputs: B * T <= batch_size, with at least one whole image per batch
+    (an image's tokens are never split). Parts are read one at a time and regrouped (a part
+    holds one extraction batch, often of another size)."""
+    manifest = _check_layer(cache_dir, layer)
+    column = f"layer_{layer}"
+    images = None
+    pending, size = [], 0
+    for part in manifest["parts"]:
+        reader = pq.ParquetFile(Path(cache_dir) / part)
+        if images is None:  # T from the column's shape
+            shape = reader.schema_arrow.field(column).type.shape
+            images = max(1, batch_size // (shape[0] if len(shape) == 2 else 1))
+        for batch in reader.iter_batches(images, columns=["row_id", "label", column]):
+            x = layer_values(batch.column(column)).astype(np.float32)
+            pending.append((batch.column("row_id").to_numpy(), batch.column("label").to_numpy(), x))
+            size += batch.num_rows
+            while size >= images:
+                row, label, x = (np.concatenate(a) for a in zip(*pending))
+                yield row[:images], label[:images], torch.from_numpy(x[:images])
+                pending = [(row[images:], label[images:], x[images:])]
+                size -= images
+    if size:
+        row, label, x = (np.concatenate(a) for a in zip(*pending))
+        yield row, label, torch.from_numpy(x)
 
 
 ARRAY_DIR_ENV = "SAE_ARRAY_DIR"
@@ -226,11 +276,7 @@ def layer_file(
     kernel's page cache holds its rows once for all of them. Writing holds one part in memory.
     """
     cache_dir = Path(cache_dir)
-    manifest = read_manifest(cache_dir)
-    if layer not in manifest["layers"]:
-        raise KeyError(f"layer {layer} is not in cache {cache_dir} (layers: {manifest['layers']})")
-    if split not in ("train", "val", "all"):
-        raise ValueError(f"split must be train, val or all (got {split!r})")
+    manifest = _check_layer(cache_dir, layer, split)
     root = Path(
         root or os.environ.get(ARRAY_DIR_ENV) or Path(tempfile.gettempdir()) / "clip-sae-arrays"
     )
@@ -248,7 +294,7 @@ def layer_file(
 
 def _write_layer_file(cache_dir, manifest, layer, split, val_fraction, seed, path: Path) -> None:
     column = f"layer_{layer}"
-    ids = _split_table(cache_dir, [], split, val_fraction, seed)["row_id"].to_numpy()
+    ids = load_row_ids(cache_dir, split, val_fraction, seed)
     d, tokens = manifest["d_model"], manifest["tokens_per_image"]
     dtype = np.dtype(manifest["dtype"])
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
@@ -269,9 +315,7 @@ def _write_layer_file(cache_dir, manifest, layer, split, val_fraction, seed, pat
             mine = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == part_ids)
             if not mine.any():
                 continue
-            values = np.concatenate(
-                [c.storage.flatten().to_numpy(zero_copy_only=False) for c in table[column].chunks]
-            ).reshape(len(part_ids), -1)
+            values = layer_values(table[column]).reshape(len(part_ids), -1)
             order = np.flatnonzero(mine)[np.argsort(pos[mine])]
             # one write per run of consecutive images
             runs = np.split(order, np.flatnonzero(np.diff(pos[order]) != 1) + 1)

@@ -161,16 +161,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     from sweeps.analyze import analyze
 
-    analyze(cfg, AnalyzeOptions())  # the best trial's report: what its latents respond to
+    # the best trial's report: what its latents respond to
+    print(analyze(cfg, AnalyzeOptions()).headline())
     print(f"next: sae-sweep best --config {saved}  (or analyze, export)")
     return _exit_code([result])
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from sweeps.best import best_trials, print_best
+    from sweeps.best import best_trials, format_table
 
     for cfg in load_configs(args.config, args.set):
-        print_best(best_trials(cfg, top=args.top), cfg)
+        rows = best_trials(cfg, top=args.top)
+        print(format_table(rows, cfg.tune.objective_modes(), limit=len(rows)))
+        if rows:
+            best = rows[0]
+            print(f"best SAE: {best['sae_dir'] or '(stopped early: no final SAE)'}")
+            print(f"  in MLflow: {best['mlflow_uri']}  (mlflow.artifacts.download_artifacts)")
+            print("  load it: from sae import TopKSae; TopKSae.load(path)")
         if args.register:
             _register(cfg, args.register, run_id=None)
     return 0
@@ -196,7 +203,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     fields = [f.name for f in dataclasses.fields(AnalyzeOptions)]
     opts = AnalyzeOptions(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
-    analyze(load_config(args.config, args.set), opts)
+    print(analyze(load_config(args.config, args.set), opts).headline())
     return 0
 
 

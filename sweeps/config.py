@@ -390,6 +390,8 @@ class Config:
                 raise ConfigError(prefix + msg) from None
 
 
+# Here, not in analyze.py: the CLI builds its parser from these before it quiets MLflow's
+# logging, and importing analyze.py loads MLflow, torch and matplotlib.
 @dataclass
 class AnalyzeOptions:
     """What `analyze` looks at; the CLI flags of the same names."""

@@ -17,7 +17,20 @@ from sweeps.schema import trial_label
 SHOWN = (("val/fvu", "fvu"), ("val/l0", "L0"), ("dead_frac", "dead"))
 
 
-class SweepDisplay(tune.Callback):
+class LocalState:
+    """For a Tune callback: Tuner pickles its callbacks into tuner.pkl, and what is local to
+    this driver (underscore attributes: a console handle, a client, caches) must not travel.
+    An unpickled copy makes them anew with `_reset()`."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+
+class SweepDisplay(LocalState, tune.Callback):
     """A bar of trials done out of `num_samples` (running, stopped and failed counts, elapsed
     time, ETA) and a line when a trial starts, is stopped early, finishes or fails."""
 
@@ -30,14 +43,6 @@ class SweepDisplay(tune.Callback):
         self._bar: tqdm | None = None
         self._counts = {"running": 0, "done": 0, "stopped": 0, "failed": 0}
         self._stopping: set[str] = set()
-
-    # Tuner pickles its callbacks; a console handle must not travel.
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
 
     @property
     def bar(self) -> tqdm:

@@ -5,6 +5,7 @@ and reopened instead of duplicated."""
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -18,13 +19,15 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from ray import tune
 
 from sweeps import storage
+from sweeps.display import LocalState
+from sweeps.report import trial_plots
 from sweeps.schema import METRIC_KEYS, child_filter, final_name, is_num, trial_label
 from sweeps.tracking import _check_quotable, _flatten, _log_batch, _params
 
 logger = logging.getLogger(__name__)
 
 
-class MlflowTrialCallback(tune.Callback):
+class MlflowTrialCallback(LocalState, tune.Callback):
     """Keeps exactly one MLflow child run per Tune trial, across retries and Tuner.restore.
 
     Result keys read from trials:
@@ -66,14 +69,6 @@ class MlflowTrialCallback(tune.Callback):
         self._runs: dict[str, str] = {}  # trial_id -> run id of trials whose run is open
         self._logged: dict[str, dict[str, int]] = {}  # trial_id -> metric -> last logged step
         self._stopped: set[str] = set()
-
-    # Tuner pickles its callbacks into tuner.pkl; a client and open-run caches must not travel.
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
 
     @property
     def client(self) -> MlflowClient:
@@ -181,13 +176,17 @@ class MlflowTrialCallback(tune.Callback):
         reported = trial.last_result.get(self.sae_dir_key)
         if not reported:
             return
+        # The driver draws the trial's plots (workers load no plotting library), beside its SAE.
         if storage.is_uri(reported):
             with tempfile.TemporaryDirectory() as tmp:
                 storage.download_dir(reported, tmp)
+                plots = trial_plots(Path(tmp))
                 self.client.log_artifacts(run_id, tmp, "sae")
+                storage.write_dir(reported, lambda d: [shutil.copy(p, d) for p in plots])
             return
         path = Path(trial.local_path or "", reported)  # an absolute path stays as it is
         if path.is_dir():
+            trial_plots(path)
             self.client.log_artifacts(run_id, str(path), "sae")
         else:
             logger.warning(

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sweeps.schema import pareto_front  # noqa: E402
+from sweeps.schema import FREQUENCY_FILE, pareto_front  # noqa: E402
 
 PARAMS = ("layer", "k", "expansion_factor", "lr", "auxk_alpha")
 THUMB_PX = 112
@@ -51,6 +51,14 @@ def frequency_histogram(frequency_M: np.ndarray, path: Path) -> Path:
     ax.set_ylabel("latents")
     ax.set_title(f"{len(frequency_M) - len(live)} dead of {len(frequency_M)} latents")
     return _save(fig, path)
+
+
+def trial_plots(sae_dir: Path) -> list[Path]:
+    """The plots of a trial's final SAE, drawn beside it from the data the trial left there."""
+    data = sae_dir / FREQUENCY_FILE
+    if not data.exists():
+        return []  # a trial of an older sweep, which drew its plot itself
+    return [frequency_histogram(np.load(data), sae_dir / "firing_frequency.png")]
 
 
 def pareto_plot(trials: list[dict], path: Path) -> Path:

@@ -51,6 +51,10 @@ SAE_DIR_KEY = "sae_dir"
 #: The final result of a finished trial, written beside its SAE.
 FINAL_METRICS = "metrics.json"
 
+#: Each latent's firing frequency at the trial's last evaluation, written beside its SAE; the
+#: driver draws `firing_frequency.png` from it (trial workers load no plotting library).
+FREQUENCY_FILE = "firing_frequency.npy"
+
 
 def final_sae_dir(sae_root: str, trial_id: str, layer: int) -> str:
     """Where a trial's final SAE goes: `<sae_root>/<trial_id>/layers.<L>`, sparsify's folder

@@ -18,8 +18,7 @@ from ray import tune
 from sae import SaeConfig, TrainConfig
 from sae.trainer import Trainer
 from sweeps import cache, storage
-from sweeps.report import frequency_histogram
-from sweeps.schema import FINAL_METRICS, SAE_DIR_KEY, final_sae_dir
+from sweeps.schema import FINAL_METRICS, FREQUENCY_FILE, SAE_DIR_KEY, final_sae_dir
 
 
 def trial_configs(config: dict[str, Any], fixed: dict[str, Any]) -> tuple[SaeConfig, TrainConfig]:
@@ -116,7 +115,7 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
         metrics = {**metrics, "layer": int(config["layer"]), "node_id": node_id}
         final = trainer.step >= trainer.total_steps
         if final:
-            # The final SAE and its plot go to the sweep's storage (shared on a cluster),
+            # The final SAE and its plot's data go to the sweep's storage (shared on a cluster),
             # where the driver logs them to MLflow and `best` finds them.
             frequency_M = trainer.last_stats[1].firing_frequency().cpu().numpy()
 
@@ -124,7 +123,7 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
 
             def write(directory: Path) -> None:
                 trainer.export_sae().save(directory)
-                frequency_histogram(frequency_M, directory / "firing_frequency.png")
+                np.save(directory / FREQUENCY_FILE, frequency_M)
                 # Last: its presence means the trial is done (see the start of run_trial).
                 (directory / FINAL_METRICS).write_text(json.dumps(metrics, default=float))
 

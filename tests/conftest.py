@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is imported
 # Node copies of cached layers (cache.layer_file) go to a folder of this session, not /tmp.
 os.environ.setdefault("SAE_ARRAY_DIR", tempfile.mkdtemp(prefix="sae-arrays-"))
 atexit.register(shutil.rmtree, os.environ["SAE_ARRAY_DIR"], True)

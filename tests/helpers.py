@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sweeps.demo import TINY_IMAGE_SIZE, make_image_folder, make_tiny_clip, random_image  # noqa: F401
+from sweeps.demo import make_image_folder, make_tiny_clip, random_image  # noqa: F401 (re-exported)
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -95,14 +95,20 @@ def make_bad_images(root, seed: int = 0, huge_side: int = 12_000) -> dict[str, s
     return dict(BAD_IMAGES)
 
 
-def sweep_runs(uri: str, experiment: str):
-    """(client, parent runs, child runs) of an MLflow experiment."""
+def sweep_runs(uri: str, experiment: str, parent: str | None = None):
+    """(client, parent runs, child runs) of an MLflow experiment; with `parent` (a run id),
+    only that sweep's."""
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if "sweep_id" in r.data.tags]
-    kids = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
+    parents = [r for r in runs if "sweep_id" in r.data.tags and parent in (None, r.info.run_id)]
+    kids = [
+        r
+        for r in runs
+        if MLFLOW_PARENT_RUN_ID in r.data.tags
+        and parent in (None, r.data.tags[MLFLOW_PARENT_RUN_ID])
+    ]
     return client, parents, kids

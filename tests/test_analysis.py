@@ -26,9 +26,7 @@ from sweeps.analysis import (
     PROMPT_ENSEMBLE,
     TIE_BITS,
     class_text_features,
-    is_val,
     iter_images,
-    iter_layer,
     scan,
     spliced_embeddings,
     wilson_interval,
@@ -188,12 +186,12 @@ def test_top_images_break_ties_by_row_id_at_every_batch_size(tmp_path, token_mod
 
 def test_all_token_batches_count_tokens_not_images(tmp_path):
     cache_dir = synthetic_cache(tmp_path, "all", t=3)
-    sizes = [len(row) for row, _, _ in iter_layer(cache_dir, 3, batch_size=10)]
+    sizes = [len(row) for row, _, _ in cache.iter_layer(cache_dir, 3, batch_size=10)]
     assert max(sizes) == 3 and sum(sizes) == 300  # 3 images of 3 tokens: 9 <= 10 inputs
     # Below one image's tokens, a batch still holds a whole image.
-    assert {len(row) for row, _, _ in iter_layer(cache_dir, 3, batch_size=2)} == {1}
+    assert {len(row) for row, _, _ in cache.iter_layer(cache_dir, 3, batch_size=2)} == {1}
     cls_dir = synthetic_cache(tmp_path / "cls", "cls")
-    assert max(len(row) for row, _, _ in iter_layer(cls_dir, 3, batch_size=10)) == 10
+    assert max(len(row) for row, _, _ in cache.iter_layer(cls_dir, 3, batch_size=10)) == 10
 
 
 def test_probe_reports_n_chance_and_an_interval_with_one_regularisation(tmp_path):
@@ -205,7 +203,7 @@ def test_probe_reports_n_chance_and_an_interval_with_one_regularisation(tmp_path
     _, probe = scan(sae, cache_dir, 3, batch_size=50, val_fraction=0.3, seed=1)
 
     x_ND, x_hat, _, rows, labels = direct(sae, cache_dir)
-    val = is_val(rows, 0.3, 1)
+    val = cache.is_val(rows, 0.3, 1)
     train, test = ~val & (labels >= 0), val & (labels >= 0)
     feats = {"original": x_ND.double().numpy(), "reconstructed": x_hat.numpy()}
     f = np.hstack([feats["original"][train], np.ones((train.sum(), 1))])
@@ -235,7 +233,7 @@ def test_zero_shot_sample_covers_every_class_of_an_imagenet_shaped_index():
     """1000 classes x 1281 images, row ids grouped by class as folder data gives them."""
     rows = np.arange(1000 * 1281)
     labels = rows // 1281
-    val = is_val(rows, 0.05, 0)
+    val = cache.is_val(rows, 0.05, 0)
     first = labels[val][:1000]  # the old rule: the first validation rows in id order
     assert len(np.unique(first)) < 20
     picked = zero_shot_sample(rows[val], labels[val], 1000, seed=0)
@@ -361,7 +359,7 @@ def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyz
         "probe/majority_rate",
     ):
         assert 0 <= checks[key] <= 1, key
-    val = int(is_val(np.arange(240), swept["cfg"].train.val_fraction, 0).sum())
+    val = int(cache.is_val(np.arange(240), swept["cfg"].train.val_fraction, 0).sum())
     assert checks["zero_shot/n"] == checks["probe/n"] == val
     assert checks["zero_shot/classes"] == 3 and checks["zero_shot/templates"] == 2
     assert re.search(r"analyze \w+ \(layer \d\): 240 images, fvu ", stdout)

@@ -40,21 +40,14 @@ def test_cuda_bf16_training_learns_the_dictionary():
     assert result.metrics["fvu"] < 0.2
 
 
-def test_cuda_half_precision_capture_matches_fp32_hidden_states():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+def test_cuda_half_precision_capture_matches_fp32_hidden_states(tmp_path):
+    from transformers import CLIPVisionModel
 
     from sae.clip import capture_layers, load_vision_model
+    from sweeps.demo import make_tiny_clip
 
+    model = CLIPVisionModel.from_pretrained(make_tiny_clip(tmp_path, hidden_size=64)).eval()
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    model = CLIPVisionModel(cfg).eval()
     pixels = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
         ref = model(pixel_values=pixels, output_hidden_states=True).hidden_states

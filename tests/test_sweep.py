@@ -119,6 +119,13 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     assert parents[0].data.tags["best.run_id"] in {k.info.run_id for k in kids}
 
 
+def test_trial_workers_load_no_plotting_library():
+    """A trial leaves its plot's data beside its SAE; the driver draws (see test_tracking)."""
+    code = "import sys, sweeps.trainable; print([m for m in sys.modules if 'matplotlib' in m])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_a_trial_that_cannot_run_fails_once_with_its_reason(ray_session, demo_assets, tmp_path):
     # The CLI refuses device=cuda without GPUs before Ray starts; run_sweep meets it in the trial.
     sets = [*demo_assets, f"sweep.out_dir={tmp_path}", "sweep.name=nocuda", "train.device=cuda"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -11,23 +12,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import ray.cloudpickle
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-import ray.cloudpickle  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-
-from sweeps.mlflow_callback import MlflowTrialCallback  # noqa: E402
-from sweeps.schema import default_tracking_uri, pareto_front  # noqa: E402
-from sweeps.tracking import (  # noqa: E402
+from sweeps.display import SweepDisplay
+from sweeps.mlflow_callback import MlflowTrialCallback
+from sweeps.schema import FREQUENCY_FILE, default_tracking_uri, pareto_front
+from sweeps.tracking import (
     TrackingError,
     check_tracking_uri,
     log_sweep_summary,
     start_sweep_run,
 )
+from tests.helpers import sweep_runs
 
 STEPS = 4
 
@@ -70,7 +71,9 @@ def trainable(config):
             sae_dir.mkdir(parents=True, exist_ok=True)
             (sae_dir / "cfg.json").write_text('{"k": 4}')
             (sae_dir / "fvu.png").write_bytes(b"\x89PNG fake")
-            metrics["sae_dir"] = str(sae_dir)
+            np.save(sae_dir / FREQUENCY_FILE, np.array([0.0, 0.01, 0.2]))  # the driver plots it
+            # as a URI (the sweep's storage on a cluster); test_sweep's sweep reports a path
+            metrics["sae_dir"] = sae_dir.as_uri()
         with tempfile.TemporaryDirectory() as d:
             Path(d, "state.json").write_text(json.dumps({"step": step}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -102,10 +105,8 @@ def run_sweep(tmp_path, uri, param_space, sweep_id="s1", **tune_kwargs):
 
 
 def children(uri, parent):
-    client = MlflowClient(uri)
-    experiment_id = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-    return {r.data.params["lr"]: r for r in runs}
+    """The trial runs of a sweep of `run_sweep` by their lr."""
+    return {r.data.params["lr"]: r for r in sweep_runs(uri, "sweep", parent)[2]}
 
 
 def test_sweep_logs_parent_children_metrics_artifacts(ray_session, tmp_path, tracking_uri):
@@ -131,7 +132,10 @@ def test_sweep_logs_parent_children_metrics_artifacts(ray_session, tmp_path, tra
     assert done.data.metrics["train_fvu"] == pytest.approx(0.1 / STEPS)
     assert {"l0", "dead_frac", "lr", "val/l0", "train/fvu"} <= set(done.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(done.info.run_id, "sae")}
-    assert artifacts == {"sae/cfg.json", "sae/fvu.png"}
+    plots = {"sae/firing_frequency.npy", "sae/firing_frequency.png"}
+    assert artifacts == {"sae/cfg.json", "sae/fvu.png", *plots}
+    (sae_dir,) = Path(tmp_path, "ray").rglob("sae")  # the plot also lands beside the SAE
+    assert (sae_dir / "firing_frequency.png").read_bytes().startswith(b"\x89PNG")
 
     assert stopped.info.status == "FINISHED" and stopped.data.tags["stopped_early"] == "true"
     assert failed.info.status == "FAILED" and "boom at step 0" in failed.data.tags["error"]
@@ -193,6 +197,20 @@ def test_restore_reopens_the_same_parent_and_children(ray_session, tmp_path):
     for run in runs.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/fvu")]
         assert sorted(set(steps)) == list(range(6))
+
+
+def test_callbacks_pickle_without_their_driver_state(tmp_path):
+    """Tuner pickles callbacks into tuner.pkl: clients, consoles and caches stay behind."""
+    callback = MlflowTrialCallback(default_tracking_uri(tmp_path), "parent-run")
+    callback._runs["t1"] = "run-1"
+    display = SweepDisplay(3)
+    display._counts["running"] = 1
+    assert display.bar is not None
+    callback_copy, display_copy = pickle.loads(pickle.dumps((callback, display)))
+    assert callback_copy._runs == {} and callback_copy._client is None
+    assert callback_copy.parent_run_id == "parent-run"
+    assert display_copy._bar is None and display_copy._counts["running"] == 0
+    assert display_copy.num_samples == 3
 
 
 def test_pareto_front():

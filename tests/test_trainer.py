@@ -264,3 +264,17 @@ def test_batchtopk_learns_a_threshold_and_keeps_l0_near_k():
     assert result.sae.threshold > 0
     assert 2 <= result.metrics["l0"] <= 4.5  # at inference the threshold, not k, decides
     assert result.metrics["fvu"] < 0.3
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"steps": 0, "epochs": 0}, "set steps > 0 or epochs > 0 (got steps=0, epochs=0)"),
+        ({"lr": -1e-3}, "lr must be > 0 (got -0.001)"),
+        ({"device": "tpu"}, "device must be auto, cpu or cuda (got 'tpu')"),
+    ],
+)
+def test_train_config_errors_show_the_values_they_name(kw, message):
+    with pytest.raises(ValueError) as error:
+        TrainConfig(**kw).validate()
+    assert str(error.value) == message
