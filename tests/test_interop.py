@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sae import SaeConfig, TopKSae
+from sae import SaeConfig, TopKSae, TrainConfig, train_sae
 from sae.saelens import save_saelens
 from sweeps.best import best_trials
 from sweeps.cli import DEMO_CONFIG, main
@@ -200,6 +200,27 @@ def test_saelens_loads_the_export_with_equal_latents(swept):
     x = torch.randn(64, ours.d_in)
     with torch.no_grad():
         latents = theirs.encode(x)
+        torch.testing.assert_close(latents, _dense(ours, x))
+        torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
+
+
+def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path):
+    """A trained BatchTopK SAE opens in SAELens as the JumpReLU SAE SAELens itself saves
+    after BatchTopK training, and gives our latents and reconstruction at inference."""
+    sae_lens = pytest.importorskip("sae_lens")
+    x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=100, steps=60, lr=3e-3, eval_every=60, normalize_input=True)
+    ours = train_sae(3 * x, SaeConfig(num_latents=64, k=4, activation="batchtopk"), cfg).sae
+    assert ours.threshold > 0
+    save_saelens(ours, tmp_path / "layers.0", {"hook_name": "blocks.0.hook_resid_post"})
+    assert TopKSae.load(tmp_path / "layers.0").threshold == ours.threshold
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "layers.0"))
+    assert theirs.cfg.architecture() == "jumprelu"
+    assert (theirs.cfg.d_in, theirs.cfg.d_sae) == (ours.d_in, ours.num_latents)
+    x = 3 * torch.randn(64, ours.d_in)
+    with torch.no_grad():
+        latents = theirs.encode(x)
+        assert 0 < (latents > 0).sum(1).float().mean() < ours.num_latents / 2
         torch.testing.assert_close(latents, _dense(ours, x))
         torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
 
