@@ -59,6 +59,7 @@ def swept(demo_assets, tmp_path_factory):
         "train.eval_every=20",
         "search.layer=3",
         "tune.verbose=0",
+        "train.probe=true",  # the downstream metric, from the object store's labels
     ]
     args = overrides(demo_assets, out, NAME, *sets)
     proc = cli(["sweep", "--set", "sweep.register_as=clip-sae", "--config", DEMO_CONFIG, *args])
@@ -223,6 +224,19 @@ def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path):
         assert 0 < (latents > 0).sum(1).float().mean() < ours.num_latents / 2
         torch.testing.assert_close(latents, _dense(ours, x))
         torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
+
+
+def test_train_probe_reports_probe_accuracies_at_every_evaluation(swept):
+    _, cfg, _ = swept
+    client = MlflowClient(cfg.sweep.resolved_tracking_uri())
+    run = client.get_run(_best(cfg)["run_id"])
+    for key in ("probe_acc", "probe_acc_orig"):  # final metrics, as for fvu
+        assert 0 <= run.data.metrics[key] <= 1
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/fvu")]
+    for key in ("val/probe_acc", "val/probe_acc_orig"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == steps
+    orig = {m.value for m in client.get_metric_history(run.info.run_id, "val/probe_acc_orig")}
+    assert len(orig) == 1  # one probe, fit once, on the same images
 
 
 def test_saelens_export_refuses_an_sae_it_cannot_express(tmp_path):
