@@ -134,7 +134,7 @@ def test_probe_metric_scores_the_reconstruction_against_the_activations(
     x = torch.as_tensor(val[torch.arange(len(val))]).float()
     sae = trainer.export_sae()
     x_hat = sae.decode(*sae.encode(x))
-    y = torch.from_numpy(val_labels)
+    y = torch.from_numpy(np.array(val_labels))  # a writable copy
     for key, inputs in (("val/probe_acc_orig", x), ("val/probe_acc", x_hat)):
         pred = probe.predict(inputs.view(len(y), tokens, -1).mean(1))
         assert got[key] == pytest.approx((pred == y).double().mean().item())
