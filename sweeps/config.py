@@ -376,6 +376,13 @@ class Config:
                 msg = str(e)
                 prefix = "" if msg.startswith(f"{section.name}.") else f"{section.name}."
                 raise ConfigError(prefix + msg) from None
+        probed = [m for m in self.tune.objective_modes() if m.startswith("val/probe_acc")]
+        _check(
+            self.train.probe or not probed,
+            "tune.objectives",
+            "val/probe_acc is reported only with train.probe=true",
+            probed,
+        )
 
 
 @dataclass

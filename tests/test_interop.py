@@ -252,6 +252,12 @@ def test_a_model_name_mlflow_refuses_is_a_config_error_before_any_sweep():
         load_config(DEMO_CONFIG, ["sweep.register_as=sweeps/best"])
 
 
+def test_a_probe_objective_without_train_probe_is_a_config_error():
+    with pytest.raises(ConfigError, match="tune.objectives.*only with train.probe=true"):
+        load_config(DEMO_CONFIG, ["tune.objectives=[val/probe_acc:max]"])
+    load_config(DEMO_CONFIG, ["tune.objectives=[val/probe_acc:max]", "train.probe=true"])
+
+
 def test_export_of_a_run_that_is_no_trial_says_so(swept):
     _, cfg, _ = swept
     parent = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(_best(cfg)["run_id"])
