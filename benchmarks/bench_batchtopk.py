@@ -11,7 +11,9 @@ for the same steps at each k; validation FVU and L0 are measured as deployed (Ba
 learnt threshold), with, on synthetic data, how well the atoms are recovered (mean over atoms
 of the best cosine with a decoder row). `--diagnose` adds, for BatchTopK, the FVU of the batch
 rule (top k*B) on the validation rows, the FVU of its dictionary under per-row TopK, and the
-mean L0 given to rows of 1 and of 8+ atoms.
+mean L0 given to rows of 1 and of 8+ atoms. `--saelens` trains SAELens's own TopK and
+BatchTopK training SAEs (its defaults, no AuxK) on the synthetic rows with the same steps, lr
+and schedule, as an independent implementation.
 
     python benchmarks/bench_batchtopk.py [--steps 1000] [--cache runs/demo/cache --layer 3]
 """
@@ -25,6 +27,7 @@ import torch
 
 from sae import SaeConfig, TopKSae, TrainConfig, train_sae
 from sae.metrics import SaeStats
+from sae.trainer import _lr_lambda
 
 
 def varying_sparsity_data(seed: int, n: int, d: int, n_atoms: int, mean_active: float):
@@ -107,6 +110,50 @@ def compare(
     return rows
 
 
+def saelens_rows(name, x, val, ks, steps) -> list[str]:
+    """SAELens's TopKTrainingSAE and BatchTopKTrainingSAE, 512 latents, Adam at 2e-3 with
+    100 warmup steps and linear decay (ours), b_dec at the first batch's mean; BatchTopK
+    deployed as SAELens saves it, a JumpReLU at its learnt threshold."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    kinds = {
+        "topk": (TopKTrainingSAEConfig, TopKTrainingSAE),
+        "batchtopk": (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE),
+    }
+    rows = []
+    for k in ks:
+        for activation, (config, cls) in kinds.items():
+            torch.manual_seed(0)
+            sae = cls(config(d_in=x.shape[1], d_sae=512, k=k))
+            with torch.no_grad():
+                sae.b_dec.copy_(x[:256].mean(0))
+            opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(TrainConfig(), steps))
+            gen = torch.Generator().manual_seed(0)
+            per_epoch = len(x) // 256
+            for step in range(steps):
+                if step % per_epoch == 0:
+                    order = torch.randperm(len(x), generator=gen)
+                batch = x[order[(step % per_epoch) * 256 :][:256]]
+                out = sae.training_forward_pass(TrainStepInput(batch, {}, None, step, False))
+                opt.zero_grad()
+                out.loss.backward()
+                opt.step()
+                sched.step()
+            with torch.no_grad():
+                if activation == "batchtopk":
+                    pre = sae.encode_with_hidden_pre(val)[1]
+                    acts = pre.relu() * (pre > sae.topk_threshold)
+                else:
+                    acts = sae.encode(val)
+                err = (val - sae.decode(acts)).pow(2).sum() / (val - val.mean(0)).pow(2).sum()
+            l0 = (acts > 0).sum(1).float().mean()
+            rows.append(f"| {name}, SAELens | {k} | {activation} | {l0:.2f} | {err:.4f} | - | - |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -117,6 +164,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=3, help="the cache's layer")
     ap.add_argument("--expansion", type=int, default=4, help="latents per cache dimension")
     ap.add_argument("--diagnose", action="store_true", help="where BatchTopK loses (see above)")
+    ap.add_argument("--saelens", action="store_true", help="SAELens's own SAEs too (see above)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ks = [int(k) for k in args.ks.split(",")]
@@ -142,6 +190,8 @@ def main() -> None:
             counts[:n_val],
             args.diagnose,
         )
+        if args.saelens:
+            rows += saelens_rows(f"synthetic d={d}", x[n_val:], x[:n_val], ks, args.steps)
     if args.cache:
         from sweeps import cache
 
