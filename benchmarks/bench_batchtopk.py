@@ -12,8 +12,8 @@ learnt threshold), with, on synthetic data, how well the atoms are recovered (me
 of the best cosine with a decoder row). `--diagnose` adds, for BatchTopK, the FVU of the batch
 rule (top k*B) on the validation rows, the FVU of its dictionary under per-row TopK, and the
 mean L0 given to rows of 1 and of 8+ atoms. `--saelens` trains SAELens's own TopK and
-BatchTopK training SAEs (its defaults, no AuxK) on the synthetic rows with the same steps, lr
-and schedule, as an independent implementation.
+BatchTopK training SAEs (its defaults, with and without AuxK) on the synthetic rows with the
+same steps, lr and schedule, as an independent implementation.
 
     python benchmarks/bench_batchtopk.py [--steps 1000] [--cache runs/demo/cache --layer 3]
 """
@@ -110,10 +110,11 @@ def compare(
     return rows
 
 
-def saelens_rows(name, x, val, ks, steps) -> list[str]:
+def saelens_rows(name, x, val, ks, steps, auxk: bool) -> list[str]:
     """SAELens's TopKTrainingSAE and BatchTopKTrainingSAE, 512 latents, Adam at 2e-3 with
     100 warmup steps and linear decay (ours), b_dec at the first batch's mean; BatchTopK
-    deployed as SAELens saves it, a JumpReLU at its learnt threshold."""
+    deployed as SAELens saves it, a JumpReLU at its learnt threshold. `auxk`: SAELens's AuxK
+    (its weight 1) on latents dead for 50,000 activations, as in our runs."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -132,12 +133,16 @@ def saelens_rows(name, x, val, ks, steps) -> list[str]:
             opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(TrainConfig(), steps))
             gen = torch.Generator().manual_seed(0)
+            since = torch.zeros(512, dtype=torch.int64)
             per_epoch = len(x) // 256
             for step in range(steps):
                 if step % per_epoch == 0:
                     order = torch.randperm(len(x), generator=gen)
                 batch = x[order[(step % per_epoch) * 256 :][:256]]
-                out = sae.training_forward_pass(TrainStepInput(batch, {}, None, step, False))
+                dead = since >= 50_000 if auxk else None  # our runs' dead window
+                out = sae.training_forward_pass(TrainStepInput(batch, {}, dead, step, False))
+                since += len(batch)
+                since[(out.feature_acts > 0).any(0)] = 0
                 opt.zero_grad()
                 out.loss.backward()
                 opt.step()
@@ -150,7 +155,8 @@ def saelens_rows(name, x, val, ks, steps) -> list[str]:
                     acts = sae.encode(val)
                 err = (val - sae.decode(acts)).pow(2).sum() / (val - val.mean(0)).pow(2).sum()
             l0 = (acts > 0).sum(1).float().mean()
-            rows.append(f"| {name}, SAELens | {k} | {activation} | {l0:.2f} | {err:.4f} | - | - |")
+            tag = "SAELens" + (" + AuxK" if auxk else "")
+            rows.append(f"| {name}, {tag} | {k} | {activation} | {l0:.2f} | {err:.4f} | - | - |")
     return rows
 
 
@@ -191,7 +197,8 @@ def main() -> None:
             args.diagnose,
         )
         if args.saelens:
-            rows += saelens_rows(f"synthetic d={d}", x[n_val:], x[:n_val], ks, args.steps)
+            for auxk in (True, False):
+                rows += saelens_rows(f"synthetic d={d}", x[n_val:], x[:n_val], ks, args.steps, auxk)
     if args.cache:
         from sweeps import cache
 
