@@ -1,13 +1,21 @@
-"""TopK vs BatchTopK at equal L0 on ground-truth sparse data whose sparsity varies per input.
+"""TopK vs BatchTopK at equal L0: on ground-truth sparse data, and on a layer of an activation
+cache (the demo's, for instance).
 
-Each row is a positive combination of 1 + Poisson(3) unit atoms of a random dictionary (so
-1 to ~12 atoms, 4 on average): a fixed k per row must split some rows' atoms and waste
-latents on others, while BatchTopK spends k * B latents where the batch needs them (Bussmann
-et al. 2024). Both train for the same steps at each k; validation FVU and L0 are measured as
-deployed (BatchTopK by its learnt threshold), along with how well the atoms are recovered
-(mean over atoms of the best cosine with a decoder row).
+Synthetic: each row is a positive combination (coefficients 0.5..1.5) of 1 + Poisson(3) unit
+atoms of a random dictionary of 256 atoms in d dimensions (1 to ~14 atoms, 4 on average). A
+fixed k per row must split some rows' atoms and waste latents on others, while BatchTopK
+spends k * B latents where the batch needs them (Bussmann et al. 2024). At d=64 the atoms
+overlap (|cos| ~ 1/8), so every atom of a row adds noise to every latent's pre-activation; at
+d=256 they barely do (`--dims`). Both activations train
+for the same steps at each k; validation FVU and L0 are measured as deployed (BatchTopK by its
+learnt threshold), with, on synthetic data, how well the atoms are recovered (mean over atoms
+of the best cosine with a decoder row). `--diagnose` adds, for BatchTopK, the FVU of the batch
+rule (top k*B) on the validation rows, the FVU of its dictionary under per-row TopK, and the
+mean L0 given to rows of 1 and of 8+ atoms. `--saelens` trains SAELens's own TopK and
+BatchTopK training SAEs (its defaults, with and without AuxK) on the synthetic rows with the
+same steps, lr and schedule, as an independent implementation.
 
-    python benchmarks/bench_batchtopk.py [--steps 1000]
+    python benchmarks/bench_batchtopk.py [--steps 1000] [--cache runs/demo/cache --layer 3]
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import time
 
 import torch
 
-from sae import SaeConfig, TrainConfig, train_sae
+from sae import SaeConfig, TopKSae, TrainConfig, train_sae
+from sae.metrics import SaeStats
+from sae.trainer import _lr_lambda
 
 
 def varying_sparsity_data(seed: int, n: int, d: int, n_atoms: int, mean_active: float):
@@ -32,36 +42,182 @@ def varying_sparsity_data(seed: int, n: int, d: int, n_atoms: int, mean_active: 
     return coef @ atoms, atoms, counts
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--rows", type=int, default=16384)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    x, atoms, counts = varying_sparsity_data(0, args.rows, d=64, n_atoms=256, mean_active=4)
-    t0 = time.perf_counter()
-    print(
-        f"{args.rows} rows, d=64, 256 atoms, {counts.float().mean():.2f} active on average "
-        f"(max {counts.max()}); 512 latents, {args.steps} steps of 256, lr 2e-3"
+def _fvu(sae, x, **encode) -> float:
+    acts, idx = sae.encode(x, **encode)
+    return ((x - sae.decode(acts, idx)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
+@torch.no_grad()
+def diagnose(sae: TopKSae, val: torch.Tensor, batch_size: int, counts=None) -> str:
+    """Where a BatchTopK SAE loses: its batch rule vs its threshold, its dictionary under
+    per-row TopK, and how it shares latents between sparse and dense rows."""
+    batch_rule = SaeStats(sae.num_latents)
+    for start in range(0, len(val), batch_size):
+        x = val[start : start + batch_size]
+        acts, idx = sae.encode(x, batch_topk=True)
+        batch_rule.update(x, sae.decode(acts, idx), acts, idx)
+    per_row = TopKSae(sae.d_in, SaeConfig(num_latents=sae.num_latents, k=sae.cfg.k))
+    per_row.load_state_dict({n: t for n, t in sae.state_dict().items() if n != "threshold"})
+    text = (
+        f"batch rule FVU {batch_rule.result()['fvu']:.4f}, "
+        f"threshold {float(sae.threshold):.3f}, its dictionary with per-row TopK FVU "
+        f"{_fvu(per_row, val):.4f}"
     )
-    print(f"{'k':>3} {'activation':>10} {'val L0':>7} {'val FVU':>8} {'atoms found':>11}")
-    for k in (2, 4, 8):
+    if counts is not None:
+        l0 = (sae.encode(val)[0] > 0).sum(1).float()
+        text += (
+            f", L0 of 1-atom rows {l0[counts == 1].mean():.2f} "
+            f"({(l0[counts == 1] == 0).float().mean():.0%} none), "
+            f"of 8+-atom rows {l0[counts >= 8].mean():.2f}"
+        )
+    return text
+
+
+NOTES: list[str] = []
+"""--diagnose's lines, printed after the table."""
+
+
+def compare(
+    name, x, val, ks, steps, num_latents, normalize_input, atoms=None, counts=None, diag=False
+):
+    rows = []
+    for k in ks:
         for activation in ("topk", "batchtopk"):
             result = train_sae(
                 x,
-                SaeConfig(num_latents=512, k=k, activation=activation),
+                SaeConfig(num_latents=num_latents, k=k, activation=activation),
                 TrainConfig(
                     lr=2e-3,
                     batch_size=256,
-                    steps=args.steps,
-                    eval_every=args.steps,
+                    steps=steps,
+                    eval_every=steps,
                     dead_feature_threshold=50_000,
+                    normalize_input=normalize_input,
                 ),
+                val_acts=val,
             )
-            W = torch.nn.functional.normalize(result.sae.W_dec.detach(), dim=1)
-            found = (atoms @ W.T).max(dim=1).values.mean().item()
             m = result.metrics
-            print(f"{k:>3} {activation:>10} {m['l0']:>7.2f} {m['fvu']:>8.4f} {found:>11.3f}")
+            found = "-"
+            if atoms is not None:
+                W = torch.nn.functional.normalize(result.sae.W_dec.detach(), dim=1)
+                found = f"{(atoms @ W.T).max(dim=1).values.mean().item():.3f}"
+            rows.append(
+                f"| {name} | {k} | {activation} | {m['l0']:.2f} | {m['fvu']:.4f} | "
+                f"{m['dead_frac']:.3f} | {found} |"
+            )
+            if diag and activation == "batchtopk":
+                NOTES.append(f"{name}, k={k}: {diagnose(result.sae, val.float(), 256, counts)}")
+    return rows
+
+
+def saelens_rows(name, x, val, ks, steps, auxk: bool) -> list[str]:
+    """SAELens's TopKTrainingSAE and BatchTopKTrainingSAE, 512 latents, Adam at 2e-3 with
+    100 warmup steps and linear decay (ours), b_dec at the first batch's mean; BatchTopK
+    deployed as SAELens saves it, a JumpReLU at its learnt threshold. `auxk`: SAELens's AuxK
+    (its weight 1) on latents dead for 50,000 activations, as in our runs."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    kinds = {
+        "topk": (TopKTrainingSAEConfig, TopKTrainingSAE),
+        "batchtopk": (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE),
+    }
+    rows = []
+    for k in ks:
+        for activation, (config, cls) in kinds.items():
+            torch.manual_seed(0)
+            sae = cls(config(d_in=x.shape[1], d_sae=512, k=k))
+            with torch.no_grad():
+                sae.b_dec.copy_(x[:256].mean(0))
+            opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(TrainConfig(), steps))
+            gen = torch.Generator().manual_seed(0)
+            since = torch.zeros(512, dtype=torch.int64)
+            per_epoch = len(x) // 256
+            for step in range(steps):
+                if step % per_epoch == 0:
+                    order = torch.randperm(len(x), generator=gen)
+                batch = x[order[(step % per_epoch) * 256 :][:256]]
+                dead = since >= 50_000 if auxk else None  # our runs' dead window
+                out = sae.training_forward_pass(TrainStepInput(batch, {}, dead, step, False))
+                since += len(batch)
+                since[(out.feature_acts > 0).any(0)] = 0
+                opt.zero_grad()
+                out.loss.backward()
+                opt.step()
+                sched.step()
+            with torch.no_grad():
+                if activation == "batchtopk":
+                    pre = sae.encode_with_hidden_pre(val)[1]
+                    acts = pre.relu() * (pre > sae.topk_threshold)
+                else:
+                    acts = sae.encode(val)
+                err = (val - sae.decode(acts)).pow(2).sum() / (val - val.mean(0)).pow(2).sum()
+            l0 = (acts > 0).sum(1).float().mean()
+            tag = "SAELens" + (" + AuxK" if auxk else "")
+            rows.append(f"| {name}, {tag} | {k} | {activation} | {l0:.2f} | {err:.4f} | - | - |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--rows", type=int, default=16384, help="synthetic rows")
+    ap.add_argument("--ks", default="2,4,8", help="k values, comma-separated")
+    ap.add_argument("--dims", default="64,256", help="synthetic widths d, comma-separated")
+    ap.add_argument("--cache", help="an activation cache directory (e.g. the demo's)")
+    ap.add_argument("--layer", type=int, default=3, help="the cache's layer")
+    ap.add_argument("--expansion", type=int, default=4, help="latents per cache dimension")
+    ap.add_argument("--diagnose", action="store_true", help="where BatchTopK loses (see above)")
+    ap.add_argument("--saelens", action="store_true", help="SAELens's own SAEs too (see above)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ks = [int(k) for k in args.ks.split(",")]
+    t0 = time.perf_counter()
+    n_val = args.rows // 20
+    print(f"Every run: {args.steps} steps of 256, lr 2e-3.")
+    rows = []
+    for d in (int(d) for d in args.dims.split(",")):
+        x, atoms, counts = varying_sparsity_data(0, args.rows, d=d, n_atoms=256, mean_active=4)
+        print(
+            f"synthetic d={d}: {args.rows - n_val} + {n_val} rows, 256 atoms, "
+            f"{counts.float().mean():.2f} active on average (max {counts.max()}), 512 latents"
+        )
+        rows += compare(
+            f"synthetic d={d}",
+            x[n_val:],
+            x[:n_val],
+            ks,
+            args.steps,
+            512,
+            False,
+            atoms,
+            counts[:n_val],
+            args.diagnose,
+        )
+        if args.saelens:
+            for auxk in (True, False):
+                rows += saelens_rows(f"synthetic d={d}", x[n_val:], x[:n_val], ks, args.steps, auxk)
+    if args.cache:
+        from sweeps import cache
+
+        train, val = (
+            torch.from_numpy(cache.load_layer(args.cache, args.layer, split, 0.1, 0)).float()
+            for split in ("train", "val")
+        )
+        d = train.shape[1]
+        print(
+            f"cache {args.cache} layer {args.layer}: {len(train)} + {len(val)} rows, d={d}, "
+            f"{args.expansion * d} latents, normalize_input"
+        )
+        rows += compare(
+            "cache", train, val, ks, args.steps, args.expansion * d, True, diag=args.diagnose
+        )
+    print("| data | k | activation | val L0 | val FVU | dead_frac | atoms found |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    print("\n".join(NOTES))
     print(f"({time.perf_counter() - t0:.0f} s)")
 
 

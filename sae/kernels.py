@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 import time
 import warnings
@@ -56,10 +55,6 @@ def _sampled_dots(idx_BK: Tensor, a_BD: Tensor, W_MD: Tensor) -> Tensor:
     )
     dots = torch.sparse.sampled_addmm(pattern, a_BD, W_MD.t(), beta=0.0).values().view(B, K)
     return torch.empty_like(dots).scatter_(1, perm_BK, dots)
-
-
-EXACT_TOPK = os.environ.get("SAE_EXACT_TOPK") == "1"
-"""Set SAE_EXACT_TOPK=1 to select latents from fp32 pre-activations on CPU too."""
 
 
 PREFILTER_MIN_MACS = 2**28
@@ -117,9 +112,10 @@ def bf16_matmul_faster(B: int, D: int, M: int) -> bool:
     return t16 < 0.8 * t32
 
 
-def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor) -> bool:
+def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor, exact: bool = False) -> bool:
     """Whether to pick TopK candidates with a bf16 matmul: where bf16 matmuls are faster than
-    fp32 (see bf16_matmul_faster), since the encoder matmul is most of a CPU training step.
+    fp32 (see bf16_matmul_faster), since the encoder matmul is most of a CPU training step;
+    never when `exact` (TrainConfig.exact_topk).
 
     Only the choice of candidates (2k per row) uses bf16; their values, the activations and all
     gradients are exact fp32. A true top-k latent outside the bf16 top 2k would need a bf16
@@ -128,7 +124,7 @@ def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor) -> bool:
     B, D = xc_BD.shape
     M = W_enc_MD.shape[0]
     return (
-        not EXACT_TOPK
+        not exact
         and xc_BD.device.type == "cpu"
         and xc_BD.dtype == W_enc_MD.dtype == torch.float32
         # Below ~3e8 multiply-adds the conversions and rescoring cost more than they save.
@@ -149,10 +145,12 @@ class TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc_MD, b_enc_M, b_dec_D, k: int, dead_M, k_aux: int, rule, threshold):
+    def forward(
+        ctx, x_BD, W_enc_MD, b_enc_M, b_dec_D, k: int, dead_M, k_aux: int, rule, threshold, exact
+    ):
         xc_BD = x_BD - b_dec_D
         # The batch and threshold rules need every pre-activation exactly: no prefilter.
-        prefilter = rule == "topk" and bf16_prefilter(xc_BD, W_enc_MD)
+        prefilter = rule == "topk" and bf16_prefilter(xc_BD, W_enc_MD, exact)
         if prefilter:
             W_enc_lo = W_enc_MD.bfloat16()
             pre_BM = torch.addmm(b_enc_M.bfloat16(), xc_BD.bfloat16(), W_enc_lo.t())
@@ -227,7 +225,7 @@ class TopKEncode(torch.autograd.Function):
             g_b_dec = -(g_pre_M @ W_enc_MD) if need_b_dec else None
         if need_x:
             g_x = F.embedding_bag(idx_BK, W_enc_MD, per_sample_weights=g_BK, mode="sum")
-        return g_x, g_W, g_b_enc, g_b_dec, None, None, None, None, None
+        return g_x, g_W, g_b_enc, g_b_dec, None, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -255,11 +253,23 @@ class SparseDecode(torch.autograd.Function):
 
 
 def topk_encode(
-    x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M=None, k_aux=0, rule="topk", threshold=0.0
+    x_BD,
+    W_enc_MD,
+    b_enc_M,
+    b_dec_D,
+    k,
+    dead_M=None,
+    k_aux=0,
+    rule="topk",
+    threshold=0.0,
+    exact=False,
 ):
     """rule: "topk" (k per row), "batchtopk" (k * B over the batch) or "threshold" (every
-    pre-activation above `threshold`). The last two return rows padded with zeros."""
-    return TopKEncode.apply(x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M, k_aux, rule, threshold)
+    pre-activation above `threshold`). The last two return rows padded with zeros.
+    `exact`: select from the fp32 matmul even where bf16_prefilter would pick candidates."""
+    return TopKEncode.apply(
+        x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M, k_aux, rule, threshold, exact
+    )
 
 
 def sparse_decode(acts_BK, idx_BK, W_dec_MD):

@@ -105,18 +105,23 @@ class SaeStats:
 
 @torch.no_grad()
 def evaluate(
-    sae, acts_ND, batch_size: int = 4096, device=None, input_scale: float = 1.0
+    sae,
+    acts_ND,
+    batch_size: int = 4096,
+    device=None,
+    input_scale: float = 1.0,
+    exact: bool = False,
 ) -> SaeStats:
     """Stream the rows of the tensor `acts_ND` through `sae` and gather SaeStats.
 
     `input_scale`: the SAE reads input_scale * x (normalize_input); activations are reported
-    divided by it, in the units of the SAE that reads raw x."""
+    divided by it, in the units of the SAE that reads raw x. `exact`: as in TopKSae.encode."""
     device = device or sae.device
     stats = SaeStats(sae.num_latents, device=device)
     for start in range(0, len(acts_ND), batch_size):
         x = acts_ND[start : start + batch_size].to(device, torch.float32)
         if input_scale != 1:
             x = x * input_scale
-        acts_BK, idx_BK = sae.encode(x)
+        acts_BK, idx_BK = sae.encode(x, exact=exact)
         stats.update(x, sae.decode(acts_BK, idx_BK), acts_BK / input_scale, idx_BK)
     return stats

@@ -73,9 +73,12 @@ class TopKSae(nn.Module):
             return "topk", 0.0
         return ("batchtopk", 0.0) if batch_topk else ("threshold", float(self.threshold))
 
-    def encode(self, x_BD: Tensor, *, batch_topk: bool = False) -> tuple[Tensor, Tensor]:
+    def encode(
+        self, x_BD: Tensor, *, batch_topk: bool = False, exact: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Activations and indices of the selected latents, each (B, k) for TopK.
-        BatchTopK selects by its threshold, or with batch_topk=True the top k*B of the batch."""
+        BatchTopK selects by its threshold, or with batch_topk=True the top k*B of the batch.
+        `exact`: never pick candidates with a bf16 matmul (TrainConfig.exact_topk)."""
         self._check_width(x_BD)
         rule, threshold = self._rule(batch_topk)
         acts_BK, idx_BK, _, _ = topk_encode(
@@ -86,6 +89,7 @@ class TopKSae(nn.Module):
             self.cfg.k,
             rule=rule,
             threshold=threshold,
+            exact=exact,
         )
         return acts_BK, idx_BK
 
@@ -99,9 +103,11 @@ class TopKSae(nn.Module):
         dead_mask: Tensor | None = None,
         total_variance: Tensor | None = None,
         batch_topk: bool = False,
+        exact: bool = False,
     ) -> ForwardOutput:
         """Encode, decode and score x. `dead_mask` (M,) bool turns on the AuxK loss;
-        `batch_topk` selects BatchTopK's training rule (top k*B of the batch)."""
+        `batch_topk` selects BatchTopK's training rule (top k*B of the batch); `exact` as in
+        `encode`."""
         self._check_width(x_BD)
         rule, threshold = self._rule(batch_topk)
         num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
@@ -118,6 +124,7 @@ class TopKSae(nn.Module):
             k_aux,
             rule,
             threshold,
+            exact,
         )
         sae_out = self.decode(acts_BK, idx_BK)
         e_BD = x_BD - sae_out

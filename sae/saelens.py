@@ -6,6 +6,11 @@ b_dec [d_in]. Its "topk" architecture computes relu(topk((x - b_dec) @ W_enc + b
 + b_dec, which is this TopKSae with W_enc = encoder.weight transposed. One cfg.json carries
 SAELens's fields and ours; each loader (ours, sparsify's, SAELens's) ignores the others' keys,
 so the folder loads in all three.
+
+A BatchTopK SAE is saved as SAELens saves its own after training: architecture "jumprelu",
+with our scalar inference threshold repeated per latent as `threshold` [d_sae]. SAELens's
+JumpReLU keeps relu(pre) where pre > threshold, which is our inference rule. sparsify has no
+BatchTopK: our `sae.safetensors` then holds a scalar `threshold` beside sparsify's tensors.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ FORMAT_VERSION = "6.0.0"
 
 # SaeConfig fields that the SAELens config expresses (the others change nothing at inference,
 # or, when set away from their defaults, something SAELens's "topk" SAE cannot represent).
-_EXPRESSED = {"expansion_factor", "num_latents", "k", "normalize_decoder"}
+_EXPRESSED = {"expansion_factor", "num_latents", "k", "normalize_decoder", "activation"}
 _TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+_BATCHTOPK_TENSORS = _TENSORS | {"threshold"}
 
 
 def save_saelens(
@@ -47,13 +53,16 @@ def save_saelens(
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
+    batchtopk = sae.cfg.activation == "batchtopk"
+    if batchtopk:
+        tensors["threshold"] = sae.threshold.expand(sae.num_latents)
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
         str(directory / WEIGHTS_FILE),
     )
     cfg = json.loads((directory / "cfg.json").read_text())
     cfg |= {
-        "architecture": "topk",
+        "architecture": "jumprelu" if batchtopk else "topk",
         "d_in": sae.d_in,
         "d_sae": sae.num_latents,
         "k": sae.cfg.k,
@@ -74,7 +83,8 @@ def save_saelens(
 
 
 def _check_expressible(sae: TopKSae) -> None:
-    extra = sorted(set(sae.state_dict()) - _TENSORS)
+    allowed = _BATCHTOPK_TENSORS if sae.cfg.activation == "batchtopk" else _TENSORS
+    extra = sorted(set(sae.state_dict()) - allowed)
     changed = [
         f"{f.name}={getattr(sae.cfg, f.name)!r}"
         for f in dataclasses.fields(sae.cfg)
@@ -82,7 +92,7 @@ def _check_expressible(sae: TopKSae) -> None:
     ]
     if extra or changed:
         raise ValueError(
-            "SAELens's topk SAE cannot express this SAE "
+            "SAELens's topk and jumprelu SAEs cannot express this SAE "
             f"({', '.join(changed + [f'tensor {t}' for t in extra])}): export it in sparsify's "
             "layout only (TopKSae.save)"
         )

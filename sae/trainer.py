@@ -229,7 +229,7 @@ class Trainer:
                 sae.b_dec.copy_(init)
         dead_M = self.since_fired_M >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = sae(x_BD, dead_mask=dead_M, batch_topk=True)
+            out = sae(x_BD, dead_mask=dead_M, batch_topk=True, exact=cfg.exact_topk)
         loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
         if not torch.isfinite(loss):
             raise DivergedError(
@@ -260,6 +260,7 @@ class Trainer:
             batch_size=max(self.batch_size, 1024),
             device=self.device,
             input_scale=self.input_scale,
+            exact=self.cfg.exact_topk,
         )
 
     def fit(self, callback: Callable[[dict, Trainer], None] | None = None) -> TrainResult:
@@ -311,6 +312,7 @@ class Trainer:
                 self.acts[self.train_idx],
                 device=self.device,
                 input_scale=self.input_scale,
+                exact=self.cfg.exact_topk,
             )
         final = {
             **stats.result(),

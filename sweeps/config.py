@@ -388,6 +388,13 @@ class Config:
                 msg = str(e)
                 prefix = "" if msg.startswith(f"{section.name}.") else f"{section.name}."
                 raise ConfigError(prefix + msg) from None
+        probed = [m for m in self.tune.objective_modes() if m.startswith("val/probe_acc")]
+        _check(
+            self.train.probe or not probed,
+            "tune.objectives",
+            "val/probe_acc is reported only with train.probe=true",
+            probed,
+        )
 
 
 # Here, not in analyze.py: the CLI builds its parser from these before it quiets MLflow's

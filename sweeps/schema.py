@@ -24,6 +24,8 @@ METRIC_KEYS = (
     "dead_frac",
     "val/never_fired_frac",
     "dense_frac",
+    "val/probe_acc",
+    "val/probe_acc_orig",
     "auxk_loss",
     "lr",
     "acts_per_s",
@@ -31,7 +33,16 @@ METRIC_KEYS = (
 
 
 #: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
-EVAL_KEYS = ("train/fvu", "val/fvu", "val/l0", "dead_frac", "val/never_fired_frac", "dense_frac")
+EVAL_KEYS = (
+    "train/fvu",
+    "val/fvu",
+    "val/l0",
+    "dead_frac",
+    "val/never_fired_frac",
+    "dense_frac",
+    "val/probe_acc",
+    "val/probe_acc_orig",
+)
 
 #: Metrics a sweep may optimise, each with the only mode that makes sense for it.
 OBJECTIVES = {
@@ -41,6 +52,7 @@ OBJECTIVES = {
     "dead_frac": "min",
     "val/never_fired_frac": "min",
     "dense_frac": "min",
+    "val/probe_acc": "max",  # needs train.probe
     "acts_per_s": "max",
 }
 

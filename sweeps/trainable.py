@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from ray import tune
 
 from sae import SaeConfig, TrainConfig
-from sae.trainer import Trainer
+from sae.trainer import Trainer, as_acts_tensor
 from sweeps import cache, storage
 from sweeps.schema import FINAL_METRICS, FREQUENCY_FILE, SAE_DIR_KEY, final_sae_dir
 
@@ -48,9 +49,20 @@ class CachedLayer:
     val_fraction: float
     seed: int
 
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
+    def read(self) -> tuple[np.ndarray, ...]:
+        """train and val activations, then train and val labels (see `labels`)."""
+        return (
+            *(
+                cache.load_layer(self.cache_dir, self.layer, split, self.val_fraction, self.seed)
+                for split in ("train", "val")
+            ),
+            *self.labels(),
+        )
+
+    def labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Labels per image (-1: none) of both splits, in the order of their activations."""
         return tuple(
-            cache.load_layer(self.cache_dir, self.layer, split, self.val_fraction, self.seed)
+            cache.load_labels(self.cache_dir, split, self.val_fraction, self.seed)
             for split in ("train", "val")
         )
 
@@ -76,7 +88,64 @@ def layer_arrays(source) -> tuple:
     if isinstance(source, CachedLayer):
         return _open_once(source)
     # ray.get maps object-store arrays read-only and zero-copy on the trial's node.
-    return tuple(ray.get(list(source)))
+    return tuple(ray.get(list(source[:2])))
+
+
+def layer_labels(source) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) labels per image: the object refs after the activations', or the cache's."""
+    if isinstance(source, CachedLayer):
+        return source.labels()
+    return tuple(ray.get(list(source[2:4])))
+
+
+PROBE_RIDGE = 1e-3
+"""The probe's ridge, relative to its features' mean square (analyze's default)."""
+
+
+@functools.lru_cache(maxsize=2)
+def fit_probe(source, tokens_per_image: int):
+    """A RidgeProbe of labels on the training images' activations (one input per image, as in
+    `analyze`), or None when they hold fewer than two labels. Fit once per worker and layer."""
+    from sweeps.analysis import RidgeProbe, image_features
+
+    train, _ = layer_arrays(source)
+    labels, _ = layer_labels(source)
+    probe = RidgeProbe(train.shape[1])
+    for x_BTD, y_B in _image_batches(train, labels, tokens_per_image):
+        ok = y_B >= 0
+        probe.update(image_features(x_BTD)[ok], y_B[ok])
+    if int((probe.class_counts() > 0).sum()) < 2:
+        return None
+    probe.fit(probe.default_ridge(PROBE_RIDGE))
+    return probe
+
+
+def _image_batches(rows, labels: np.ndarray, tokens_per_image: int, images: int = 1024):
+    """(x_BTD float32, label_B) batches of whole images from (images * T, d) rows."""
+    rows = as_acts_tensor(rows)  # read-only object-store arrays without a warning
+    for start in range(0, len(labels), images):
+        y_B = torch.from_numpy(np.array(labels[start : start + images]))  # a writable copy
+        x = rows[start * tokens_per_image : (start + len(y_B)) * tokens_per_image]
+        yield x.float().view(len(y_B), tokens_per_image, -1), y_B
+
+
+@torch.no_grad()
+def probe_metrics(trainer: Trainer, probe, val_labels: np.ndarray, tokens_per_image: int):
+    """val/probe_acc: the probe's accuracy on the labelled validation images with the SAE's
+    reconstruction spliced in; val/probe_acc_orig: on their activations themselves."""
+    from sweeps.analysis import image_features
+
+    sae = trainer.export_sae()
+    correct, total = {"val/probe_acc": 0, "val/probe_acc_orig": 0}, 0
+    for x_BTD, y_B in _image_batches(trainer.val, val_labels, tokens_per_image):
+        ok = y_B >= 0
+        x_BD = x_BTD.flatten(0, 1).to(sae.device)
+        acts, idx = sae.encode(x_BD, exact=trainer.cfg.exact_topk)
+        x_hat_BTD = sae.decode(acts, idx).view_as(x_BTD).cpu()
+        for key, inputs in (("val/probe_acc", x_hat_BTD), ("val/probe_acc_orig", x_BTD)):
+            correct[key] += int((probe.predict(image_features(inputs)[ok]) == y_B[ok]).sum())
+        total += int(ok.sum())
+    return {key: c / total for key, c in correct.items()} if total else {}
 
 
 def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str, Any]) -> None:
@@ -91,8 +160,13 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
         return
     try:
         sae_cfg, train_cfg = trial_configs(config, fixed)
-        acts, val_acts = layer_arrays(layers[int(config["layer"])])
+        source = layers[int(config["layer"])]
+        acts, val_acts = layer_arrays(source)
         trainer = Trainer(acts, sae_cfg, train_cfg, val_acts=val_acts)
+        probe = fit_probe(source, fixed["tokens_per_image"]) if train_cfg.probe else None
+        if train_cfg.probe and probe is None:
+            raise ValueError("train.probe needs a cache whose training images hold 2+ labels")
+        val_labels = layer_labels(source)[1] if probe is not None else None
     except ValueError as e:
         # A config this trial cannot run (k above the width, no CUDA) fails the same way on
         # every retry: end the trial once, with its reason, instead of raising for a retry.
@@ -113,6 +187,8 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
     def report(metrics: dict, trainer: Trainer) -> None:
         nonlocal last_checkpoint
         metrics = {**metrics, "layer": int(config["layer"]), "node_id": node_id}
+        if probe is not None:
+            metrics |= probe_metrics(trainer, probe, val_labels, fixed["tokens_per_image"])
         final = trainer.step >= trainer.total_steps
         if final:
             # The final SAE and its plot's data go to the sweep's storage (shared on a cluster),

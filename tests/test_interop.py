@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sae import SaeConfig, TopKSae
+from sae import SaeConfig, TopKSae, TrainConfig, train_sae
 from sae.saelens import save_saelens
 from sweeps.best import best_trials
 from sweeps.cli import DEMO_CONFIG, main
@@ -59,6 +59,7 @@ def swept(demo_assets, tmp_path_factory):
         "train.eval_every=20",
         "search.layer=3",
         "tune.verbose=0",
+        "train.probe=true",  # the downstream metric, from the object store's labels
     ]
     args = overrides(demo_assets, out, NAME, *sets)
     proc = cli(["sweep", "--set", "sweep.register_as=clip-sae", "--config", DEMO_CONFIG, *args])
@@ -204,6 +205,40 @@ def test_saelens_loads_the_export_with_equal_latents(swept):
         torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
 
 
+def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path):
+    """A trained BatchTopK SAE opens in SAELens as the JumpReLU SAE SAELens itself saves
+    after BatchTopK training, and gives our latents and reconstruction at inference."""
+    sae_lens = pytest.importorskip("sae_lens")
+    x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=100, steps=60, lr=3e-3, eval_every=60, normalize_input=True)
+    ours = train_sae(3 * x, SaeConfig(num_latents=64, k=4, activation="batchtopk"), cfg).sae
+    assert ours.threshold > 0
+    save_saelens(ours, tmp_path / "layers.0", {"hook_name": "blocks.0.hook_resid_post"})
+    assert TopKSae.load(tmp_path / "layers.0").threshold == ours.threshold
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "layers.0"))
+    assert theirs.cfg.architecture() == "jumprelu"
+    assert (theirs.cfg.d_in, theirs.cfg.d_sae) == (ours.d_in, ours.num_latents)
+    x = 3 * torch.randn(64, ours.d_in)
+    with torch.no_grad():
+        latents = theirs.encode(x)
+        assert 0 < (latents > 0).sum(1).float().mean() < ours.num_latents / 2
+        torch.testing.assert_close(latents, _dense(ours, x))
+        torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
+
+
+def test_train_probe_reports_probe_accuracies_at_every_evaluation(swept):
+    _, cfg, _ = swept
+    client = MlflowClient(cfg.sweep.resolved_tracking_uri())
+    run = client.get_run(_best(cfg)["run_id"])
+    for key in ("probe_acc", "probe_acc_orig"):  # final metrics, as for fvu
+        assert 0 <= run.data.metrics[key] <= 1
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/fvu")]
+    for key in ("val/probe_acc", "val/probe_acc_orig"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == steps
+    orig = {m.value for m in client.get_metric_history(run.info.run_id, "val/probe_acc_orig")}
+    assert len(orig) == 1  # one probe, fit once, on the same images
+
+
 def test_saelens_export_refuses_an_sae_it_cannot_express(tmp_path):
     sae = TopKSae(8, SaeConfig(expansion_factor=2, k=2))
     sae.register_buffer("input_scale", torch.ones(8))
@@ -215,6 +250,12 @@ def test_saelens_export_refuses_an_sae_it_cannot_express(tmp_path):
 def test_a_model_name_mlflow_refuses_is_a_config_error_before_any_sweep():
     with pytest.raises(ConfigError, match="sweep.register_as .*'sweeps/best'.*cannot hold '/'"):
         load_config(DEMO_CONFIG, ["sweep.register_as=sweeps/best"])
+
+
+def test_a_probe_objective_without_train_probe_is_a_config_error():
+    with pytest.raises(ConfigError, match="tune.objectives.*only with train.probe=true"):
+        load_config(DEMO_CONFIG, ["tune.objectives=[val/probe_acc:max]"])
+    load_config(DEMO_CONFIG, ["tune.objectives=[val/probe_acc:max]", "train.probe=true"])
 
 
 def test_export_of_a_run_that_is_no_trial_says_so(swept):

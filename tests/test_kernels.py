@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae import SaeConfig, TopKSae, kernels
+from sae import SaeConfig, TopKSae, TrainConfig, kernels, train_sae
 from tests.reference import dense_forward
 
 
@@ -86,29 +86,34 @@ def test_decoder_rows_stay_unit_norm_after_steps():
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_float32_cpu_selection_matches_dense_reference(monkeypatch, exact):
-    """fp32 on CPU picks candidates with a bf16 matmul (where that is faster) and
-    rescores them exactly: the same latents, values and gradients as the exact path."""
-    monkeypatch.setattr(kernels, "EXACT_TOPK", exact)
+@pytest.fixture
+def prefilter_spy(monkeypatch):
+    """The bf16 prefilter's answers, in call order, with it on for any shape and CPU."""
     monkeypatch.setattr(kernels, "PREFILTER_MIN_MACS", 0)  # the prefilter even at test size
     # ...and on any CPU: oneDNN computes bf16 everywhere, only slower without native support.
     monkeypatch.setattr(kernels, "bf16_matmul_faster", lambda B, D, M: True)
     chosen = []
+    gate = kernels.bf16_prefilter
 
     def spy(*args):
         chosen.append(gate(*args))
         return chosen[-1]
 
-    gate = kernels.bf16_prefilter
     monkeypatch.setattr(kernels, "bf16_prefilter", spy)
+    return chosen
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_float32_cpu_selection_matches_dense_reference(prefilter_spy, exact):
+    """fp32 on CPU picks candidates with a bf16 matmul (where that is faster) and
+    rescores them exactly: the same latents, values and gradients as the exact path."""
     torch.manual_seed(0)
     sae = TopKSae(64, SaeConfig(num_latents=512, k=8))
     x = torch.randn(256, 64)
     dead = torch.zeros(512, dtype=torch.bool)
     dead[300:] = True
     params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec]
-    out = sae(x, dead_mask=dead)
+    out = sae(x, dead_mask=dead, exact=exact)
     ref_loss, ref_fvu, ref_aux, z = dense_forward(x, *params, k=8, dead_mask=dead, auxk_alpha=0.5)
     dense_z = torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts)
     torch.testing.assert_close(dense_z, z)
@@ -116,7 +121,16 @@ def test_float32_cpu_selection_matches_dense_reference(monkeypatch, exact):
     ours = _grads(out.fvu + 0.5 * out.auxk_loss, params)
     for g, r in zip(ours, _grads(ref_loss, params)):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
-    assert chosen == [not exact]  # the path under test is the one that ran
+    assert prefilter_spy == [not exact]  # the path under test is the one that ran
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_train_config_exact_topk_decides_the_path_in_training_and_evaluation(prefilter_spy, exact):
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=100, steps=2, eval_every=2, exact_topk=exact)
+    train_sae(x, SaeConfig(num_latents=128, k=4), cfg)
+    # two steps, then one validation batch (reused for the final metrics)
+    assert prefilter_spy == [not exact] * 3
 
 
 def test_auxk_loss_and_decoder_gradient_equal_sparsify():

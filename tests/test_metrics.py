@@ -1,9 +1,10 @@
 """Whole-dataset metrics against direct computations."""
 
 import numpy as np
+import pytest
 import torch
 
-from sae import SaeConfig, TopKSae
+from sae import SaeConfig, TopKSae, TrainConfig
 from sae.metrics import SaeStats, evaluate
 
 
@@ -89,3 +90,62 @@ def test_explained_variance_forgives_an_offset_that_fvu_counts():
     var_r = (noise.double() - noise.double().mean(0)).pow(2).sum()
     assert abs(result["explained_variance"] - (1 - var_r / var_x).item()) < 1e-9
     assert result["fvu"] > 1 - result["explained_variance"] + 0.05
+
+
+def _labelled_cache(root, tokens: int, labelled: bool = True, n: int = 300, d: int = 16):
+    """A cache whose images belong to 3 classes, each a direction plus noise (labels -1 when
+    not `labelled`)."""
+    from sweeps import cache
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 3, n)
+    centres = rng.standard_normal((3, d))
+    # Token noise grows with sqrt(tokens), so the token mean is as noisy as one CLS token.
+    acts = centres[label][:, None] + tokens**0.5 * rng.standard_normal((n, tokens, d))
+    run_dir = cache.start_run(root, "k")
+    ids = np.arange(n)
+    values = (acts if tokens > 1 else acts[:, 0]).astype(np.float16)
+    part = cache.write_part(run_dir, ids, label if labelled else -np.ones(n, int), {2: values})
+    # The key names the node copies of its layers: one per cache.
+    manifest = {"key": f"probe-{tokens}-{labelled}", "layers": [2], "parts": [part], "d_model": d}
+    return cache.finish_run(run_dir, manifest | {"tokens_per_image": tokens, "dtype": "float16"})[0]
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_probe_metric_scores_the_reconstruction_against_the_activations(
+    tmp_path, monkeypatch, tokens
+):
+    """The trial's probe metrics equal the probe's accuracy computed directly on the
+    validation images (their token mean in all-token mode) and on the SAE's reconstruction."""
+    from sae.trainer import Trainer
+    from sweeps import cache
+    from sweeps.trainable import CachedLayer, fit_probe, layer_arrays, probe_metrics
+
+    monkeypatch.setenv(cache.ARRAY_DIR_ENV, str(tmp_path / "node"))
+    source = CachedLayer(str(_labelled_cache(tmp_path / "c", tokens)), 2, 0.3, 0)
+    probe = fit_probe(source, tokens)
+    val_labels = source.labels()[1]
+    train, val = layer_arrays(source)
+    cfg = TrainConfig(steps=60, batch_size=64, lr=1e-2, normalize_input=True, probe=True)
+    trainer = Trainer(train, SaeConfig(num_latents=32, k=1), cfg, val_acts=val)
+    trainer.fit()
+    got = probe_metrics(trainer, probe, val_labels, tokens)
+
+    x = torch.as_tensor(val[torch.arange(len(val))]).float()
+    sae = trainer.export_sae()
+    x_hat = sae.decode(*sae.encode(x))
+    y = torch.from_numpy(np.array(val_labels))  # a writable copy
+    for key, inputs in (("val/probe_acc_orig", x), ("val/probe_acc", x_hat)):
+        pred = probe.predict(inputs.view(len(y), tokens, -1).mean(1))
+        assert got[key] == pytest.approx((pred == y).double().mean().item())
+    assert got["val/probe_acc_orig"] > 0.8  # the classes are separable...
+    assert got["val/probe_acc"] < got["val/probe_acc_orig"]  # ...less so through one latent
+
+
+def test_probe_needs_two_labels_in_the_training_images(tmp_path, monkeypatch):
+    from sweeps import cache
+    from sweeps.trainable import CachedLayer, fit_probe
+
+    monkeypatch.setenv(cache.ARRAY_DIR_ENV, str(tmp_path / "node"))
+    source = CachedLayer(str(_labelled_cache(tmp_path / "c", 1, labelled=False)), 2, 0.3, 0)
+    assert fit_probe(source, 1) is None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sae import DivergedError, SaeConfig, TrainConfig, train_sae
+from sae.metrics import SaeStats
 from sae.trainer import Trainer, geometric_median
 
 
@@ -264,6 +265,17 @@ def test_batchtopk_learns_a_threshold_and_keeps_l0_near_k():
     assert result.sae.threshold > 0
     assert 2 <= result.metrics["l0"] <= 4.5  # at inference the threshold, not k, decides
     assert result.metrics["fvu"] < 0.3
+    # The threshold stands in for the batch rule: on the same rows, batches of the training
+    # size cut at the k*B-th value give about the same L0 and FVU.
+    val = Trainer(x, result.sae.cfg, TrainConfig(batch_size=256)).val
+    batch_rule = SaeStats(result.sae.num_latents)
+    with torch.no_grad():
+        for start in range(0, len(val), 256):
+            rows = val[start : start + 256]
+            acts, idx = result.sae.encode(rows, batch_topk=True)
+            batch_rule.update(rows, result.sae.decode(acts, idx), acts, idx)
+    assert result.metrics["l0"] == pytest.approx(batch_rule.result()["l0"], rel=0.1)
+    assert result.metrics["fvu"] == pytest.approx(batch_rule.result()["fvu"], rel=0.1)
 
 
 @pytest.mark.parametrize(
