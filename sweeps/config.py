@@ -226,10 +226,9 @@ class TuneSettings:
     """Retries of a failed trial, each from its last checkpoint."""
 
     checkpoint_interval_s: float = 60.0
-    """Least seconds between a trial's checkpoints (taken at evals, see train.checkpoint_every,
-    and at the end): a killed trial redoes at most this much work. Each checkpoint writes the
-    SAE and Adam's state, and every second one forces Tune to snapshot the experiment, so
-    checkpointing at every eval costs more than it saves. 0: at every eval."""
+    """Least seconds between saves of a trial's training state (SAE and Adam's state, at an
+    eval, see train.checkpoint_every) to <storage_path>/<name>/trial_state: a retried or
+    resumed trial goes on from there and redoes at most this much work. 0: at every eval."""
 
     data: Literal["auto", "object_store", "cache"] = "auto"
     """How trials get activations: object_store (the driver loads each layer once and shares

@@ -62,6 +62,19 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
+def write_text(path: str, text: str) -> None:
+    """Replace a small file whole: readers see the old text or the new, never a torn one (a
+    local rename; object stores write whole objects)."""
+    if not is_uri(path):
+        tmp = Path(f"{path}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return
+    fs, inner = _filesystem(path)
+    with fs.open_output_stream(inner) as f:
+        f.write(text.encode())
+
+
 def delete_dir(path: str) -> None:
     fs, inner = _filesystem(path)
     fs.delete_dir(inner)

@@ -1,4 +1,4 @@
-"""One Ray Tune trial: train an SAE on one cached layer with `train_sae`, report, checkpoint."""
+"""One Ray Tune trial: train an SAE on one cached layer, report, save its state to resume from."""
 
 from __future__ import annotations
 
@@ -148,6 +148,44 @@ def probe_metrics(trainer: Trainer, probe, val_labels: np.ndarray, tokens_per_im
     return {key: c / total for key, c in correct.items()} if total else {}
 
 
+class TrialState:
+    """A trial's training state in the sweep's storage, `<root>/step-<N>/` with a `latest`
+    file naming the newest. Tune is given no checkpoints: it prunes old ones while the driver
+    may still record them, so a driver killed between the two left a resume pointing at a
+    deleted checkpoint. Here the pointer moves only once the new state is whole, and the old
+    state goes only after that."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.pointer = storage.join(root, "latest")
+        self.saved = 0
+
+    def save(self, trainer: Trainer) -> None:
+        name = f"step-{trainer.step:09d}"
+        storage.write_dir(storage.join(self.root, name), trainer.save_state)
+        previous = storage.read_text(self.pointer)
+        storage.write_text(self.pointer, name)
+        if previous and previous != name:
+            storage.delete_dir(storage.join(self.root, previous))
+        self.saved += 1
+
+    def restore(self, trainer: Trainer) -> None:
+        name = storage.read_text(self.pointer)
+        if name is None:
+            return
+        path = storage.join(self.root, name)
+        if not storage.is_uri(path):
+            trainer.load_state(path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.download_dir(path, tmp)
+            trainer.load_state(tmp)
+
+    def delete(self) -> None:
+        if storage.exists(self.root):
+            storage.delete_dir(self.root)
+
+
 def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str, Any]) -> None:
     """Tune function trainable. `layers` maps a layer to its source: object refs of its
     (train, val) arrays or a CachedLayer."""
@@ -174,18 +212,16 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
         tune.report({**nan, "step": 0, "layer": int(config["layer"]), "error": str(e)})
         return
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        # A retried or restored trial continues from its last checkpoint, not from step 0.
-        with checkpoint.as_directory() as directory:
-            trainer.load_state(directory)
+    # A retried or resumed trial continues from its last saved state, not from step 0.
+    state = TrialState(storage.join(fixed["state_root"], tune.get_context().get_trial_id()))
+    state.restore(trainer)
 
     # Which node trained this step: a retried trial may move to another one.
     node_id = ray.get_runtime_context().get_node_id()
-    last_checkpoint = time.monotonic()
+    last_save = time.monotonic()
 
     def report(metrics: dict, trainer: Trainer) -> None:
-        nonlocal last_checkpoint
+        nonlocal last_save
         metrics = {**metrics, "layer": int(config["layer"]), "node_id": node_id}
         if probe is not None:
             metrics |= probe_metrics(trainer, probe, val_labels, fixed["tokens_per_image"])
@@ -196,6 +232,7 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
             frequency_M = trainer.last_stats[1].firing_frequency().cpu().numpy()
 
             metrics[SAE_DIR_KEY] = sae_dir
+            metrics["states_saved"] = state.saved
 
             def write(directory: Path) -> None:
                 trainer.export_sae().save(directory)
@@ -204,13 +241,12 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: dict[str
                 (directory / FINAL_METRICS).write_text(json.dumps(metrics, default=float))
 
             storage.write_dir(sae_dir, write)
-        waited = time.monotonic() - last_checkpoint
-        if trainer.checkpoint_due() and (final or waited >= fixed["checkpoint_interval_s"]):
-            last_checkpoint = time.monotonic()
-            with tempfile.TemporaryDirectory() as tmp:
-                trainer.save_state(tmp)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        else:
-            tune.report(metrics)
+            state.delete()
+        # Reported before the state is saved: a state on storage means Tune holds its results.
+        tune.report(metrics)
+        if not final and trainer.checkpoint_due():
+            if time.monotonic() - last_save >= fixed["checkpoint_interval_s"]:
+                state.save(trainer)
+                last_save = time.monotonic()
 
     trainer.fit(report)

@@ -35,7 +35,7 @@ from sweeps.extract import extract
 from sweeps.mlflow_callback import MlflowTrialCallback
 from sweeps.schema import SEARCHED_PARAMS, leaderboard_url
 from sweeps.space import SearchSpace
-from sweeps.trainable import CachedLayer, run_trial
+from sweeps.trainable import CachedLayer, TrialState, run_trial
 
 
 @dataclass
@@ -281,6 +281,7 @@ def _trainable_settings(cfg: Config, tokens_per_image: int) -> dict[str, Any]:
         "sae_root": storage.join(cfg.sweep.experiment_path(), "sae"),
         "objectives": list(cfg.tune.objective_modes()),
         "checkpoint_interval_s": cfg.tune.checkpoint_interval_s,
+        "state_root": storage.join(cfg.sweep.experiment_path(), "trial_state"),
     }
 
 
@@ -331,7 +332,7 @@ def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
 def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks, resume: bool):
     fs = storage.tune_filesystem(cfg.sweep.storage_path)
     if resume:
-        # Finished trials stay finished; unfinished and errored ones go on from checkpoints.
+        # Finished trials stay finished; unfinished and errored ones go on from their states.
         return tune.Tuner.restore(
             cfg.sweep.experiment_path(),
             trainable,
@@ -367,7 +368,6 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks
             storage_filesystem=fs,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=cfg.tune.verbose,
         ),
     )
@@ -418,6 +418,9 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, c
     restore = resume and tune.Tuner.can_restore(path)
     tuner = _tuner(cfg, space, _trainable(cfg, sources, tokens), max_steps, callbacks, restore)
     grid = tuner.fit()
+    for result in grid:  # finished or stopped early: no resume needs their training state
+        if result.error is None and result.metrics.get("trial_id"):
+            TrialState(storage.join(fixed["state_root"], result.metrics["trial_id"])).delete()
     objectives = cfg.tune.objective_modes()
     rows = _rows(grid, objectives)
     tracking.close_lost_trial_runs(uri, parent, [r["trial_id"] for r in rows])

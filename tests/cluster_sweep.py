@@ -52,13 +52,13 @@ def reports(exp_dir: Path) -> dict[str, list[tuple[str, int]]]:
 
 
 def remove_first_checkpointed(cluster: Cluster, exp_dir: Path, removed: list) -> None:
-    """Once a trial has a checkpoint, remove the worker node it runs on, without warning."""
-    deadline = time.time() + 1200  # a hang guard: under load the first checkpoint takes minutes
+    """Once a trial has saved its state, remove the worker node it runs on, without warning."""
+    deadline = time.time() + 1200  # a hang guard: under load the first save takes minutes
     while time.time() < deadline:
-        for ckpt in exp_dir.glob("run_trial_*/checkpoint_*"):
-            try:  # the driver may not have written the result of this checkpoint yet
-                last = (ckpt.parent / "result.json").read_text().splitlines()[-1]
-                node_id = json.loads(last)["node_id"]
+        for latest in exp_dir.glob("trial_state/*/latest"):
+            try:  # the driver may not have written the trial's results yet
+                (results,) = exp_dir.glob(f"run_trial_{latest.parent.name}_*/result.json")
+                node_id = json.loads(results.read_text().splitlines()[-1])["node_id"]
             except (OSError, IndexError, ValueError):
                 continue
             node = next(n for n in cluster.worker_nodes if n.node_id == node_id)

@@ -396,9 +396,9 @@ def test_removed_worker_node_trials_resume_elsewhere(demo_sets, mlflow_server, t
         before = [step for node, step in steps if node == removed]
         after = [step for node, step in steps if node == survivor]
         assert after == sorted(set(after))
-        # From its last checkpoint, not from step 0: only the steps after the checkpoint
-        # that Tune had registered when the node died (one report interval, or two when a
-        # result was in flight) are trained again.
+        # From its last saved state, not from step 0: only the steps after the newest state
+        # whole when the node died (one report interval, or two when a save was under way)
+        # are trained again.
         assert after[0] >= before[-1] - 2 * EVAL_EVERY
 
     _, parents, kids = sweep_runs(mlflow_server, "nodeloss")

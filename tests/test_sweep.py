@@ -290,6 +290,7 @@ def test_killed_driver_at_any_moment_then_resume_keeps_records_exact(demo_assets
     assert f"sweep {name}: 6 trials (0 failed)" in log
     assert "Traceback" not in log
     assert_records_exact(uri, name, exp_dir, eval_every)
+    assert not list(exp_dir.glob("trial_state/*/latest"))  # every trial ended: states deleted
     for trial_id, mtime in mtimes.items():
         assert _final_sae(exp_dir, trial_id).stat().st_mtime_ns == mtime
 
@@ -308,12 +309,11 @@ def _trial_worker_pids() -> list[int]:
 
 
 def _kill_first_trial_worker(exp_dir: Path, killed: list):
-    """Once a trial has checkpointed twice, SIGKILL the worker process that runs it."""
+    """Once a trial has saved its state, SIGKILL the worker process that runs it."""
     deadline = time.time() + 900
     while time.time() < deadline:
-        # The second checkpoint on disk means Tune has taken the first report (a report
-        # blocks training until the driver fetches it), so the first checkpoint is Tune's.
-        if len(list(exp_dir.glob("run_trial_*/checkpoint_*"))) >= 2:
+        # A trial saves its state after Tune took the report of that step.
+        if list(exp_dir.glob("trial_state/*/latest")):
             for pid in _trial_worker_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -347,8 +347,13 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(ray_session, demo_asset
     assert killed, "no trial worker was killed"
     _, _, (kid,) = sweep_runs(result.tracking_uri, "killw")
     assert kid.data.tags["num_failures"] == "1"
-    # One run, every point once (restarting from step 0 would report eval steps twice).
+    # One run, every point once, and the retry went on from the saved state: Tune's own
+    # record of the trial's results holds the first eval once (step 0 again would repeat it).
     assert_records_exact(result.tracking_uri, "killw", exp_dir, eval_every=20)
+    (results,) = exp_dir.glob("run_trial_*/result.json")
+    steps = [json.loads(line)["step"] for line in results.read_text().splitlines()]
+    assert steps.count(20) == 1, steps
+    assert not list(exp_dir.glob("trial_state/*"))  # deleted once the trial finished
 
 
 def test_multi_objective_sweep_returns_a_pareto_set(ray_session, demo_assets, tmp_path):
@@ -381,11 +386,11 @@ def test_multi_objective_sweep_returns_a_pareto_set(ray_session, demo_assets, tm
         assert any(f[0] <= point[0] and f[1] <= point[1] for f in front)
     client = MlflowClient(result.tracking_uri)
     assert client.get_run(result.parent_run_id).data.tags["pareto.size"] == str(len(front))
-    # About ten evals per trial, one checkpoint: the interval spaces them out (Tune numbers them).
-    trial_dirs = list((tmp_path / "ray_results" / "pareto").glob("run_trial_*"))
-    assert len(trial_dirs) == 5
-    for trial_dir in trial_dirs:
-        assert [c.name for c in trial_dir.glob("checkpoint_*")] == ["checkpoint_000000"]
+    # About ten evals per trial and no state saved: the interval spaces the saves out.
+    exp_dir = tmp_path / "ray_results" / "pareto"
+    finals = [json.loads(p.read_text()) for p in exp_dir.glob("sae/*/layers.*/metrics.json")]
+    assert len(finals) == 5 and all(m["states_saved"] == 0 for m in finals), finals
+    assert not list(exp_dir.glob("run_trial_*/checkpoint_*"))  # Tune holds no checkpoints
 
 
 def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
