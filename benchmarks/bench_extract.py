@@ -96,7 +96,7 @@ def cuda_inner_loop(checkpoint: str, paths: list[Path], layer: int, batch: int =
     cores, then the float16 forward stopped after `layer`; and each half alone."""
     from sae.clip import Preprocessing
     from sweeps.config import DataConfig
-    from sweeps.extract import decode_batch
+    from sweeps.sources import decode_batch
 
     pre = Preprocessing.from_pretrained(checkpoint)
     model = load_vision_model(checkpoint, dtype=torch.float16).cuda()
@@ -154,7 +154,7 @@ def forward_only(checkpoint: str, batch_size: int, layer: int, repeats: int = 3)
 def decode_only(checkpoint: str, paths: list[Path]) -> float:
     """Seconds per image to read, decode and preprocess on one thread (sweeps.extract)."""
     from sae.clip import Preprocessing
-    from sweeps.extract import decode_image
+    from sweeps.sources import decode_image
 
     pre = Preprocessing.from_pretrained(checkpoint)
     start = time.perf_counter()
