@@ -1,9 +1,10 @@
-"""Extraction throughput: the Ray Data pipeline against a plain loop, in one run.
+"""Extraction throughput: `extract()` in this process and on Ray Data against a plain loop.
 
 Plain loop: the HF image processor, then the full model with output_hidden_states, batch by
-batch in this process, model and processor loading included. Pipeline: `sweeps.extract.extract`
-end to end into a fresh cache (actor start and model load included; `ray.init` is not, and is
-printed apart). Both load the same ViT-B/32-shaped checkpoint (random weights) and read the
+batch in this process, model and processor loading included. `extract()` end to end into a
+fresh cache: in this process (what `sae-sweep extract` does on one machine without GPUs: no
+Ray at all), and through Ray Data (actor start and model load included; `ray.init`, once, is
+printed apart). All load the same ViT-B/32-shaped checkpoint (random weights) and read the
 same JPEG files; they alternate, --runs times, and the table gives medians. A second table
 isolates the forward: 12 blocks against stopping after the layer. Where CUDA exists, a third
 times the GPU actor's inner loop without Ray (decode + preprocess on this machine's cores,
@@ -77,7 +78,9 @@ def plain_loop(checkpoint: str, paths: list[Path], batch_size: int, layer: int) 
     return time.perf_counter() - start
 
 
-def pipeline(checkpoint: str, folder: Path, cache_dir: Path, batch_size: int, layer: int):
+def pipeline(
+    checkpoint: str, folder: Path, cache_dir: Path, batch_size: int, layer: int, in_process: bool
+):
     """Seconds for one extraction, end to end."""
     cfg = from_mapping(
         {
@@ -87,7 +90,7 @@ def pipeline(checkpoint: str, folder: Path, cache_dir: Path, batch_size: int, la
         }
     )
     start = time.perf_counter()
-    extract(cfg)
+    extract(cfg, in_process=in_process)
     return time.perf_counter() - start
 
 
@@ -173,12 +176,8 @@ def main() -> None:
 
     import ray
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    start = time.perf_counter()
-    # address="local": a fresh instance, never a cluster another process started here
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    t_ray = time.perf_counter() - start
-    plain, pipe = [], []
+    t_ray = None
+    plain, here, ray_data = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "vit-b-32")
@@ -186,17 +185,25 @@ def main() -> None:
         n = len(paths)
         for run in range(args.runs):  # alternating, so background load hits both alike
             plain.append(plain_loop(checkpoint, paths, args.batch_size, args.layer))
-            pipe.append(
-                pipeline(
-                    checkpoint, tmp / "images", tmp / f"cache{run}", args.batch_size, args.layer
+            common = (checkpoint, tmp / "images", args.batch_size, args.layer)
+            here.append(pipeline(common[0], common[1], tmp / f"here{run}", *common[2:], True))
+            if t_ray is None:
+                start = time.perf_counter()
+                # address="local": a fresh instance, never a cluster another process started
+                ray.init(
+                    address="local",
+                    num_cpus=os.cpu_count(),
+                    include_dashboard=False,
+                    log_to_driver=False,
                 )
-            )
+                t_ray = time.perf_counter() - start
+            ray_data.append(pipeline(common[0], common[1], tmp / f"ray{run}", *common[2:], False))
         t_full, t_stop = forward_only(checkpoint, args.batch_size, args.layer)
         t_decode = decode_only(checkpoint, paths[:128])
         cuda = cuda_inner_loop(checkpoint, paths, args.layer) if torch.cuda.is_available() else None
     ray.shutdown()
 
-    t_plain, t_pipe = statistics.median(plain), statistics.median(pipe)
+    t_plain, t_here = statistics.median(plain), statistics.median(here)
     print(
         f"\n{n} images of 400x300, ViT-B/32 shape, random weights, batch {args.batch_size}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, layer {args.layer}, "
@@ -206,7 +213,12 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     rows = [
         ("plain loop: HF processor + full model, output_hidden_states", t_plain, plain),
-        (f"pipeline, end to end (layers [{args.layer}])", t_pipe, pipe),
+        (f"extract() in this process, end to end (layers [{args.layer}])", t_here, here),
+        (
+            "extract() on Ray Data, end to end (ray.init apart)",
+            statistics.median(ray_data),
+            ray_data,
+        ),
     ]
     for name, t, runs in rows:
         each = ", ".join(f"{r:.0f}" for r in runs)
@@ -220,8 +232,8 @@ def main() -> None:
         f"\nwhere the pipeline's time goes, per image: decode + preprocess {t_decode * 1e3:.1f} "
         f"ms on one thread, forward stopped after layer {args.layer} "
         f"{t_stop / args.batch_size * 1e3:.1f} ms on {torch.get_num_threads()} threads; the "
-        f"rest, {t_pipe - n * per_image:.1f} s of {t_pipe:.1f} s, is start-up (indexing, weight "
-        "hash, Ray Data, actor start, model load)"
+        f"rest of extract() in this process, {t_here - n * per_image:.1f} s of {t_here:.1f} s, "
+        "is start-up (indexing, weight hash, model load) and what decoding adds to the forward"
     )
     if cuda is None:
         print("\nno CUDA device: the GPU inner-loop table is skipped")

@@ -1,8 +1,10 @@
-"""Ray Data pipeline: images -> CLIP preprocessing (CPU tasks) -> CLIP actors -> activation cache.
+"""Extraction: images -> CLIP vision model -> activation cache, in this process or on Ray Data.
 
-The driver indexes the source (stable row ids), streams index blocks through decode tasks and
-a pool of model actors that write Parquet parts into the run's private directory, and counts
-what comes back. Only per-row outcomes travel back to the driver, never activations.
+The driver indexes the source (sweeps.sources: stable row ids) and finds the cache by the key
+of its inputs. On one machine without GPUs, an Encoder in this process decodes and encodes
+batch after batch; elsewhere the index streams through (on GPU nodes) decode tasks and a pool
+of Encoder actors. Either writes Parquet parts into the run's private directory, and only
+per-row outcomes come back to the driver, never activations.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+import pyarrow as pa
 
 from sae.clip import Preprocessing
 from sweeps import cache
@@ -32,25 +37,32 @@ class ExtractResult:
     reused: bool
 
 
-# ---- model actors ----
+# ---- model ----
 
 
 class Encoder:
-    """A Ray Data actor: one CLIP vision model, writing a Parquet part per batch.
+    """One CLIP vision model, writing a Parquet part per batch: a Ray Data actor, or called
+    in the driver (`_run_here`).
 
-    On CPU it also decodes its batches (`decode`: decode_batch's keyword arguments): decoding
-    in separate tasks would only take cores from the forward, and each thread it adds to the
-    forward's threads makes both slower than taking turns."""
+    It gets only the values it needs, not the config: constructor arguments travel to every
+    actor. On CPU it also decodes its batches (`decode`: decode_batch's keyword arguments):
+    decoding in separate tasks would only take cores from the forward, and each thread it
+    adds to the forward's threads makes both slower than taking turns."""
 
     def __init__(
         self,
-        cfg: Config,
+        name_or_path: str,
+        revision: str | None,
+        model_dtype: str,
+        layers: list[int],
+        token_mode: str,
+        cache_dtype: str,
         pre: Preprocessing,
         run_dir: str,
         cpu_threads: int,
         decode: dict | None = None,
+        node: str | None = None,
     ):
-        import ray
         import torch
 
         from sae.clip import DTYPES, load_vision_model
@@ -61,13 +73,16 @@ class Encoder:
             torch.set_num_threads(cpu_threads)  # Ray sets OMP_NUM_THREADS=1 in workers
             self.dtype = torch.float32  # fp16/bf16 matmuls are slow or missing on CPU
         else:
-            self.dtype = torch.float16 if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
-        model = load_vision_model(cfg.model.name_or_path, cfg.model.revision, self.dtype)
-        self.model = model.to(self.device)
+            self.dtype = torch.float16 if model_dtype == "auto" else DTYPES[model_dtype]
+        self.model = load_vision_model(name_or_path, revision, self.dtype).to(self.device)
         self.pre, self.run_dir = pre, run_dir
-        self.layers, self.token_mode = cfg.extract.layers, cfg.extract.token_mode
-        self.cache_dtype = np.dtype(cfg.extract.cache_dtype)
-        self.node = ray.get_runtime_context().get_node_id()
+        self.layers, self.token_mode = layers, token_mode
+        self.cache_dtype = np.dtype(cache_dtype)
+        if node is None:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        self.node = node
         self.decode = None if decode is None else {**decode, "threads": cpu_threads}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,13 +93,15 @@ class Encoder:
         reasons = batch["reason"].copy()
         ok = reasons == ""
         if ok.any():
-            pixels = self.torch.from_numpy(batch["pixels"][ok]).to(self.device)
-            acts = capture_layers(
-                self.model, self.pre.normalize(pixels, self.dtype), self.layers, self.token_mode
-            )
-            acts = {
-                layer: a.float().cpu().numpy().astype(self.cache_dtype) for layer, a in acts.items()
-            }
+            with self.torch.inference_mode():
+                pixels = self.torch.from_numpy(batch["pixels"][ok]).to(self.device)
+                acts = capture_layers(
+                    self.model, self.pre.normalize(pixels, self.dtype), self.layers, self.token_mode
+                )
+                acts = {
+                    layer: a.float().cpu().numpy().astype(self.cache_dtype)
+                    for layer, a in acts.items()
+                }
             finite = np.logical_and.reduce(
                 [np.isfinite(a).reshape(len(a), -1).all(axis=1) for a in acts.values()]
             )
@@ -130,11 +147,19 @@ def locate_cache(cfg: Config):
     return pre, source, inputs, key, cache.find_cache(cfg.extract.cache_dir, key)
 
 
-def extract(cfg: Config, start_ray: Callable[[], object] | None = None) -> ExtractResult:
-    """Build the activation cache for cfg, or find it. Ray must be initialised, or
-    `start_ray` given: it is called only when there is work to do, so a cache hit needs no
-    Ray."""
-    import ray
+def extract(
+    cfg: Config,
+    start_ray: Callable[[], object] | None = None,
+    in_process: bool | None = None,
+    progress=None,
+) -> ExtractResult:
+    """Build the activation cache for cfg, or find it (then `reused`); nothing is printed.
+
+    in_process: run the Encoder in this process, without Ray (True), or through Ray Data
+    (False); None decides: in this process on one machine without GPUs (`runs_here`). Both
+    write the same parts. For Ray Data, Ray must be initialised or `start_ray` given: it is
+    called only then, so a cache hit or an in-process run starts no Ray. progress: a bar the
+    caller owns (tqdm, or anything with update(n)), told of each batch done."""
     from transformers import CLIPVisionConfig
 
     cfg = absolute_paths(cfg)
@@ -147,19 +172,17 @@ def extract(cfg: Config, start_ray: Callable[[], object] | None = None) -> Extra
         )
     pre, source, inputs, key, found = locate_cache(cfg)
     if found:
-        manifest = cache.read_manifest(found)
-        print(f"extract: cache hit, no work done: {manifest['rows']} images in {found}")
-        return ExtractResult(found, manifest, reused=True)
+        return ExtractResult(found, cache.read_manifest(found), reused=True)
 
-    if start_ray is not None:
+    here = runs_here(cfg) if in_process is None else in_process
+    if not here and start_ray is not None:
         start_ray()
     run_dir = cache.start_run(ex.cache_dir, key)
     try:
-        num_gpus = ex.num_gpus_per_actor
-        if num_gpus is None:
-            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        cpu_threads = ex.cpu_threads or max(1, (os.cpu_count() or 1) // ex.num_actors)
-        stats = _run_pipeline(cfg, pre, source, run_dir, num_gpus, cpu_threads)
+        if here:
+            stats = _run_here(cfg, pre, source, run_dir, progress)
+        else:
+            stats = _run_pipeline(cfg, pre, source, run_dir, progress)
         parts = sorted(p.name for p in run_dir.glob("part-*.parquet"))
         row_ids = cache.read_columns(run_dir, parts, [])["row_id"].to_numpy()
         if not np.array_equal(row_ids, stats.pop("done_ids")):
@@ -187,31 +210,108 @@ def extract(cfg: Config, start_ray: Callable[[], object] | None = None) -> Extra
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    run = stats["run"]
-    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(stats["skipped"].items())) or "none"
-    print(
-        f"extract: {manifest['rows']} images done, {sum(stats['skipped'].values())} skipped "
-        f"({skipped}), {run['images_per_s']:.1f} images/s, cache {cache_dir}"
-    )
     return ExtractResult(cache_dir, manifest, reused=False)
 
 
-def _run_pipeline(cfg, pre, source, run_dir, num_gpus, cpu_threads) -> dict:
+def runs_here(cfg: Config) -> bool:
+    """Whether extraction runs in this process: one machine and no GPU, where Ray's start-up
+    (instance, actor, a model load in a worker) would cost more than it parallelises. True
+    when no Ray is initialised (or, initialised, it is one live node, this one, with CPUs and
+    no GPUs), no GPU is asked for or present, and RAY_ADDRESS names no cluster."""
+    import torch
+
+    if cfg.extract.num_gpus_per_actor or torch.cuda.is_available():
+        return False
+    ray = sys.modules.get("ray")  # not imported: not initialised either
+    if ray is None or not ray.is_initialized():
+        return not os.environ.get("RAY_ADDRESS")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    resources = ray.cluster_resources()
+    return (
+        len(nodes) == 1
+        and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+        and resources.get("CPU", 0) > 0
+        and not resources.get("GPU", 0)
+    )
+
+
+def _encoder_args(cfg: Config, pre: Preprocessing, run_dir: Path, cpu_threads: int) -> dict:
+    m, ex = cfg.model, cfg.extract
+    return {
+        "name_or_path": m.name_or_path,
+        "revision": m.revision,
+        "model_dtype": m.dtype,
+        "layers": list(ex.layers),
+        "token_mode": ex.token_mode,
+        "cache_dtype": ex.cache_dtype,
+        "pre": pre,
+        "run_dir": str(run_dir),
+        "cpu_threads": cpu_threads,
+    }
+
+
+def _batches(index: pa.Table, size: int) -> list[pa.Table]:
+    """Consecutive slices of the index: both paths give the Encoder these same batches, so
+    their parts are the same bytes."""
+    return [index.slice(i, size) for i in range(0, len(index), size)]
+
+
+def _run_here(cfg, pre, source, run_dir, progress) -> dict:
+    """The Encoder in this process; the next batch decodes in a thread while this one runs
+    its forward (PIL and torch release the GIL)."""
+    import torch
+
+    ex = cfg.extract
+    threads = torch.get_num_threads()
+    cpu_threads = ex.cpu_threads or os.cpu_count() or 1
+    decode = {"data": cfg.data, "pre": pre, "max_pixels": ex.max_image_pixels}
+    tally = _Tally(len(source.index), ex.max_bad_fraction, progress)
+    blocks = [
+        {
+            name: column.to_numpy(zero_copy_only=False)
+            for name, column in zip(b.column_names, b.columns)
+        }
+        for b in _batches(source.index, ex.batch_size)
+    ]
+    try:
+        encoder = Encoder(
+            **_encoder_args(cfg, pre, run_dir, cpu_threads), node=socket.gethostname()
+        )
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(decode_batch, blocks[0], **decode)
+            for i in range(len(blocks)):
+                batch = pending.result()
+                if i + 1 < len(blocks):
+                    pending = pool.submit(decode_batch, blocks[i + 1], **decode)
+                tally.add(encoder(batch))
+    finally:
+        torch.set_num_threads(threads)  # the Encoder set this process's threads
+    return tally.result()
+
+
+def _run_pipeline(cfg, pre, source, run_dir, progress) -> dict:
     import ray
 
     ex = cfg.extract
+    num_gpus = ex.num_gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    cpu_threads = ex.cpu_threads or max(1, (os.cpu_count() or 1) // ex.num_actors)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one tqdm bar in images instead of one per operator
-    index = source.index
-    blocks = [index.slice(i, ex.rows_per_task) for i in range(0, len(index), ex.rows_per_task)]
-    ds = ray.data.from_arrow(blocks)
+    ctx.enable_progress_bars = False  # the caller's bar counts images instead
     decode = {"data": cfg.data, "pre": pre, "max_pixels": ex.max_image_pixels}
     if num_gpus > 0:
         # A GPU actor must not wait for decoding: CPU tasks decode ahead of it.
+        ds = ray.data.from_arrow(_batches(source.index, ex.rows_per_task))
         ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", fn_kwargs=decode)
+        batch_size = ex.batch_size
+    else:
+        # A CPU actor decodes itself; each block is one batch, the same as in _run_here.
+        ds = ray.data.from_arrow(_batches(source.index, ex.batch_size))
+        batch_size = None
     ds = ds.map_batches(
         Encoder,
-        batch_size=ex.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=ex.num_actors),
         num_gpus=num_gpus,
@@ -220,49 +320,59 @@ def _run_pipeline(cfg, pre, source, run_dir, num_gpus, cpu_threads) -> dict:
         # decodes itself and sizes its threads by cpu_threads.
         num_cpus=0.5,
         fn_constructor_kwargs={
-            "cfg": cfg,
-            "pre": pre,
-            "run_dir": str(run_dir),
-            "cpu_threads": cpu_threads,
+            **_encoder_args(cfg, pre, run_dir, cpu_threads),
             "decode": None if num_gpus > 0 else decode,
         },
     )
-    total, max_bad = len(index), ex.max_bad_fraction * len(index)
-    skipped, done, nodes, devices = Counter(), [], set(), set()
-    start = time.perf_counter()
-    with tqdm(total=total, desc="extract", unit="img", dynamic_ncols=True) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            reasons = batch["reason"]
-            nonfinite = batch["row_id"][reasons == "nonfinite"]
-            if len(nonfinite):
-                raise FloatingPointError(
-                    f"non-finite activations for row ids {nonfinite[:20].tolist()}: with "
-                    "extract.cache_dtype=float16, try float32 (or model.dtype=float32)"
-                )
-            skipped.update(reasons[reasons != ""].tolist())
-            done.append(batch["row_id"][reasons == ""])
-            nodes.update(batch["node"].tolist())
-            devices.update(batch["device"].tolist())
-            bar.update(len(reasons))
-            bar.set_postfix(skipped=sum(skipped.values()))
-            if sum(skipped.values()) > max_bad:
-                raise ValueError(
-                    f"{sum(skipped.values())} of {total} images are unusable "
-                    f"({dict(skipped)}), above extract.max_bad_fraction="
-                    f"{ex.max_bad_fraction}: fix the data or raise that limit"
-                )
-    seconds = time.perf_counter() - start
-    done_ids = np.sort(np.concatenate(done)) if done else np.zeros(0, np.int64)
-    return {
-        "done_ids": done_ids,
-        "skipped": dict(skipped),
-        "run": {
-            "seconds": round(seconds, 3),
-            "images_per_s": round(len(done_ids) / seconds, 2),
-            "nodes": sorted(nodes),
-            "devices": sorted(devices),
-        },
-    }
+    tally = _Tally(len(source.index), ex.max_bad_fraction, progress)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        tally.add(batch)
+    return tally.result()
+
+
+class _Tally:
+    """Counts the Encoder's per-row outcomes; raises on non-finite rows or too many bad ones."""
+
+    def __init__(self, total: int, max_bad_fraction: float, progress):
+        self.total, self.max_bad_fraction, self.progress = total, max_bad_fraction, progress
+        self.skipped, self.done, self.nodes, self.devices = Counter(), [], set(), set()
+        self.start = time.perf_counter()
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        reasons = batch["reason"]
+        nonfinite = batch["row_id"][reasons == "nonfinite"]
+        if len(nonfinite):
+            raise FloatingPointError(
+                f"non-finite activations for row ids {nonfinite[:20].tolist()}: with "
+                "extract.cache_dtype=float16, try float32 (or model.dtype=float32)"
+            )
+        self.skipped.update(reasons[reasons != ""].tolist())
+        self.done.append(batch["row_id"][reasons == ""])
+        self.nodes.update(batch["node"].tolist())
+        self.devices.update(batch["device"].tolist())
+        if self.progress is not None:
+            self.progress.update(len(reasons))
+        bad = sum(self.skipped.values())
+        if bad > self.max_bad_fraction * self.total:
+            raise ValueError(
+                f"{bad} of {self.total} images are unusable ({dict(self.skipped)}), above "
+                f"extract.max_bad_fraction={self.max_bad_fraction}: fix the data or raise "
+                "that limit"
+            )
+
+    def result(self) -> dict:
+        seconds = time.perf_counter() - self.start
+        done = np.sort(np.concatenate(self.done)) if self.done else np.zeros(0, np.int64)
+        return {
+            "done_ids": done,
+            "skipped": dict(self.skipped),
+            "run": {
+                "seconds": round(seconds, 3),
+                "images_per_s": round(len(done) / seconds, 2),
+                "nodes": sorted(self.nodes),
+                "devices": sorted(self.devices),
+            },
+        }
 
 
 def absolute_paths(cfg: Config) -> Config:
