@@ -3,14 +3,16 @@
 Plain loop: the HF image processor, then the full model with output_hidden_states, batch by
 batch in this process, model and processor loading included. `extract()` end to end into a
 fresh cache: in this process (what `sae-sweep extract` does on one machine without GPUs: no
-Ray at all), and through Ray Data (actor start and model load included; `ray.init`, once, is
-printed apart). All load the same ViT-B/32-shaped checkpoint (random weights) and read the
-same JPEG files; they alternate, --runs times, and the table gives medians. A second table
+Ray at all), and with --ray-data through Ray Data too (actor start and model load included;
+`ray.init`, once, is printed apart). All load the same ViT-B/32-shaped checkpoint (random
+weights) and read the same JPEG files; they alternate, --runs times, and the table gives
+medians. A second table
 isolates the forward: 12 blocks against stopping after the layer. Where CUDA exists, a third
 times the GPU actor's inner loop without Ray (decode + preprocess on this machine's cores,
 float16 forward stopped after the layer) at batch 256.
 
     python benchmarks/bench_extract.py [--images 1024] [--batch-size 64] [--layer 9] [--runs 3]
+        [--ray-data]
 """
 
 from __future__ import annotations
@@ -172,6 +174,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--layer", type=int, default=9)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--ray-data", action="store_true", help="also time extract() through Ray Data"
+    )
     args = parser.parse_args()
 
     import ray
@@ -187,6 +192,8 @@ def main() -> None:
             plain.append(plain_loop(checkpoint, paths, args.batch_size, args.layer))
             common = (checkpoint, tmp / "images", args.batch_size, args.layer)
             here.append(pipeline(common[0], common[1], tmp / f"here{run}", *common[2:], True))
+            if not args.ray_data:
+                continue
             if t_ray is None:
                 start = time.perf_counter()
                 # address="local": a fresh instance, never a cluster another process started
@@ -201,25 +208,25 @@ def main() -> None:
         t_full, t_stop = forward_only(checkpoint, args.batch_size, args.layer)
         t_decode = decode_only(checkpoint, paths[:128])
         cuda = cuda_inner_loop(checkpoint, paths, args.layer) if torch.cuda.is_available() else None
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
 
     t_plain, t_here = statistics.median(plain), statistics.median(here)
     print(
         f"\n{n} images of 400x300, ViT-B/32 shape, random weights, batch {args.batch_size}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, layer {args.layer}, "
-        f"median of {args.runs} alternating runs (ray.init {t_ray:.1f} s, not counted)\n"
+        f"median of {args.runs} alternating runs"
+        + (f" (ray.init {t_ray:.1f} s, not counted)" if t_ray is not None else "")
+        + "\n"
     )
     print("| path | seconds (runs) | images/s | vs plain loop |")
     print("|---|---:|---:|---:|")
     rows = [
         ("plain loop: HF processor + full model, output_hidden_states", t_plain, plain),
         (f"extract() in this process, end to end (layers [{args.layer}])", t_here, here),
-        (
-            "extract() on Ray Data, end to end (ray.init apart)",
-            statistics.median(ray_data),
-            ray_data,
-        ),
     ]
+    if ray_data:
+        rows.append(("extract() on Ray Data, end to end", statistics.median(ray_data), ray_data))
     for name, t, runs in rows:
         each = ", ".join(f"{r:.0f}" for r in runs)
         print(f"| {name} | {t:.1f} ({each}) | {n / t:.1f} | {t_plain / t:.2f}x |")
