@@ -38,7 +38,7 @@ from sae import SaeConfig, TopKSae  # noqa: E402
 from sae.clip import Preprocessing  # noqa: E402
 from sweeps import analysis, analyze, cache, report  # noqa: E402
 from sweeps.config import DataConfig  # noqa: E402
-from sweeps.extract import index_source  # noqa: E402
+from sweeps.sources import index_source  # noqa: E402
 
 LAYER = 0
 

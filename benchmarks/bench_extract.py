@@ -1,15 +1,18 @@
-"""Extraction throughput: the Ray Data pipeline against a plain loop, in one run.
+"""Extraction throughput: `extract()` in this process and on Ray Data against a plain loop.
 
 Plain loop: the HF image processor, then the full model with output_hidden_states, batch by
-batch in this process, model and processor loading included. Pipeline: `sweeps.extract.extract`
-end to end into a fresh cache (actor start and model load included; `ray.init` is not, and is
-printed apart). Both load the same ViT-B/32-shaped checkpoint (random weights) and read the
-same JPEG files; they alternate, --runs times, and the table gives medians. A second table
+batch in this process, model and processor loading included. `extract()` end to end into a
+fresh cache: in this process (what `sae-sweep extract` does on one machine without GPUs: no
+Ray at all), and with --ray-data through Ray Data too (actor start and model load included;
+`ray.init`, once, is printed apart). All load the same ViT-B/32-shaped checkpoint (random
+weights) and read the same JPEG files; they alternate, --runs times, and the table gives
+medians. A second table
 isolates the forward: 12 blocks against stopping after the layer. Where CUDA exists, a third
 times the GPU actor's inner loop without Ray (decode + preprocess on this machine's cores,
 float16 forward stopped after the layer) at batch 256.
 
     python benchmarks/bench_extract.py [--images 1024] [--batch-size 64] [--layer 9] [--runs 3]
+        [--ray-data]
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ def plain_loop(checkpoint: str, paths: list[Path], batch_size: int, layer: int) 
     return time.perf_counter() - start
 
 
-def pipeline(checkpoint: str, folder: Path, cache_dir: Path, batch_size: int, layer: int):
+def pipeline(
+    checkpoint: str, folder: Path, cache_dir: Path, batch_size: int, layer: int, in_process: bool
+):
     """Seconds for one extraction, end to end."""
     cfg = from_mapping(
         {
@@ -87,7 +92,7 @@ def pipeline(checkpoint: str, folder: Path, cache_dir: Path, batch_size: int, la
         }
     )
     start = time.perf_counter()
-    extract(cfg)
+    extract(cfg, in_process=in_process)
     return time.perf_counter() - start
 
 
@@ -96,7 +101,7 @@ def cuda_inner_loop(checkpoint: str, paths: list[Path], layer: int, batch: int =
     cores, then the float16 forward stopped after `layer`; and each half alone."""
     from sae.clip import Preprocessing
     from sweeps.config import DataConfig
-    from sweeps.extract import decode_batch
+    from sweeps.sources import decode_batch
 
     pre = Preprocessing.from_pretrained(checkpoint)
     model = load_vision_model(checkpoint, dtype=torch.float16).cuda()
@@ -154,7 +159,7 @@ def forward_only(checkpoint: str, batch_size: int, layer: int, repeats: int = 3)
 def decode_only(checkpoint: str, paths: list[Path]) -> float:
     """Seconds per image to read, decode and preprocess on one thread (sweeps.extract)."""
     from sae.clip import Preprocessing
-    from sweeps.extract import decode_image
+    from sweeps.sources import decode_image
 
     pre = Preprocessing.from_pretrained(checkpoint)
     start = time.perf_counter()
@@ -169,16 +174,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--layer", type=int, default=9)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--ray-data", action="store_true", help="also time extract() through Ray Data"
+    )
     args = parser.parse_args()
 
     import ray
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    start = time.perf_counter()
-    # address="local": a fresh instance, never a cluster another process started here
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    t_ray = time.perf_counter() - start
-    plain, pipe = [], []
+    t_ray = None
+    plain, here, ray_data = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "vit-b-32")
@@ -186,28 +190,43 @@ def main() -> None:
         n = len(paths)
         for run in range(args.runs):  # alternating, so background load hits both alike
             plain.append(plain_loop(checkpoint, paths, args.batch_size, args.layer))
-            pipe.append(
-                pipeline(
-                    checkpoint, tmp / "images", tmp / f"cache{run}", args.batch_size, args.layer
+            common = (checkpoint, tmp / "images", args.batch_size, args.layer)
+            here.append(pipeline(common[0], common[1], tmp / f"here{run}", *common[2:], True))
+            if not args.ray_data:
+                continue
+            if t_ray is None:
+                start = time.perf_counter()
+                # address="local": a fresh instance, never a cluster another process started
+                ray.init(
+                    address="local",
+                    num_cpus=os.cpu_count(),
+                    include_dashboard=False,
+                    log_to_driver=False,
                 )
-            )
+                t_ray = time.perf_counter() - start
+            ray_data.append(pipeline(common[0], common[1], tmp / f"ray{run}", *common[2:], False))
         t_full, t_stop = forward_only(checkpoint, args.batch_size, args.layer)
         t_decode = decode_only(checkpoint, paths[:128])
         cuda = cuda_inner_loop(checkpoint, paths, args.layer) if torch.cuda.is_available() else None
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
 
-    t_plain, t_pipe = statistics.median(plain), statistics.median(pipe)
+    t_plain, t_here = statistics.median(plain), statistics.median(here)
     print(
         f"\n{n} images of 400x300, ViT-B/32 shape, random weights, batch {args.batch_size}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, layer {args.layer}, "
-        f"median of {args.runs} alternating runs (ray.init {t_ray:.1f} s, not counted)\n"
+        f"median of {args.runs} alternating runs"
+        + (f" (ray.init {t_ray:.1f} s, not counted)" if t_ray is not None else "")
+        + "\n"
     )
     print("| path | seconds (runs) | images/s | vs plain loop |")
     print("|---|---:|---:|---:|")
     rows = [
         ("plain loop: HF processor + full model, output_hidden_states", t_plain, plain),
-        (f"pipeline, end to end (layers [{args.layer}])", t_pipe, pipe),
+        (f"extract() in this process, end to end (layers [{args.layer}])", t_here, here),
     ]
+    if ray_data:
+        rows.append(("extract() on Ray Data, end to end", statistics.median(ray_data), ray_data))
     for name, t, runs in rows:
         each = ", ".join(f"{r:.0f}" for r in runs)
         print(f"| {name} | {t:.1f} ({each}) | {n / t:.1f} | {t_plain / t:.2f}x |")
@@ -220,8 +239,8 @@ def main() -> None:
         f"\nwhere the pipeline's time goes, per image: decode + preprocess {t_decode * 1e3:.1f} "
         f"ms on one thread, forward stopped after layer {args.layer} "
         f"{t_stop / args.batch_size * 1e3:.1f} ms on {torch.get_num_threads()} threads; the "
-        f"rest, {t_pipe - n * per_image:.1f} s of {t_pipe:.1f} s, is start-up (indexing, weight "
-        "hash, Ray Data, actor start, model load)"
+        f"rest of extract() in this process, {t_here - n * per_image:.1f} s of {t_here:.1f} s, "
+        "is start-up (indexing, weight hash, model load) and what decoding adds to the forward"
     )
     if cuda is None:
         print("\nno CUDA device: the GPU inner-loop table is skipped")

@@ -25,7 +25,7 @@ from sae.clip import Preprocessing, capture_layers, vision_tower
 from sae.metrics import SaeStats
 from sweeps import cache
 from sweeps.config import DataConfig
-from sweeps.extract import decode_batch
+from sweeps.sources import decode_batch
 
 CRITERIA = ("max_act", "mean_act", "frequency")
 PROBE_INPUTS = ("original", "reconstructed")

@@ -61,11 +61,33 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from sweeps.extract import extract
 
     cfg = load_config(args.config, args.set)
-    extract(cfg, start_ray=lambda: init_ray(args.address, args.verbose))  # not on a cache hit
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    with tqdm(desc="extract", unit="img", dynamic_ncols=True, leave=False) as bar:
+        result = extract(
+            cfg,
+            start_ray=lambda: init_ray(address, args.verbose),  # not on a cache hit
+            in_process=False if address else None,  # a cluster's address: Ray Data
+            progress=bar,
+        )
+    print(describe_extract(result))
     return 0
+
+
+def describe_extract(result) -> str:
+    """One line on what `extract` did."""
+    m = result.manifest
+    if result.reused:
+        return f"extract: cache hit, no work done: {m['rows']} images in {result.cache_dir}"
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(m["skipped"].items())) or "none"
+    return (
+        f"extract: {m['rows']} images done, {sum(m['skipped'].values())} skipped ({skipped}), "
+        f"{m['run']['images_per_s']:.1f} images/s, cache {result.cache_dir}"
+    )
 
 
 def _sweep(configs, args, resume: bool) -> list:

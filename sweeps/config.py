@@ -118,16 +118,18 @@ class ExtractConfig:
     """Images per model forward (and per Parquet part)."""
 
     rows_per_task: int = 128
-    """Images decoded and preprocessed per CPU task."""
+    """Images decoded and preprocessed per CPU task (on Ray Data with GPUs)."""
 
     num_actors: int = 1
-    """Model actors (one model copy each)."""
+    """Model actors on Ray Data (one model copy each); one machine without GPUs runs one model
+    in the calling process instead."""
 
     num_gpus_per_actor: float | None = None
     """GPUs per model actor; null: 1 when the cluster has GPUs, else 0 (CPU)."""
 
     cpu_threads: int = 0
-    """Torch threads per actor when it runs on CPU; 0: this machine's cores / num_actors."""
+    """Torch threads per model on CPU; 0: this machine's cores / num_actors on Ray Data, all of
+    them in the calling process."""
 
     max_bad_fraction: float = 0.01
     """Fail when more than this fraction of images is unusable (they are skipped below it)."""

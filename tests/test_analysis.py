@@ -37,7 +37,7 @@ from sweeps.analyze import class_names, templates
 from sweeps.cli import DEMO_CONFIG
 from sweeps.config import load_config
 from sweeps.demo import make_image_folder, make_tiny_clip
-from sweeps.extract import index_source
+from sweeps.sources import index_source
 from sweeps.tune import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

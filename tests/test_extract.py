@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,8 +31,9 @@ from PIL import Image
 
 from sae.clip import load_vision_model
 from sweeps import cache
+from sweeps.cli import describe_extract
 from sweeps.config import ConfigError, from_mapping, load_config
-from sweeps.extract import ExtractResult, extract
+from sweeps.extract import ExtractResult, extract, runs_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,8 +123,34 @@ def test_cache_contract_with_plain_pyarrow_and_noop_rerun(built, tiny, folder, c
 
     again = run(config(tiny, folder, result.cache_dir.parent))
     assert again.reused and again.cache_dir == result.cache_dir
-    assert "cache hit, no work done" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # the library returns; the CLI prints
+    assert describe_extract(again).startswith("extract: cache hit, no work done: 24 images")
     assert len(os.listdir(result.cache_dir.parent)) == 2  # cls and all: nothing new
+
+
+def test_in_process_and_ray_data_write_the_same_bytes(ray_session, built, tiny, tmp_path):
+    # `built` ran in this process (one local node, no GPU); Ray Data must write the same parts.
+    assert built["cls"].manifest["run"]["nodes"] == [socket.gethostname()]
+    sections = config(tiny, Path(built["cls"].manifest["inputs"]["data"]["path"]), tmp_path)
+    ray_data = extract(from_mapping(sections), in_process=False)
+    here, there = built["cls"].cache_dir, ray_data.cache_dir
+    assert there.name == here.name  # the same key
+    assert ray_data.manifest["run"]["nodes"] == [ray_session.get_runtime_context().get_node_id()]
+    parts = ray_data.manifest["parts"]
+    assert parts == built["cls"].manifest["parts"] and len(parts) == 3  # batches of 8
+    for part in parts:
+        assert (here / part).read_bytes() == (there / part).read_bytes(), part
+    drop_run = [
+        {k: v for k, v in r.manifest.items() if k != "run"} for r in (built["cls"], ray_data)
+    ]
+    assert drop_run[0] == drop_run[1]
+
+
+def test_runs_here_only_on_one_local_node_without_gpus(ray_session, tiny, folder):
+    cfg = from_mapping(config(tiny, folder, "/unused"))
+    assert runs_here(cfg)  # the session's local instance: one node, CPUs, no GPU
+    gpu = from_mapping(config(tiny, folder, "/unused", num_gpus_per_actor=1))
+    assert not runs_here(gpu)
 
 
 def test_train_val_split_is_deterministic_and_by_image(built):
