@@ -92,6 +92,8 @@ def describe_extract(result) -> str:
 
 def _sweep(configs, args, resume: bool) -> list:
     """Check, then run or resume each config's sweep, printing its summary; the results."""
+    from tqdm import tqdm
+
     from sweeps.best import format_table
     from sweeps.display import SweepDisplay
     from sweeps.tune import check_resources, check_sweep, delete_sweep, mlflow_ui_hint, run_sweep
@@ -109,7 +111,9 @@ def _sweep(configs, args, resume: bool) -> list:
     results = []
     for cfg in configs:
         display = [] if cfg.tune.verbose else [SweepDisplay(cfg.tune.num_samples)]
-        result = run_sweep(cfg, resume=resume, callbacks=display)
+        with tqdm(desc="extract", unit="img", dynamic_ncols=True, leave=False) as bar:
+            result = run_sweep(cfg, resume=resume, callbacks=display, progress=bar)
+        print(describe_extract(result.extraction))
         objectives = cfg.tune.objective_modes()
         print(format_table(result.rows, objectives, limit=cfg.tune.show_top))
         n_failed = sum(r["status"] == "FAILED" for r in result.rows)

@@ -31,7 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from sae.trainer import total_steps
 from sweeps import cache, storage, tracking
 from sweeps.config import Config, ConfigError
-from sweeps.extract import extract
+from sweeps.extract import ExtractResult, extract
 from sweeps.mlflow_callback import MlflowTrialCallback
 from sweeps.schema import SEARCHED_PARAMS, leaderboard_url
 from sweeps.space import SearchSpace
@@ -50,6 +50,8 @@ class SweepResult:
     """One dict per trial: trial_id, status, config values and final metrics, best first."""
     best: list[dict[str, Any]]
     """The best trial, or the Pareto front with several objectives."""
+    extraction: ExtractResult
+    """What building (or finding) the activation cache did."""
     elapsed_s: float = 0.0
 
 
@@ -373,11 +375,15 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks
     )
 
 
-def run_sweep(cfg: Config, resume: bool = False, callbacks: Sequence = ()) -> SweepResult:
+def run_sweep(
+    cfg: Config, resume: bool = False, callbacks: Sequence = (), progress=None
+) -> SweepResult:
     """Extract (or reuse) the cache, run or resume the sweep, summarise it in MLflow.
 
     Ray must be initialised and cfg checked with check_sweep. The parent run exists from the
-    start, and any failure of the driver closes it FAILED (KILLED on Ctrl-C) with the error."""
+    start, and any failure of the driver closes it FAILED (KILLED on Ctrl-C) with the error.
+    progress: a bar the caller owns, told of each extracted batch (see `extract`) and closed
+    when extraction ends."""
     space = SearchSpace.from_config(cfg.search)
     started = time.time()
     path = cfg.sweep.experiment_path()
@@ -390,7 +396,7 @@ def run_sweep(cfg: Config, resume: bool = False, callbacks: Sequence = ()) -> Sw
         search_space=space.describe(),
     )
     try:
-        result = _run(cfg, space, parent, uri, resume, callbacks)
+        result = _run(cfg, space, parent, uri, resume, callbacks, progress)
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         tracking.finish_sweep_run(uri, parent, status, error=f"{type(e).__name__}: {e}")
@@ -401,8 +407,10 @@ def run_sweep(cfg: Config, resume: bool = False, callbacks: Sequence = ()) -> Sw
     return result
 
 
-def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, callbacks):
-    ex = extract(cfg)
+def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, callbacks, progress):
+    ex = extract(cfg, progress=progress)
+    if progress is not None:
+        progress.close()  # the sweep's own display follows
     tracking.set_tags(uri, parent, {"cache_key": ex.manifest["key"]})
     tokens = ex.manifest["tokens_per_image"]
     sources, n_train = _layer_sources(cfg, ex.cache_dir, space.layers(), tokens)
@@ -426,7 +434,7 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, c
     tracking.close_lost_trial_runs(uri, parent, [r["trial_id"] for r in rows])
     best = tracking.log_sweep_summary(uri, parent, grid, objectives)
     experiment_id = MlflowClient(uri).get_run(parent).info.experiment_id
-    return SweepResult(path, parent, uri, experiment_id, str(ex.cache_dir), rows, best)
+    return SweepResult(path, parent, uri, experiment_id, str(ex.cache_dir), rows, best, ex)
 
 
 def _rows(grid, objectives: dict[str, str]) -> list[dict[str, Any]]:
