@@ -56,7 +56,7 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
                 "trial_id": trial_id,
                 "run_id": run.info.run_id,
                 "status": "STOPPED" if run.data.tags.get("stopped_early") else "DONE",
-                **{c: run.data.params.get(c) for c in SEARCHED_PARAMS},
+                **{c: _number(run.data.params.get(c)) for c in SEARCHED_PARAMS},
                 **{k: run.data.metrics.get(final_name(k)) for k in ("val/fvu", "val/l0")},
                 "dead_frac": run.data.metrics.get("dead_frac"),
                 "sae_dir": trial_sae_dir(cfg, trial_id, int(run.data.params["layer"])),
@@ -64,6 +64,16 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
             }
         )
     return rows
+
+
+def _number(param: str | None):
+    """An MLflow param (always text) as the number it was, so tables format it; else as is."""
+    for kind in (int, float):
+        try:
+            return kind(param)
+        except (TypeError, ValueError):
+            pass
+    return param
 
 
 def format_table(rows: list[dict], objectives: dict[str, str], limit: int = 10) -> str:

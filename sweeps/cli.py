@@ -12,7 +12,14 @@ from pathlib import Path
 import yaml
 
 from sae.config import field_help
-from sweeps.config import AnalyzeOptions, ConfigError, config_help, load_config, load_configs
+from sweeps.config import (
+    AnalyzeOptions,
+    ConfigError,
+    config_help,
+    load_config,
+    load_configs,
+    to_mapping,
+)
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -165,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The demo's config with its paths resolved, for `best`, `analyze` and `export`.
     saved = Path(cfg.sweep.out_dir, "config.yaml")
     saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    saved.write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
     (result,) = _sweep([cfg], args, resume=False)
     best = result.rows[0] if result.rows else {}
     if not best.get("sae_dir"):

@@ -487,6 +487,16 @@ def _sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
+def to_mapping(cfg: Config) -> dict:
+    """cfg as a config file holds it, which `from_mapping` reads back: without the sections'
+    fields that the search sets per trial."""
+    values = dataclasses.asdict(cfg)
+    for name, searched in SEARCHED.items():
+        for field_name in searched:
+            values[name].pop(field_name, None)
+    return values
+
+
 def from_mapping(values: dict) -> Config:
     """Build and validate a Config; unknown sections and fields are errors that list the valid
     ones."""

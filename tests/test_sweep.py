@@ -34,7 +34,7 @@ def cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "run_sweep.py"), *args],
-        cwd=ROOT,
+        cwd=kw.pop("cwd", ROOT),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -92,7 +92,10 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(best_run.info.run_id, "sae")}
     assert {"sae/cfg.json", "sae/sae.safetensors", "sae/firing_frequency.png"} <= artifacts
 
-    best = cli(["best", "--config", DEMO_CONFIG, *args])
+    # `best` on the config the demo saved, from another directory, as its last line says.
+    saved = out / "config.yaml"
+    assert f"next: sae-sweep best --config {saved}" in log
+    best = cli(["best", "--config", str(saved)], cwd=tmp_path.parent)
     log, _ = best.communicate(timeout=120)
     assert best.returncode == 0, log
     sae_dir = next(line.split(": ", 1)[1] for line in log.splitlines() if "best SAE:" in line)
