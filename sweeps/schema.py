@@ -15,23 +15,6 @@ from sweeps import storage
 #: Hyperparameters chosen per trial, as the summary table and `best` show them.
 SEARCHED_PARAMS = ("layer", "activation", "k", "expansion_factor", "lr", "auxk_alpha")
 
-#: Result keys logged as step metrics when a trial reports them; at the end of a trial also as
-#: final metrics named by `final_name` ("val/fvu" -> "fvu").
-METRIC_KEYS = (
-    "train/fvu",
-    "val/fvu",
-    "val/l0",
-    "dead_frac",
-    "val/never_fired_frac",
-    "dense_frac",
-    "val/probe_acc",
-    "val/probe_acc_orig",
-    "auxk_loss",
-    "lr",
-    "acts_per_s",
-)
-
-
 #: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
 EVAL_KEYS = (
     "train/fvu",
@@ -43,6 +26,10 @@ EVAL_KEYS = (
     "val/probe_acc",
     "val/probe_acc_orig",
 )
+
+#: Result keys logged as step metrics when a trial reports them; at the end of a trial also as
+#: final metrics named by `final_name` ("val/fvu" -> "fvu").
+METRIC_KEYS = (*EVAL_KEYS, "auxk_loss", "lr", "acts_per_s")
 
 #: Metrics a sweep may optimise, each with the only mode that makes sense for it.
 OBJECTIVES = {
