@@ -16,10 +16,10 @@ from mlflow.tracking import MlflowClient
 
 from sae import TopKSae
 from sweeps import analysis, cache, report
-from sweeps.best import best_trials, sweep_parent, trial_sae_dir
+from sweeps.best import best_trials, param_value, sweep_parent, trial_sae_dir
 from sweeps.config import AnalyzeOptions, Config
 from sweeps.extract import absolute_paths, locate_cache
-from sweeps.schema import child_filter, final_name
+from sweeps.schema import NUMERIC_PARAMS, child_filter, final_name
 
 
 @dataclass
@@ -135,17 +135,10 @@ def sweep_trials(client: MlflowClient, parent) -> list[dict]:
                 "fvu": fvu,
                 "l0": l0,
                 "stopped": "stopped_early" in run.data.tags,
-                **{k: _number(p.get(k)) for k in report.PARAMS},
+                **{k: param_value(p.get(k)) for k in NUMERIC_PARAMS},
             }
         )
     return trials
-
-
-def _number(text: str | None):
-    if text is None or text == "None":
-        return None
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
 
 def param_importances(trials: list[dict], seed: int = 0) -> dict[str, float]:
@@ -154,7 +147,7 @@ def param_importances(trials: list[dict], seed: int = 0) -> dict[str, float]:
 
     names = [
         n
-        for n in report.PARAMS
+        for n in NUMERIC_PARAMS
         if all(t[n] is not None for t in trials) and len({t[n] for t in trials}) > 1
     ]
     if len(trials) < 3 or not names:

@@ -56,7 +56,7 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
                 "trial_id": trial_id,
                 "run_id": run.info.run_id,
                 "status": "STOPPED" if run.data.tags.get("stopped_early") else "DONE",
-                **{c: _number(run.data.params.get(c)) for c in SEARCHED_PARAMS},
+                **{c: param_value(run.data.params.get(c)) for c in SEARCHED_PARAMS},
                 **{k: run.data.metrics.get(final_name(k)) for k in ("val/fvu", "val/l0")},
                 "dead_frac": run.data.metrics.get("dead_frac"),
                 "sae_dir": trial_sae_dir(cfg, trial_id, int(run.data.params["layer"])),
@@ -66,14 +66,16 @@ def best_trials(cfg: Config, top: int = 5) -> list[dict]:
     return rows
 
 
-def _number(param: str | None):
-    """An MLflow param (always text) as the number it was, so tables format it; else as is."""
+def param_value(text: str | None):
+    """An MLflow param (always text) as the value it was: an int, a float, None, or the text."""
+    if text is None or text == "None":
+        return None
     for kind in (int, float):
         try:
-            return kind(param)
-        except (TypeError, ValueError):
+            return kind(text)
+        except ValueError:
             pass
-    return param
+    return text
 
 
 def format_table(rows: list[dict], objectives: dict[str, str], limit: int = 10) -> str:

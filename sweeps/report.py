@@ -18,9 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sweeps.schema import FREQUENCY_FILE, pareto_front  # noqa: E402
+from sweeps.schema import FREQUENCY_FILE, NUMERIC_PARAMS, pareto_front  # noqa: E402
 
-PARAMS = ("layer", "k", "expansion_factor", "lr", "auxk_alpha")
 THUMB_PX = 112
 SHOWN_ROWS = 500
 """Table rows the browser draws at once; searching and sorting reach the others."""
@@ -85,8 +84,10 @@ def pareto_plot(trials: list[dict], path: Path) -> Path:
 
 def fvu_vs_params(trials: list[dict], path: Path) -> Path:
     """Validation FVU against each hyperparameter; trials stopped early drawn hollow."""
-    fig, axes = plt.subplots(1, len(PARAMS), figsize=(3 * len(PARAMS), 3), sharey=True)
-    for ax, name in zip(axes, PARAMS):
+    fig, axes = plt.subplots(
+        1, len(NUMERIC_PARAMS), figsize=(3 * len(NUMERIC_PARAMS), 3), sharey=True
+    )
+    for ax, name in zip(axes, NUMERIC_PARAMS):
         for stopped, style in ((False, {}), (True, {"facecolors": "none", "edgecolors": "C0"})):
             mine = [t for t in trials if t["stopped"] == stopped and t[name] is not None]
             ax.scatter([t[name] for t in mine], [t["fvu"] for t in mine], **style)

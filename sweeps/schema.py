@@ -15,6 +15,9 @@ from sweeps import storage
 #: Hyperparameters chosen per trial, as the summary table and `best` show them.
 SEARCHED_PARAMS = ("layer", "activation", "k", "expansion_factor", "lr", "auxk_alpha")
 
+#: The searched parameters whose values are numbers (the others are named choices).
+NUMERIC_PARAMS = tuple(p for p in SEARCHED_PARAMS if p != "activation")
+
 #: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
 EVAL_KEYS = (
     "train/fvu",

@@ -30,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sae.trainer import total_steps
 from sweeps import cache, storage, tracking
-from sweeps.config import Config, ConfigError
+from sweeps.config import SEARCHED, Config, ConfigError
 from sweeps.extract import ExtractResult, extract
 from sweeps.mlflow_callback import MlflowTrialCallback
 from sweeps.schema import SEARCHED_PARAMS, leaderboard_url
@@ -274,7 +274,7 @@ def _on_network_fs(path: Path, mounts: str = "/proc/mounts") -> bool:
 def _trainable_settings(cfg: Config, tokens_per_image: int) -> dict[str, Any]:
     """What every trial shares: the fixed SAE and training settings and where SAEs go."""
     train = dataclasses.asdict(cfg.train)
-    for searched in ("lr", "auxk_alpha"):
+    for searched in SEARCHED["train"]:
         train.pop(searched)
     return {
         "sae": {"normalize_decoder": cfg.sae.normalize_decoder, "num_latents": 0},
