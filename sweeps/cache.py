@@ -16,6 +16,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -358,7 +359,8 @@ class RowFile:
         self.shape = torch.Size(shape)
         self.dtype = torch.from_numpy(np.empty(0, dtype)).dtype
         self._row_bytes = shape[1] * dtype.itemsize
-        self._file = open(self.path, "rb", buffering=0)  # closed when this object goes
+        self._fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)  # closed when this object goes
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -376,7 +378,7 @@ class RowFile:
         for lo, hi in zip(np.r_[0, runs], np.r_[runs, len(wanted)]):
             want = (hi - lo) * self._row_bytes
             got = os.preadv(
-                self._file.fileno(), [rows[lo:hi]], self._offset + int(wanted[lo]) * self._row_bytes
+                self._fd, [rows[lo:hi]], self._offset + int(wanted[lo]) * self._row_bytes
             )
             if got != want:
                 raise OSError(f"{self.path}: short read ({got} of {want} bytes): file truncated?")
