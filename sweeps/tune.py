@@ -332,6 +332,10 @@ def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
 
 
 def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks, resume: bool):
+    # Tune snapshots its experiment at most every 10+ s by default. A trial that finished after
+    # the last snapshot is unknown to `resume`, which then runs another in its place; with
+    # Tune holding no checkpoints nothing forces a snapshot sooner, so ask for one a second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     fs = storage.tune_filesystem(cfg.sweep.storage_path)
     if resume:
         # Finished trials stay finished; unfinished and errored ones go on from their states.
