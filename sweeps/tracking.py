@@ -185,20 +185,23 @@ def finish_sweep_run(
 
 
 def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iterable[str]) -> int:
-    """Mark KILLED the open trial runs of trials Tune does not have (started after its last
-    saved state, before the driver died), with a tag that says why; returns how many."""
+    """Mark KILLED the trial runs of trials Tune does not have, with a tag that says why;
+    returns how many. The driver died before Tune saved them: they were started (RUNNING), or
+    started and ended (FINISHED, FAILED) within Tune's snapshot period, and resume ran other
+    trials in their place."""
     client = MlflowClient(tracking_uri)
     keep = set(trial_ids)
     lost = [
         r
         for r in child_runs(client, client.get_run(parent_run_id))
-        if r.info.status == "RUNNING" and r.data.tags.get("trial_id") not in keep
+        if r.info.status != "KILLED" and r.data.tags.get("trial_id") not in keep
     ]
     for run in lost:
         client.set_tag(
             run.info.run_id,
             "killed_reason",
-            "the driver died before Tune saved this trial; resume did not know it",
+            f"was {run.info.status}: the driver died before Tune saved this trial, so resume "
+            "did not know it and ran other trials in its place",
         )
         client.set_terminated(run.info.run_id, "KILLED")
     return len(lost)

@@ -25,6 +25,7 @@ from sweeps.schema import FREQUENCY_FILE, default_tracking_uri, pareto_front
 from sweeps.tracking import (
     TrackingError,
     check_tracking_uri,
+    close_lost_trial_runs,
     log_sweep_summary,
     start_sweep_run,
 )
@@ -250,6 +251,32 @@ def test_pareto_summary_on_parent(tmp_path):
         {"val/fvu": 0.1, "val/l0": 64},
         {"val/fvu": 0.2, "val/l0": 32},
     ]
+
+
+def test_runs_of_trials_tune_lost_are_closed_killed_whatever_their_status(tmp_path):
+    """A driver killed before Tune saved a trial leaves its run RUNNING, or FINISHED when the
+    trial ended within Tune's snapshot period; either way resume ran others in its place."""
+    uri = default_tracking_uri(tmp_path)
+    parent = start_sweep_run(uri, "lost", "l1", {}, {})
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent).info.experiment_id
+    runs = {}
+    for trial_id, status in [("kept", "FINISHED"), ("open", None), ("ended", "FINISHED")]:
+        tags = {"mlflow.parentRunId": parent, "trial_id": trial_id}
+        runs[trial_id] = client.create_run(experiment_id, tags=tags).info.run_id
+        if status:
+            client.set_terminated(runs[trial_id], status)
+    assert close_lost_trial_runs(uri, parent, ["kept"]) == 2
+    assert close_lost_trial_runs(uri, parent, ["kept"]) == 0  # already closed
+    for trial_id, run_id in runs.items():
+        run = client.get_run(run_id)
+        if trial_id == "kept":
+            assert run.info.status == "FINISHED" and "killed_reason" not in run.data.tags
+        else:
+            assert run.info.status == "KILLED"
+            assert "was " + ("RUNNING" if trial_id == "open" else "FINISHED") in (
+                run.data.tags["killed_reason"]
+            )
 
 
 def test_check_tracking_uri(tmp_path, mlflow_server, monkeypatch):
