@@ -105,6 +105,11 @@ class Preprocessing:
             std=tuple(p.image_std) if p.do_normalize else None,
         )
 
+    @classmethod
+    def from_json(cls, fields: dict) -> Preprocessing:
+        """From its dataclasses.asdict, read back from JSON (which made the tuples lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         """Height and width after resizing (as transformers computes them)."""
         if self.shortest_edge:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -234,23 +235,31 @@ def _type_name(hint) -> str:
 
 
 def field_help(cls) -> dict[str, str]:
-    """Field docstrings of a config dataclass, read from its source: the CLI's help text."""
+    """Field docstrings of a config dataclass, read from its module's source: the CLI's help."""
+    return _module_field_docs(cls.__module__).get(cls.__qualname__, {})
+
+
+@functools.cache
+def _module_field_docs(module: str) -> dict[str, dict[str, str]]:
+    # One parse per module: inspect.getsource(cls) parses the whole module for every class.
     import ast
     import inspect
-    import textwrap
+    import sys
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    out = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            out[node.target.id] = " ".join(nxt.value.value.split())
-    return out
+    docs = {}
+    for node in ast.parse(inspect.getsource(sys.modules[module])).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = docs[node.name] = {}
+        for field, nxt in zip(node.body, node.body[1:]):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                fields[field.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 __all__ = ["SaeConfig", "TrainConfig", "coerce", "from_dict", "field_help"]

@@ -15,11 +15,13 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from sae import TopKSae
+from sae.clip import Preprocessing
 from sweeps import analysis, cache, report
-from sweeps.best import best_trials, param_value, sweep_parent, trial_sae_dir
+from sweeps.best import best_trials, param_value, trial_sae_dir
 from sweeps.config import AnalyzeOptions, Config
 from sweeps.extract import absolute_paths, locate_cache
 from sweeps.schema import NUMERIC_PARAMS, child_filter, final_name
+from sweeps.tracking import find_sweep_run
 
 
 @dataclass
@@ -110,15 +112,17 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
 
 
 def find_cache(cfg: Config):
-    """(cache dir, source, preprocessing) of cfg's activation cache, found without Ray."""
+    """(cache dir, source, manifest, preprocessing) of cfg's activation cache, found without
+    Ray: images are decoded as the cache's were."""
     cfg = absolute_paths(cfg)
-    pre, source, _, key, cache_dir = locate_cache(cfg)
+    source, _, key, cache_dir = locate_cache(cfg)
     if cache_dir is None:
         raise FileNotFoundError(
             f"no activation cache for this config in {cfg.extract.cache_dir} (key {key}): run "
             "`run_sweep.py extract` (or the sweep) with the same config first"
         )
-    return cache_dir, source, pre
+    manifest = cache.read_manifest(cache_dir)
+    return cache_dir, source, manifest, Preprocessing.from_json(manifest["preprocessing"])
 
 
 def sweep_trials(client: MlflowClient, parent) -> list[dict]:
@@ -354,9 +358,11 @@ def write_latent_table(stats, label_names, path: Path) -> Path:
 def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     """Run the analysis; returns the HTML report's path."""
     client = MlflowClient(cfg.sweep.resolved_tracking_uri())
-    parent = sweep_parent(cfg)
-    cache_dir, source, pre = find_cache(cfg)
-    manifest = cache.read_manifest(cache_dir)
+    sweep = cfg.sweep
+    parent = find_sweep_run(
+        sweep.resolved_tracking_uri(), sweep.experiment_name(), sweep.experiment_path()
+    )
+    cache_dir, source, manifest, pre = find_cache(cfg)
     target = resolve_target(cfg, opts, client, parent, manifest["layers"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sae = TopKSae.load(target.sae_dir, device=device).eval()

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from mlflow.tracking import MlflowClient
 
 from sweeps import storage
 from sweeps.config import Config
-from sweeps.schema import SEARCHED_PARAMS, child_filter, final_name, final_sae_dir
-from sweeps.tracking import find_sweep_run
-
-
-def sweep_parent(cfg: Config):
-    """The sweep's parent MLflow run, or None when this config's sweep never ran."""
-    sweep = cfg.sweep
-    return find_sweep_run(
-        sweep.resolved_tracking_uri(), sweep.experiment or sweep.name, sweep.experiment_path()
-    )
+from sweeps.schema import SEARCHED_PARAMS, final_name, final_sae_dir
+from sweeps.trial_runs import finished_trial_runs
 
 
 def trial_sae_dir(cfg: Config, trial_id: str, layer: int) -> str | None:
@@ -32,35 +23,35 @@ def trial_sae_dir(cfg: Config, trial_id: str, layer: int) -> str | None:
 
 def best_trials(cfg: Config, top: int = 5) -> list[dict]:
     """Finished trials of the sweep, best first by the first objective."""
-    uri = cfg.sweep.resolved_tracking_uri()
-    client = MlflowClient(uri)
-    parent = sweep_parent(cfg)
-    if parent is None:
+    sweep = cfg.sweep
+    uri = sweep.resolved_tracking_uri()
+    metric, mode = next(iter(cfg.tune.objective_modes().items()))
+    runs = finished_trial_runs(
+        uri,
+        sweep.experiment_name(),
+        sweep.experiment_path(),
+        final_name(metric),
+        ascending=mode == "min",
+        top=top,
+    )
+    if runs is None:
         raise FileNotFoundError(
-            f"no sweep {cfg.sweep.name!r} with results {cfg.sweep.experiment_path()} in MLflow "
+            f"no sweep {sweep.name!r} with results {sweep.experiment_path()} in MLflow "
             f"store {uri}: run `sae-sweep sweep` with this config first"
         )
-    metric, mode = next(iter(cfg.tune.objective_modes().items()))
-    order = f"metrics.{final_name(metric)} {'ASC' if mode == 'min' else 'DESC'}"
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"{child_filter(parent.info.run_id)} and status = 'FINISHED'",
-        order_by=[order],
-        max_results=top,
-    )
     rows = []
     for run in runs:
-        trial_id = run.data.tags.get("trial_id", "")
+        trial_id = run.tags.get("trial_id", "")
         rows.append(
             {
                 "trial_id": trial_id,
-                "run_id": run.info.run_id,
-                "status": "STOPPED" if run.data.tags.get("stopped_early") else "DONE",
-                **{c: param_value(run.data.params.get(c)) for c in SEARCHED_PARAMS},
-                **{k: run.data.metrics.get(final_name(k)) for k in ("val/fvu", "val/l0")},
-                "dead_frac": run.data.metrics.get("dead_frac"),
-                "sae_dir": trial_sae_dir(cfg, trial_id, int(run.data.params["layer"])),
-                "mlflow_uri": f"runs:/{run.info.run_id}/sae",
+                "run_id": run.run_id,
+                "status": "STOPPED" if run.tags.get("stopped_early") else "DONE",
+                **{c: param_value(run.params.get(c)) for c in SEARCHED_PARAMS},
+                **{k: run.metrics.get(final_name(k)) for k in ("val/fvu", "val/l0")},
+                "dead_frac": run.metrics.get("dead_frac"),
+                "sae_dir": trial_sae_dir(cfg, trial_id, int(run.params["layer"])),
+                "mlflow_uri": f"runs:/{run.run_id}/sae",
             }
         )
     return rows

@@ -19,13 +19,15 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 Split = Literal["train", "val", "all"]
@@ -47,16 +49,20 @@ def files_fingerprint(paths: list[Path], root: Path) -> str:
 
 
 def model_identity(name_or_path: str, revision: str | None) -> dict:
-    """What pins a checkpoint's weights: a content hash for a local directory, else the hub
-    commit the revision resolved to."""
+    """What pins a checkpoint's files: a content hash of a local directory's weights and JSON
+    configs, else the hub commit the revision resolved to. What the cache derives from those
+    files (preprocessing, width) is then pinned too, so a lookup never has to load them."""
     local = Path(name_or_path)
     if local.is_dir():
         h = hashlib.sha256()
-        for p in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+        for p in sorted(
+            [*local.glob("*.safetensors"), *local.glob("*.bin"), *local.glob("*.json")]
+        ):
+            h.update(f"{p.name}\0".encode())
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
                     h.update(chunk)
-        return {"name_or_path": str(local.resolve()), "weights_sha256": h.hexdigest()}
+        return {"name_or_path": str(local.resolve()), "files_sha256": h.hexdigest()}
     from transformers import AutoConfig
 
     commit = getattr(
@@ -235,6 +241,8 @@ def iter_layer(
     batch_size counts inputs: B * T <= batch_size, with at least one whole image per batch
     (an image's tokens are never split). Parts are read one at a time and regrouped (a part
     holds one extraction batch, often of another size)."""
+    import torch  # here, not at the top: a cache lookup (`extract` on a hit) loads no torch
+
     manifest = _check_layer(cache_dir, layer)
     column = f"layer_{layer}"
     images = None
@@ -346,6 +354,8 @@ class RowFile:
     """
 
     def __init__(self, path: str | Path):
+        import torch
+
         self.path = Path(path)
         with open(self.path, "rb") as f:
             if np.lib.format.read_magic(f) == (1, 0):
@@ -384,4 +394,6 @@ class RowFile:
                 raise OSError(f"{self.path}: short read ({got} of {want} bytes): file truncated?")
         if not np.array_equal(order, np.arange(len(order))):
             rows[order] = rows.copy()  # back to the asked order
+        import torch
+
         return torch.from_numpy(rows)

@@ -330,6 +330,9 @@ class SweepSettings:
     """At the end of `sweep`, `resume` and `demo`, register the best trial's SAE in MLflow's
     model registry under this name (a new version each time); empty: register nothing."""
 
+    def experiment_name(self) -> str:
+        return self.experiment or self.name
+
     def experiment_path(self) -> str:
         """The sweep's Tune experiment: an absolute directory or a URI (s3://...)."""
         from sweeps import storage

@@ -20,14 +20,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from sae.clip import Preprocessing
 from sweeps import cache
 from sweeps.config import Config
 from sweeps.sources import Source, decode_batch, index_source
+
+if TYPE_CHECKING:
+    from sae.clip import Preprocessing
 
 
 @dataclass
@@ -121,13 +124,14 @@ class Encoder:
 # ---- driver ----
 
 
-def cache_inputs(cfg: Config, pre: Preprocessing, source: Source) -> dict:
-    """Everything that decides the cache's content: its key is a hash of this."""
+def cache_inputs(cfg: Config, source: Source) -> dict:
+    """Everything that decides the cache's content: its key is a hash of this. Only what
+    the config names; what follows from the model's files (preprocessing, width) is pinned
+    by their hash and recorded in the manifest."""
     data = dataclasses.asdict(cfg.data)
     return {
         "model": cache.model_identity(cfg.model.name_or_path, cfg.model.revision),
         "model_dtype": cfg.model.dtype,
-        "preprocessing": dataclasses.asdict(pre),
         "data": {**data, "fingerprint": source.fingerprint},
         "layers": sorted(cfg.extract.layers),
         "token_mode": cfg.extract.token_mode,
@@ -137,14 +141,13 @@ def cache_inputs(cfg: Config, pre: Preprocessing, source: Source) -> dict:
 
 
 def locate_cache(cfg: Config):
-    """(preprocessing, source, key inputs, key, cache dir or None) of cfg, without Ray.
+    """(source, key inputs, key, cache dir or None) of cfg, without Ray or the model.
 
     cfg's paths must be absolute (absolute_paths): the key hashes them."""
-    pre = Preprocessing.from_pretrained(cfg.model.name_or_path, cfg.model.revision)
     source = index_source(cfg.data)
-    inputs = cache_inputs(cfg, pre, source)
+    inputs = cache_inputs(cfg, source)
     key = cache.cache_key(inputs)
-    return pre, source, inputs, key, cache.find_cache(cfg.extract.cache_dir, key)
+    return source, inputs, key, cache.find_cache(cfg.extract.cache_dir, key)
 
 
 def extract(
@@ -160,9 +163,15 @@ def extract(
     write the same parts. For Ray Data, Ray must be initialised or `start_ray` given: it is
     called only then, so a cache hit or an in-process run starts no Ray. progress: a bar the
     caller owns (tqdm, or anything with update(n)), told of each batch done."""
+    cfg = absolute_paths(cfg)
+    source, inputs, key, found = locate_cache(cfg)
+    if found:  # a hit loads no torch, transformers or model: it returns in a second
+        return ExtractResult(found, cache.read_manifest(found), reused=True)
+
     from transformers import CLIPVisionConfig
 
-    cfg = absolute_paths(cfg)
+    from sae.clip import Preprocessing
+
     model, ex = cfg.model, cfg.extract
     vision = CLIPVisionConfig.from_pretrained(model.name_or_path, revision=model.revision)
     if max(ex.layers) >= vision.num_hidden_layers:
@@ -170,10 +179,7 @@ def extract(
             f"extract.layers: {model.name_or_path} has layers 0..{vision.num_hidden_layers - 1} "
             f"(got {ex.layers}); pick layers in that range"
         )
-    pre, source, inputs, key, found = locate_cache(cfg)
-    if found:
-        return ExtractResult(found, cache.read_manifest(found), reused=True)
-
+    pre = Preprocessing.from_pretrained(model.name_or_path, model.revision)
     here = runs_here(cfg) if in_process is None else in_process
     if not here and start_ray is not None:
         start_ray()
@@ -193,6 +199,7 @@ def extract(
         manifest = {
             "key": key,
             "inputs": inputs,
+            "preprocessing": dataclasses.asdict(pre),
             "layers": sorted(ex.layers),
             "token_mode": ex.token_mode,
             "dtype": ex.cache_dtype,

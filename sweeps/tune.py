@@ -128,14 +128,14 @@ def _check_sweep_records(cfg: Config, resume: bool, overwrite: bool) -> None:
     and `resume` refuses a config that differs from the one the sweep started with."""
     path = cfg.sweep.experiment_path()
     uri = cfg.sweep.resolved_tracking_uri()
-    parent = tracking.find_sweep_run(uri, _experiment(cfg), path)
+    parent = tracking.find_sweep_run(uri, cfg.sweep.experiment_name(), path)
     has_state = storage.exists(path)
     if resume:
         if parent is None and not has_state:
             raise ConfigError(
                 f"sweep.name: no sweep {cfg.sweep.name!r} to resume at {path} or in MLflow "
-                f"experiment {_experiment(cfg)!r}: run `sweep` first, or check sweep.name and "
-                "sweep.out_dir/storage_path"
+                f"experiment {cfg.sweep.experiment_name()!r}: run `sweep` first, or check "
+                "sweep.name and sweep.out_dir/storage_path"
             )
         changed = tracking.config_changes(parent, dataclasses.asdict(cfg), RESUMABLE_FIELDS)
         if parent is not None and changed:
@@ -164,15 +164,11 @@ def delete_sweep(cfg: Config) -> list[str]:
     if storage.exists(path):
         storage.delete_dir(path)
         deleted.append(path)
-    parent = tracking.find_sweep_run(uri, _experiment(cfg), path)
+    parent = tracking.find_sweep_run(uri, cfg.sweep.experiment_name(), path)
     if parent is not None:
         n = tracking.delete_sweep_runs(uri, parent)
-        deleted.append(f"{n} MLflow runs of experiment {_experiment(cfg)!r}")
+        deleted.append(f"{n} MLflow runs of experiment {cfg.sweep.experiment_name()!r}")
     return deleted
-
-
-def _experiment(cfg: Config) -> str:
-    return cfg.sweep.experiment or cfg.sweep.name
 
 
 def check_resources(cfg: Config, local: bool) -> None:
@@ -394,7 +390,7 @@ def run_sweep(
     uri = cfg.sweep.resolved_tracking_uri()
     parent = tracking.start_sweep_run(
         uri,
-        _experiment(cfg),
+        cfg.sweep.experiment_name(),
         sweep_id=path,
         config=dataclasses.asdict(cfg),
         search_space=space.describe(),

@@ -29,11 +29,11 @@ from helpers import (
 )
 from PIL import Image
 
-from sae.clip import load_vision_model
+from sae.clip import Preprocessing, load_vision_model
 from sweeps import cache
 from sweeps.cli import describe_extract
 from sweeps.config import ConfigError, from_mapping, load_config
-from sweeps.extract import ExtractResult, extract, runs_here
+from sweeps.extract import ExtractResult, absolute_paths, extract, locate_cache, runs_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +126,35 @@ def test_cache_contract_with_plain_pyarrow_and_noop_rerun(built, tiny, folder, c
     assert capsys.readouterr().out == ""  # the library returns; the CLI prints
     assert describe_extract(again).startswith("extract: cache hit, no work done: 24 images")
     assert len(os.listdir(result.cache_dir.parent)) == 2  # cls and all: nothing new
+
+
+def test_a_cache_hit_loads_no_model_library_and_no_ray(built, tiny, folder):
+    """The key hashes the model's files, not what transformers makes of them: a hit needs
+    no torch or transformers, and the manifest says how the images were preprocessed."""
+    sections = config(tiny, folder, built["cls"].cache_dir.parent)
+    code = (
+        "import json, sys; from sweeps.config import from_mapping; "
+        "from sweeps.extract import extract; "
+        f"r = extract(from_mapping(json.loads({json.dumps(sections)!r}))); "
+        "print(r.reused, *(m in sys.modules for m in ('torch', 'transformers', 'ray')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "False", "False", "False"], out.stderr
+    assert Preprocessing.from_json(built["cls"].manifest["preprocessing"]) == (
+        Preprocessing.from_pretrained(tiny)
+    )
+
+
+def test_the_models_preprocessor_config_is_in_the_key(built, tiny, folder, tmp_path):
+    changed = shutil.copytree(tiny, tmp_path / "clip")
+    processor = json.loads(Path(changed, "preprocessor_config.json").read_text())
+    processor["image_mean"] = [0.5, 0.5, 0.5]
+    Path(changed, "preprocessor_config.json").write_text(json.dumps(processor))
+    cache_root = built["cls"].cache_dir.parent
+    *_, key, found = locate_cache(
+        absolute_paths(from_mapping(config(str(changed), folder, cache_root)))
+    )
+    assert found is None and key != built["cls"].manifest["key"]
 
 
 def test_in_process_and_ray_data_write_the_same_bytes(ray_session, built, tiny, tmp_path):

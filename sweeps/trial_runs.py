@@ -1,0 +1,188 @@
+"""A sweep's finished trial runs, read from its MLflow store without importing mlflow.
+
+Importing mlflow and opening its SQLAlchemy store takes about 3 s, which `best` should not
+cost. A SQLite store is read with SQL (read-only), a tracking server through its REST API;
+other stores, and a SQLite schema this reader does not know, go through MlflowClient. All
+three return the same runs in the same order as MlflowClient.search_runs would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from sweeps.schema import child_filter
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    run_id: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def finished_trial_runs(
+    uri: str, experiment: str, sweep_id: str, metric: str, ascending: bool, top: int
+) -> list[TrialRun] | None:
+    """The FINISHED trial runs of the sweep tagged `sweep_id`, best first by `metric` (runs
+    without it last), at most `top`; None when the store holds no such sweep."""
+    scheme = uri.split(":", 1)[0].lower()
+    args = (experiment, sweep_id, metric, ascending, top)
+    if scheme == "sqlite":
+        path = uri.removeprefix("sqlite:///")
+        if not Path(path).is_file():
+            return None  # never ran: and opening it must not create an empty store
+        try:
+            return _sqlite_runs(path, *args)
+        except sqlite3.OperationalError:  # another MLflow's schema: let MLflow read it
+            pass
+    elif scheme in ("http", "https"):
+        return _rest_runs(uri, *args)
+    return _client_runs(uri, *args)
+
+
+def _client_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import find_sweep_run
+
+    parent = find_sweep_run(uri, experiment, sweep_id)
+    if parent is None:
+        return None
+    runs = MlflowClient(uri).search_runs(
+        [parent.info.experiment_id],
+        _child_filter(parent.info.run_id),
+        order_by=[_order(metric, ascending)],
+        max_results=top,
+    )
+    return [TrialRun(r.info.run_id, r.data.params, r.data.metrics, r.data.tags) for r in runs]
+
+
+def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    try:
+        exp = _call(uri, f"experiments/get-by-name?{query}")["experiment"]
+    except urllib.error.HTTPError as e:
+        if e.code == 404:  # RESOURCE_DOES_NOT_EXIST
+            return None
+        raise
+    if exp.get("lifecycle_stage") == "deleted":
+        return None
+
+    def search(filter_string: str, order_by: str, max_results: int) -> list[dict]:
+        body = {
+            "experiment_ids": [exp["experiment_id"]],
+            "filter": filter_string,
+            "order_by": [order_by],
+            "max_results": max_results,
+        }
+        return _call(uri, "runs/search", body).get("runs", [])
+
+    parents = search(f"tags.sweep_id = '{sweep_id}'", "attributes.start_time ASC", 1)
+    if not parents:
+        return None
+    runs = search(_child_filter(parents[0]["info"]["run_id"]), _order(metric, ascending), top)
+
+    def pairs(run: dict, kind: str) -> dict:
+        return {e["key"]: e["value"] for e in run["data"].get(kind, [])}
+
+    # JSON has no NaN or inf: the server sends them as the strings "NaN" and "Infinity"
+    return [
+        TrialRun(
+            r["info"]["run_id"],
+            pairs(r, "params"),
+            {k: float(v) for k, v in pairs(r, "metrics").items()},
+            pairs(r, "tags"),
+        )
+        for r in runs
+    ]
+
+
+def _call(uri: str, endpoint: str, body: dict | None = None) -> dict:
+    """One request to the tracking server's REST API, with MLflow's credentials from the
+    environment where they are set."""
+    request = urllib.request.Request(
+        f"{uri.rstrip('/')}/api/2.0/mlflow/{endpoint}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    user, password = (
+        os.environ.get("MLFLOW_TRACKING_USERNAME"),
+        os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+    )
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user and password:
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def _sqlite_runs(path, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
+    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        found = db.execute(
+            "SELECT experiment_id FROM experiments"
+            " WHERE name = ? AND workspace = 'default' AND lifecycle_stage = 'active'",
+            (experiment,),
+        ).fetchone()
+        if found is None:
+            return None
+        parent = db.execute(
+            "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid"
+            " WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'"
+            " AND t.key = 'sweep_id' AND t.value = ?"
+            " ORDER BY r.start_time, r.run_uuid LIMIT 1",
+            (found[0], sweep_id),
+        ).fetchone()
+        if parent is None:
+            return None
+        # MLflow's order: numbers, then NaN, then runs without the metric; ties newest first
+        ids = [
+            row[0]
+            for row in db.execute(
+                "SELECT r.run_uuid FROM runs r"
+                " JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'mlflow.parentRunId'"
+                " LEFT JOIN latest_metrics m ON m.run_uuid = r.run_uuid AND m.key = ?"
+                " WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'"
+                " AND r.status = 'FINISHED' AND t.value = ?"
+                " ORDER BY CASE WHEN m.is_nan THEN 1 WHEN m.value IS NULL THEN 2 ELSE 0 END,"
+                f" m.value {'ASC' if ascending else 'DESC'}, r.start_time DESC, r.run_uuid"
+                " LIMIT ?",
+                (metric, found[0], parent[0], top),
+            )
+        ]
+
+        def table(name: str, columns: str = "key, value") -> dict[str, dict]:
+            marks = ",".join("?" * len(ids))
+            out: dict[str, dict] = {i: {} for i in ids}
+            rows = db.execute(
+                f"SELECT run_uuid, {columns} FROM {name} WHERE run_uuid IN ({marks})", ids
+            )
+            for run_id, key, value, *nan in rows:
+                out[run_id][key] = math.nan if nan and nan[0] else value
+            return out
+
+        params, tags = table("params"), table("tags")
+        metrics = table("latest_metrics", "key, value, is_nan")
+        return [TrialRun(i, params[i], metrics[i], tags[i]) for i in ids]
+    finally:
+        db.close()
+
+
+def _child_filter(parent_run_id: str) -> str:
+    return f"{child_filter(parent_run_id)} and status = 'FINISHED'"
+
+
+def _order(metric: str, ascending: bool) -> str:
+    return f"metrics.`{metric}` {'ASC' if ascending else 'DESC'}"
