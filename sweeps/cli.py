@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

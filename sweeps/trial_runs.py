@@ -69,14 +69,10 @@ def _client_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[Tria
 
 def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
     query = urllib.parse.urlencode({"experiment_name": experiment})
-    try:
-        exp = _call(uri, f"experiments/get-by-name?{query}")["experiment"]
-    except urllib.error.HTTPError as e:
-        if e.code == 404:  # RESOURCE_DOES_NOT_EXIST
-            return None
-        raise
-    if exp.get("lifecycle_stage") == "deleted":
+    found = _call(uri, f"experiments/get-by-name?{query}")
+    if found is None or found["experiment"].get("lifecycle_stage") == "deleted":
         return None
+    exp = found["experiment"]
 
     def search(filter_string: str, order_by: str, max_results: int) -> list[dict]:
         body = {
@@ -107,9 +103,9 @@ def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialR
     ]
 
 
-def _call(uri: str, endpoint: str, body: dict | None = None) -> dict:
+def _call(uri: str, endpoint: str, body: dict | None = None) -> dict | None:
     """One request to the tracking server's REST API, with MLflow's credentials from the
-    environment where they are set."""
+    environment where they are set; None when what it asks for does not exist."""
     request = urllib.request.Request(
         f"{uri.rstrip('/')}/api/2.0/mlflow/{endpoint}",
         data=None if body is None else json.dumps(body).encode(),
@@ -124,8 +120,21 @@ def _call(uri: str, endpoint: str, body: dict | None = None) -> dict:
     elif user and password:
         basic = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {basic}")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        if e.code == 404 and "RESOURCE_DOES_NOT_EXIST" in text:
+            return None
+        raise ConnectionError(
+            f"MLflow tracking server {uri} answered HTTP {e.code} to {endpoint}: {text[:300]}"
+        ) from None
+    except OSError as e:  # refused, unknown host, timed out
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is not reachable ({getattr(e, 'reason', e)}): start "
+            "it, or point sweep.tracking_uri (or MLFLOW_TRACKING_URI) at the sweep's store"
+        ) from None
 
 
 def _sqlite_runs(path, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:

@@ -335,6 +335,14 @@ def test_trial_run_readers_match_mlflow_search(tracking_uri, tmp_path):
     assert out.stdout.split() == ["6", "[]"]
 
 
+def test_an_unreachable_tracking_server_is_a_clear_error():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ConnectionError, match=f"MLflow tracking server {uri} is not reachable"):
+        finished_trial_runs(uri, "sweep", "s1", "fvu", True, 5)
+
+
 def test_a_missing_sqlite_store_is_no_sweep_and_stays_missing(tmp_path):
     uri = default_tracking_uri(tmp_path / "elsewhere")
     assert finished_trial_runs(uri, "sweep", "s1", "fvu", True, 5) is None
