@@ -24,6 +24,7 @@ from typing import Any
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -303,9 +304,12 @@ class _OptunaSearch(OptunaSearch):
 
     # Tune saves the trials and the searcher as separate files, so a restored searcher may be
     # one snapshot older than the trials: results of trials it never proposed are not its own.
+    # Optuna's intermediate values are kept at the SAE's step, not Tune's iteration: a trial
+    # retried from its own saved state counts iterations from 1 again, and Optuna would drop
+    # (and warn about) every report up to the old count.
     def on_trial_result(self, trial_id: str, result: dict):
         if trial_id in self._ot_trials:
-            super().on_trial_result(trial_id, result)
+            super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: result["step"]})
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
         if trial_id in self._ot_trials:
