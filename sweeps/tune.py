@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ from sweeps.mlflow_callback import MlflowTrialCallback
 from sweeps.schema import SEARCHED_PARAMS, leaderboard_url
 from sweeps.space import SearchSpace
 from sweeps.trainable import CachedLayer, TrialState, run_trial
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -331,6 +336,48 @@ def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
     )
 
 
+def set_aside_torn_snapshot(path: str) -> list[str]:
+    """Rename to `*.torn` the newest session's snapshot files (`experiment_state-<session>.json`
+    and the searcher's state) when one is cut short, and so on back; return the names.
+
+    Tune writes and copies them in place, so a driver killed mid-write can leave one empty or
+    truncated, and Tune would then log the error and start the sweep again from nothing. With
+    the session set aside whole (the searcher must match the trials), resume takes the one
+    before. Object stores (s3://...) never hold a part-written object."""
+    if storage.is_uri(path):
+        return []
+    sessions: dict[str, list[Path]] = {}
+    for p in Path(path).iterdir():
+        if m := _SNAPSHOT.fullmatch(p.name):
+            sessions.setdefault(m[1], []).append(p)
+    set_aside = []
+    for session in sorted(sessions, reverse=True):
+        files = sessions[session]
+        if any(p.name.startswith("experiment_state-") for p in files) and all(
+            map(_readable, files)
+        ):
+            break
+        for p in files:
+            p.rename(p.with_name(p.name + ".torn"))
+            set_aside.append(p.name)
+    return set_aside
+
+
+# Tune's per-session snapshot files; its temporary files (tmp-*, .*) are not among them.
+_SNAPSHOT = re.compile(r"(?!tmp-)[a-z_-]+-(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\.(?:json|pkl)")
+
+
+def _readable(path: Path) -> bool:
+    data = path.read_bytes()
+    for load in (json.loads, ray.cloudpickle.loads):  # Tune pickles some of its *.json too
+        try:
+            load(data)
+            return True
+        except Exception:  # cut short: any error a partial file can raise
+            pass
+    return False
+
+
 def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks, resume: bool):
     # Tune snapshots its experiment at most every 10+ s by default. A trial that finished after
     # the last snapshot is unknown to `resume`, which then runs another in its place; with
@@ -426,6 +473,12 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri: str, resume: bool, c
     shared = {k: fixed[k] for k in ("sae", "train", "tokens_per_image")}
     shared |= {"model": {"name_or_path": cfg.model.name_or_path}, "data": {"path": cfg.data.path}}
     callbacks = [MlflowTrialCallback(uri, parent, fixed_params=shared), *callbacks]
+    if resume and (torn := set_aside_torn_snapshot(path)):
+        logger.warning(
+            "resume: Tune's newest snapshot was cut short when the driver died (%s, now "
+            "*.torn); going on from the snapshot before it",
+            ", ".join(torn),
+        )
     # A resumed sweep whose driver died before Tune saved any state starts its trials afresh.
     restore = resume and tune.Tuner.can_restore(path)
     tuner = _tuner(cfg, space, _trainable(cfg, sources, tokens), max_steps, callbacks, restore)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import ray.cloudpickle
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.display import SweepDisplay
 from sweeps.mlflow_callback import MlflowTrialCallback
@@ -33,6 +35,7 @@ from sweeps.tracking import (
     start_sweep_run,
 )
 from sweeps.trial_runs import _client_runs, finished_trial_runs
+from sweeps.tune import set_aside_torn_snapshot
 from tests.helpers import sweep_runs
 
 STEPS = 4
@@ -202,6 +205,33 @@ def test_restore_reopens_the_same_parent_and_children(ray_session, tmp_path):
     for run in runs.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/fvu")]
         assert sorted(set(steps)) == list(range(6))
+
+
+@pytest.mark.parametrize("torn", ["experiment_state", "searcher-state"])
+def test_resume_goes_on_from_the_snapshot_before_one_a_kill_cut_short(ray_session, tmp_path, torn):
+    """Tune writes its snapshot in place: a driver killed mid-write leaves a newer session's
+    file cut short, and Tune, restoring, would start the sweep again from nothing."""
+    uri = default_tracking_uri(tmp_path / "out")
+    searcher = OptunaSearch(metric="val/fvu", mode="min", seed=0)
+    space = {"lr": tune.uniform(0.1, 1.0), "steps": 2}
+    _, grid = run_sweep(tmp_path, uri, space, tune={"search_alg": searcher, "num_samples": 2})
+    exp = tmp_path / "ray" / "s1"
+    (state,) = exp.glob("experiment_state-*.json")
+    session = state.name.removeprefix("experiment_state-").removesuffix(".json")
+    later = "2099-01-01_00-00-00"  # a later session, killed while it wrote its snapshot
+    for p in [*exp.glob(f"*-{session}.json"), *exp.glob(f"*-{session}.pkl")]:
+        shutil.copy(p, exp / p.name.replace(session, later))
+    cut = next(exp.glob(f"{torn}-{later}.*"))
+    cut.write_bytes(cut.read_bytes()[:50])
+
+    aside = set_aside_torn_snapshot(str(exp))
+    assert cut.name in aside and all(later in name for name in aside)
+    assert not list(exp.glob(f"*-{later}.json")) + list(exp.glob(f"*-{later}.pkl"))
+    assert set_aside_torn_snapshot(str(exp)) == []  # the session before is whole
+    again = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True).fit()
+    assert sorted(r.metrics["trial_id"] for r in again) == sorted(
+        r.metrics["trial_id"] for r in grid
+    )
 
 
 def test_callbacks_pickle_without_their_driver_state(tmp_path):
