@@ -344,7 +344,7 @@ def set_aside_torn_snapshot(path: str) -> list[str]:
     truncated, and Tune would then log the error and start the sweep again from nothing. With
     the session set aside whole (the searcher must match the trials), resume takes the one
     before. Object stores (s3://...) never hold a part-written object."""
-    if storage.is_uri(path):
+    if storage.is_uri(path) or not Path(path).is_dir():  # killed before Tune saved anything
         return []
     sessions: dict[str, list[Path]] = {}
     for p in Path(path).iterdir():

@@ -228,6 +228,7 @@ def test_resume_goes_on_from_the_snapshot_before_one_a_kill_cut_short(ray_sessio
     assert cut.name in aside and all(later in name for name in aside)
     assert not list(exp.glob(f"*-{later}.json")) + list(exp.glob(f"*-{later}.pkl"))
     assert set_aside_torn_snapshot(str(exp)) == []  # the session before is whole
+    assert set_aside_torn_snapshot(str(tmp_path / "never-saved")) == []
     again = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True).fit()
     assert sorted(r.metrics["trial_id"] for r in again) == sorted(
         r.metrics["trial_id"] for r in grid
