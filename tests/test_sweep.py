@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -351,8 +352,12 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(ray_session, demo_asset
         result = run_sweep(cfg)
     killer.join()
     assert killed, "no trial worker was killed"
-    # the retry's reports reach Optuna at their SAE steps, none dropped as a repeat
-    assert not [w for w in caught if "already reported" in str(w.message)]
+    # The retry's reports reach Optuna at their SAE steps (multiples of eval_every), not at
+    # Tune's iterations counted from 1 again. One step can repeat: a kill after a report and
+    # before the state save it precedes.
+    repeats = [str(w.message) for w in caught if "already reported" in str(w.message)]
+    steps = [int(re.search(r"step=(\d+)", text)[1]) for text in repeats]
+    assert len(steps) <= 1 and all(s > 0 and s % 20 == 0 for s in steps), repeats
     _, _, (kid,) = sweep_runs(result.tracking_uri, "killw")
     assert kid.data.tags["num_failures"] == "1"
     # One run, every point once, and the retry went on from the saved state: Tune's own
