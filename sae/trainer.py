@@ -49,7 +49,7 @@ def as_acts_tensor(acts, name: str = "acts") -> Tensor:
     Read-only numpy arrays (memory-mapped caches, Ray object-store arrays) are wrapped as is:
     torch warns that they are not writable, but training never writes to its input. Any other
     object with a torch `shape` and `dtype` whose `[rows]` (an index tensor or a slice) returns a
-    tensor is taken as is: it reads batches on demand, e.g. sweeps.cache.RowFile.
+    tensor is taken as is: it reads batches on demand, e.g. sweeps.activations.cache.RowFile.
     """
     if isinstance(acts, np.ndarray):
         with warnings.catch_warnings():
@@ -210,7 +210,8 @@ class Trainer:
 
     def _read_ahead(self):
         """Batches from self.step on, each read in a thread while the one before trains: rows
-        read from a file (sweeps.cache.RowFile) may come from disk. One batch ahead, no more."""
+        read from a file (the service's cache.RowFile) may come from disk. One batch ahead, no
+        more."""
         with ThreadPoolExecutor(1) as reader:
             pending = reader.submit(self._batch, self.step)
             while True:

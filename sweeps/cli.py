@@ -20,6 +20,7 @@ from sweeps.config import (
     load_configs,
     to_mapping,
 )
+from sweeps.schema import leaderboard_url
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -70,7 +71,7 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
 def cmd_extract(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from sweeps.extract import extract
+    from sweeps.activations.extract import extract
 
     cfg = load_config(args.config, args.set)
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -101,9 +102,11 @@ def _sweep(configs, args, resume: bool) -> list:
     """Check, then run or resume each config's sweep, printing its summary; the results."""
     from tqdm import tqdm
 
-    from sweeps.best import format_table
-    from sweeps.display import SweepDisplay
-    from sweeps.tune import check_resources, check_sweep, delete_sweep, mlflow_ui_hint, run_sweep
+    from sweeps.results.best import format_table
+    from sweeps.results.plots import trial_plots
+    from sweeps.search.console import SweepDisplay
+    from sweeps.search.driver import run_sweep
+    from sweeps.search.preflight import check_resources, check_sweep, delete_sweep
 
     overwrite = args.command == "demo" or getattr(args, "overwrite", False)
     for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run
@@ -119,11 +122,13 @@ def _sweep(configs, args, resume: bool) -> list:
     for cfg in configs:
         display = [] if cfg.tune.verbose else [SweepDisplay(cfg.tune.num_samples)]
         with tqdm(desc="extract", unit="img", dynamic_ncols=True, leave=False) as bar:
-            result = run_sweep(cfg, resume=resume, callbacks=display, progress=bar)
+            result = run_sweep(
+                cfg, resume=resume, callbacks=display, progress=bar, plots=trial_plots
+            )
         print(describe_extract(result.extraction))
         objectives = cfg.tune.objective_modes()
         print(format_table(result.rows, objectives, limit=cfg.tune.show_top))
-        n_failed = sum(r["status"] == "FAILED" for r in result.rows)
+        n_failed = sum(r.status == "FAILED" for r in result.rows)
         print(
             f"sweep {cfg.sweep.name}: {len(result.rows)} trials ({n_failed} failed) in "
             f"{result.elapsed_s:.0f}s; results {result.experiment_path}"
@@ -135,6 +140,17 @@ def _sweep(configs, args, resume: bool) -> list:
     return results
 
 
+def mlflow_ui_hint(result, objectives: dict[str, str]) -> str:
+    """How to open the sweep's leaderboard in the MLflow UI."""
+    metric, mode = next(iter(objectives.items()))
+    uri = result.tracking_uri
+    if uri.startswith("sqlite:"):
+        url = leaderboard_url("http://127.0.0.1:5000", result.experiment_id, metric, mode)
+        return f"MLflow UI: mlflow ui --backend-store-uri {uri}\n  then open {url}"
+    url = leaderboard_url(uri, result.experiment_id, metric, mode)
+    return f"MLflow UI: {url}\n  (on a cluster, through `ray attach -p` or an SSH tunnel)"
+
+
 def _exit_code(results) -> int:
     return 0 if all(r.best for r in results) else 1
 
@@ -144,7 +160,7 @@ def _sets(args: argparse.Namespace) -> list[str]:
 
 
 def _register(cfg, name: str, run_id: str | None) -> None:
-    from sweeps.export import get_run, register_run
+    from sweeps.results.export import get_run, register_run
 
     version = register_run(cfg, get_run(cfg, run_id), name)
     uri = f"models:/{name}/{version.version}"
@@ -174,14 +190,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
     (result,) = _sweep([cfg], args, resume=False)
-    best = result.rows[0] if result.rows else {}
-    if not best.get("sae_dir"):
+    best = result.rows[0] if result.rows else None
+    if best is None or not best.sae_dir:
         return _exit_code([result])
-    print(f"best SAE: {best['sae_dir']}")
+    print(f"best SAE: {best.sae_dir}")
     scores = factor_scores(
-        best["sae_dir"],
+        best.sae_dir,
         result.cache_dir,
-        int(best["layer"]),
+        best.layer,
         cfg.data.path,
         cfg.train.val_fraction,
         cfg.train.seed,
@@ -192,7 +208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(AUROC >= 0.9 on validation images): "
         + ", ".join(f"{k} (latent {latent})" for k, (latent, _) in found.items())
     )
-    from sweeps.analyze import analyze
+    from sweeps.results.analyze import analyze
 
     # the best trial's report: what its latents respond to
     print(analyze(cfg, AnalyzeOptions()).headline())
@@ -201,15 +217,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from sweeps.best import best_trials, format_table
+    from sweeps.results.best import best_trials, format_table
 
     for cfg in load_configs(args.config, args.set):
         rows = best_trials(cfg, top=args.top)
         print(format_table(rows, cfg.tune.objective_modes(), limit=len(rows)))
         if rows:
             best = rows[0]
-            print(f"best SAE: {best['sae_dir'] or '(stopped early: no final SAE)'}")
-            print(f"  in MLflow: {best['mlflow_uri']}  (mlflow.artifacts.download_artifacts)")
+            print(f"best SAE: {best.sae_dir or '(stopped early: no final SAE)'}")
+            print(f"  in MLflow: {best.mlflow_uri}  (mlflow.artifacts.download_artifacts)")
             print("  load it: from sae import TopKSae; TopKSae.load(path)")
         if args.register:
             _register(cfg, args.register, run_id=None)
@@ -217,7 +233,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sweeps.export import export_run, get_run
+    from sweeps.results.export import export_run, get_run
 
     cfg = load_config(args.config, args.set)
     run = get_run(cfg, args.run_id)
@@ -232,7 +248,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from sweeps.analyze import analyze
+    from sweeps.results.analyze import analyze
 
     fields = [f.name for f in dataclasses.fields(AnalyzeOptions)]
     opts = AnalyzeOptions(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})

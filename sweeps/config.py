@@ -29,6 +29,31 @@ SEARCHED = {
 SWEEP_DEFAULTS = {"train": {"normalize_input": True}}
 
 
+def fixed_fields(cfg: Config, section: str) -> dict:
+    """A section's fields that every trial shares: all of them but those the search sets."""
+    searched = SEARCHED.get(section, ())
+    values = dataclasses.asdict(getattr(cfg, section))
+    return {k: v for k, v in values.items() if k not in searched}
+
+
+@dataclass
+class TrainSettings(TrainConfig):
+    """The `train` section: the SAE library's training settings (the searched lr and
+    auxk_alpha aside), and what the sweep measures beside them."""
+
+    probe: bool = False
+    """Sweeps on a cache with labels: at each evaluation also report val/probe_acc, the
+    validation accuracy of a linear probe (fit once on the training images' activations) when
+    it reads the SAE's reconstruction instead, and val/probe_acc_orig, when it reads the
+    activations themselves. Costs one more pass over the validation split per evaluation."""
+
+    def library_config(self, **values) -> TrainConfig:
+        """The SAE library's TrainConfig of these settings, with `values` replacing fields."""
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        own = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        return TrainConfig(**(own | values))
+
+
 @dataclass
 class ModelConfig:
     """The CLIP checkpoint whose vision activations are cached."""
@@ -371,7 +396,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(**SWEEP_DEFAULTS["train"]))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(**SWEEP_DEFAULTS["train"]))
     search: SearchConfig = field(default_factory=SearchConfig)
     tune: TuneSettings = field(default_factory=TuneSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
@@ -494,10 +519,7 @@ def to_mapping(cfg: Config) -> dict:
     """cfg as a config file holds it, which `from_mapping` reads back: without the sections'
     fields that the search sets per trial."""
     values = dataclasses.asdict(cfg)
-    for name, searched in SEARCHED.items():
-        for field_name in searched:
-            values[name].pop(field_name, None)
-    return values
+    return values | {name: fixed_fields(cfg, name) for name in SEARCHED}
 
 
 def from_mapping(values: dict) -> Config:

@@ -170,7 +170,7 @@ def factor_scores(
     from scipy.stats import rankdata
 
     from sae import TopKSae
-    from sweeps import cache
+    from sweeps.activations import cache
 
     images = Path(images_dir)
     factors = json.loads((images / "factors.json").read_text())

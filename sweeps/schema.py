@@ -4,15 +4,53 @@ Every other module of the service reads these names from here. No Ray, no MLflow
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sweeps import storage
 
-#: Hyperparameters chosen per trial, as the summary table and `best` show them.
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """One trial's searched hyperparameters, typed: from Optuna's sample, Tune's config or
+    MLflow's params (which are text) alike, through `from_values`."""
+
+    layer: int
+    k: int
+    expansion_factor: int
+    lr: float
+    auxk_alpha: float = 0.0
+    """0 where the search turned AuxK off (`search.auxk`)."""
+    activation: str = "topk"
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Hyperparams:
+        """The searched values of `values` as their fields' types."""
+        kinds = {"int": int, "float": float, "str": str}
+        typed = {}
+        for f in dataclasses.fields(cls):
+            v = values.get(f.name)
+            if v is not None and v != "None":
+                typed[f.name] = kinds[f.type](float(v) if f.type == "int" else v)
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in typed
+        ]
+        if missing:
+            raise ValueError(f"a trial's parameters lack {', '.join(missing)}: {dict(values)}")
+        return cls(**typed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: Hyperparameters chosen per trial, in the order the summary table and `best` show them.
 SEARCHED_PARAMS = ("layer", "activation", "k", "expansion_factor", "lr", "auxk_alpha")
 
 #: The searched parameters whose values are numbers (the others are named choices).
@@ -33,6 +71,10 @@ EVAL_KEYS = (
 #: Result keys logged as step metrics when a trial reports them; at the end of a trial also as
 #: final metrics named by `final_name` ("val/fvu" -> "fvu").
 METRIC_KEYS = (*EVAL_KEYS, "auxk_loss", "lr", "acts_per_s")
+
+#: The metrics every summary of trials shows (the console, `best`, the MLflow leaderboard)
+#: beside the objectives, with their short labels.
+SUMMARY_METRICS = {"val/fvu": "fvu", "val/l0": "L0", "dead_frac": "dead"}
 
 #: Metrics a sweep may optimise, each with the only mode that makes sense for it.
 OBJECTIVES = {
@@ -130,3 +172,14 @@ def pareto_front(points: Sequence[Mapping[str, Any]], objectives: Mapping[str, s
 
 def is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def format_value(v: Any) -> str:
+    """A value as every table of the service shows it: 4 significant digits, "-" for none."""
+    if v is None:
+        return "-"
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # a numpy scalar
+        v = v.item()
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

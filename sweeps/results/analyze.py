@@ -12,16 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 
 from sae import TopKSae
-from sae.clip import Preprocessing
-from sweeps import analysis, cache, report
-from sweeps.best import best_trials, param_value, trial_sae_dir
+from sweeps.activations import cache
+from sweeps.activations.clip import Preprocessing
+from sweeps.activations.extract import absolute_paths, locate_cache
+from sweeps.activations.sources import index_source
 from sweeps.config import AnalyzeOptions, Config
-from sweeps.extract import absolute_paths, locate_cache
-from sweeps.schema import NUMERIC_PARAMS, child_filter, final_name
-from sweeps.tracking import find_sweep_run
+from sweeps.results import analysis, plots, report
+from sweeps.results.best import best_trials, trial_sae_dir
+from sweeps.schema import NUMERIC_PARAMS
+from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.records import TrialRecord, TrialRun
+from sweeps.tracking.runs import check_quotable, child_runs, find_sweep_run
 
 
 @dataclass
@@ -33,11 +36,6 @@ class Target:
     name: str
     run_id: str | None
     """The trial's MLflow run; None for a checkpoint outside any sweep."""
-
-
-def _children(client: MlflowClient, parent, extra: str = "") -> list:
-    query = child_filter(parent.info.run_id) + extra
-    return client.search_runs([parent.info.experiment_id], query, max_results=50000)
 
 
 @dataclass
@@ -73,10 +71,11 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
         sae_dir = Path(opts.checkpoint)
         # A trial's SAE sits in <trial id>/layers.<L> (sparsify's folder convention).
         name = sae_dir.parent.name if sae_dir.name.startswith("layers.") else sae_dir.name
-        runs = _children(client, parent, f" and tags.trial_id = '{name}'") if parent else []
+        check_quotable(name)
+        runs = child_runs(client, parent, f"tags.trial_id = '{name}'") if parent else []
         layer = opts.layer
         if layer is None and runs:
-            layer = int(runs[0].data.params["layer"])
+            layer = TrialRecord.from_run(TrialRun.from_mlflow(runs[0])).layer
         if layer is None:
             if len(layers) != 1:
                 raise ValueError(
@@ -88,15 +87,15 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
     if opts.run_id:
         run = client.get_run(opts.run_id)
     else:
-        saved = [r for r in best_trials(cfg, top=50) if r["sae_dir"]]
+        saved = [r for r in best_trials(cfg, top=50) if r.sae_dir]
         if not saved:
             raise FileNotFoundError(
                 f"no trial of sweep {cfg.sweep.name!r} saved a final SAE: pass --run-id or "
                 "--checkpoint, or rerun the sweep"
             )
-        run = client.get_run(saved[0]["mlflow_uri"].split("/")[1])  # runs:/<run id>/sae
-    trial_id = run.data.tags.get("trial_id", run.info.run_id)
-    layer = int(run.data.params["layer"])
+        run = client.get_run(saved[0].run_id)
+    record = TrialRecord.from_run(TrialRun.from_mlflow(run))
+    trial_id, layer = record.trial_id or run.info.run_id, record.layer
     found = trial_sae_dir(cfg, trial_id, layer)
     if found and Path(found, "cfg.json").is_file():
         sae_dir = Path(found)
@@ -111,11 +110,16 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
     return Target(sae_dir, layer, trial_id, run.info.run_id)
 
 
-def find_cache(cfg: Config):
+def open_cache(cfg: Config, parent=None):
     """(cache dir, source, manifest, preprocessing) of cfg's activation cache, found without
-    Ray: images are decoded as the cache's were."""
+    Ray: the one the sweep's parent run names in its `cache_key` tag, else the one cfg's key
+    inputs hash to. Images are decoded as the cache's were."""
     cfg = absolute_paths(cfg)
-    source, _, key, cache_dir = locate_cache(cfg)
+    key = parent.data.tags.get("cache_key") if parent is not None else None
+    if key and cache.find_cache(cfg.extract.cache_dir, key):
+        source, cache_dir = index_source(cfg.data), cache.find_cache(cfg.extract.cache_dir, key)
+    else:
+        source, _, key, cache_dir = locate_cache(cfg)
     if cache_dir is None:
         raise FileNotFoundError(
             f"no activation cache for this config in {cfg.extract.cache_dir} (key {key}): run "
@@ -125,23 +129,17 @@ def find_cache(cfg: Config):
     return cache_dir, source, manifest, Preprocessing.from_json(manifest["preprocessing"])
 
 
-def sweep_trials(client: MlflowClient, parent) -> list[dict]:
-    """Finished trials with their hyperparameters and final validation fvu and l0."""
+def sweep_trials(client, parent) -> list[dict]:
+    """Finished trials with a final validation fvu and l0, as the sweep's plots read them: one
+    row of hyperparameters, fvu, l0 and whether ASHA stopped it."""
     trials = []
-    for run in _children(client, parent, " and status = 'FINISHED'"):
-        m, p = run.data.metrics, run.data.params
-        fvu, l0 = m.get(final_name("val/fvu")), m.get(final_name("val/l0"))
+    for run in child_runs(client, parent, "status = 'FINISHED'"):
+        r = TrialRecord.from_run(TrialRun.from_mlflow(run))
+        fvu, l0 = r.metrics.get("val/fvu"), r.metrics.get("val/l0")
         if fvu is None or l0 is None:
             continue
-        trials.append(
-            {
-                "trial_id": run.data.tags.get("trial_id", ""),
-                "fvu": fvu,
-                "l0": l0,
-                "stopped": "stopped_early" in run.data.tags,
-                **{k: param_value(p.get(k)) for k in NUMERIC_PARAMS},
-            }
-        )
+        row = {"trial_id": r.trial_id, "fvu": fvu, "l0": l0, "stopped": r.status == "STOPPED"}
+        trials.append(row | {k: getattr(r.params, k) for k in NUMERIC_PARAMS})
     return trials
 
 
@@ -177,12 +175,12 @@ def sweep_figures(trials: list[dict], out: Path) -> dict[str, Path]:
     if not trials:
         return {}
     figures = {
-        "Pareto front: FVU vs L0 and k": report.pareto_plot(trials, out / "pareto.png"),
-        "FVU vs hyperparameters": report.fvu_vs_params(trials, out / "fvu_vs_params.png"),
-        "best trial per layer": report.best_per_layer(trials, out / "best_per_layer.png"),
+        "Pareto front: FVU vs L0 and k": plots.pareto_plot(trials, out / "pareto.png"),
+        "FVU vs hyperparameters": plots.fvu_vs_params(trials, out / "fvu_vs_params.png"),
+        "best trial per layer": plots.best_per_layer(trials, out / "best_per_layer.png"),
     }
     if importances := param_importances(trials):
-        figures["parameter importances"] = report.importance_plot(
+        figures["parameter importances"] = plots.importance_plot(
             importances, out / "importances.png"
         )
     return figures
@@ -357,12 +355,12 @@ def write_latent_table(stats, label_names, path: Path) -> Path:
 
 def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     """Run the analysis; returns the HTML report's path."""
-    client = MlflowClient(cfg.sweep.resolved_tracking_uri())
+    client = mlflow_client(cfg.sweep.resolved_tracking_uri())
     sweep = cfg.sweep
     parent = find_sweep_run(
         sweep.resolved_tracking_uri(), sweep.experiment_name(), sweep.experiment_path()
     )
-    cache_dir, source, manifest, pre = find_cache(cfg)
+    cache_dir, source, manifest, pre = open_cache(cfg, parent)
     target = resolve_target(cfg, opts, client, parent, manifest["layers"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sae = TopKSae.load(target.sae_dir, device=device).eval()
@@ -397,7 +395,7 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     trials = sweep_trials(client, parent) if parent else []
     sweep_figs = sweep_figures(trials, out)
     figures = {
-        "firing frequency": report.frequency_histogram(stats.frequency_M, out / "frequency.png"),
+        "firing frequency": plots.frequency_histogram(stats.frequency_M, out / "frequency.png"),
         **sweep_figs,
     }
     summary = {"sae": str(target.sae_dir), "layer": target.layer, **stats.summary}

@@ -18,12 +18,14 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-from mlflow.tracking import MlflowClient
 
 from sae import TopKSae
 from sae.saelens import save_saelens
-from sweeps.best import best_trials
 from sweeps.config import Config
+from sweeps.results.best import best_trials
+from sweeps.schema import format_value
+from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.records import TrialRecord, TrialRun
 
 #: The run artifact that a registered model version points to: `export/layers.<L>`.
 EXPORT_ARTIFACT = "export"
@@ -55,13 +57,13 @@ def saelens_metadata(cfg: Config, layer: int) -> dict:
 
 def best_run(cfg: Config) -> Run:
     """The MLflow run of the sweep's best trial that finished with a final SAE."""
-    done = [r for r in best_trials(cfg, top=50) if r["status"] == "DONE"]
+    done = [r for r in best_trials(cfg, top=50) if r.status == "DONE"]
     if not done:
         raise FileNotFoundError(
             f"no trial of sweep {cfg.sweep.name!r} finished with a final SAE: rerun the sweep "
             "with more trials or steps"
         )
-    return MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(done[0]["run_id"])
+    return mlflow_client(cfg.sweep.resolved_tracking_uri()).get_run(done[0].run_id)
 
 
 def get_run(cfg: Config, run_id: str | None) -> Run:
@@ -69,7 +71,7 @@ def get_run(cfg: Config, run_id: str | None) -> Run:
     if run_id is None:
         return best_run(cfg)
     try:
-        run = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(run_id)
+        run = mlflow_client(cfg.sweep.resolved_tracking_uri()).get_run(run_id)
     except MlflowException as e:
         raise ValueError(f"MLflow run {run_id}: {e.message}") from None
     if "trial_id" not in run.data.tags or "layer" not in run.data.params:
@@ -83,7 +85,7 @@ def get_run(cfg: Config, run_id: str | None) -> Run:
 def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
     """Write the trial's SAE to `<out>/layers.<L>` in sparsify's and SAELens's layouts, with
     a model card README.md; returns that folder."""
-    layer = int(run.data.params["layer"])
+    layer = record_of(run).layer
     with tempfile.TemporaryDirectory() as tmp:
         try:
             src = mlflow.artifacts.download_artifacts(
@@ -105,7 +107,7 @@ def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
 def register_run(cfg: Config, run: Run, name: str) -> ModelVersion:
     """Log the exported SAE folder to the trial's run and register it as a version of the
     registered model `name` (created when new), tagged with its sweep, trial and metrics."""
-    client = MlflowClient(cfg.sweep.resolved_tracking_uri())
+    client = mlflow_client(cfg.sweep.resolved_tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_run(cfg, run, tmp)
         path = f"{EXPORT_ARTIFACT}/{folder.name}"
@@ -137,14 +139,15 @@ def version_tags(cfg: Config, run: Run) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items()}
 
 
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
+def record_of(run: Run) -> TrialRecord:
+    """The trial record of an MLflow trial run."""
+    return TrialRecord.from_run(TrialRun.from_mlflow(run))
 
 
 def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
     """A short README.md saying what the SAE was trained on, how well, and how to load it."""
-    p, m = run.data.params, run.data.metrics
-    layer = int(p["layer"])
+    m, params = run.data.metrics, record_of(run).params
+    layer = params.layer
     data = cfg.data
     dataset = f"{data.source} `{data.path}`" + (f" (config `{data.config}`)" if data.config else "")
     if data.source == "hf":
@@ -161,9 +164,9 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
     hyper = {
         "k": sae.cfg.k,
         "num_latents": sae.num_latents,
-        "expansion_factor": p.get("expansion_factor"),
-        "lr": float(p["lr"]) if "lr" in p else None,
-        "auxk_alpha": float(p["auxk_alpha"]) if "auxk_alpha" in p else None,
+        "expansion_factor": params.expansion_factor,
+        "lr": params.lr,
+        "auxk_alpha": params.auxk_alpha,
         "batch_size (images)": train.batch_size,
         "length": length,
         "lr_schedule": f"{train.lr_schedule}, {train.lr_warmup_steps} warmup steps",
@@ -198,13 +201,13 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        *(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()),
+        *(f"| {k} | {format_value(v)} |" for k, v in metrics.items()),
         "",
         "## Hyperparameters",
         "",
         "| name | value |",
         "|---|---|",
-        *(f"| {k} | {_fmt(v)} |" for k, v in hyper.items()),
+        *(f"| {k} | {format_value(v)} |" for k, v in hyper.items()),
         "",
         "## Loading it",
         "",

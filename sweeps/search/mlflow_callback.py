@@ -8,7 +8,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from ray import tune
 
 from sweeps import storage
-from sweeps.display import LocalState
-from sweeps.report import trial_plots
 from sweeps.schema import METRIC_KEYS, child_filter, final_name, is_num, trial_label
-from sweeps.tracking import _check_quotable, _flatten, _log_batch, _params
+from sweeps.search.callback_state import LocalState
+from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.runs import as_params, check_quotable, flatten, log_batch
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ class MlflowTrialCallback(LocalState, tune.Callback):
       artifact path "sae/". Report it once, after the final SAE is written: a trial that a
       scheduler (ASHA) or stopper ends before then is tagged stopped_early=true.
 
+    `plots(sae_dir) -> [png paths]` draws a finished trial's plots beside its SAE, on the
+    driver (trial workers load no plotting library): the caller passes results.plots'
+    `trial_plots`, which the search may not import.
+
     Each result's metrics are sent when Tune hands it over, so a driver that dies loses none
     that Tune recorded. A reopened run (retry, resume) skips points at steps it already holds:
     a trial that continues from an older checkpoint logs each step once.
@@ -54,8 +58,10 @@ class MlflowTrialCallback(LocalState, tune.Callback):
         step_key: str = "step",
         sae_dir_key: str = "sae_dir",
         fixed_params: Mapping[str, Any] | None = None,
+        plots: Callable[[Path], list[Path]] | None = None,
     ):
         self.fixed_params = dict(fixed_params or {})
+        self.plots = plots
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
         self.metric_keys = tuple(metric_keys)
@@ -73,7 +79,7 @@ class MlflowTrialCallback(LocalState, tune.Callback):
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
             self._experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
         return self._client
 
@@ -98,7 +104,7 @@ class MlflowTrialCallback(LocalState, tune.Callback):
             tags.append(RunTag("stopped_early", "true"))
         if last.get("error"):  # a trial that cannot run ends itself with its reason
             tags.append(RunTag("error", str(last["error"])[:MAX_TAG_VAL_LENGTH]))
-        _log_batch(self.client, run_id, tags=tags)
+        log_batch(self.client, run_id, tags=tags)
         self._log_sae_dir(trial, run_id)
         self._close(trial, "FAILED" if last.get("error") else "FINISHED")
 
@@ -127,7 +133,7 @@ class MlflowTrialCallback(LocalState, tune.Callback):
         trial_id = trial.trial_id
         if trial_id in self._runs:
             return self._runs[trial_id]
-        _check_quotable(trial_id)
+        check_quotable(trial_id)
         client = self.client  # connects and sets self._experiment_id
         found = client.search_runs(
             [self._experiment_id],
@@ -148,8 +154,8 @@ class MlflowTrialCallback(LocalState, tune.Callback):
             name = trial_label(trial.config) or str(trial)
             run = client.create_run(self._experiment_id, tags=tags, run_name=name)
             run_id = run.info.run_id
-            params = _flatten(self.fixed_params) | _flatten(trial.config)
-            _log_batch(client, run_id, params=_params(params))
+            params = flatten(self.fixed_params) | flatten(trial.config)
+            log_batch(client, run_id, params=as_params(params))
             self._logged[trial_id] = {}
         self._runs[trial_id] = run_id
         return run_id
@@ -164,7 +170,7 @@ class MlflowTrialCallback(LocalState, tune.Callback):
             for k, v in values.items()
             if is_num(v) and step > logged.get(k, -1)
         ]
-        _log_batch(self.client, run_id, metrics=metrics)
+        log_batch(self.client, run_id, metrics=metrics)
         logged.update({m.key: step for m in metrics})
 
     def _close(self, trial, status: str) -> None:
@@ -180,13 +186,14 @@ class MlflowTrialCallback(LocalState, tune.Callback):
         if storage.is_uri(reported):
             with tempfile.TemporaryDirectory() as tmp:
                 storage.download_dir(reported, tmp)
-                plots = trial_plots(Path(tmp))
+                plots = self.plots(Path(tmp)) if self.plots else []
                 self.client.log_artifacts(run_id, tmp, "sae")
                 storage.write_dir(reported, lambda d: [shutil.copy(p, d) for p in plots])
             return
         path = Path(trial.local_path or "", reported)  # an absolute path stays as it is
         if path.is_dir():
-            trial_plots(path)
+            if self.plots:
+                self.plots(path)
             self.client.log_artifacts(run_id, str(path), "sae")
         else:
             logger.warning(

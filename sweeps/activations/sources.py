@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sweeps import cache
+from sweeps.activations import cache
 from sweeps.config import DataConfig
 
 if TYPE_CHECKING:
-    from sae.clip import Preprocessing
+    from sweeps.activations.clip import Preprocessing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

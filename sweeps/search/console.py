@@ -11,23 +11,11 @@ import sys
 from ray import tune
 from tqdm import tqdm
 
-from sweeps.schema import trial_label
+from sweeps.schema import SUMMARY_METRICS, trial_label
+from sweeps.search.callback_state import LocalState
 
 #: Result keys shown on a trial's closing line, with their labels.
-SHOWN = (("val/fvu", "fvu"), ("val/l0", "L0"), ("dead_frac", "dead"))
-
-
-class LocalState:
-    """For a Tune callback: Tuner pickles its callbacks into tuner.pkl, and what is local to
-    this driver (underscore attributes: a console handle, a client, caches) must not travel.
-    An unpickled copy makes them anew with `_reset()`."""
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
+SHOWN = tuple(SUMMARY_METRICS.items())
 
 
 class SweepDisplay(LocalState, tune.Callback):

@@ -1,6 +1,6 @@
 """Extraction: images -> CLIP vision model -> activation cache, in this process or on Ray Data.
 
-The driver indexes the source (sweeps.sources: stable row ids) and finds the cache by the key
+The driver indexes the source (activations.sources: stable row ids) and finds the cache by the key
 of its inputs. On one machine without GPUs, an Encoder in this process decodes and encodes
 batch after batch; elsewhere the index streams through (on GPU nodes) decode tasks and a pool
 of Encoder actors. Either writes Parquet parts into the run's private directory, and only
@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from sweeps import cache
+from sweeps.activations import cache
+from sweeps.activations.sources import Source, decode_batch, index_source
 from sweeps.config import Config
-from sweeps.sources import Source, decode_batch, index_source
 
 if TYPE_CHECKING:
-    from sae.clip import Preprocessing
+    from sweeps.activations.clip import Preprocessing
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Encoder:
     ):
         import torch
 
-        from sae.clip import DTYPES, load_vision_model
+        from sweeps.activations.clip import DTYPES, load_vision_model
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,7 +89,7 @@ class Encoder:
         self.decode = None if decode is None else {**decode, "threads": cpu_threads}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from sae.clip import capture_layers
+        from sweeps.activations.clip import capture_layers
 
         if self.decode is not None:
             batch = decode_batch(batch, **self.decode)
@@ -170,7 +170,7 @@ def extract(
 
     from transformers import CLIPVisionConfig
 
-    from sae.clip import Preprocessing
+    from sweeps.activations.clip import Preprocessing
 
     model, ex = cfg.model, cfg.extract
     vision = CLIPVisionConfig.from_pretrained(model.name_or_path, revision=model.revision)

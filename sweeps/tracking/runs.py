@@ -32,6 +32,7 @@ from mlflow.utils.validation import (
 from sweeps.schema import (
     EVAL_KEYS,
     METRIC_KEYS,
+    SUMMARY_METRICS,
     child_filter,
     default_tracking_uri,
     final_name,
@@ -39,6 +40,7 @@ from sweeps.schema import (
     pareto_front,
     trial_label,
 )
+from sweeps.tracking.client import mlflow_client
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def start_sweep_run(
     since MLflow params cannot change. With a SQLite store, artifacts default to
     `mlartifacts/` beside the database rather than the driver's working directory.
     """
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
@@ -117,19 +119,19 @@ def start_sweep_run(
     if commit := _git_commit():
         tags[MLFLOW_GIT_COMMIT] = commit
     run = client.create_run(experiment_id, tags=tags, run_name=experiment)
-    params = _flatten(config) | _flatten(search_space, "search_space.")
-    _log_batch(client, run.info.run_id, params=_params(params))
+    params = flatten(config) | flatten(search_space, "search_space.")
+    log_batch(client, run.info.run_id, params=as_params(params))
     return run.info.run_id
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
-    _log_batch(MlflowClient(tracking_uri), run_id, tags=_tags(tags))
+    log_batch(mlflow_client(tracking_uri), run_id, tags=as_tags(tags))
 
 
 def find_sweep_run(tracking_uri: str, experiment: str, sweep_id: str):
     """The parent run tagged `sweep_id` in `experiment`, or None."""
-    _check_quotable(sweep_id)
-    client = MlflowClient(tracking_uri)
+    check_quotable(sweep_id)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None or exp.lifecycle_stage == "deleted":
         return None
@@ -139,19 +141,17 @@ def find_sweep_run(tracking_uri: str, experiment: str, sweep_id: str):
     return found[0] if found else None
 
 
-def child_runs(client: MlflowClient, parent) -> list:
-    """Every trial run of a sweep's parent run."""
-    return client.search_runs(
-        [parent.info.experiment_id],
-        child_filter(parent.info.run_id),
-        max_results=50000,
-    )
+def child_runs(client: MlflowClient, parent, where: str = "") -> list:
+    """Every trial run of a sweep's parent run; `where` adds conditions to the filter
+    (e.g. "status = 'FINISHED'")."""
+    query = child_filter(parent.info.run_id) + (f" and {where}" if where else "")
+    return client.search_runs([parent.info.experiment_id], query, max_results=50000)
 
 
 def delete_sweep_runs(tracking_uri: str, parent) -> int:
     """Delete a sweep's parent and trial runs (MLflow keeps them as deleted until `mlflow gc`);
     returns how many runs were deleted."""
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     runs = [*child_runs(client, parent), parent]
     for run in runs:
         client.delete_run(run.info.run_id)
@@ -169,7 +169,7 @@ def config_changes(parent, config: Mapping[str, Any], ignore: Iterable[str] = ()
     if parent.data.tags.get("config_hash") == config_hash(config):
         return []
     recorded = parent.data.params
-    now = {p.key: p.value for p in _params(_flatten(config))}
+    now = {p.key: p.value for p in as_params(flatten(config))}
     keys = (set(now) | {k for k in recorded if not k.startswith("search_space.")}) - set(ignore)
     return sorted(k for k in keys if recorded.get(k) != now.get(k))
 
@@ -178,7 +178,7 @@ def finish_sweep_run(
     tracking_uri: str, parent_run_id: str, status: str = "FINISHED", error: str = ""
 ) -> None:
     """Close the parent run with `status` (FINISHED, FAILED or KILLED), tagging the error."""
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     if error:
         client.set_tag(parent_run_id, "error", error[:MAX_TAG_VAL_LENGTH])
     client.set_terminated(parent_run_id, status)
@@ -189,7 +189,7 @@ def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iter
     returns how many. The driver died before Tune saved them: they were started (RUNNING), or
     started and ended (FINISHED, FAILED) within Tune's snapshot period, and resume ran other
     trials in their place."""
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     keep = set(trial_ids)
     lost = [
         r
@@ -224,7 +224,7 @@ def log_sweep_summary(
     """
     trials = [_trial_dict(r) for r in results]
     trials = [t for t in trials if t is not None]
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     children = child_runs(client, client.get_run(parent_run_id))
     run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
     front = [trials[i] for i in pareto_front([t["metrics"] for t in trials], objectives)]
@@ -234,7 +234,7 @@ def log_sweep_summary(
         logger.warning("No finished trial reported %s: nothing to summarise.", list(objectives))
         return []
     note = leaderboard(trials, objectives, run_ids, front)
-    _log_batch(client, parent_run_id, tags=_tags({"mlflow.note.content": note}))
+    log_batch(client, parent_run_id, tags=as_tags({"mlflow.note.content": note}))
     if len(objectives) == 1:
         best = front[0]
         # The best trial's final evaluation; the schedule's lr and throughput are no result.
@@ -245,8 +245,8 @@ def log_sweep_summary(
             if is_num(best["metrics"].get(k))
         ]
         tags = {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"] or ""}
-        tags |= {f"best.params.{k}": v for k, v in _flatten(best["config"]).items()}
-        _log_batch(client, parent_run_id, metrics=metrics, tags=_tags(tags))
+        tags |= {f"best.params.{k}": v for k, v in flatten(best["config"]).items()}
+        log_batch(client, parent_run_id, metrics=metrics, tags=as_tags(tags))
         return [best]
     summary = [
         {
@@ -259,7 +259,7 @@ def log_sweep_summary(
     ]
     client.log_text(parent_run_id, json.dumps(summary, indent=2, default=str), "pareto_front.json")
     tags = {"pareto.size": len(front), "pareto.trial_ids": ",".join(t["trial_id"] for t in front)}
-    _log_batch(client, parent_run_id, tags=_tags(tags))
+    log_batch(client, parent_run_id, tags=as_tags(tags))
     for t in front:
         if t["run_id"]:
             client.set_tag(t["run_id"], "pareto_front", "true")
@@ -281,7 +281,7 @@ def leaderboard(
         v = t["metrics"].get(metric)
         return (not is_num(v) or math.isnan(v), sign * v if is_num(v) else 0.0)
 
-    cols = list(dict.fromkeys([*objectives, "val/fvu", "val/l0", "dead_frac"]))
+    cols = list(dict.fromkeys([*objectives, *SUMMARY_METRICS]))
     on_front = {t["trial_id"] for t in front}
     lines = [
         f"**{len(trials)} trials**, best first by `{metric}` ({mode}); "
@@ -329,7 +329,7 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     return experiment.experiment_id
 
 
-def _log_batch(client: MlflowClient, run_id: str, metrics=(), params=(), tags=()) -> None:
+def log_batch(client: MlflowClient, run_id: str, metrics=(), params=(), tags=()) -> None:
     """log_batch within MLflow's per-request limits, skipping empty requests."""
     metrics, params, tags = list(metrics), list(params), list(tags)
     for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
@@ -339,25 +339,25 @@ def _log_batch(client: MlflowClient, run_id: str, metrics=(), params=(), tags=()
         client.log_batch(run_id, params=params[i : i + n], tags=tags[i : i + n])
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out |= _flatten(v, f"{prefix}{k}.")
+            out |= flatten(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def _params(d: Mapping[str, Any]) -> list[Param]:
+def as_params(d: Mapping[str, Any]) -> list[Param]:
     return [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in d.items()]
 
 
-def _tags(d: Mapping[str, Any]) -> list[RunTag]:
+def as_tags(d: Mapping[str, Any]) -> list[RunTag]:
     return [RunTag(k, str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in d.items()]
 
 
-def _check_quotable(value: str) -> None:
+def check_quotable(value: str) -> None:
     # Both ids end up inside single-quoted MLflow search filters.
     if "'" in value:
         raise ValueError(f"Id {value!r} must not contain a single quote")

@@ -1,4 +1,5 @@
-"""A sweep's finished trial runs, read from its MLflow store without importing mlflow.
+"""A sweep's trials as typed records, and its finished trial runs read from its MLflow store
+without importing mlflow.
 
 Importing mlflow and opening its SQLAlchemy store takes about 3 s, which `best` should not
 cost. A SQLite store is read with SQL (read-only), a tracking server through its REST API;
@@ -19,15 +20,73 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeps.schema import child_filter
+from sweeps.schema import METRIC_KEYS, Hyperparams, child_filter, final_name
 
 
 @dataclass(frozen=True)
 class TrialRun:
+    """A trial's MLflow run as the store holds it: params and tags are text."""
+
     run_id: str
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+
+    @classmethod
+    def from_mlflow(cls, run) -> TrialRun:
+        """From an mlflow.entities.Run."""
+        return cls(run.info.run_id, run.data.params, run.data.metrics, run.data.tags)
+
+
+@dataclass
+class TrialRecord:
+    """One trial, read once from MLflow or from Tune's results and passed on typed: `best`,
+    `export`, `analyze` and the sweep's summary all read it."""
+
+    trial_id: str
+    status: str
+    """DONE (a final SAE), STOPPED (early, by ASHA) or FAILED."""
+    params: Hyperparams | None
+    """None only for a trial that failed before Tune handed it a configuration."""
+    metrics: dict[str, float]
+    """Final metrics by result key (`val/fvu`, `dead_frac`, ...)."""
+    sae_dir: str | None = None
+    """The final SAE's directory or URI; None for a trial without one."""
+    run_id: str | None = None
+    error: str = ""
+    step: int | None = None
+
+    @property
+    def layer(self) -> int:
+        return self.params.layer
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"runs:/{self.run_id}/sae"
+
+    def value(self, column: str):
+        """A table cell: a field, a searched parameter or a metric by its result key."""
+        if column in ("trial_id", "status", "sae_dir", "run_id", "error", "step"):
+            return getattr(self, column)
+        if self.params is not None and hasattr(self.params, column):
+            return getattr(self.params, column)
+        return self.metrics.get(column)
+
+    @classmethod
+    def from_run(cls, run: TrialRun, sae_dir: str | None = None) -> TrialRecord:
+        """A finished trial run's record; its final metrics are kept by result key."""
+        metrics = {
+            k: run.metrics[final_name(k)] for k in METRIC_KEYS if final_name(k) in run.metrics
+        }
+        return cls(
+            trial_id=run.tags.get("trial_id", ""),
+            status="STOPPED" if run.tags.get("stopped_early") else "DONE",
+            params=Hyperparams.from_values(run.params),
+            metrics=metrics,
+            sae_dir=sae_dir,
+            run_id=run.run_id,
+            error=run.tags.get("error", ""),
+        )
 
 
 def finished_trial_runs(
@@ -51,20 +110,20 @@ def finished_trial_runs(
 
 
 def _client_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
-    from mlflow.tracking import MlflowClient
 
-    from sweeps.tracking import find_sweep_run
+    from sweeps.tracking.client import mlflow_client
+    from sweeps.tracking.runs import find_sweep_run
 
     parent = find_sweep_run(uri, experiment, sweep_id)
     if parent is None:
         return None
-    runs = MlflowClient(uri).search_runs(
+    runs = mlflow_client(uri).search_runs(
         [parent.info.experiment_id],
         _child_filter(parent.info.run_id),
         order_by=[_order(metric, ascending)],
         max_results=top,
     )
-    return [TrialRun(r.info.run_id, r.data.params, r.data.metrics, r.data.tags) for r in runs]
+    return [TrialRun.from_mlflow(r) for r in runs]
 
 
 def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:

@@ -21,11 +21,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae import TopKSae
-from sae.clip import Preprocessing, capture_layers, vision_tower
 from sae.metrics import SaeStats
-from sweeps import cache
+from sweeps.activations import cache
+from sweeps.activations.clip import Preprocessing, capture_layers, vision_tower
+from sweeps.activations.sources import decode_batch
 from sweeps.config import DataConfig
-from sweeps.sources import decode_batch
+from sweeps.ridge import RidgeProbe, image_features
 
 CRITERIA = ("max_act", "mean_act", "frequency")
 PROBE_INPUTS = ("original", "reconstructed")
@@ -228,50 +229,6 @@ def accuracy(prefix: str, correct: int, n: int) -> dict[str, float]:
     """{prefix: correct/n, prefix_ci_low, prefix_ci_high}: accuracy and its 95% interval."""
     low, high = wilson_interval(correct, n)
     return {prefix: correct / n, f"{prefix}_ci_low": low, f"{prefix}_ci_high": high}
-
-
-class RidgeProbe:
-    """Linear probe on labels by ridge regression to one-hot targets, fit from streamed sums
-    (X^T X, X^T Y, float64): one pass and O(d^2) memory at any dataset size."""
-
-    def __init__(self, d: int, device: torch.device | str = "cpu"):
-        self.xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device)
-        self.xty = torch.zeros(d + 1, 0, dtype=torch.float64, device=device)
-        self.w: Tensor | None = None
-
-    @staticmethod
-    def _features(x_BD: Tensor) -> Tensor:
-        return torch.cat([x_BD.double(), x_BD.new_ones(len(x_BD), 1, dtype=torch.float64)], 1)
-
-    def update(self, x_BD: Tensor, label_B: Tensor) -> None:
-        if len(label_B) == 0:
-            return
-        classes = int(label_B.max()) + 1
-        if classes > self.xty.shape[1]:
-            self.xty = torch.nn.functional.pad(self.xty, (0, classes - self.xty.shape[1]))
-        f = self._features(x_BD)
-        self.xtx += f.T @ f
-        self.xty.index_add_(1, label_B, f.T)
-
-    def class_counts(self) -> Tensor:
-        """Training images per label (the bias feature's row of X^T Y)."""
-        return self.xty[-1]
-
-    def default_ridge(self, ridge: float) -> float:
-        """ridge scaled to these features' own size, so one setting suits any layer's norm."""
-        return ridge * float(self.xtx.diagonal().mean())
-
-    def fit(self, lam: float) -> None:
-        eye = torch.eye(len(self.xtx), dtype=torch.float64, device=self.xtx.device)
-        self.w = torch.linalg.solve(self.xtx + lam * eye, self.xty)
-
-    def predict(self, x_BD: Tensor) -> Tensor:
-        return (self._features(x_BD) @ self.w).argmax(1)
-
-
-def image_features(x_BTD: Tensor) -> Tensor:
-    """One probe input per image: the token itself in `cls` mode, the token mean in `all`."""
-    return x_BTD.mean(1)
 
 
 @torch.no_grad()

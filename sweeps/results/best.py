@@ -1,0 +1,63 @@
+"""`best`: the top trials of a sweep and where their SAEs are, read back from MLflow."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sweeps import storage
+from sweeps.config import Config
+from sweeps.schema import SEARCHED_PARAMS, SUMMARY_METRICS, final_name, final_sae_dir, format_value
+from sweeps.tracking.records import TrialRecord, finished_trial_runs
+
+
+def trial_sae_dir(cfg: Config, trial_id: str, layer: int) -> str | None:
+    """A trial's final SAE: `sae/<trial_id>/layers.<L>`, or `sae/<trial_id>` itself where
+    sweeps wrote it before they followed sparsify's folder convention; None when there is
+    none (a trial stopped early)."""
+    root = storage.join(cfg.sweep.experiment_path(), "sae")
+    for path in (final_sae_dir(root, trial_id, layer), storage.join(root, trial_id)):
+        if storage.exists(storage.join(path, "cfg.json")):
+            return path
+    return None
+
+
+def best_trials(cfg: Config, top: int = 5) -> list[TrialRecord]:
+    """Finished trials of the sweep, best first by the first objective."""
+    sweep = cfg.sweep
+    uri = sweep.resolved_tracking_uri()
+    metric, mode = next(iter(cfg.tune.objective_modes().items()))
+    runs = finished_trial_runs(
+        uri,
+        sweep.experiment_name(),
+        sweep.experiment_path(),
+        final_name(metric),
+        ascending=mode == "min",
+        top=top,
+    )
+    if runs is None:
+        raise FileNotFoundError(
+            f"no sweep {sweep.name!r} with results {sweep.experiment_path()} in MLflow "
+            f"store {uri}: run `sae-sweep sweep` with this config first"
+        )
+    records = [TrialRecord.from_run(run) for run in runs]
+    for r in records:
+        r.sae_dir = trial_sae_dir(cfg, r.trial_id, r.layer)
+    return records
+
+
+def format_table(
+    records: Sequence[TrialRecord], objectives: dict[str, str], limit: int = 10
+) -> str:
+    """The trials as a text table, one line each: the console's summary and `best`."""
+    cols = ["trial_id", "status", *SEARCHED_PARAMS, *dict.fromkeys([*SUMMARY_METRICS, *objectives])]
+    if any(r.error for r in records[:limit]):
+        cols.append("error")
+    cells = [[format_value(r.value(c)) for c in cols] for r in records[:limit]]
+    widths = [
+        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
+    ]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    if len(records) > limit:
+        lines.append(f"... {len(records) - limit} more trials (sae-sweep best --top N)")
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""The sweep driver: cached activations -> Ray Tune trials chosen by Optuna -> MLflow.
+
+Why Optuna still learns sensibly from trials that ASHA stops early: ASHA stops a trial at a
+rung only when its validation FVU is worse than the best 1/reduction_factor of the trials that
+reached the same step. Tune hands the stopped trial's last result to OptunaSearch, so TPE sees
+an FVU measured with less training, i.e. too high. That value can only push the trial further
+into TPE's "bad" group, where its peers at that rung already placed it; TPE splits trials into
+good and bad by rank, so the configurations that shape its next proposals are the finished,
+well-ranked ones, measured in full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+from ray.tune.result import TRAINING_ITERATION
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from sae.trainer import total_steps
+from sweeps import storage
+from sweeps.activations.extract import ExtractResult, extract
+from sweeps.config import Config, fixed_fields
+from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, is_num
+from sweeps.search.data import layer_sources
+from sweeps.search.mlflow_callback import MlflowTrialCallback
+from sweeps.search.snapshots import set_aside_torn_snapshot
+from sweeps.search.trial import TrialSettings, TrialState, run_trial
+from sweeps.space import SearchSpace
+from sweeps.tracking import runs as tracking
+from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.records import TrialRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    experiment_path: str
+    """A directory or a URI (s3://...), as sweep.storage_path."""
+    parent_run_id: str
+    tracking_uri: str
+    experiment_id: str
+    cache_dir: str
+    rows: list[TrialRecord]
+    """One record per trial, best first."""
+    best: list[dict[str, Any]]
+    """The best trial, or the Pareto front with several objectives."""
+    extraction: ExtractResult
+    """What building (or finding) the activation cache did."""
+    elapsed_s: float = 0.0
+
+
+def _sampler(cfg: Config):
+    import optuna
+
+    seed = cfg.tune.seed
+    if cfg.tune.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    # TPE samples at random until it has n_startup_trials results (Optuna's default: 10), which
+    # would leave a small sweep all random: a quarter of the trials, 2 to 10.
+    startup = min(10, max(2, cfg.tune.num_samples // 4))
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
+
+
+def trial_settings(cfg: Config, tokens_per_image: int) -> TrialSettings:
+    """What every trial shares: the config's `sae` and `train` sections as they are (each trial
+    sets the searched fields), and where SAEs and training states go."""
+    return TrialSettings(
+        sae=dataclasses.replace(cfg.sae),
+        train=cfg.train.library_config(),
+        probe=cfg.train.probe,
+        tokens_per_image=tokens_per_image,
+        sae_root=storage.join(cfg.sweep.experiment_path(), "sae"),
+        state_root=storage.join(cfg.sweep.experiment_path(), "trial_state"),
+        objectives=tuple(cfg.tune.objective_modes()),
+        checkpoint_interval_s=cfg.tune.checkpoint_interval_s,
+    )
+
+
+def _trainable(cfg: Config, sources, fixed: TrialSettings):
+    resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+    trainable = tune.with_parameters(run_trial, layers=sources, fixed=fixed)
+    return tune.with_resources(trainable, resources)
+
+
+class _OptunaSearch(OptunaSearch):
+    """OptunaSearch whose sampler draws afresh after Tuner.restore.
+
+    Tune saves the searcher with the trials, so a driver that dies after proposing a trial
+    but before saving comes back with the sampler's old random state, and would propose that
+    lost trial's configuration again."""
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self._ot_study.sampler.reseed_rng()
+
+    # Tune saves the trials and the searcher as separate files, so a restored searcher may be
+    # one snapshot older than the trials: results of trials it never proposed are not its own.
+    # Optuna's intermediate values are kept at the SAE's step, not Tune's iteration: a trial
+    # retried from its own saved state counts iterations from 1 again, and Optuna would drop
+    # (and warn about) every report up to the old count.
+    def on_trial_result(self, trial_id: str, result: dict):
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: result["step"]})
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
+
+
+def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
+    """ASHA on the sweep's objective (config validation allows it with one objective only)."""
+    if not cfg.tune.asha:
+        return None
+    ((metric, mode),) = cfg.tune.objective_modes().items()
+    return ASHAScheduler(
+        time_attr="step",
+        metric=metric,
+        mode=mode,
+        max_t=max_steps,
+        grace_period=min(cfg.tune.grace_period, max_steps),
+        reduction_factor=cfg.tune.reduction_factor,
+    )
+
+
+def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks, resume: bool):
+    # Tune snapshots its experiment at most every 10+ s by default. A trial that finished after
+    # the last snapshot is unknown to `resume`, which then runs another in its place; with
+    # Tune holding no checkpoints nothing forces a snapshot sooner, so ask for one a second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    fs = storage.tune_filesystem(cfg.sweep.storage_path)
+    if resume:
+        # Finished trials stay finished; unfinished and errored ones go on from their states.
+        return tune.Tuner.restore(
+            cfg.sweep.experiment_path(),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
+        )
+    objectives = cfg.tune.objective_modes()
+    metric, mode = list(objectives), list(objectives.values())
+    if len(objectives) == 1:
+        metric, mode = metric[0], mode[0]
+    searcher = _OptunaSearch(
+        space=space.suggest,
+        metric=metric,
+        mode=mode,
+        sampler=_sampler(cfg),
+        points_to_evaluate=space.optuna_points() or None,
+    )
+    scheduler = _scheduler(cfg, max_steps)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.tune.max_concurrent),
+            scheduler=scheduler,
+            num_samples=cfg.tune.num_samples,
+            # A trial is seconds to minutes of training: starting a fresh worker process
+            # for each would cost a large share of it.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.sweep.name,
+            storage_path=cfg.sweep.storage_path,
+            storage_filesystem=fs,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            verbose=cfg.tune.verbose,
+        ),
+    )
+
+
+def run_sweep(
+    cfg: Config, resume: bool = False, callbacks: Sequence = (), progress=None, plots=None
+) -> SweepResult:
+    """Extract (or reuse) the cache, run or resume the sweep, summarise it in MLflow.
+
+    Ray must be initialised and cfg checked with preflight.check_sweep. The parent run exists
+    from the start, and any failure of the driver closes it FAILED (KILLED on Ctrl-C) with the
+    error. progress: a bar the caller owns, told of each extracted batch (see `extract`) and
+    closed when extraction ends. plots: draws a finished trial's plots beside its SAE before
+    they are logged (MlflowTrialCallback's `plots`)."""
+    space = SearchSpace.from_config(cfg.search)
+    started = time.time()
+    path = cfg.sweep.experiment_path()
+    uri = cfg.sweep.resolved_tracking_uri()
+    parent = tracking.start_sweep_run(
+        uri,
+        cfg.sweep.experiment_name(),
+        sweep_id=path,
+        config=dataclasses.asdict(cfg),
+        search_space=space.describe(),
+    )
+    try:
+        result = _run(cfg, space, parent, uri, resume, callbacks, progress, plots)
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        tracking.finish_sweep_run(uri, parent, status, error=f"{type(e).__name__}: {e}")
+        raise
+    n_err = sum(r.status == "FAILED" for r in result.rows)
+    tracking.finish_sweep_run(uri, parent, "FAILED" if n_err else "FINISHED")
+    result.elapsed_s = time.time() - started
+    return result
+
+
+def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, progress, plots):
+    ex = extract(cfg, progress=progress)
+    if progress is not None:
+        progress.close()  # the sweep's own display follows
+    tracking.set_tags(uri, parent, {"cache_key": ex.manifest["key"]})
+    tokens = ex.manifest["tokens_per_image"]
+    sources, n_train = layer_sources(cfg, ex.cache_dir, space.layers(), tokens)
+    batch = cfg.train.batch_size * tokens
+    max_steps = total_steps(cfg.train, n_train, min(batch, n_train))
+
+    path = cfg.sweep.experiment_path()
+    fixed = trial_settings(cfg, tokens)
+    # Logged as every trial's params: what its config shares with the sweep's other trials.
+    shared = {"sae": fixed_fields(cfg, "sae"), "train": fixed_fields(cfg, "train")}
+    shared |= {"tokens_per_image": tokens}
+    shared |= {"model": {"name_or_path": cfg.model.name_or_path}, "data": {"path": cfg.data.path}}
+    callbacks = [MlflowTrialCallback(uri, parent, fixed_params=shared, plots=plots), *callbacks]
+    if resume and (torn := set_aside_torn_snapshot(path)):
+        logger.warning(
+            "resume: Tune's newest snapshot was cut short when the driver died (%s, now "
+            "*.torn); going on from the snapshot before it",
+            ", ".join(torn),
+        )
+    # A resumed sweep whose driver died before Tune saved any state starts its trials afresh.
+    restore = resume and tune.Tuner.can_restore(path)
+    tuner = _tuner(cfg, space, _trainable(cfg, sources, fixed), max_steps, callbacks, restore)
+    grid = tuner.fit()
+    for result in grid:  # finished or stopped early: no resume needs their training state
+        if result.error is None and result.metrics.get("trial_id"):
+            TrialState(storage.join(fixed.state_root, result.metrics["trial_id"])).delete()
+    objectives = cfg.tune.objective_modes()
+    rows = _records(grid, objectives)
+    tracking.close_lost_trial_runs(uri, parent, [r.trial_id for r in rows])
+    best = tracking.log_sweep_summary(uri, parent, grid, objectives)
+    experiment_id = mlflow_client(uri).get_run(parent).info.experiment_id
+    return SweepResult(path, parent, uri, experiment_id, str(ex.cache_dir), rows, best, ex)
+
+
+def _records(grid, objectives: dict[str, str]) -> list[TrialRecord]:
+    """Tune's results as trial records, failed ones last, the rest best first."""
+    records = []
+    for r in grid:
+        m = r.metrics or {}
+        failed = r.error or m.get("error")
+        records.append(
+            TrialRecord(
+                trial_id=m.get("trial_id", ""),
+                status="FAILED" if failed else ("DONE" if m.get(SAE_DIR_KEY) else "STOPPED"),
+                params=Hyperparams.from_values(r.config) if r.config else None,
+                metrics={k: m[k] for k in (*METRIC_KEYS, *objectives) if is_num(m.get(k))},
+                sae_dir=m.get(SAE_DIR_KEY),
+                error=str(r.error).strip().splitlines()[-1] if r.error else m.get("error", ""),
+                step=m.get("step"),
+            )
+        )
+    first, mode = next(iter(objectives.items()))
+    sign = 1 if mode == "min" else -1
+
+    def key(record: TrialRecord):
+        v = record.metrics.get(first)
+        ok = v is not None and math.isfinite(v)
+        return (record.status == "FAILED", not ok, sign * v if ok else 0.0)
+
+    return sorted(records, key=key)
