@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sae import SaeConfig, TopKSae  # noqa: E402
-from sae.clip import Preprocessing  # noqa: E402
-from sweeps import analysis, analyze, cache, report  # noqa: E402
+from sweeps.activations import cache  # noqa: E402
+from sweeps.activations.clip import Preprocessing  # noqa: E402
+from sweeps.activations.sources import index_source  # noqa: E402
 from sweeps.config import DataConfig  # noqa: E402
-from sweeps.sources import index_source  # noqa: E402
+from sweeps.results import analysis, analyze, report  # noqa: E402
 
 LAYER = 0
 

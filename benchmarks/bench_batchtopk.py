@@ -200,7 +200,7 @@ def main() -> None:
             for auxk in (True, False):
                 rows += saelens_rows(f"synthetic d={d}", x[n_val:], x[:n_val], ks, args.steps, auxk)
     if args.cache:
-        from sweeps import cache
+        from sweeps.activations import cache
 
         train, val = (
             torch.from_numpy(cache.load_layer(args.cache, args.layer, split, 0.1, 0)).float()

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sae.clip import capture_layers, load_vision_model
+from sweeps.activations.clip import capture_layers, load_vision_model
+from sweeps.activations.extract import extract
 from sweeps.config import from_mapping
-from sweeps.extract import extract
 
 
 def make_checkpoint(directory: Path) -> str:
@@ -99,9 +99,9 @@ def pipeline(
 def cuda_inner_loop(checkpoint: str, paths: list[Path], layer: int, batch: int = 256):
     """Images/s of the GPU actor's work per batch without Ray: decode + preprocess on all
     cores, then the float16 forward stopped after `layer`; and each half alone."""
-    from sae.clip import Preprocessing
+    from sweeps.activations.clip import Preprocessing
+    from sweeps.activations.sources import decode_batch
     from sweeps.config import DataConfig
-    from sweeps.sources import decode_batch
 
     pre = Preprocessing.from_pretrained(checkpoint)
     model = load_vision_model(checkpoint, dtype=torch.float16).cuda()
@@ -157,9 +157,9 @@ def forward_only(checkpoint: str, batch_size: int, layer: int, repeats: int = 3)
 
 
 def decode_only(checkpoint: str, paths: list[Path]) -> float:
-    """Seconds per image to read, decode and preprocess on one thread (sweeps.extract)."""
-    from sae.clip import Preprocessing
-    from sweeps.sources import decode_image
+    """Seconds per image to read, decode and preprocess on one thread (as extraction does)."""
+    from sweeps.activations.clip import Preprocessing
+    from sweeps.activations.sources import decode_image
 
     pre = Preprocessing.from_pretrained(checkpoint)
     start = time.perf_counter()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sweeps import cache
+from sweeps.activations import cache
 
 TOKENS, D = 50, 768  # ViT-B/32: 49 patches + CLS, d_model 768
 SHAPE = {"num_latents": 6144, "k": 32, "batch_size": 4096}  # the CPU step table's first row

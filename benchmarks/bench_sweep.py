@@ -11,7 +11,6 @@ reports, checkpoints and MLflow logging.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -23,13 +22,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sae import train_sae
-from sweeps import cache
+from sweeps.activations import cache
+from sweeps.activations.extract import extract
 from sweeps.cli import DEMO_CONFIG, init_ray
 from sweeps.config import load_config
 from sweeps.demo import prepare_demo
-from sweeps.extract import extract
-from sweeps.trainable import trial_configs
-from sweeps.tune import run_sweep
+from sweeps.search.driver import run_sweep, trial_settings
+from sweeps.search.trial import trial_configs
 
 
 def main():
@@ -70,26 +69,21 @@ def main():
 
     # Ray gives each trial worker cpus_per_trial threads (OMP_NUM_THREADS); so does the loop.
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
-    train = dataclasses.asdict(cfg.train)
-    fixed = {
-        "sae": {"normalize_decoder": cfg.sae.normalize_decoder, "num_latents": 0},
-        "train": {k: v for k, v in train.items() if k not in ("lr", "auxk_alpha")},
-        "tokens_per_image": ex.manifest["tokens_per_image"],
-    }
+    fixed = trial_settings(cfg, ex.manifest["tokens_per_image"])
     split = (cfg.train.val_fraction, cfg.train.seed)
     print(f"\n{'trial':>9} {'trial wall s':>12} {'train_sae s':>11} {'overhead':>9}")
     overheads, ratios = [], []
     for row in result.rows:
-        acts = cache.load_layer(ex.cache_dir, row["layer"], "train", *split)
-        val = cache.load_layer(ex.cache_dir, row["layer"], "val", *split)
-        sae_cfg, train_cfg = trial_configs(row, fixed)
+        acts = cache.load_layer(ex.cache_dir, row.layer, "train", *split)
+        val = cache.load_layer(ex.cache_dir, row.layer, "val", *split)
+        sae_cfg, train_cfg = trial_configs(row.params, fixed)
         t = time.perf_counter()
         train_sae(acts, sae_cfg, train_cfg, val_acts=val)
         plain = time.perf_counter() - t
-        trial_wall = wall[row["trial_id"]]
+        trial_wall = wall[row.trial_id]
         overheads.append(trial_wall - plain)
         ratios.append((trial_wall - plain) / trial_wall)
-        print(f"{row['trial_id']:>9} {trial_wall:>12.2f} {plain:>11.2f} {ratios[-1]:>9.1%}")
+        print(f"{row.trial_id:>9} {trial_wall:>12.2f} {plain:>11.2f} {ratios[-1]:>9.1%}")
     ray.shutdown()
     print(
         f"median overhead per trial: {statistics.median(overheads):.2f} s = "

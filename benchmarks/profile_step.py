@@ -1,6 +1,6 @@
 """Profile one SAE training step (torch.profiler table), for finding where a step's time goes.
 
-    python benchmarks/profile_step.py [--device cuda] [--batch 500] [--latents 3072] [--k 64]
+python benchmarks/profile_step.py [--device cuda] [--batch 500] [--latents 3072] [--k 64]
 """
 
 from __future__ import annotations

@@ -19,9 +19,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from sae import SaeConfig, TopKSae
-from sae.clip import Preprocessing, capture_layers
-from sweeps import cache
-from sweeps.analysis import (
+from sweeps.activations import cache
+from sweeps.activations.clip import Preprocessing, capture_layers
+from sweeps.activations.sources import index_source
+from sweeps.cli import DEMO_CONFIG
+from sweeps.config import load_config
+from sweeps.demo import make_image_folder, make_tiny_clip
+from sweeps.results.analysis import (
     HIST_EDGES,
     PROMPT_ENSEMBLE,
     TIE_BITS,
@@ -33,12 +37,8 @@ from sweeps.analysis import (
     zero_shot,
     zero_shot_sample,
 )
-from sweeps.analyze import class_names, templates
-from sweeps.cli import DEMO_CONFIG
-from sweeps.config import load_config
-from sweeps.demo import make_image_folder, make_tiny_clip
-from sweeps.sources import index_source
-from sweeps.tune import run_sweep
+from sweeps.results.analyze import class_names, templates
+from sweeps.search.driver import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")

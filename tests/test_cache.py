@@ -8,7 +8,7 @@ import torch
 
 from sae import SaeConfig, TrainConfig
 from sae.trainer import Trainer
-from sweeps import cache
+from sweeps.activations import cache
 
 D = 8
 
@@ -111,7 +111,7 @@ def test_training_on_a_row_file_equals_training_in_memory(tmp_path):
 
 
 def test_a_trial_reads_its_cached_layer_from_the_node_copy(tmp_path, monkeypatch):
-    from sweeps.trainable import CachedLayer, layer_arrays
+    from sweeps.search.data import CachedLayer, layer_arrays
 
     monkeypatch.setenv(cache.ARRAY_DIR_ENV, str(tmp_path / "node"))
     cache_dir = make_cache(tmp_path / "cache", 5)

@@ -1,4 +1,5 @@
-"""sae.clip: preprocessing equals the HF processor; the early-stopped forward equals HF's."""
+"""activations.clip: preprocessing equals the HF processor; the early-stopped forward equals
+HF's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from helpers import make_tiny_clip, random_image
 from PIL import Image
 
-from sae.clip import Preprocessing, capture_layers, load_vision_model, to_rgb
+from sweeps.activations.clip import Preprocessing, capture_layers, load_vision_model, to_rgb
 
 
 @pytest.fixture(scope="module")

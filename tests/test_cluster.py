@@ -33,10 +33,10 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from sae import TopKSae
-from sweeps.best import best_trials
 from sweeps.cli import DEMO_CONFIG
 from sweeps.config import ConfigError, load_config
-from sweeps.tune import _on_network_fs
+from sweeps.results.best import best_trials
+from sweeps.search.data import on_network_fs
 from tests.helpers import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,13 +243,13 @@ def test_tune_data_auto_follows_where_the_cache_lives(tmp_path):
         "tmpfs /mnt/shared/tmp tmpfs rw 0 0\n"
         "server:/x /mnt/my\\040share nfs rw 0 0\n"
     )
-    assert _on_network_fs(Path("/mnt/shared/sae-cache"), mounts)
-    assert _on_network_fs(Path("/mnt/shared"), mounts)
-    assert _on_network_fs(Path("/mnt/my share/cache"), mounts)
-    assert not _on_network_fs(Path("/mnt/shared/tmp/cache"), mounts)
-    assert not _on_network_fs(Path("/mnt/sharedx"), mounts)
-    assert not _on_network_fs(tmp_path, mounts)
-    assert not _on_network_fs(tmp_path)  # this machine's /proc/mounts: a local disk
+    assert on_network_fs(Path("/mnt/shared/sae-cache"), mounts)
+    assert on_network_fs(Path("/mnt/shared"), mounts)
+    assert on_network_fs(Path("/mnt/my share/cache"), mounts)
+    assert not on_network_fs(Path("/mnt/shared/tmp/cache"), mounts)
+    assert not on_network_fs(Path("/mnt/sharedx"), mounts)
+    assert not on_network_fs(tmp_path, mounts)
+    assert not on_network_fs(tmp_path)  # this machine's /proc/mounts: a local disk
 
 
 @pytest.fixture(scope="module")
@@ -329,8 +329,8 @@ def test_fractional_gpu_trials_spread_over_both_workers(demo_sets, mlflow_server
     best = best_trials(cfg, top=10)
     assert len(best) == 4
     for row in best:
-        assert row["sae_dir"].startswith("file://")
-        TopKSae.load(row["sae_dir"].removeprefix("file://"))
+        assert row.sae_dir.startswith("file://")
+        TopKSae.load(row.sae_dir.removeprefix("file://"))
 
 
 @pytest.mark.timeout(1800)  # minutes on a loaded 2-core machine

@@ -43,7 +43,7 @@ def test_cuda_bf16_training_learns_the_dictionary():
 def test_cuda_half_precision_capture_matches_fp32_hidden_states(tmp_path):
     from transformers import CLIPVisionModel
 
-    from sae.clip import capture_layers, load_vision_model
+    from sweeps.activations.clip import capture_layers, load_vision_model
     from sweeps.demo import make_tiny_clip
 
     model = CLIPVisionModel.from_pretrained(make_tiny_clip(tmp_path, hidden_size=64)).eval()

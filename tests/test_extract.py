@@ -29,11 +29,17 @@ from helpers import (
 )
 from PIL import Image
 
-from sae.clip import Preprocessing, load_vision_model
-from sweeps import cache
+from sweeps.activations import cache
+from sweeps.activations.clip import Preprocessing, load_vision_model
+from sweeps.activations.extract import (
+    ExtractResult,
+    absolute_paths,
+    extract,
+    locate_cache,
+    runs_here,
+)
 from sweeps.cli import describe_extract
 from sweeps.config import ConfigError, from_mapping, load_config
-from sweeps.extract import ExtractResult, absolute_paths, extract, locate_cache, runs_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +140,7 @@ def test_a_cache_hit_loads_no_model_library_and_no_ray(built, tiny, folder):
     sections = config(tiny, folder, built["cls"].cache_dir.parent)
     code = (
         "import json, sys; from sweeps.config import from_mapping; "
-        "from sweeps.extract import extract; "
+        "from sweeps.activations.extract import extract; "
         f"r = extract(from_mapping(json.loads({json.dumps(sections)!r}))); "
         "print(r.reused, *(m in sys.modules for m in ('torch', 'transformers', 'ray')))"
     )
@@ -302,7 +308,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from sweeps.config import from_mapping
-from sweeps.extract import extract
+from sweeps.activations.extract import extract
 
 sections, images = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 
 from sae import SaeConfig, TopKSae, TrainConfig, train_sae
 from sae.saelens import save_saelens
-from sweeps.best import best_trials
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import ConfigError, load_config
-from sweeps.export import get_run
+from sweeps.results.best import best_trials
+from sweeps.results.export import get_run
 from tests.test_sweep import cli, overrides
 
 sparsify = pytest.importorskip("sparsify")
@@ -96,8 +96,8 @@ def test_a_trial_sae_sits_in_a_layers_folder_that_sparsify_load_many_finds(swept
         assert list(loaded) == [f"layers.{LAYER}"]
         assert loaded[f"layers.{LAYER}"].num_latents == ours.num_latents
         _assert_same_latents(ours, loaded[f"layers.{LAYER}"])
-    assert _best(cfg)["sae_dir"] == str(
-        out / "ray_results" / NAME / "sae" / _best(cfg)["trial_id"] / f"layers.{LAYER}"
+    assert _best(cfg).sae_dir == str(
+        out / "ray_results" / NAME / "sae" / _best(cfg).trial_id / f"layers.{LAYER}"
     )
 
 
@@ -105,19 +105,19 @@ def test_a_trial_in_the_old_layout_stays_readable(swept):
     """Sweeps before the layers.<L> folders wrote the SAE in the trial directory itself."""
     _, cfg, _ = swept
     best = _best(cfg)
-    new = Path(best["sae_dir"])
+    new = Path(best.sae_dir)
     old = new.parent
     for f in list(new.iterdir()):
         shutil.move(f, old / f.name)
     new.rmdir()
     try:
-        assert _best(cfg)["sae_dir"] == str(old)
-        TopKSae.load(_best(cfg)["sae_dir"])
+        assert _best(cfg).sae_dir == str(old)
+        TopKSae.load(_best(cfg).sae_dir)
     finally:
         new.mkdir()
         for f in [p for p in old.iterdir() if p.is_file()]:
             shutil.move(f, new / f.name)
-    assert _best(cfg)["sae_dir"] == str(new)
+    assert _best(cfg).sae_dir == str(new)
 
 
 def test_best_trial_is_registered_at_the_end_and_by_best_and_loads_back(
@@ -133,10 +133,10 @@ def test_best_trial_is_registered_at_the_end_and_by_best_and_loads_back(
     )
     assert [int(v.version) for v in versions] == [1, 2]
     best = _best(cfg)
-    run = client.get_run(best["run_id"])
+    run = client.get_run(best.run_id)
     for v in versions:
-        assert v.run_id == best["run_id"]
-        assert v.tags["sweep"] == NAME and v.tags["trial_id"] == best["trial_id"]
+        assert v.run_id == best.run_id
+        assert v.tags["sweep"] == NAME and v.tags["trial_id"] == best.trial_id
         assert v.tags["layer"] == str(LAYER)
         for key in ("k", "expansion_factor"):
             assert v.tags[key] == run.data.params[key]
@@ -147,7 +147,7 @@ def test_best_trial_is_registered_at_the_end_and_by_best_and_loads_back(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     folder = Path(mlflow.artifacts.download_artifacts("models:/clip-sae/2", dst_path=tmp_path))
     registered = TopKSae.load(folder)
-    trained = TopKSae.load(best["sae_dir"])
+    trained = TopKSae.load(best.sae_dir)
     for (name, a), (_, b) in zip(trained.state_dict().items(), registered.state_dict().items()):
         assert torch.equal(a, b), name
     assert "# TopK SAE:" in (folder / "README.md").read_text()
@@ -160,7 +160,7 @@ def test_export_writes_a_model_card_and_a_folder_sparsify_loads(swept):
     folder = out / "exported" / f"layers.{LAYER}"
     assert f"exported {folder}" in logs["export"]
     card = (folder / "README.md").read_text()
-    run = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(best["run_id"])
+    run = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(best.run_id)
     for text in (
         cfg.model.name_or_path,
         f"layer {LAYER}",
@@ -171,12 +171,12 @@ def test_export_writes_a_model_card_and_a_folder_sparsify_loads(swept):
         f"| L0 (active latents per input) | {run.data.metrics['l0']:.4g} |",
         f"| dead fraction (never fired on validation) | {run.data.metrics['dead_frac']:.4g} |",
         f"| k | {run.data.params['k']} |",
-        f"trial `{best['trial_id']}`",
+        f"trial `{best.trial_id}`",
         "SparseCoder.load_from_disk",
         "SAE.load_from_disk",
     ):
         assert text in card, text
-    trained = TopKSae.load(best["sae_dir"])
+    trained = TopKSae.load(best.sae_dir)
     loaded = sparsify.SparseCoder.load_many(str(out / "exported"), local=True)
     assert list(loaded) == [f"layers.{LAYER}"]
     _assert_same_latents(trained, loaded[f"layers.{LAYER}"])
@@ -229,7 +229,7 @@ def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path):
 def test_train_probe_reports_probe_accuracies_at_every_evaluation(swept):
     _, cfg, _ = swept
     client = MlflowClient(cfg.sweep.resolved_tracking_uri())
-    run = client.get_run(_best(cfg)["run_id"])
+    run = client.get_run(_best(cfg).run_id)
     for key in ("probe_acc", "probe_acc_orig"):  # final metrics, as for fvu
         assert 0 <= run.data.metrics[key] <= 1
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/fvu")]
@@ -260,7 +260,7 @@ def test_a_probe_objective_without_train_probe_is_a_config_error():
 
 def test_export_of_a_run_that_is_no_trial_says_so(swept):
     _, cfg, _ = swept
-    parent = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(_best(cfg)["run_id"])
+    parent = MlflowClient(cfg.sweep.resolved_tracking_uri()).get_run(_best(cfg).run_id)
     parent_id = parent.data.tags["mlflow.parentRunId"]
     with pytest.raises(ValueError, match=f"run {parent_id} is not a trial of a sweep"):
         get_run(cfg, parent_id)

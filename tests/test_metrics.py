@@ -95,7 +95,7 @@ def test_explained_variance_forgives_an_offset_that_fvu_counts():
 def _labelled_cache(root, tokens: int, labelled: bool = True, n: int = 300, d: int = 16):
     """A cache whose images belong to 3 classes, each a direction plus noise (labels -1 when
     not `labelled`)."""
-    from sweeps import cache
+    from sweeps.activations import cache
 
     rng = np.random.default_rng(0)
     label = rng.integers(0, 3, n)
@@ -118,15 +118,16 @@ def test_probe_metric_scores_the_reconstruction_against_the_activations(
     """The trial's probe metrics equal the probe's accuracy computed directly on the
     validation images (their token mean in all-token mode) and on the SAE's reconstruction."""
     from sae.trainer import Trainer
-    from sweeps import cache
-    from sweeps.trainable import CachedLayer, fit_probe, layer_arrays, probe_metrics
+    from sweeps.activations import cache
+    from sweeps.search.data import CachedLayer, layer_arrays
+    from sweeps.search.probe import fit_probe, probe_metrics
 
     monkeypatch.setenv(cache.ARRAY_DIR_ENV, str(tmp_path / "node"))
     source = CachedLayer(str(_labelled_cache(tmp_path / "c", tokens)), 2, 0.3, 0)
     probe = fit_probe(source, tokens)
     val_labels = source.labels()[1]
     train, val = layer_arrays(source)
-    cfg = TrainConfig(steps=60, batch_size=64, lr=1e-2, normalize_input=True, probe=True)
+    cfg = TrainConfig(steps=60, batch_size=64, lr=1e-2, normalize_input=True)
     trainer = Trainer(train, SaeConfig(num_latents=32, k=1), cfg, val_acts=val)
     trainer.fit()
     got = probe_metrics(trainer, probe, val_labels, tokens)
@@ -143,8 +144,9 @@ def test_probe_metric_scores_the_reconstruction_against_the_activations(
 
 
 def test_probe_needs_two_labels_in_the_training_images(tmp_path, monkeypatch):
-    from sweeps import cache
-    from sweeps.trainable import CachedLayer, fit_probe
+    from sweeps.activations import cache
+    from sweeps.search.data import CachedLayer
+    from sweeps.search.probe import fit_probe
 
     monkeypatch.setenv(cache.ARRAY_DIR_ENV, str(tmp_path / "node"))
     source = CachedLayer(str(_labelled_cache(tmp_path / "c", 1, labelled=False)), 2, 0.3, 0)

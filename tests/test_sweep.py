@@ -18,10 +18,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sae import TopKSae
-from sweeps.best import format_table
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import ConfigError, load_config
-from sweeps.tune import run_sweep
+from sweeps.results.best import format_table
+from sweeps.search.driver import run_sweep
 from tests.helpers import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
 
 def test_trial_workers_load_no_plotting_library():
     """A trial leaves its plot's data beside its SAE; the driver draws (see test_tracking)."""
-    code = "import sys, sweeps.trainable; print([m for m in sys.modules if 'matplotlib' in m])"
+    code = "import sys, sweeps.search.trial; print([m for m in sys.modules if 'matplotlib' in m])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -137,7 +137,7 @@ def test_a_trial_that_cannot_run_fails_once_with_its_reason(ray_session, demo_as
     sets += ["tune.num_samples=1", "tune.max_failures=3", "tune.asha=false", "tune.verbose=0"]
     result = run_sweep(load_config(DEMO_CONFIG, sets))
     (row,) = result.rows
-    assert row["status"] == "FAILED" and "CUDA is not available" in row["error"]
+    assert row.status == "FAILED" and "CUDA is not available" in row.error
     assert "CUDA is not available" in format_table(result.rows, {"val/fvu": "min"})
     _, (parent,), (kid,) = sweep_runs(result.tracking_uri, "nocuda")
     assert kid.info.status == "FAILED" and "CUDA is not available" in kid.data.tags["error"]
@@ -171,7 +171,7 @@ def test_resources_no_node_can_supply_fail_at_once(demo_assets, tmp_path):
 
 
 def test_asha_stops_on_the_objective(demo_assets):
-    from sweeps.tune import _scheduler
+    from sweeps.search.driver import _scheduler
 
     cfg = load_config(DEMO_CONFIG, [*demo_assets, "tune.objectives=[dead_frac:min]"])
     scheduler = _scheduler(cfg, max_steps=1000)
@@ -389,12 +389,12 @@ def test_multi_objective_sweep_returns_a_pareto_set(ray_session, demo_assets, tm
         ],
     )
     result = run_sweep(cfg)
-    assert "batchtopk" in {r["activation"] for r in result.rows}
+    assert "batchtopk" in {r.params.activation for r in result.rows}
     front = [(t["metrics"]["val/fvu"], t["metrics"]["val/l0"]) for t in result.best]
     assert front
     for a in front:  # no point of the front dominates another
         assert not any(b != a and b[0] <= a[0] and b[1] <= a[1] for b in front)
-    others = [(r["val/fvu"], r["val/l0"]) for r in result.rows]
+    others = [(r.metrics["val/fvu"], r.metrics["val/l0"]) for r in result.rows]
     for point in others:  # and every trial is dominated by or on the front
         assert any(f[0] <= point[0] and f[1] <= point[1] for f in front)
     client = MlflowClient(result.tracking_uri)
@@ -429,10 +429,10 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
         ],
     )
     result = run_sweep(cfg)
-    status = {r["lr"]: r for r in result.rows}
-    assert status[0.001]["status"] == "DONE"
-    assert status[1e30]["status"] == "FAILED"
-    assert "loss became" in status[1e30]["error"]
+    status = {r.params.lr: r for r in result.rows}
+    assert status[0.001].status == "DONE"
+    assert status[1e30].status == "FAILED"
+    assert "loss became" in status[1e30].error
     _, _, kids = sweep_runs(result.tracking_uri, "diverge")
     failed = [k for k in kids if k.info.status == "FAILED"]
     assert len(failed) == 1 and "loss became" in failed[0].data.tags["error"]

@@ -24,18 +24,19 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps.display import SweepDisplay
-from sweeps.mlflow_callback import MlflowTrialCallback
+from sweeps.results.plots import trial_plots
 from sweeps.schema import FREQUENCY_FILE, default_tracking_uri, pareto_front
-from sweeps.tracking import (
+from sweeps.search.console import SweepDisplay
+from sweeps.search.mlflow_callback import MlflowTrialCallback
+from sweeps.search.snapshots import set_aside_torn_snapshot
+from sweeps.tracking.records import _client_runs, finished_trial_runs
+from sweeps.tracking.runs import (
     TrackingError,
     check_tracking_uri,
     close_lost_trial_runs,
     log_sweep_summary,
     start_sweep_run,
 )
-from sweeps.trial_runs import _client_runs, finished_trial_runs
-from sweeps.tune import set_aside_torn_snapshot
 from tests.helpers import sweep_runs
 
 STEPS = 4
@@ -104,7 +105,7 @@ def run_sweep(tmp_path, uri, param_space, sweep_id="s1", **tune_kwargs):
         run_config=tune.RunConfig(
             name=sweep_id,
             storage_path=str(tmp_path / "ray"),
-            callbacks=[MlflowTrialCallback(uri, parent)],
+            callbacks=[MlflowTrialCallback(uri, parent, plots=trial_plots)],
             verbose=0,
             **tune_kwargs,
         ),
@@ -358,7 +359,7 @@ def test_trial_run_readers_match_mlflow_search(tracking_uri, tmp_path):
     assert finished_trial_runs(tracking_uri, "no-such-experiment", sweep_id, "fvu", True, 5) is None
 
     code = (
-        "import sys; from sweeps.trial_runs import finished_trial_runs as f; "
+        "import sys; from sweeps.tracking.records import finished_trial_runs as f; "
         f"runs = f({tracking_uri!r}, {exp!r}, {sweep_id!r}, 'fvu', True, 50); "
         "print(len(runs), sorted(m for m in sys.modules if m.startswith('mlflow')))"
     )
@@ -412,7 +413,7 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
     from sweeps.cli import DEMO_CONFIG
     from sweeps.config import load_config
     from sweeps.schema import leaderboard_url, trial_label
-    from sweeps.tune import run_sweep
+    from sweeps.search.driver import run_sweep
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -427,7 +428,7 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
         [result.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
     )
     names = {k.info.run_name for k in kids}
-    assert names == {trial_label(r) for r in result.rows} and len(names) == 3
+    assert names == {trial_label(r.params.as_dict()) for r in result.rows} and len(names) == 3
     for kid in kids:  # sampled values and fixed settings side by side
         assert {"lr", "k", "layer", "train.batch_size", "model.name_or_path"} <= set(
             kid.data.params
@@ -460,9 +461,9 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
     shown = [n for n in names if n in runs]
     assert len(shown) == 3, runs[:3000]
     order = sorted(shown, key=runs.index)  # best first, as the leaderboard ranks them
-    assert order[0] == trial_label(result.rows[0])
+    assert order[0] == trial_label(result.rows[0].params.as_dict())
 
     page = f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
     text = page_text(page, "mlflow_parent.png")
     assert "3 trials" in text and "best first by" in text, text[:3000]
-    assert trial_label(result.rows[0]) in text
+    assert trial_label(result.rows[0].params.as_dict()) in text

@@ -22,7 +22,7 @@ from sweeps.config import AnalyzeOptions, Config
 from sweeps.results import analysis, plots, report
 from sweeps.results.best import best_trials, trial_sae_dir
 from sweeps.schema import NUMERIC_PARAMS
-from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord, TrialRun
 from sweeps.tracking.runs import check_quotable, child_runs, find_sweep_run
 
@@ -355,7 +355,7 @@ def write_latent_table(stats, label_names, path: Path) -> Path:
 
 def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     """Run the analysis; returns the HTML report's path."""
-    client = mlflow_client(cfg.sweep.resolved_tracking_uri())
+    client = sweep_client(cfg.sweep)
     sweep = cfg.sweep
     parent = find_sweep_run(
         sweep.resolved_tracking_uri(), sweep.experiment_name(), sweep.experiment_path()

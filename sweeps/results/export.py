@@ -24,7 +24,7 @@ from sae.saelens import save_saelens
 from sweeps.config import Config
 from sweeps.results.best import best_trials
 from sweeps.schema import format_value
-from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord, TrialRun
 
 #: The run artifact that a registered model version points to: `export/layers.<L>`.
@@ -63,7 +63,7 @@ def best_run(cfg: Config) -> Run:
             f"no trial of sweep {cfg.sweep.name!r} finished with a final SAE: rerun the sweep "
             "with more trials or steps"
         )
-    return mlflow_client(cfg.sweep.resolved_tracking_uri()).get_run(done[0].run_id)
+    return sweep_client(cfg.sweep).get_run(done[0].run_id)
 
 
 def get_run(cfg: Config, run_id: str | None) -> Run:
@@ -71,7 +71,7 @@ def get_run(cfg: Config, run_id: str | None) -> Run:
     if run_id is None:
         return best_run(cfg)
     try:
-        run = mlflow_client(cfg.sweep.resolved_tracking_uri()).get_run(run_id)
+        run = sweep_client(cfg.sweep).get_run(run_id)
     except MlflowException as e:
         raise ValueError(f"MLflow run {run_id}: {e.message}") from None
     if "trial_id" not in run.data.tags or "layer" not in run.data.params:
@@ -107,7 +107,7 @@ def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
 def register_run(cfg: Config, run: Run, name: str) -> ModelVersion:
     """Log the exported SAE folder to the trial's run and register it as a version of the
     registered model `name` (created when new), tagged with its sweep, trial and metrics."""
-    client = mlflow_client(cfg.sweep.resolved_tracking_uri())
+    client = sweep_client(cfg.sweep)
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_run(cfg, run, tmp)
         path = f"{EXPORT_ARTIFACT}/{folder.name}"

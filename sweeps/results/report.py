@@ -30,7 +30,7 @@ def thumbnail(pixels_CHW: np.ndarray, size: int = THUMB_PX) -> bytes:
     return buf.getvalue()
 
 
-def _fmt(v) -> str:
+def _cell(v) -> str:
     if isinstance(v, float) and math.isnan(v):
         return "-"
     return html.escape(format_value(v))
@@ -38,7 +38,7 @@ def _fmt(v) -> str:
 
 def _table(head: list[str], rows: list[list]) -> str:
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
@@ -214,7 +214,7 @@ def write_html(
     checks, the figures, and a browser of every latent. `browser` is the JSON the page reads
     (analyze.browser_data): a row per latent, details per latent, label names."""
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in summary.items()
+        f"<tr><th>{html.escape(k)}</th><td>{_cell(v)}</td></tr>" for k, v in summary.items()
     )
     figs = "".join(
         f"<h3>{html.escape(name)}</h3>"
