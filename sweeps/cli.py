@@ -20,7 +20,7 @@ from sweeps.config import (
     load_configs,
     to_mapping,
 )
-from sweeps.schema import leaderboard_url
+from sweeps.schema import check_name, leaderboard_url
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -238,7 +238,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     run = get_run(cfg, args.run_id)
     trial = run.data.tags.get("trial_id", run.info.run_id)
-    out = args.out or Path(cfg.sweep.out_dir, "export", trial)
+    out = args.out or Path(cfg.sweep.out_dir, "export", check_name(trial, "trial_id"))
     folder = export_run(cfg, run, out)
     print(f"exported {folder} (model card: {folder / 'README.md'})")
     print(f"  here:     TopKSae.load({str(folder)!r})")

@@ -372,12 +372,17 @@ class SweepSettings:
         return uri or default_tracking_uri(self.out_dir)
 
     def validate(self) -> None:
-        _check(
-            bool(self.name) and "/" not in self.name,
-            "sweep.name",
-            "give a name without '/'",
-            self.name,
-        )
+        from sweeps.schema import check_name
+
+        # Both become paths (the Tune experiment, the SAEs) or MLflow names: identifiers only,
+        # so that no name reaches outside the sweep's own directory (`--overwrite` deletes it).
+        names = [("sweep.name", self.name)]
+        names += [("sweep.experiment", self.experiment)] if self.experiment else []
+        for where, value in names:
+            try:
+                check_name(value, where)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         _check(bool(self.out_dir), "sweep.out_dir", "give a directory")
         _check(
             not (set(self.register_as) & set("/:"))
@@ -597,10 +602,15 @@ def load_configs(
     so a command finds the same sweep from any directory; paths in overrides resolve against
     the current directory."""
     docs = _read_yaml(Path(path)) if path is not None else [{}]
+    docs = [d for d in docs if d is not None]  # empty and comment-only documents
+    if not docs:
+        raise ConfigError(
+            f"{path} holds no config (it is empty or only comments): write its sections "
+            "(model:, data:, sweep:, ...), or leave out --config for all defaults"
+        )
     base = Path(base if base is not None else Path(path).parent if path is not None else ".")
     configs = []
     for i, values in enumerate(docs):
-        values = values or {}
         if not isinstance(values, dict):
             where = f"{path} (document {i + 1})" if len(docs) > 1 else str(path)
             raise ConfigError(f"{where}: a config is a mapping of sections (model:, data:, ...)")

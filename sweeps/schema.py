@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,32 @@ FINAL_METRICS = "metrics.json"
 FREQUENCY_FILE = "firing_frequency.npy"
 
 
+#: A name that becomes a directory or an MLflow name: letters, digits, '.', '_' and '-',
+#: starting with a letter or digit (so never '.', '..', absolute or hidden).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_MAX = 100
+
+
+def check_name(value: str, where: str) -> str:
+    """`value` if it is a safe name (NAME, at most NAME_MAX characters), else a ValueError that
+    names `where` and the rule."""
+    if isinstance(value, str) and NAME.fullmatch(value) and len(value) <= NAME_MAX:
+        return value
+    shown = (
+        repr(value)
+        if len(str(value)) <= 40
+        else repr(str(value)[:40]) + f"... ({len(value)} characters)"
+    )
+    raise ValueError(
+        f"{where} {shown} is not a name: use at most {NAME_MAX} letters, digits, '.', '_' or "
+        "'-', starting with a letter or digit"
+    )
+
+
 def final_sae_dir(sae_root: str, trial_id: str, layer: int) -> str:
     """Where a trial's final SAE goes: `<sae_root>/<trial_id>/layers.<L>`, sparsify's folder
     convention, so `SparseCoder.load_many(<sae_root>/<trial_id>, local=True)` finds it."""
-    return storage.join(sae_root, trial_id, f"layers.{int(layer)}")
+    return storage.join(sae_root, check_name(trial_id, "trial_id"), f"layers.{int(layer)}")
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:

@@ -21,7 +21,7 @@ from sweeps.activations.sources import index_source
 from sweeps.config import AnalyzeOptions, Config
 from sweeps.results import analysis, plots, report
 from sweeps.results.best import best_trials, trial_sae_dir
-from sweeps.schema import NUMERIC_PARAMS
+from sweeps.schema import NUMERIC_PARAMS, check_name
 from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord, TrialRun
 from sweeps.tracking.runs import check_quotable, child_runs, find_sweep_run
@@ -369,7 +369,8 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
             f"SAE {target.sae_dir} reads d_in={sae.d_in} but the cache holds "
             f"d_model={manifest['d_model']}: analyse it with the config it was trained with"
         )
-    out = Path(opts.out or Path(cfg.sweep.out_dir) / "analysis" / target.name)
+    name = target.name if opts.out else check_name(target.name, "trial_id (or pass --out)")
+    out = Path(opts.out or Path(cfg.sweep.out_dir) / "analysis" / name)
     out.mkdir(parents=True, exist_ok=True)
 
     stats, probe = analysis.scan(

@@ -120,6 +120,16 @@ def delete_sweep(cfg: Config) -> list[str]:
     what was deleted, for the CLI to say."""
     path = cfg.sweep.experiment_path()
     uri = cfg.sweep.resolved_tracking_uri()
+    # the sweep's own directory, one level below storage_path, or nothing
+    inside = (
+        storage.is_uri(path)
+        or Path(path).resolve().parent == Path(cfg.sweep.storage_path).resolve()
+    )
+    if not inside or Path(path).name != cfg.sweep.name:
+        raise ConfigError(
+            f"--overwrite: {path} is not a sweep directory inside sweep.storage_path "
+            f"{cfg.sweep.storage_path}: nothing deleted"
+        )
     deleted = []
     if storage.exists(path):
         storage.delete_dir(path)
