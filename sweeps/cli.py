@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import yaml
 
 from sae.config import field_help
+from sweeps import signals
 from sweeps.config import (
     AnalyzeOptions,
     ConfigError,
@@ -56,6 +60,7 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     if address:
         check_ray_address(address)
         ray.init(address=address, log_to_driver=verbose, **quiet)
+        signals.catch()
         return False
     # Loopback: a local instance needs no other interface.
     ray.init(
@@ -65,6 +70,7 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
         _node_ip_address="127.0.0.1",
         **quiet,
     )
+    signals.catch()
     return True
 
 
@@ -171,6 +177,12 @@ def _register(cfg, name: str, run_id: str | None) -> None:
     )
 
 
+def _resume_hint(argv: list[str]) -> str:
+    """The command that continues an interrupted `sweep` or `resume`: the same arguments."""
+    rest = [a for a in argv[1:] if a != "--overwrite"]
+    return "resume with: " + shlex.join(["sae-sweep", "resume", *rest])
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     return _exit_code(_sweep(load_configs(args.config, _sets(args)), args, resume=False))
 
@@ -189,6 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     saved = Path(cfg.sweep.out_dir, "config.yaml")
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    args.interrupted = "resume with: " + shlex.join(["sae-sweep", "resume", "--config", str(saved)])
     (result,) = _sweep([cfg], args, resume=False)
     best = result.rows[0] if result.rows else None
     if best is None or not best.sae_dir:
@@ -343,20 +356,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # What the console says when a signal stops the command; commands may say more.
+    args.interrupted = "stopped before it finished; run the command again"
+    if args.command in ("sweep", "resume"):
+        args.interrupted = _resume_hint(argv)
     if not getattr(args, "verbose", False):
         # Tune's console output engine prints its header even when silent; the classic one,
         # at verbose=0, prints nothing. MLflow's INFO lines (creating tables) stay out too.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Ctrl-C reaches this process rather than Tune's handler, which ended the sweep as if it
+    # had finished (exit 0, parent FINISHED, a half-trained best trial).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals.catch()
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        sig = signals.received()
+        print(f"interrupted ({sig.name}): {args.interrupted}", file=sys.stderr)
+        return 128 + sig
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

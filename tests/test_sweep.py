@@ -530,3 +530,43 @@ def test_unreachable_ray_address_fails_fast(demo_assets, tmp_path, capsys):
     assert main(args) == 2
     assert "Ray cluster at 127.0.0.1:9 cannot be reached" in capsys.readouterr().err
     assert time.time() - started < 30
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_sweep_is_killed_not_finished_and_resume_goes_on(sig, demo_assets, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM mid-trial: the
+    trials and the sweep end KILLED with no best trial chosen, the console says how to resume,
+    the exit code is 128 + the signal, and `resume` finishes the sweep."""
+    out, name = tmp_path / "out", f"interrupt-{sig.name.lower()}"
+    args = overrides(
+        demo_assets, out, name, "tune.num_samples=3", "tune.max_concurrent=1", "train.epochs=30"
+    )
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+
+    def mid_trial():
+        return any(
+            k.info.status == "RUNNING" and "val/fvu" in k.data.metrics for k in _kids(uri, name)
+        )
+
+    proc = cli(["sweep", "--config", DEMO_CONFIG, *args])
+    assert _wait(proc, mid_trial, "a trial's first evaluation"), proc.communicate()[0]
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, log
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "sae-sweep resume" in lines[0] and name in lines[0], log
+    _, (parent,), kids = sweep_runs(uri, name)
+    assert parent.info.status == "KILLED"
+    assert not any(t.startswith("best.") for t in parent.data.tags), parent.data.tags
+    assert kids and not any(k.info.status == "RUNNING" for k in kids)
+    unfinished = [k for k in kids if k.info.status == "KILLED"]
+    assert unfinished and all(sig.name in k.data.tags["killed_reason"] for k in unfinished)
+
+    resumed = cli(["resume", "--config", DEMO_CONFIG, *args])
+    log, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, log
+    assert f"sweep {name}: 3 trials (0 failed)" in log
+    _, (parent,), kids = sweep_runs(uri, name)
+    assert parent.info.status == "FINISHED" and parent.data.tags["best.trial_id"]

@@ -27,7 +27,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from sae.trainer import total_steps
-from sweeps import storage
+from sweeps import signals, storage
 from sweeps.activations.extract import ExtractResult, extract
 from sweeps.config import Config, fixed_fields
 from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, is_num
@@ -205,8 +205,12 @@ def run_sweep(
     try:
         result = _run(cfg, space, parent, uri, resume, callbacks, progress, plots)
     except BaseException as e:
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        tracking.finish_sweep_run(uri, parent, status, error=f"{type(e).__name__}: {e}")
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: `resume` goes on from here
+            reason = f"interrupted by {signals.received().name}"
+            tracking.close_open_trial_runs(uri, parent, reason)
+            tracking.finish_sweep_run(uri, parent, "KILLED", error=reason)
+        else:
+            tracking.finish_sweep_run(uri, parent, "FAILED", error=f"{type(e).__name__}: {e}")
         raise
     n_err = sum(r.status == "FAILED" for r in result.rows)
     tracking.finish_sweep_run(uri, parent, "FAILED" if n_err else "FINISHED")

@@ -143,8 +143,9 @@ class MlflowTrialCallback(LocalState, tune.Callback):
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
-            if "error" in found[0].data.tags:  # resumed after an error: error.txt keeps it
-                client.delete_tag(run_id, "error")
+            for tag in ("error", "killed_reason"):  # resumed after either: error.txt keeps one
+                if tag in found[0].data.tags:
+                    client.delete_tag(run_id, tag)
             self._logged[trial_id] = {
                 key: max(m.step for m in client.get_metric_history(run_id, key))
                 for key in found[0].data.metrics

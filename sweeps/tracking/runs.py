@@ -207,6 +207,17 @@ def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iter
     return len(lost)
 
 
+def close_open_trial_runs(tracking_uri: str, parent_run_id: str, reason: str) -> int:
+    """Mark KILLED, with `reason` as their killed_reason tag, the trial runs still RUNNING
+    when the driver stops (interrupted); returns how many."""
+    client = mlflow_client(tracking_uri)
+    running = child_runs(client, client.get_run(parent_run_id), "status = 'RUNNING'")
+    for run in running:
+        client.set_tag(run.info.run_id, "killed_reason", reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(running)
+
+
 def log_sweep_summary(
     tracking_uri: str,
     parent_run_id: str,
