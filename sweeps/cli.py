@@ -105,7 +105,22 @@ def describe_extract(result) -> str:
 
 
 def _sweep(configs, args, resume: bool) -> list:
-    """Check, then run or resume each config's sweep, printing its summary; the results."""
+    """Lock, check, then run or resume each config's sweep, printing its summary; the
+    results."""
+    from sweeps.search.preflight import SweepLock
+
+    overwrite = args.command == "demo" or getattr(args, "overwrite", False)
+    locks = []
+    try:
+        for cfg in configs:  # one driver per name, from the name check to the end of the run
+            locks.append(SweepLock(cfg))
+        return _run_sweeps(configs, args, resume, overwrite)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_sweeps(configs, args, resume: bool, overwrite: bool) -> list:
     from tqdm import tqdm
 
     from sweeps.results.best import format_table
@@ -114,7 +129,6 @@ def _sweep(configs, args, resume: bool) -> list:
     from sweeps.search.driver import run_sweep
     from sweeps.search.preflight import check_resources, check_sweep, delete_sweep
 
-    overwrite = args.command == "demo" or getattr(args, "overwrite", False)
     for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run
         check_sweep(cfg, resume=resume, overwrite=overwrite)
     if overwrite:

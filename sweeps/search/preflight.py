@@ -5,7 +5,10 @@ trial fits on any node the cluster has or can launch."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
+import socket
+import time
 from pathlib import Path
 
 import ray
@@ -17,6 +20,38 @@ from sweeps.tracking import runs as tracking
 
 #: Config fields a resume may change: they only shape what the driver prints.
 RESUMABLE_FIELDS = ("tune.show_top", "tune.verbose", "tune.checkpoint_interval_s")
+
+
+class SweepLock:
+    """One driver per sweep name: an exclusive flock on `.<name>.lock` beside the sweep's
+    directory (in sweep.storage_path, or sweep.out_dir when that is a URI), held from the name
+    check to the end of the run. The file names its holder, for the one who is refused."""
+
+    def __init__(self, cfg: Config):
+        root = (
+            cfg.sweep.out_dir if storage.is_uri(cfg.sweep.storage_path) else cfg.sweep.storage_path
+        )
+        Path(root).mkdir(parents=True, exist_ok=True)
+        self.path = Path(root, f".{cfg.sweep.name}.lock")
+        self._file = open(self.path, "a+")  # never truncated before the lock is ours
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ConfigError(
+                f"sweep.name: sweep {cfg.sweep.name!r} is running ({holder}; lock "
+                f"{self.path}): wait for it to end, or use another sweep.name"
+            ) from None
+        self._file.truncate(0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {since}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing drops the flock; the file stays for the next holder
 
 
 def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
