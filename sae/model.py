@@ -26,6 +26,9 @@ threshold (SAELens's topk_threshold_lr)."""
 #: sparsify cfg.json keys for models this class cannot run: loading them would ignore weights.
 UNSUPPORTED = {"transcode": "a transcoder", "skip_connection": "a skip connection"}
 
+#: cfg.json keys a checkpoint must hold (besides its width, num_latents or expansion_factor).
+REQUIRED = ("d_in", "k", "activation")
+
 
 class ForwardOutput(NamedTuple):
     sae_out: Tensor
@@ -202,7 +205,20 @@ class TopKSae(nn.Module):
         for path in (cfg_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: not an SAE checkpoint directory")
-        raw = json.loads(cfg_path.read_text())
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}): not an SAE checkpoint") from None
+        # Every field that changes what the SAE computes must be there: a default in its
+        # place would load another SAE than the one saved.
+        missing = [key for key in REQUIRED if key not in raw]
+        if not raw.get("num_latents") and not raw.get("expansion_factor"):
+            missing.append("num_latents")
+        if missing:
+            raise ValueError(
+                f"{cfg_path} lacks {', '.join(missing)}, which the SAE's function depends on: "
+                "not a complete checkpoint (save it with TopKSae.save or sparsify)"
+            )
         d_in = raw.pop("d_in")
         for key, what in UNSUPPORTED.items():
             if raw.get(key):
@@ -211,8 +227,25 @@ class TopKSae(nn.Module):
                     "load it with sparsify.SparseCoder.load_from_disk"
                 )
         known = {f.name for f in dataclasses.fields(SaeConfig)}
-        cfg = from_dict(SaeConfig, {k: v for k, v in raw.items() if k in known})
-        tensors = load_file(str(weights_path), device=str(device))
-        sae = cls(d_in, cfg, device=device, dtype=tensors["W_dec"].dtype)
+        try:
+            cfg = from_dict(SaeConfig, {k: v for k, v in raw.items() if k in known})
+            cfg.validate(d_in)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
+        try:
+            tensors = load_file(str(weights_path), device=str(device))
+        except Exception as e:  # safetensors' own error type: a damaged or foreign file
+            raise ValueError(f"{weights_path} cannot be read ({e}): a damaged file?") from None
+        sae = cls(d_in, cfg, device=device, dtype=tensors.get("W_dec", torch.empty(0)).dtype)
+        expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if found != expected:
+            wrong = sorted(
+                k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k)
+            )
+            detail = ", ".join(
+                f"{k} {found.get(k, 'missing')} (want {expected.get(k, 'none')})" for k in wrong
+            )
+            raise ValueError(f"{weights_path} does not match {cfg_path}: {detail}")
         sae.load_state_dict(tensors)
         return sae

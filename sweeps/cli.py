@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import shlex
 import signal
@@ -72,6 +73,34 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     )
     signals.catch()
     return True
+
+
+#: What to do about an OS error, by errno.
+OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space or point sweep.out_dir elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space or point sweep.out_dir elsewhere",
+    errno.EACCES: "no permission: choose a directory you may write to",
+    errno.EPERM: "no permission: choose a directory you may write to",
+    errno.EROFS: "the file system is read-only: choose a writable directory",
+    errno.ENOTDIR: "a file stands where a directory is needed: fix the path",
+    errno.EISDIR: "a directory stands where a file is needed: fix the path",
+    errno.ELOOP: "a symbolic link loops: fix the link or the path",
+    errno.ENAMETOOLONG: "the path is too long: shorten it",
+}
+
+
+def describe_error(e: Exception) -> str:
+    """One line on what went wrong and, where known, what to do."""
+    if isinstance(e, OSError) and e.errno in OS_ADVICE:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        return f"{e.strerror}{': ' + where if where else ''} ({OS_ADVICE[e.errno]})"
+    text = " ".join(str(getattr(e, "message", None) or e).split())  # MlflowException's own
+    kind = (
+        "" if isinstance(e, (FileNotFoundError, ConnectionError, ValueError)) else type(e).__name__
+    )
+    return (
+        f"{kind + ': ' if kind else ''}{text[:500]} (--debug shows the traceback)" if kind else text
+    )
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -314,6 +343,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show Ray's logs and Tune's status tables instead of the progress bar",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error, not one line"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ConnectionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # a user's mistake or the environment's fault: one line, no traceback
+        if args.debug:
+            raise
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
     finally:
         if threading.current_thread() is threading.main_thread():

@@ -7,6 +7,7 @@ section.field=value` overrides take YAML values. Adding a section is adding a fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -413,6 +414,13 @@ class Config:
 
     def validate(self) -> None:
         _check_placeholders(self)
+        _check_numbers(self)
+        for name, path in (
+            ("extract.cache_dir", self.extract.cache_dir),
+            ("sweep.out_dir", self.sweep.out_dir),
+            ("sweep.storage_path", self.sweep.storage_path),
+        ):
+            _check_directory(path, name)
         for section in dataclasses.fields(self):
             try:
                 getattr(self, section.name).validate()
@@ -481,6 +489,36 @@ class AnalyzeOptions:
 
 class ConfigError(ValueError):
     pass
+
+
+#: Seeds reach numpy's and Optuna's generators, which take 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every number of every section is finite and fits what consumes it: 64-bit integers,
+    seeds in numpy's range. (inf epochs or a seed of 2**64 once failed after Ray started.)"""
+    for section in dataclasses.fields(cfg):
+        body = getattr(cfg, section.name)
+        for f in dataclasses.fields(body):
+            v, where = getattr(body, f.name), f"{section.name}.{f.name}"
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            _check(math.isfinite(v), where, "use a finite number", v)
+            _check(abs(v) < 2**63, where, "use a number below 2**63", v)
+            if f.name == "seed":
+                _check(0 <= v <= SEED_MAX, where, f"use a seed in 0..{SEED_MAX}", v)
+
+
+def _check_directory(path: str, name: str) -> None:
+    """A local directory field may not exist yet, but where it does (or any folder above it
+    does), that is a directory, not a file."""
+    if not path or "://" in path:
+        return
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    _check(p.is_dir(), name, f"{p} is a file, not a directory: give a directory", path)
 
 
 def _check(ok: bool, name: str, fix: str, value=dataclasses.MISSING) -> None:
@@ -581,7 +619,7 @@ def _read_yaml(path: Path) -> list:
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        return list(yaml.safe_load_all(text))
+        docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -590,6 +628,33 @@ def _read_yaml(path: Path) -> list:
         hint = " (indent with spaces: YAML forbids tabs)" if "'\\t'" in problem else ""
         detail = f"{context}, {problem}" if context else problem
         raise ConfigError(f"{where}: invalid YAML: {detail}{hint}") from None
+    if _too_big(docs, MAX_VALUES):
+        raise ConfigError(
+            f"{path}: expands to more than {MAX_VALUES} values (nested YAML aliases?): a config "
+            "is a few sections of fields"
+        )
+    return docs
+
+
+#: More values than any config holds: a few aliases nested 9 deep expand to billions.
+MAX_VALUES = 100_000
+
+
+def _too_big(value, limit: int) -> bool:
+    """Whether `value` holds more than `limit` values once its aliases are expanded; stops
+    counting there, so an alias bomb costs at most `limit` steps."""
+    stack, seen = [value], 0
+    while stack:
+        v = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def load_configs(

@@ -82,3 +82,41 @@ def test_batchtopk_checkpoint_holds_its_threshold(tmp_path):
     assert loaded.threshold.item() == 0.25
     x = torch.randn(8, 16)
     assert torch.equal(sae(x).sae_out, loaded(x).sae_out)
+
+
+@pytest.mark.parametrize("key", ["k", "d_in", "activation", "width"])
+def test_a_cfg_json_without_a_field_the_sae_depends_on_is_refused(tmp_path, key):
+    """A cfg.json without k once loaded silently with k=32: another SAE than the one saved."""
+    _trained_like_sae().save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    for dropped in ("num_latents", "expansion_factor") if key == "width" else (key,):
+        cfg.pop(dropped)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    want = "num_latents" if key == "width" else key
+    with pytest.raises(ValueError, match=f"cfg.json lacks {want}"):
+        TopKSae.load(tmp_path)
+
+
+def test_weights_that_do_not_match_cfg_json_are_refused_with_the_tensor(tmp_path):
+    _trained_like_sae().save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "num_latents": 32}))
+    with pytest.raises(ValueError, match=r"does not match .*W_dec \(64, 16\) \(want \(32, 16\)\)"):
+        TopKSae.load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "cfg not json", "k above width"])
+def test_a_damaged_checkpoint_is_a_clear_error_naming_the_file(tmp_path, damage):
+    _trained_like_sae().save(tmp_path)
+    weights, cfg_path = tmp_path / "sae.safetensors", tmp_path / "cfg.json"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+        culprit = weights
+    elif damage == "cfg not json":
+        cfg_path.write_text("{k: 5")
+        culprit = cfg_path
+    else:
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "k": 1000}))
+        culprit = cfg_path
+    with pytest.raises(ValueError, match=str(culprit)):
+        TopKSae.load(tmp_path)

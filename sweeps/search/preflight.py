@@ -77,6 +77,7 @@ def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> N
             f"search.layer includes {missing}, which extract.layers {cfg.extract.layers} does not "
             "cache: add them to extract.layers"
         )
+    _check_model_dir(cfg.model.name_or_path)
     try:
         vision = CLIPVisionConfig.from_pretrained(
             cfg.model.name_or_path, revision=cfg.model.revision
@@ -104,6 +105,32 @@ def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> N
     except tracking.TrackingError as e:
         raise ConfigError(f"sweep.tracking_uri: {e}") from None
     _check_sweep_records(cfg, resume, overwrite)
+
+
+#: What a local checkpoint directory must hold: its config and its weights (one file or shards).
+MODEL_FILES = ("config.json",)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _check_model_dir(name_or_path: str) -> None:
+    # transformers reads an empty directory's config as the defaults (12 layers of 768) and
+    # fails only when the weights load, after Ray started.
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return
+    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES))
+    if missing:
+        raise ConfigError(
+            f"model.name_or_path: {path} holds no {', '.join(missing)}: point it at a saved "
+            "CLIPModel or CLIPVisionModel (save_pretrained), or a hub id"
+        )
 
 
 def _check_data(cfg: Config) -> None:

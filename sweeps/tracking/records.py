@@ -128,7 +128,7 @@ def _client_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[Tria
 
 def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
     query = urllib.parse.urlencode({"experiment_name": experiment})
-    found = _call(uri, f"experiments/get-by-name?{query}")
+    found = rest_call(uri, f"experiments/get-by-name?{query}")
     if found is None or found["experiment"].get("lifecycle_stage") == "deleted":
         return None
     exp = found["experiment"]
@@ -140,7 +140,7 @@ def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialR
             "order_by": [order_by],
             "max_results": max_results,
         }
-        return _call(uri, "runs/search", body).get("runs", [])
+        return rest_call(uri, "runs/search", body).get("runs", [])
 
     parents = search(f"tags.sweep_id = '{sweep_id}'", "attributes.start_time ASC", 1)
     if not parents:
@@ -162,7 +162,9 @@ def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialR
     ]
 
 
-def _call(uri: str, endpoint: str, body: dict | None = None) -> dict | None:
+def rest_call(
+    uri: str, endpoint: str, body: dict | None = None, timeout_s: float = 30
+) -> dict | None:
     """One request to the tracking server's REST API, with MLflow's credentials from the
     environment where they are set; None when what it asks for does not exist."""
     request = urllib.request.Request(
@@ -180,7 +182,7 @@ def _call(uri: str, endpoint: str, body: dict | None = None) -> dict | None:
         basic = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {basic}")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.load(response)
     except urllib.error.HTTPError as e:
         text = e.read().decode(errors="replace")

@@ -12,8 +12,6 @@ import logging
 import math
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from sweeps.schema import (
     trial_label,
 )
 from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.records import rest_call
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +56,39 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
     """
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
+        # MLflow's REST API itself, not any answer: another server on the port once passed.
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
-        except urllib.error.HTTPError:
-            pass  # it answered: reachable; auth or routing problems surface with a clearer error
-        except (OSError, ValueError) as e:
+            answer = rest_call(uri, "experiments/search", {"max_results": 1}, timeout_s)
+        except ConnectionError as e:
+            if "not reachable" not in str(e):
+                raise TrackingError(
+                    f"{e}. It is not an MLflow tracking server, or its credentials are missing "
+                    "(MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN): fix the URI "
+                    "or the credentials"
+                ) from None
             raise TrackingError(
-                f"MLflow tracking server {uri} is not reachable ({e}). Start it (for example "
-                "`mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri "
-                "sqlite:///mlflow.db` on the head node), fix the URI, or use a local store "
-                "such as sqlite:///<out_dir>/mlflow.db."
+                f"{e}. Start it (for example `mlflow server --host 127.0.0.1 --port 5000 "
+                "--backend-store-uri sqlite:///mlflow.db` on the head node, reached through "
+                "an SSH tunnel), fix the URI, or use a local store such as "
+                "sqlite:///<out_dir>/mlflow.db."
             ) from None
+        except ValueError:  # not JSON
+            answer = None
+        if not isinstance(answer, dict):
+            raise TrackingError(
+                f"{uri} answered MLflow's API with something other than MLflow's JSON: it is "
+                "not an MLflow tracking server; fix sweep.tracking_uri"
+            )
     elif scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
         if path == uri or path in ("", ":memory:"):
             raise TrackingError(
                 f"SQLite tracking URI {uri} names no database file: use sqlite:///<path>/mlflow.db"
+            )
+        if Path(path).is_dir():
+            raise TrackingError(
+                f"SQLite tracking URI {uri} names a directory, not a database file: use "
+                f"sqlite:///{Path(path) / 'mlflow.db'}"
             )
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
