@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({sig.name}): {args.interrupted}", file=sys.stderr)
         return 128 + sig
     except ConfigError as e:
+        if args.debug:
+            raise
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a user's mistake or the environment's fault: one line, no traceback

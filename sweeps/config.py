@@ -565,15 +565,20 @@ def to_mapping(cfg: Config) -> dict:
     return values | {name: fixed_fields(cfg, name) for name in SEARCHED}
 
 
+def _check_sections(values: dict, where: str = "") -> None:
+    unknown = sorted(set(values) - set(_sections()))
+    if unknown:
+        raise ConfigError(
+            f"{where + ': ' if where else ''}unknown config section(s): {', '.join(unknown)}; "
+            f"valid: {', '.join(_sections())}"
+        )
+
+
 def from_mapping(values: dict) -> Config:
     """Build and validate a Config; unknown sections and fields are errors that list the valid
     ones."""
     sections = _sections()
-    unknown = sorted(set(values) - set(sections))
-    if unknown:
-        raise ConfigError(
-            f"unknown config section(s): {', '.join(unknown)}; valid: {', '.join(sections)}"
-        )
+    _check_sections(values)
     built = {}
     for name, cls in sections.items():
         body = values.get(name) or {}
@@ -658,14 +663,17 @@ def _too_big(value, limit: int) -> bool:
 
 
 def load_configs(
-    path: str | Path | None, overrides: list[str] = (), base: str | Path | None = None
+    path: str | Path | None,
+    overrides: list[str] = (),
+    base: str | Path | None = None,
+    one: bool = False,
 ) -> list[Config]:
     """Every YAML document of a file as a validated Config (None: one all-defaults config).
 
     A file may hold several sweeps separated by `---` (seed-models.yaml does); overrides apply
     to each. Relative paths in the file resolve against `base`, by default the file's directory,
     so a command finds the same sweep from any directory; paths in overrides resolve against
-    the current directory."""
+    the current directory. one: the file must hold exactly one document."""
     docs = _read_yaml(Path(path)) if path is not None else [{}]
     docs = [d for d in docs if d is not None]  # empty and comment-only documents
     if not docs:
@@ -675,10 +683,13 @@ def load_configs(
         )
     base = Path(base if base is not None else Path(path).parent if path is not None else ".")
     configs = []
+    if one and len(docs) != 1:
+        raise ConfigError(f"{path} holds {len(docs)} configs; this command takes one")
     for i, values in enumerate(docs):
+        where = f"{path} (document {i + 1})" if len(docs) > 1 else str(path)
         if not isinstance(values, dict):
-            where = f"{path} (document {i + 1})" if len(docs) > 1 else str(path)
             raise ConfigError(f"{where}: a config is a mapping of sections (model:, data:, ...)")
+        _check_sections(values, where)
         _resolve_paths(values, base.resolve())
         configs.append(from_mapping(apply_overrides(values, list(overrides))))
     return configs
@@ -711,10 +722,8 @@ def load_config(
     path: str | Path | None, overrides: list[str] = (), base: str | Path | None = None
 ) -> Config:
     """Read a one-document YAML config (None: all defaults), apply overrides, validate."""
-    configs = load_configs(path, overrides, base)
-    if len(configs) != 1:
-        raise ConfigError(f"{path} holds {len(configs)} configs; this command takes one")
-    return configs[0]
+    (config,) = load_configs(path, overrides, base, one=True)
+    return config
 
 
 def config_help() -> str:

@@ -1,0 +1,209 @@
+"""A corpus of bad inputs and faults, run through the CLI as a user meets them: each one ends
+in one line that names the field or file and what to do, exit code 2, no traceback, and
+before Ray starts (many once failed 20-40 s later, after Ray started, with a traceback)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from sae import SaeConfig, TopKSae
+from sweeps import cli
+from sweeps.cli import DEMO_CONFIG, main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, demo_assets):
+    """Files the bad inputs point at: a file, an empty model directory, a model directory
+    without weights, damaged checkpoints, config files."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "afile").write_text("not a directory")
+    (root / "empty-model").mkdir()
+    (root / "config-only-model").mkdir()
+    (root / "config-only-model" / "config.json").write_text("{}")
+    TopKSae(32, SaeConfig(expansion_factor=2, k=4)).save(root / "sae")
+    for name, edit in {
+        "no-k": lambda c: c.pop("k"),
+        "no-d_in": lambda c: c.pop("d_in"),
+        "wide": lambda c: c.update(num_latents=16),
+    }.items():
+        TopKSae(32, SaeConfig(expansion_factor=2, k=4)).save(root / name)
+        cfg = json.loads((root / name / "cfg.json").read_text())
+        edit(cfg)
+        (root / name / "cfg.json").write_text(json.dumps(cfg))
+    files = {
+        "empty.yaml": "",
+        "comments.yaml": "# nothing but a comment\n",
+        "list.yaml": "- model\n- data\n",
+        "syntax.yaml": "model: {name_or_path: x\n",
+        "tabs.yaml": "model:\n\tname_or_path: x\n",
+        "unknown-section.yaml": "modle:\n  name_or_path: x\n",
+        "bomb.yaml": _alias_bomb(),
+        "two-docs.yaml": "sweep: {name: a}\n---\nsweep: {name: b}\n",
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+    sets = [f"--set={s}" for s in [*demo_assets, f"sweep.out_dir={root / 'out'}"]]
+    # analyze reads the activation cache before the SAE: build it (in-process, no Ray)
+    assert main(["extract", "--config", DEMO_CONFIG, *sets]) == 0
+    return root, sets
+
+
+def _alias_bomb() -> str:
+    """427 bytes that expand to 9**9 values: once 69 s and 2.6 GB before failing."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(8):
+        prev, me = chr(97 + i), chr(98 + i)
+        lines.append(f"{me}: &{me} [{', '.join(['*' + prev] * 9)}]")
+    return "bombs:\n" + "\n".join("  " + line for line in lines) + "\nsearch:\n  k: *i\n"
+
+
+class _NotMlflow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(404)
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def not_mlflow():
+    """Another HTTP server on the port (its 404 once passed for a tracking server)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+# (id, command line after the command's --config/--set, what the one line must say)
+SET_CASES = [
+    ("inf epochs", ["train.epochs=.inf"], "train.epochs (got inf): use a finite number"),
+    ("nan lr", ["search.lr=.nan"], "search.lr"),
+    ("negative tune seed", ["tune.seed=-1"], "tune.seed (got -1): use a seed in 0..4294967295"),
+    ("huge train seed", ["train.seed=18446744073709551616"], "train.seed"),
+    ("huge data seed", ["data.seed=4294967296"], "data.seed"),
+    ("negative data limit", ["data.limit=-5"], "data.limit"),
+    ("zero fraction", ["data.fraction=0"], "data.fraction"),
+    ("huge batch", ["train.batch_size=1e30"], "train.batch_size"),
+    ("zero samples", ["tune.num_samples=0"], "tune.num_samples"),
+    ("zero eval_every", ["train.eval_every=0"], "eval_every must be > 0"),
+    ("negative warmup", ["train.lr_warmup_steps=-1"], "lr_warmup_steps"),
+    ("unknown schedule", ["train.lr_schedule=exp"], "train.lr_schedule"),
+    ("no validation", ["train.val_fraction=0"], "train.val_fraction"),
+    ("all validation", ["train.val_fraction=1"], "val_fraction"),
+    ("cuda without gpus", ["train.device=cuda"], "tune.gpus_per_trial"),
+    ("cache_dir is a file", ["extract.cache_dir={root}/afile"], "is a file, not a directory"),
+    ("out_dir is a file", ["sweep.out_dir={root}/afile"], "sweep.out_dir"),
+    ("out_dir under a file", ["sweep.out_dir={root}/afile/x"], "is a file, not a directory"),
+    ("storage is a file", ["sweep.storage_path={root}/afile"], "sweep.storage_path"),
+    ("empty model dir", ["model.name_or_path={root}/empty-model"], "holds no config.json"),
+    ("model without weights", ["model.name_or_path={root}/config-only-model"], "holds no"),
+    ("missing data path", ["data.path={root}/nothing-here"], "data.path"),
+    ("sqlite is a directory", ["sweep.tracking_uri=sqlite:///{root}"], "names a directory"),
+    ("sqlite without a file", ["sweep.tracking_uri=sqlite://"], "sweep.tracking_uri"),
+    ("unreachable server", ["sweep.tracking_uri=http://127.0.0.1:9"], "is not reachable"),
+    ("not an mlflow server", ["sweep.tracking_uri={not_mlflow}"], "not an MLflow tracking"),
+    ("unknown field", ["train.nope=1"], "unknown train field(s): nope"),
+    ("unknown section", ["nope.x=1"], "nope"),
+    ("wrong type", ["tune.num_samples=eight"], "expected an integer"),
+    ("searched in sae", ["sae.k=3"], "sae.k is chosen per trial"),
+    ("k above width", ["search.k=[8, 1000]", "search.expansion_factor=2"], "search.k reaches"),
+    ("layer not cached", ["search.layer=[2, 7]"], "does not cache"),
+    ("layer not in model", ["search.layer=[9]", "extract.layers=[9]"], "has layers 0..3"),
+    ("empty range", ["search.lr={{low: 0.1, high: 0.01}}"], "search.lr: empty range"),
+    ("bad activation", ["search.activation=relu"], "search.activation"),
+    ("bad objective", ["tune.objectives=[val/fvu:max]"], "tune.objectives"),
+    ("asha with pareto", ["tune.objectives=[val/fvu:min, val/l0:min]"], "tune.asha"),
+    ("placeholder", ["sweep.storage_path=s3://REPLACE_ME-bucket/x"], "REPLACE_ME"),
+    ("bad register name", ["sweep.register_as=a/b"], "sweep.register_as"),
+]
+
+FILE_CASES = [
+    ("empty file", "empty.yaml", "holds no config"),
+    ("comment-only file", "comments.yaml", "holds no config"),
+    ("a list, not a mapping", "list.yaml", "a config is a mapping of sections"),
+    ("YAML syntax error", "syntax.yaml", "invalid YAML"),
+    ("tabs", "tabs.yaml", "YAML forbids tabs"),
+    ("unknown section in a file", "unknown-section.yaml", "unknown config section(s): modle"),
+    ("alias bomb", "bomb.yaml", "expands to more than 100000 values"),
+    ("missing file", "no-such.yaml", "cannot read config file"),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Every error here comes before Ray starts: reaching it fails the test."""
+
+    def start(*args, **kwargs):
+        pytest.fail("Ray was started: the error came too late")
+
+    monkeypatch.setattr(cli, "init_ray", start)
+
+
+def _one_line_error(argv, capsys, want: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert want in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", ["sweep", "resume"])
+@pytest.mark.parametrize("case", SET_CASES, ids=[c[0] for c in SET_CASES])
+def test_a_bad_value_is_one_line_before_ray(case, command, world, not_mlflow, capsys):
+    root, sets = world
+    _, values, want = case
+    extra = [f"--set={v.format(root=root, not_mlflow=not_mlflow)}" for v in values]
+    _one_line_error([command, "--config", DEMO_CONFIG, *sets, *extra], capsys, want)
+
+
+@pytest.mark.parametrize("command", ["sweep", "extract", "best"])
+@pytest.mark.parametrize("case", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_a_bad_config_file_is_one_line(case, command, world, capsys):
+    root, _ = world
+    _, name, want = case
+    err = _one_line_error([command, "--config", str(root / name)], capsys, want)
+    assert str(root / name) in err
+
+
+def test_a_file_of_several_sweeps_is_refused_by_one_sweep_commands(world, capsys):
+    root, _ = world
+    _one_line_error(["export", "--config", str(root / "two-docs.yaml")], capsys, "holds 2 configs")
+
+
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        ("no-k", "cfg.json lacks k"),
+        ("no-d_in", "cfg.json lacks d_in"),
+        ("wide", "does not match"),
+        ("missing", "cfg.json is missing"),
+    ],
+)
+def test_a_bad_checkpoint_for_analyze_is_one_line_naming_the_file(name, want, world, capsys):
+    root, sets = world
+    argv = ["analyze", "--config", DEMO_CONFIG, *sets, "--checkpoint", str(root / name)]
+    argv += ["--layer", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert want in err and str(root / name) in err and err.count("\n") == 1, err
+
+
+def test_an_unknown_run_id_for_export_is_one_line(world, capsys):
+    root, sets = world
+    assert main(["export", "--config", DEMO_CONFIG, *sets, "--run-id", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_debug_shows_the_traceback_the_one_line_hides(world):
+    root, sets = world
+    with pytest.raises(Exception, match="holds no config"):
+        main(["sweep", "--config", str(Path(root) / "empty.yaml"), "--debug"])
