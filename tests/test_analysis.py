@@ -453,3 +453,68 @@ def test_report_opens_searches_and_sorts_in_headless_chromium(analyzed, tmp_path
     )  # fmt: skip
     colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is None or len(colors) > 50  # a rendered page, not a blank one
+
+
+HOSTILE = ["<!--<script>", "</script><b>x", "a & b", "=1+2", "+cmd", "-2", "@SUM(A1)", "plain"]
+
+
+def test_hostile_label_names_neither_break_the_report_nor_become_formulas(tmp_path):
+    """A class named `<!--<script>` once blanked the HTML report; `=1+2` was a formula in
+    latents.csv. The page's JSON holds no markup characters and reads back whole; CSV cells
+    that a spreadsheet would evaluate are quoted."""
+    import csv
+    import html.parser
+    import json
+    from types import SimpleNamespace
+
+    from sweeps.results import analyze, report
+    from sweeps.results.analysis import HIST_EDGES
+
+    m, c = 4, len(HOSTILE)
+    counts = np.zeros((c, m), np.int64)
+    counts[np.arange(m), np.arange(m)] = 5  # latent m's top label is HOSTILE[m]
+    counts[4:, :] = 0
+    stats = SimpleNamespace(
+        class_count_CM=counts,
+        frequency_M=np.full(m, 0.1),
+        image_frequency_M=np.full(m, 0.1),
+        max_act_M=np.ones(m),
+        mean_act_M=np.ones(m),
+        act_hist_MH=np.zeros((m, len(HIST_EDGES)), np.int64),
+        top_row_MN=np.full((m, 2), -1),
+        top_act_MN=np.zeros((m, 2)),
+        top_label_MN=np.full((m, 2), -1),
+    )
+    browser = analyze.browser_data(stats, [0], HOSTILE, "cls", "max_act")
+    page = report.write_html(tmp_path / "report.html", "<t>", {}, {}, {}, browser)
+
+    class Scripts(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.found, self._in = {}, None
+
+        def handle_starttag(self, tag, attrs):
+            self._in = dict(attrs).get("id", "?") if tag == "script" else None
+
+        def handle_data(self, data):
+            if self._in:
+                self.found[self._in] = self.found.get(self._in, "") + data
+
+        def handle_endtag(self, tag):
+            self._in = None
+
+    parser = Scripts()
+    text = page.read_text()
+    parser.feed(text)
+    assert json.loads(parser.found["data"])["labels"] == HOSTILE
+    data = text[text.index('id="data">') : text.index("</script>", text.index('id="data">'))]
+    assert not set("<>&") & set(data.removeprefix('id="data">'))
+    assert text.count("<script") == 2 and text.rstrip().endswith("</html>")
+
+    rows = list(
+        csv.DictReader(open(analyze.write_latent_table(stats, HOSTILE, tmp_path / "l.csv")))
+    )
+    assert [r["top_label"] for r in rows] == ["<!--<script>", "</script><b>x", "a & b", "'=1+2"]
+    assert analyze.spreadsheet_safe("+cmd") == "'+cmd" and analyze.spreadsheet_safe("-2") == "'-2"
+    assert analyze.spreadsheet_safe("@SUM(A1)") == "'@SUM(A1)"
+    assert analyze.spreadsheet_safe("plain") == "plain"

@@ -333,6 +333,12 @@ def browser_data(stats, latents, label_names, token_mode: str, criterion: str) -
     }
 
 
+def spreadsheet_safe(text: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: one that begins with =, +, -, @, a tab or
+    a carriage return would be a formula, so it gets a leading quote (OWASP's advice)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def write_latent_table(stats, label_names, path: Path) -> Path:
     """latents.csv: the browser's table, one row per latent."""
     columns = {
@@ -348,6 +354,7 @@ def write_latent_table(stats, label_names, path: Path) -> Path:
         writer.writerow(["latent", *columns, "top_label", "top_label_share"])
         for m, top in enumerate(top_M):
             label = "" if top < 0 else names[top] if top < len(names) else str(top)
+            label = spreadsheet_safe(label)
             share = "" if top < 0 else f"{share_M[m]:.6g}"
             writer.writerow([m, *(f"{c[m]:.6g}" for c in columns.values()), label, share])
     return path

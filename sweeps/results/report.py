@@ -234,7 +234,10 @@ def write_html(
             ("share", "that label's share of the labelled images it fires on"),
         )
     )
-    data = json.dumps(browser, separators=(",", ":")).replace("</", "<\\/")
+    # No <, > or & in the page's JSON at all: a label such as "<!--<script>" once put the
+    # parser in a state where the closing tag did not close, blanking the report.
+    data = json.dumps(browser, separators=(",", ":"))
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     page = (
         f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
         f"<style>{CSS}</style></head><body><main>"
