@@ -57,6 +57,31 @@ def test_layer_file_is_written_once_and_refuses_unknown_layers(tmp_path):
         cache.layer_file(cache_dir, 5, root=tmp_path / "arrays")
 
 
+def test_layer_files_live_in_a_private_directory_never_another_users(tmp_path, monkeypatch):
+    """The default was a shared /tmp folder reused as found: anyone on the machine could plant
+    the activations trials read."""
+    import os
+
+    cache_dir = make_cache(tmp_path / "cache", 1)
+    monkeypatch.delenv(cache.ARRAY_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = cache.layer_file(cache_dir, 2)
+    assert path.parent.parent == tmp_path / "xdg" / "clip-sae-arrays"
+    for directory in (path.parent, path.parent.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700
+    if os.getuid() == 0:  # as CI runs: root can make a directory of another user
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 4242, 4242)
+        with pytest.raises(PermissionError, match="belongs to another user"):
+            cache.layer_file(cache_dir, 2, root=theirs)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="writable by others"):
+        cache.layer_file(cache_dir, 2, root=shared)
+
+
 def _peak_rise_kb(read) -> int:
     """How far this process's peak resident memory rose above its current size during read()."""
 

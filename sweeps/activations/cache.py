@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -267,7 +266,27 @@ def iter_layer(
 
 
 ARRAY_DIR_ENV = "SAE_ARRAY_DIR"
-"""Where each node keeps its uncompressed layer files (default: <tmp>/clip-sae-arrays)."""
+"""Where each node keeps its uncompressed layer files (default: $XDG_CACHE_HOME, else
+~/.cache, /clip-sae-arrays)."""
+
+
+def private_dir(path: Path) -> Path:
+    """`path` created 0700, and refused when it belongs to another user or others may write to
+    it: trials map its files as activations, so whoever can write there chooses the data (the
+    old default, a shared /tmp folder reused as found, let any local user do so)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} belongs to another user (uid {st.st_uid}): set {ARRAY_DIR_ENV} to a "
+            "directory of your own"
+        )
+    if st.st_mode & 0o022:
+        raise PermissionError(
+            f"{path} is writable by others (mode {st.st_mode & 0o777:o}): chmod 700 it, or set "
+            f"{ARRAY_DIR_ENV} to a private directory"
+        )
+    return path
 
 
 def layer_file(
@@ -280,21 +299,19 @@ def layer_file(
 ) -> Path:
     """An uncompressed .npy of load_layer's array, written once per node, part by part.
 
-    It lives on the node (`root`, $SAE_ARRAY_DIR, or the temp directory), not beside the
+    It lives on the node (`root`, $SAE_ARRAY_DIR, or the user's cache directory), not beside the
     Parquet cache on shared storage: every trial on the node reads the same file, so the
     kernel's page cache holds its rows once for all of them. Writing holds one part in memory.
     """
     cache_dir = Path(cache_dir)
     manifest = _check_layer(cache_dir, layer, split)
-    root = Path(
-        root or os.environ.get(ARRAY_DIR_ENV) or Path(tempfile.gettempdir()) / "clip-sae-arrays"
-    )
-    directory = root / manifest["key"]
+    home_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    root = Path(root or os.environ.get(ARRAY_DIR_ENV) or Path(home_cache) / "clip-sae-arrays")
+    directory = private_dir(private_dir(root) / manifest["key"])
     path = directory / f"layer_{layer}-{split}-{val_fraction}-{seed}.npy"
     if path.exists():
         return path
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
+    with open(directory / ".lock", "a") as lock:  # "a": opening never truncates it
         fcntl.flock(lock, fcntl.LOCK_EX)  # trials starting together: one writes, others wait
         if not path.exists():
             _write_layer_file(cache_dir, manifest, layer, split, val_fraction, seed, path)
