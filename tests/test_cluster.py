@@ -136,11 +136,34 @@ def test_instance_profiles_are_scoped():
                 s["Condition"]["StringEquals"]["aws:RequestedRegion"]
                 == _yaml("cluster.yaml")["provider"]["region"]
             )
+    # Launching, retagging and ending instances: only those tagged with the cluster's name
+    # (Ray's autoscaler tags what it launches with ray-cluster-name), never any instance.
+    name = _yaml("cluster.yaml")["cluster_name"]
+    for s in head:
+        acts = set(listed(s["Action"]))
+        tags = {**s.get("Condition", {}).get("StringEquals", {})}
+        if acts & {"ec2:TerminateInstances", "ec2:StopInstances"}:
+            assert tags.get("aws:ResourceTag/ray-cluster-name") == name, s
+        if "ec2:CreateTags" in acts:
+            assert tags.get("aws:ResourceTag/ray-cluster-name") == name or (
+                tags.get("ec2:CreateAction") == "RunInstances"
+            ), s
+        instances = [r for r in listed(s["Resource"]) if ":instance/" in r or r == "*"]
+        if "ec2:RunInstances" in acts and instances:
+            assert tags.get("aws:RequestTag/ray-cluster-name") == name, s
     (pass_role,) = [s for s in head if s["Action"] == "iam:PassRole"]
     assert pass_role["Resource"].endswith(":role/clip-sae-worker")
     assert {a for s in worker for a in listed(s["Action"])} <= {
         "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket",
     }  # fmt: skip
+
+
+def test_every_aws_node_requires_imdsv2():
+    config = _yaml("cluster.yaml")
+    for name, node in config["available_node_types"].items():
+        options = node["node_config"].get("MetadataOptions", {})
+        assert options.get("HttpTokens") == "required", name
+        assert options.get("HttpPutResponseHopLimit", 1) >= 2, name  # Docker is one more hop
 
 
 def _shipped_files() -> list[Path]:
