@@ -207,3 +207,28 @@ def test_debug_shows_the_traceback_the_one_line_hides(world):
     root, sets = world
     with pytest.raises(Exception, match="holds no config"):
         main(["sweep", "--config", str(Path(root) / "empty.yaml"), "--debug"])
+
+
+def test_a_deleted_experiment_is_refused_before_ray_with_the_command_to_restore_it(
+    world, capsys
+):
+    from mlflow.tracking import MlflowClient
+
+    root, sets = world
+    uri = f"sqlite:///{root / 'out' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    err = _one_line_error(
+        ["sweep", "--config", DEMO_CONFIG, *sets, "--set=sweep.name=gone"], capsys, "is deleted"
+    )
+    assert "mlflow experiments restore --experiment-id" in err and uri in err
+
+
+def test_resume_of_tune_state_without_its_mlflow_runs_says_so(world, capsys):
+    """It once raised AttributeError: the records check read the missing parent run."""
+    root, sets = world
+    (root / "out" / "ray_results" / "orphan").mkdir(parents=True)
+    (root / "out" / "ray_results" / "orphan" / "experiment_state-x.json").write_text("{}")
+    argv = ["resume", "--config", DEMO_CONFIG, *sets, "--set=sweep.name=orphan"]
+    err = _one_line_error(argv, capsys, "has Tune state at")
+    assert "sweep --overwrite" in err

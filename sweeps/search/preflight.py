@@ -102,6 +102,7 @@ def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> N
         )
     try:
         tracking.check_tracking_uri(cfg.sweep.resolved_tracking_uri())
+        tracking.check_experiment(cfg.sweep.resolved_tracking_uri(), cfg.sweep.experiment_name())
     except tracking.TrackingError as e:
         raise ConfigError(f"sweep.tracking_uri: {e}") from None
     _check_sweep_records(cfg, resume, overwrite)
@@ -159,8 +160,15 @@ def _check_sweep_records(cfg: Config, resume: bool, overwrite: bool) -> None:
                 f"experiment {cfg.sweep.experiment_name()!r}: run `sweep` first, or check "
                 "sweep.name and sweep.out_dir/storage_path"
             )
+        if parent is None:
+            raise ConfigError(
+                f"sweep.name: sweep {cfg.sweep.name!r} has Tune state at {path} but no MLflow "
+                f"run in experiment {cfg.sweep.experiment_name()!r} of "
+                f"{cfg.sweep.resolved_tracking_uri()}: point sweep.tracking_uri at the store "
+                "it was tracked in, or start it afresh with `sweep --overwrite`"
+            )
         changed = tracking.config_changes(parent, dataclasses.asdict(cfg), RESUMABLE_FIELDS)
-        if parent is not None and changed:
+        if changed:
             raise ConfigError(
                 f"resume: the config differs from the one sweep {cfg.sweep.name!r} started "
                 f"with, in {', '.join(changed)}. A resumed sweep keeps its config; start a new "

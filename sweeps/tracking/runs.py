@@ -348,12 +348,25 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
         # MLflow 3's UI opens an experiment of this kind on its training runs, not on traces.
         tags = {"mlflow.experimentKind": "custom_model_development"}
         return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
+    _refuse_deleted(experiment, client.tracking_uri)
+    return experiment.experiment_id
+
+
+def check_experiment(tracking_uri: str, name: str) -> None:
+    """Fail before any compute when the sweep's experiment exists but is deleted (MLflow keeps
+    deleted experiments, and their name, until `mlflow gc`)."""
+    experiment = mlflow_client(tracking_uri).get_experiment_by_name(name)
+    if experiment is not None:
+        _refuse_deleted(experiment, tracking_uri)
+
+
+def _refuse_deleted(experiment, tracking_uri: str) -> None:
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(
-            f"MLflow experiment {name!r} is deleted. Restore it (`mlflow experiments restore "
-            f"--experiment-id {experiment.experiment_id}`) or give the sweep another name."
+            f"MLflow experiment {experiment.name!r} is deleted: restore it with "
+            f"`MLFLOW_TRACKING_URI={tracking_uri} mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}`, or give the sweep another name (sweep.experiment)"
         )
-    return experiment.experiment_id
 
 
 def log_batch(client: MlflowClient, run_id: str, metrics=(), params=(), tags=()) -> None:
