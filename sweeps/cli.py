@@ -13,8 +13,6 @@ import sys
 import threading
 from pathlib import Path
 
-import yaml
-
 from sae.config import field_help
 from sweeps import signals
 from sweeps.config import (
@@ -23,7 +21,7 @@ from sweeps.config import (
     config_help,
     load_config,
     load_configs,
-    to_mapping,
+    save_config,
 )
 from sweeps.schema import check_name, leaderboard_url
 
@@ -240,10 +238,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The packaged demo config's paths are relative to where the command runs.
     cfg = load_config(args.config or DEMO_CONFIG, _sets(args), base=None if args.config else ".")
     prepare_demo(Path(cfg.model.name_or_path).parent)
-    # The demo's config with its paths resolved, for `best`, `analyze` and `export`.
-    saved = Path(cfg.sweep.out_dir, "config.yaml")
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    # The demo's config with its paths resolved, for `best`, `analyze` and `export`: the model
+    # and images exist only now, so the config read them as hub ids (relative) on a first run.
+    saved = save_config(cfg, Path(cfg.sweep.out_dir, "config.yaml"))
     args.interrupted = "resume with: " + shlex.join(["sae-sweep", "resume", "--config", str(saved)])
     (result,) = _sweep([cfg], args, resume=False)
     best = result.rows[0] if result.rows else None

@@ -718,6 +718,19 @@ def _resolve_paths(values: dict, base: Path) -> None:
         body[name] = str(resolved)
 
 
+def save_config(cfg: Config, path: Path) -> Path:
+    """Write cfg as a config file that loads again from any directory: the searched fields
+    left out (to_mapping), and every path field that names something here made absolute."""
+    values = to_mapping(cfg)
+    for (section, name), _ in PATH_FIELDS.items():
+        value = values[section][name]
+        if value and "://" not in value and Path(value).expanduser().exists():
+            values[section][name] = str(Path(value).expanduser().resolve())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
 def load_config(
     path: str | Path | None, overrides: list[str] = (), base: str | Path | None = None
 ) -> Config:

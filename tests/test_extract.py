@@ -403,3 +403,22 @@ def test_cli_extract_help_lists_config_fields():
 def test_layer_out_of_range_is_a_config_error(ray_session, tiny, folder, tmp_path):
     with pytest.raises(ValueError, match=r"extract.layers.*0\.\.3"):
         run(config(tiny, folder, tmp_path, layers=[4]))
+
+
+def test_a_saved_config_loads_from_any_directory_on_a_first_run(tmp_path, monkeypatch):
+    """The demo's config read its model and images as hub ids before they existed, and saved
+    them relative: `analyze --config runs/demo/config.yaml` from elsewhere then failed."""
+    from sweeps.cli import DEMO_CONFIG
+    from sweeps.config import save_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(DEMO_CONFIG, base=".")  # the demo's own call, before the assets exist
+    assert not Path(cfg.model.name_or_path).is_absolute()  # a possible hub id, so kept
+    Path(cfg.model.name_or_path).mkdir(parents=True)  # what prepare_demo then makes
+    Path(cfg.data.path).mkdir(parents=True)
+    saved = save_config(cfg, Path(cfg.sweep.out_dir) / "config.yaml")
+    monkeypatch.chdir(Path(tmp_path).anchor)
+    again = load_config(saved)
+    assert again.model.name_or_path == str(tmp_path / cfg.model.name_or_path)
+    assert again.data.path == str(tmp_path / cfg.data.path)
+    assert again.sweep.out_dir == str(tmp_path / cfg.sweep.out_dir)
