@@ -408,6 +408,10 @@ class Config:
     sweep: SweepSettings = field(default_factory=SweepSettings)
 
     def __post_init__(self):
+        for section, name in PATH_FIELDS:  # `~/x` is the user's; readers do not expand it
+            value = getattr(getattr(self, section), name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(getattr(self, section), name, str(Path(value).expanduser()))
         # Storage must be absolute for Ray; resolve local paths against where the command runs.
         storage = self.sweep.storage_path or str(Path(self.sweep.out_dir) / "ray_results")
         self.sweep.storage_path = storage if "://" in storage else str(Path(storage).resolve())
@@ -711,6 +715,8 @@ def _resolve_paths(values: dict, base: Path) -> None:
         body = values.get(section)
         value = body.get(name) if isinstance(body, dict) else None
         if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            continue
+        if value.startswith("~"):  # the user's home: Config expands it
             continue
         resolved = base / value
         if maybe_hub and not (resolved.exists() or value.startswith(("./", "../"))):

@@ -209,9 +209,7 @@ def test_debug_shows_the_traceback_the_one_line_hides(world):
         main(["sweep", "--config", str(Path(root) / "empty.yaml"), "--debug"])
 
 
-def test_a_deleted_experiment_is_refused_before_ray_with_the_command_to_restore_it(
-    world, capsys
-):
+def test_a_deleted_experiment_is_refused_before_ray_with_the_command_to_restore_it(world, capsys):
     from mlflow.tracking import MlflowClient
 
     root, sets = world

@@ -422,3 +422,30 @@ def test_a_saved_config_loads_from_any_directory_on_a_first_run(tmp_path, monkey
     assert again.model.name_or_path == str(tmp_path / cfg.model.name_or_path)
     assert again.data.path == str(tmp_path / cfg.data.path)
     assert again.sweep.out_dir == str(tmp_path / cfg.sweep.out_dir)
+
+
+def test_a_dangling_link_is_skipped_and_counted_not_fatal(ray_session, tiny, tmp_path):
+    """One dangling symlink in an image folder once aborted the whole extraction."""
+    root = Path(make_image_folder(tmp_path / "imgs", n=12))
+    (root / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    result = run(config(tiny, root, tmp_path / "cache", max_bad_fraction=0.5))
+    assert result.manifest["rows"] == 12 and result.manifest["skipped"] == {"missing": 1}
+
+
+def test_a_parquet_image_column_of_numbers_names_the_column(tiny, tmp_path):
+    pq.write_table(pa.table({"image": [1, 2, 3], "label": [0, 1, 0]}), tmp_path / "d.parquet")
+    sections = config(tiny, tmp_path / "d.parquet", tmp_path / "cache", source="parquet")
+    with pytest.raises(ValueError, match="data.image_column: column 'image' .* holds int64"):
+        run(sections)
+
+
+def test_a_home_relative_path_is_the_users_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "imgs").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: folder, path: ~/imgs}\nextract: {cache_dir: ~/cache}\n")
+    cfg = load_config(path)
+    assert cfg.data.path == str(tmp_path / "imgs")
+    assert cfg.extract.cache_dir == str(tmp_path / "cache")
+    over = load_config(None, ["data.path=~/imgs", "data.source=folder"])
+    assert over.data.path == str(tmp_path / "imgs")

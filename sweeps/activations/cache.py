@@ -42,7 +42,8 @@ def files_fingerprint(paths: list[Path], root: Path) -> str:
     """Cheap fingerprint of a file set: relative paths, sizes and modification times."""
     h = hashlib.sha256()
     for p in sorted(paths):
-        st = p.stat()
+        # a dangling link is fingerprinted as the link: decoding counts it as missing
+        st = p.stat() if p.exists() else p.lstat()
         h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 

@@ -103,9 +103,26 @@ def _check_columns(data: DataConfig, names: list[str]) -> None:
             )
 
 
+def _check_image_type(data: DataConfig, schema: pa.Schema) -> None:
+    """An image column holds bytes, file paths, or HF's {bytes, path} struct."""
+    kind = schema.field(data.image_column).type
+    ok = pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
+    ok |= pa.types.is_large_string(kind)
+    if pa.types.is_struct(kind):
+        ok = {kind.field(i).name for i in range(kind.num_fields)} & {"bytes", "path"} != set()
+    if not ok:
+        raise ValueError(
+            f"data.image_column: column {data.image_column!r} of {data.path} holds {kind}, not "
+            "images (encoded bytes, file paths, or a struct of bytes and path): name the image "
+            "column"
+        )
+
+
 def _index_parquet(data: DataConfig) -> Source:
     files = _parquet_files(data.path)
-    _check_columns(data, pq.read_schema(files[0]).names)
+    schema = pq.read_schema(files[0])
+    _check_columns(data, schema.names)
+    _check_image_type(data, schema)
     counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
     index = pa.table(
         {
@@ -219,6 +236,8 @@ def decode_image(value, pre: Preprocessing, max_pixels: int) -> tuple[np.ndarray
         return None, "missing"
     if raw is None:
         return None, "missing"
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return None, "not_an_image"  # a number or a list where an image belongs
     if len(raw) == 0:
         return None, "empty"
     with warnings.catch_warnings():
