@@ -114,8 +114,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
             start_ray=lambda: init_ray(address, args.verbose),  # not on a cache hit
             in_process=False if address else None,  # a cluster's address: Ray Data
             progress=bar,
+            verify=args.verify,
+            rebuild=args.rebuild,
         )
-    print(describe_extract(result))
+    checked = " (every part matches its checksum)" if args.verify and result.reused else ""
+    print(describe_extract(result) + checked)
     return 0
 
 
@@ -355,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(extract)
+    extract.add_argument(
+        "--verify",
+        action="store_true",
+        help="on a cache hit, check every part against its checksum (reads the whole cache)",
+    )
+    extract.add_argument(
+        "--rebuild", action="store_true", help="delete this config's cache and build it again"
+    )
     extract.set_defaults(func=cmd_extract)
     commands = [
         ("demo", cmd_demo, "the offline demo: a tiny CLIP, generated images, a real sweep"),

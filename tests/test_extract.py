@@ -449,3 +449,56 @@ def test_a_home_relative_path_is_the_users_home(tmp_path, monkeypatch):
     assert cfg.extract.cache_dir == str(tmp_path / "cache")
     over = load_config(None, ["data.path=~/imgs", "data.source=folder"])
     assert over.data.path == str(tmp_path / "imgs")
+
+
+def test_a_damaged_cache_is_reported_with_its_part_and_rebuilt_on_request(
+    ray_session, tiny, folder, tmp_path, capsys
+):
+    """`extract` once reported a hit on a truncated part; a manifest without parts was a
+    KeyError and planted NaNs reached training."""
+    import yaml
+
+    from sweeps.cli import main
+
+    sections = config(tiny, folder, tmp_path / "cache")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    first = run(sections)
+    part = first.cache_dir / first.manifest["parts"][0]
+    assert first.manifest["part_files"][part.name]["bytes"] == part.stat().st_size
+
+    good = part.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    part.write_bytes(bytes(flipped))  # same size: only the checksum tells
+    assert main(["extract", "--config", str(path)]) == 0
+    assert "cache hit" in capsys.readouterr().out
+    assert main(["extract", "--config", str(path), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert f"part {part.name} does not match its checksum" in err and "--rebuild" in err
+
+    part.write_bytes(good[:-10])  # truncated
+    assert main(["extract", "--config", str(path)]) == 2
+    assert f"part {part.name} holds {len(good) - 10} bytes" in capsys.readouterr().err
+    with pytest.raises(cache.DamagedCache, match=part.name):
+        cache.load_layer(first.cache_dir, 0, "all")
+
+    assert main(["extract", "--config", str(path), "--rebuild"]) == 0
+    assert "images done" in capsys.readouterr().out
+    assert main(["extract", "--config", str(path), "--verify"]) == 0
+    assert "every part matches its checksum" in capsys.readouterr().out
+
+    manifest_path = first.cache_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "parts"}))
+    assert main(["extract", "--config", str(path)]) == 2
+    assert "manifest.json lacks parts" in capsys.readouterr().err
+
+
+def test_non_finite_activations_are_an_error_when_read(tmp_path):
+    d, rows = 4, 6
+    column = pa.FixedShapeTensorArray.from_numpy_ndarray(
+        np.where(np.arange(rows * d).reshape(rows, d) == 5, np.nan, 1.0).astype(np.float16)
+    )
+    with pytest.raises(cache.DamagedCache, match="non-finite"):
+        cache.layer_values(column)

@@ -135,10 +135,16 @@ def read_columns(cache_dir: str | Path, parts: list[str], columns: list[str]) ->
 
 
 def finish_run(run_dir: Path, manifest: dict) -> tuple[Path, bool]:
-    """Write the manifest last and atomically, then publish the directory under its key.
+    """Write the manifest last and atomically, with each part's size and SHA-256 added as
+    `part_files`, then publish the directory under its key.
 
     Returns (cache_dir, published); published is False when an identical run got there first.
     """
+    # What a later read checks the parts against: sizes on every hit, checksums on --verify.
+    manifest["part_files"] = {
+        part: {"bytes": (run_dir / part).stat().st_size, "sha256": file_sha256(run_dir / part)}
+        for part in manifest["parts"]
+    }
     tmp = run_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, run_dir / "manifest.json")
@@ -162,14 +168,60 @@ def find_cache(cache_root: str | Path, key: str) -> Path | None:
     return cache_dir if (cache_dir / "manifest.json").exists() else None
 
 
-def read_manifest(cache_dir: str | Path) -> dict:
-    path = Path(cache_dir) / "manifest.json"
+class DamagedCache(ValueError):
+    """A cache whose manifest or parts are not what extraction wrote."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+#: Manifest keys every reader relies on.
+MANIFEST_KEYS = ("key", "layers", "parts")
+
+
+def read_manifest(cache_dir: str | Path, verify: bool = False) -> dict:
+    """The cache's manifest, once its parts are checked against it: each one there with the
+    size extraction wrote (cheap), and with verify its SHA-256 too (reads every byte).
+    Caches written before the manifest recorded them are checked for presence only."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(
             f"{cache_dir} is not a complete activation cache (no manifest.json): "
-            "run `run_sweep.py extract` again to rebuild it"
+            "run `sae-sweep extract` again to rebuild it"
         )
-    return json.loads(path.read_text())
+    rebuild = "run `sae-sweep extract --rebuild` with its config to build it again"
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise DamagedCache(f"{path} is not valid JSON ({e}): {rebuild}") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise DamagedCache(f"{path} lacks {', '.join(missing)}: {rebuild}")
+    recorded = manifest.get("part_files", {})
+    for part in manifest["parts"]:
+        file = cache_dir / part
+        if not file.is_file():
+            raise DamagedCache(f"activation cache {cache_dir}: part {part} is missing: {rebuild}")
+        want = recorded.get(part)
+        if want is None:
+            continue
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            raise DamagedCache(
+                f"activation cache {cache_dir}: part {part} holds {size} bytes, not the "
+                f"{want['bytes']} written: {rebuild}"
+            )
+        if verify and file_sha256(file) != want["sha256"]:
+            raise DamagedCache(
+                f"activation cache {cache_dir}: part {part} does not match its checksum: {rebuild}"
+            )
+    return manifest
 
 
 def is_val(row_ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -210,7 +262,13 @@ def layer_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     flat = [c.storage.flatten().to_numpy(zero_copy_only=False) for c in chunks]
     if not flat:
         flat = [np.zeros(0, column.type.value_type.to_pandas_dtype())]
-    return np.concatenate(flat).reshape(len(column), shape[0] if len(shape) == 2 else 1, shape[-1])
+    values = np.concatenate(flat)
+    if not np.isfinite(values).all():  # checked when written too: this is a damaged cache
+        raise DamagedCache(
+            "the activation cache holds non-finite values (NaN or inf), which extraction "
+            "never writes: run `sae-sweep extract --rebuild` with its config"
+        )
+    return values.reshape(len(column), shape[0] if len(shape) == 2 else 1, shape[-1])
 
 
 def load_layer(cache_dir, layer: int, split: Split = "train", val_fraction=0.05, seed=0):

@@ -155,6 +155,8 @@ def extract(
     start_ray: Callable[[], object] | None = None,
     in_process: bool | None = None,
     progress=None,
+    verify: bool = False,
+    rebuild: bool = False,
 ) -> ExtractResult:
     """Build the activation cache for cfg, or find it (then `reused`); nothing is printed.
 
@@ -162,11 +164,15 @@ def extract(
     (False); None decides: in this process on one machine without GPUs (`runs_here`). Both
     write the same parts. For Ray Data, Ray must be initialised or `start_ray` given: it is
     called only then, so a cache hit or an in-process run starts no Ray. progress: a bar the
-    caller owns (tqdm, or anything with update(n)), told of each batch done."""
+    caller owns (tqdm, or anything with update(n)), told of each batch done. A hit checks
+    its parts' sizes, and with verify their checksums; rebuild deletes the key's cache first
+    (a damaged one is reported, not rebuilt, without it)."""
     cfg = absolute_paths(cfg)
     source, inputs, key, found = locate_cache(cfg)
-    if found:  # a hit loads no torch, transformers or model: it returns in a second
-        return ExtractResult(found, cache.read_manifest(found), reused=True)
+    if found and rebuild:
+        shutil.rmtree(found)
+    elif found:  # a hit loads no torch, transformers or model: it returns in a second
+        return ExtractResult(found, cache.read_manifest(found, verify=verify), reused=True)
 
     from transformers import CLIPVisionConfig
 
