@@ -467,3 +467,34 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
     text = page_text(page, "mlflow_parent.png")
     assert "3 trials" in text and "best first by" in text, text[:3000]
     assert trial_label(result.rows[0].params.as_dict()) in text
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """Two sweeps started together on a fresh out_dir both crashed in MLflow's schema
+    migration (tables created twice, alembic's version row missing). Four processes, each
+    past its imports, open one new store at the same moment."""
+    go = tmp_path / "go"
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    code = (
+        "import os, sys, time\n"
+        "from sweeps.tracking.client import mlflow_client\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready-' + sys.argv[1]), 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        f"print(len(mlflow_client({uri!r}).search_experiments()))\n"
+    )
+    env = {**os.environ, "MLFLOW_LOGGING_LEVEL": "ERROR"}
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env, cwd=root)
+        for i in range(4)
+    ]  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("ready-*"))) < 4:  # wait on the condition, not the clock
+        assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert all(out.strip().splitlines()[-1] == "1" for out in outs), outs  # the Default one
