@@ -502,3 +502,36 @@ def test_non_finite_activations_are_an_error_when_read(tmp_path):
     )
     with pytest.raises(cache.DamagedCache, match="non-finite"):
         cache.layer_values(column)
+
+
+def test_ctrl_c_during_extract_leaves_no_partial_cache_and_prints_one_line(tiny, tmp_path):
+    """Ctrl-C in `extract` once printed a KeyboardInterrupt traceback."""
+    root = tmp_path / "images"
+    root.mkdir()
+    random_image(np.random.default_rng(0), 1500, 2000).save(root / "0000.jpg", quality=95)
+    for i in range(1, 60):  # slow to decode: the run takes seconds
+        shutil.copy(root / "0000.jpg", root / f"{i:04d}.jpg")
+    cache_root = tmp_path / "cache"
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(config(tiny, root, cache_root, batch_size=2, rows_per_task=2))
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "run_sweep.py", "extract", "--config", str(tmp_path / "cfg.json")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 900  # a hang guard; the condition is what we wait on
+    while not glob.glob(str(cache_root / ".tmp-*" / "part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "extract never wrote a part"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted (SIGINT): ") and "Traceback" not in err, err
+    assert not glob.glob(str(cache_root / ".tmp-*")) and not list(
+        cache_root.glob("*/manifest.json")
+    )

@@ -78,3 +78,25 @@ def test_an_empty_or_comment_only_config_file_is_an_error_not_zero_sweeps(tmp_pa
         assert main(["sweep", "--config", str(path)]) == 2
         err = capsys.readouterr().err
         assert "holds no config" in err and str(path) in err and err.count("\n") == 1
+
+
+def test_export_refuses_a_trial_id_tag_that_is_a_path(tmp_path, capsys):
+    """Anyone who can write to the tracking server chose where `export` wrote: its output
+    folder was built from the run's trial_id tag unchecked."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    out.mkdir()
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("demo")
+    run = client.create_run(exp, tags={"trial_id": "../../../escaped"})
+    for key, value in {"layer": 2, "k": 8, "expansion_factor": 2, "lr": 1e-3}.items():
+        client.log_param(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    capsys.readouterr()  # MLflow's own lines about creating the store
+    argv = ["export", "--config", DEMO_CONFIG, "--set", f"sweep.out_dir={out}"]
+    assert main([*argv, "--run-id", run.info.run_id]) == 2
+    err = capsys.readouterr().err
+    assert "trial_id '../../../escaped' is not a name" in err and err.count("\n") == 1, err
+    assert not list(tmp_path.parent.glob("**/escaped"))
