@@ -135,59 +135,56 @@ def describe_extract(result) -> str:
 
 
 def _sweep(configs, args, resume: bool) -> list:
-    """Lock, check, then run or resume each config's sweep, printing its summary; the
-    results."""
-    from sweeps.search.preflight import SweepLock
-
-    overwrite = args.command == "demo" or getattr(args, "overwrite", False)
-    locks = []
-    try:
-        for cfg in configs:  # one driver per name, from the name check to the end of the run
-            locks.append(SweepLock(cfg))
-        return _run_sweeps(configs, args, resume, overwrite)
-    finally:
-        for lock in locks:
-            lock.release()
-
-
-def _run_sweeps(configs, args, resume: bool, overwrite: bool) -> list:
+    """Check (taking each sweep's lock), then run or resume each config's sweep, printing its
+    summary; the results."""
     from tqdm import tqdm
 
-    from sweeps.results.best import format_table
     from sweeps.results.plots import trial_plots
     from sweeps.search.console import SweepDisplay
     from sweeps.search.driver import run_sweep
     from sweeps.search.preflight import check_resources, check_sweep, delete_sweep
 
-    for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run
-        check_sweep(cfg, resume=resume, overwrite=overwrite)
-    if overwrite:
+    overwrite = args.command == "demo" or getattr(args, "overwrite", False)
+    locks = []  # one driver per sweep name, from the name check to the end of the run
+    try:
+        for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run
+            locks.append(check_sweep(cfg, resume=resume, overwrite=overwrite))
+        if overwrite:
+            for cfg in configs:
+                for what in delete_sweep(cfg):
+                    print(f"--overwrite: deleted {what}")
+        local = init_ray(args.address, args.verbose)
         for cfg in configs:
-            for what in delete_sweep(cfg):
-                print(f"--overwrite: deleted {what}")
-    local = init_ray(args.address, args.verbose)
-    for cfg in configs:
-        check_resources(cfg, local)
-    results = []
-    for cfg in configs:
-        display = [] if cfg.tune.verbose else [SweepDisplay(cfg.tune.num_samples)]
-        with tqdm(desc="extract", unit="img", dynamic_ncols=True, leave=False) as bar:
-            result = run_sweep(
-                cfg, resume=resume, callbacks=display, progress=bar, plots=trial_plots
-            )
-        print(describe_extract(result.extraction))
-        objectives = cfg.tune.objective_modes()
-        print(format_table(result.rows, objectives, limit=cfg.tune.show_top))
-        n_failed = sum(r.status == "FAILED" for r in result.rows)
-        print(
-            f"sweep {cfg.sweep.name}: {len(result.rows)} trials ({n_failed} failed) in "
-            f"{result.elapsed_s:.0f}s; results {result.experiment_path}"
-        )
-        print(mlflow_ui_hint(result, objectives))
-        if cfg.sweep.register_as and result.best:
-            _register(cfg, cfg.sweep.register_as, run_id=None)
-        results.append(result)
-    return results
+            check_resources(cfg, local)
+        results = []
+        for cfg in configs:
+            display = [] if cfg.tune.verbose else [SweepDisplay(cfg.tune.num_samples)]
+            with tqdm(desc="extract", unit="img", dynamic_ncols=True, leave=False) as bar:
+                result = run_sweep(
+                    cfg, resume=resume, callbacks=display, progress=bar, plots=trial_plots
+                )
+            _print_summary(cfg, result)
+            if cfg.sweep.register_as and result.best:
+                _register(cfg, cfg.sweep.register_as, run_id=None)
+            results.append(result)
+        return results
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _print_summary(cfg, result) -> None:
+    from sweeps.results.best import format_table
+
+    print(describe_extract(result.extraction))
+    objectives = cfg.tune.objective_modes()
+    print(format_table(result.rows, objectives, limit=cfg.tune.show_top))
+    n_failed = sum(r.status == "FAILED" for r in result.rows)
+    print(
+        f"sweep {cfg.sweep.name}: {len(result.rows)} trials ({n_failed} failed) in "
+        f"{result.elapsed_s:.0f}s; results {result.experiment_path}"
+    )
+    print(mlflow_ui_hint(result, objectives))
 
 
 def mlflow_ui_hint(result, objectives: dict[str, str]) -> str:
@@ -272,10 +269,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _exit_code([result])
 
 
+def _check_store(cfg) -> None:
+    """The tracking store answers, checked before `best`, `export` or `analyze` reads it:
+    MLflow itself retries a store it cannot open for two minutes."""
+    from sweeps.tracking.store import TrackingError, check_tracking_uri
+
+    try:
+        check_tracking_uri(cfg.sweep.resolved_tracking_uri())
+    except TrackingError as e:
+        raise ConfigError(f"sweep.tracking_uri: {e}") from None
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     from sweeps.results.best import best_trials, format_table
 
     for cfg in load_configs(args.config, args.set):
+        _check_store(cfg)
         rows = best_trials(cfg, top=args.top)
         print(format_table(rows, cfg.tune.objective_modes(), limit=len(rows)))
         if rows:
@@ -292,6 +301,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sweeps.results.export import export_run, get_run
 
     cfg = load_config(args.config, args.set)
+    _check_store(cfg)
     run = get_run(cfg, args.run_id)
     trial = run.data.tags.get("trial_id", run.info.run_id)
     out = args.out or Path(cfg.sweep.out_dir, "export", check_name(trial, "trial_id"))
@@ -308,7 +318,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     fields = [f.name for f in dataclasses.fields(AnalyzeOptions)]
     opts = AnalyzeOptions(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
-    print(analyze(load_config(args.config, args.set), opts).headline())
+    cfg = load_config(args.config, args.set)
+    _check_store(cfg)
+    print(analyze(cfg, opts).headline())
     return 0
 
 

@@ -50,6 +50,11 @@ def world(tmp_path_factory, demo_assets):
     sets = [f"--set={s}" for s in [*demo_assets, f"sweep.out_dir={root / 'out'}"]]
     # analyze reads the activation cache before the SAE: build it (in-process, no Ray)
     assert main(["extract", "--config", DEMO_CONFIG, *sets]) == 0
+    # the store too, here: MLflow logs its creation where mlflow was imported before the CLI
+    # could quiet it (in this test process, not a user's)
+    from sweeps.tracking.client import mlflow_client
+
+    mlflow_client(f"sqlite:///{root / 'out' / 'mlflow.db'}").search_experiments()
     return root, sets
 
 
@@ -230,3 +235,23 @@ def test_resume_of_tune_state_without_its_mlflow_runs_says_so(world, capsys):
     argv = ["resume", "--config", DEMO_CONFIG, *sets, "--set=sweep.name=orphan"]
     err = _one_line_error(argv, capsys, "has Tune state at")
     assert "sweep --overwrite" in err
+
+
+STORE_FAULTS = {
+    "unreachable server": "http://127.0.0.1:9",
+    "not an mlflow server": "{not_mlflow}",
+    "sqlite is a directory": "sqlite:///{root}",
+    "sqlite under a file": "sqlite:///{root}/afile/mlflow.db",
+}
+
+
+@pytest.mark.parametrize("command", ["sweep", "resume", "best", "export", "analyze"])
+@pytest.mark.parametrize("fault", STORE_FAULTS, ids=list(STORE_FAULTS))
+def test_every_command_meets_a_broken_tracking_store_with_one_line(
+    command, fault, world, not_mlflow, capsys
+):
+    root, sets = world
+    uri = STORE_FAULTS[fault].format(root=root, not_mlflow=not_mlflow)
+    assert main([command, "--config", DEMO_CONFIG, *sets, f"--set=sweep.tracking_uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err

@@ -30,13 +30,8 @@ from sweeps.search.console import SweepDisplay
 from sweeps.search.mlflow_callback import MlflowTrialCallback
 from sweeps.search.snapshots import set_aside_torn_snapshot
 from sweeps.tracking.records import _client_runs, finished_trial_runs
-from sweeps.tracking.runs import (
-    TrackingError,
-    check_tracking_uri,
-    close_lost_trial_runs,
-    log_sweep_summary,
-    start_sweep_run,
-)
+from sweeps.tracking.runs import close_lost_trial_runs, log_sweep_summary, start_sweep_run
+from sweeps.tracking.store import TrackingError, check_tracking_uri
 from tests.helpers import sweep_runs
 
 STEPS = 4

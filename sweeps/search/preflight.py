@@ -17,6 +17,7 @@ from sweeps import storage
 from sweeps.config import Config, ConfigError
 from sweeps.space import SearchSpace
 from sweeps.tracking import runs as tracking
+from sweeps.tracking.store import TrackingError, check_tracking_uri
 
 #: Config fields a resume may change: they only shape what the driver prints.
 RESUMABLE_FIELDS = ("tune.show_top", "tune.verbose", "tune.checkpoint_interval_s")
@@ -54,9 +55,10 @@ class SweepLock:
             self._file.close()  # closing drops the flock; the file stays for the next holder
 
 
-def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
+def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> SweepLock:
     """Everything that can be checked before Ray starts: the data, the model's shape, devices,
-    the tracking store, and whether the sweep exists (sweep) or matches its config (resume)."""
+    the tracking store, and whether the sweep exists (sweep) or matches its config (resume).
+    Returns the sweep's lock, taken for the name check: hold it until the run ends."""
     from transformers import CLIPVisionConfig
 
     space = SearchSpace.from_config(cfg.search)
@@ -101,11 +103,17 @@ def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> N
             f"{space.bounds('expansion_factor')[0]}): lower k or raise expansion_factor"
         )
     try:
-        tracking.check_tracking_uri(cfg.sweep.resolved_tracking_uri())
+        check_tracking_uri(cfg.sweep.resolved_tracking_uri())
         tracking.check_experiment(cfg.sweep.resolved_tracking_uri(), cfg.sweep.experiment_name())
-    except tracking.TrackingError as e:
+    except TrackingError as e:
         raise ConfigError(f"sweep.tracking_uri: {e}") from None
-    _check_sweep_records(cfg, resume, overwrite)
+    lock = SweepLock(cfg)
+    try:
+        _check_sweep_records(cfg, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 #: What a local checkpoint directory must hold: its config and its weights (one file or shards).

@@ -9,10 +9,7 @@ three return the same runs in the same order as MlflowClient.search_runs would.
 
 from __future__ import annotations
 
-import base64
-import json
 import math
-import os
 import sqlite3
 import urllib.error
 import urllib.parse
@@ -21,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweeps.schema import METRIC_KEYS, Hyperparams, child_filter, final_name
+from sweeps.tracking.store import rest_call
 
 
 @dataclass(frozen=True)
@@ -160,42 +158,6 @@ def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialR
         )
         for r in runs
     ]
-
-
-def rest_call(
-    uri: str, endpoint: str, body: dict | None = None, timeout_s: float = 30
-) -> dict | None:
-    """One request to the tracking server's REST API, with MLflow's credentials from the
-    environment where they are set; None when what it asks for does not exist."""
-    request = urllib.request.Request(
-        f"{uri.rstrip('/')}/api/2.0/mlflow/{endpoint}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    user, password = (
-        os.environ.get("MLFLOW_TRACKING_USERNAME"),
-        os.environ.get("MLFLOW_TRACKING_PASSWORD"),
-    )
-    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        request.add_header("Authorization", f"Bearer {token}")
-    elif user and password:
-        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {basic}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        if e.code == 404 and "RESOURCE_DOES_NOT_EXIST" in text:
-            return None
-        raise ConnectionError(
-            f"MLflow tracking server {uri} answered HTTP {e.code} to {endpoint}: {text[:300]}"
-        ) from None
-    except OSError as e:  # refused, unknown host, timed out
-        raise ConnectionError(
-            f"MLflow tracking server {uri} is not reachable ({getattr(e, 'reason', e)}): start "
-            "it, or point sweep.tracking_uri (or MLFLOW_TRACKING_URI) at the sweep's store"
-        ) from None
 
 
 def _sqlite_runs(path, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:

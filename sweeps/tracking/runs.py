@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from mlflow.utils.validation import (
@@ -32,77 +31,15 @@ from sweeps.schema import (
     METRIC_KEYS,
     SUMMARY_METRICS,
     child_filter,
-    default_tracking_uri,
     final_name,
     is_num,
     pareto_front,
     trial_label,
 )
 from sweeps.tracking.client import mlflow_client
-from sweeps.tracking.records import rest_call
+from sweeps.tracking.store import TrackingError
 
 logger = logging.getLogger(__name__)
-
-
-class TrackingError(RuntimeError):
-    """The MLflow tracking store cannot be used; the message says how to fix it."""
-
-
-def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
-    """Fail before any compute when `uri` cannot be used as a tracking store.
-
-    Checks that an http(s) server answers and that a SQLite file's directory can be created;
-    other database and hosted schemes are left to MLflow.
-    """
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme in ("http", "https"):
-        # MLflow's REST API itself, not any answer: another server on the port once passed.
-        try:
-            answer = rest_call(uri, "experiments/search", {"max_results": 1}, timeout_s)
-        except ConnectionError as e:
-            if "not reachable" not in str(e):
-                raise TrackingError(
-                    f"{e}. It is not an MLflow tracking server, or its credentials are missing "
-                    "(MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN): fix the URI "
-                    "or the credentials"
-                ) from None
-            raise TrackingError(
-                f"{e}. Start it (for example `mlflow server --host 127.0.0.1 --port 5000 "
-                "--backend-store-uri sqlite:///mlflow.db` on the head node, reached through "
-                "an SSH tunnel), fix the URI, or use a local store such as "
-                "sqlite:///<out_dir>/mlflow.db."
-            ) from None
-        except ValueError:  # not JSON
-            answer = None
-        if not isinstance(answer, dict):
-            raise TrackingError(
-                f"{uri} answered MLflow's API with something other than MLflow's JSON: it is "
-                "not an MLflow tracking server; fix sweep.tracking_uri"
-            )
-    elif scheme == "sqlite":
-        path = uri.removeprefix("sqlite:///")
-        if path == uri or path in ("", ":memory:"):
-            raise TrackingError(
-                f"SQLite tracking URI {uri} names no database file: use sqlite:///<path>/mlflow.db"
-            )
-        if Path(path).is_dir():
-            raise TrackingError(
-                f"SQLite tracking URI {uri} names a directory, not a database file: use "
-                f"sqlite:///{Path(path) / 'mlflow.db'}"
-            )
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(
-                f"Cannot create the directory of the MLflow SQLite store {uri} ({e}). "
-                "Choose a writable output directory or another tracking URI."
-            ) from None
-    elif scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
-        raise TrackingError(
-            f"Tracking URI {uri} is a file store, which MLflow 3 refuses unless "
-            "MLFLOW_ALLOW_FILE_STORE=true. Use a SQLite store instead, e.g. "
-            f"{default_tracking_uri('.')}."
-        )
 
 
 def start_sweep_run(

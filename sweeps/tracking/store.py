@@ -1,0 +1,119 @@
+"""Whether a tracking URI names a store this service can use, and one request to a tracking
+server's REST API: neither imports mlflow, which `best`, `export` and `analyze` check before
+they spend its 3 s import (or MLflow's two minutes of retries on a store it cannot open)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from sweeps.schema import default_tracking_uri
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message says how to fix it."""
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail before any compute when `uri` cannot be used as a tracking store.
+
+    Checks that an http(s) server answers and that a SQLite file's directory can be created;
+    other database and hosted schemes are left to MLflow.
+    """
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        # MLflow's REST API itself, not any answer: another server on the port once passed.
+        try:
+            answer = rest_call(uri, "experiments/search", {"max_results": 1}, timeout_s)
+        except ConnectionError as e:
+            if "not reachable" not in str(e):
+                raise TrackingError(
+                    f"{e}. It is not an MLflow tracking server, or its credentials are missing "
+                    "(MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN): fix the URI "
+                    "or the credentials"
+                ) from None
+            raise TrackingError(
+                f"{e}. Start it (for example `mlflow server --host 127.0.0.1 --port 5000 "
+                "--backend-store-uri sqlite:///mlflow.db` on the head node, reached through "
+                "an SSH tunnel), fix the URI, or use a local store such as "
+                "sqlite:///<out_dir>/mlflow.db."
+            ) from None
+        except ValueError:  # not JSON
+            answer = None
+        if not isinstance(answer, dict):
+            raise TrackingError(
+                f"{uri} answered MLflow's API with something other than MLflow's JSON: it is "
+                "not an MLflow tracking server; fix sweep.tracking_uri"
+            )
+    elif scheme == "sqlite":
+        path = uri.removeprefix("sqlite:///")
+        if path == uri or path in ("", ":memory:"):
+            raise TrackingError(
+                f"SQLite tracking URI {uri} names no database file: use sqlite:///<path>/mlflow.db"
+            )
+        if Path(path).is_dir():
+            raise TrackingError(
+                f"SQLite tracking URI {uri} names a directory, not a database file: use "
+                f"sqlite:///{Path(path) / 'mlflow.db'}"
+            )
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(
+                f"Cannot create the directory of the MLflow SQLite store {uri} ({e}). "
+                "Choose a writable output directory or another tracking URI."
+            ) from None
+    elif scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in (
+        "true",
+        "1",
+    ):
+        raise TrackingError(
+            f"Tracking URI {uri} is a file store, which MLflow 3 refuses unless "
+            "MLFLOW_ALLOW_FILE_STORE=true. Use a SQLite store instead, e.g. "
+            f"{default_tracking_uri('.')}."
+        )
+
+
+def rest_call(
+    uri: str, endpoint: str, body: dict | None = None, timeout_s: float = 30
+) -> dict | None:
+    """One request to the tracking server's REST API, with MLflow's credentials from the
+    environment where they are set; None when what it asks for does not exist."""
+    request = urllib.request.Request(
+        f"{uri.rstrip('/')}/api/2.0/mlflow/{endpoint}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    user, password = (
+        os.environ.get("MLFLOW_TRACKING_USERNAME"),
+        os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+    )
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user and password:
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        if e.code == 404 and "RESOURCE_DOES_NOT_EXIST" in text:
+            return None
+        raise ConnectionError(
+            f"MLflow tracking server {uri} answered HTTP {e.code} to {endpoint}: {text[:300]}"
+        ) from None
+    except OSError as e:  # refused, unknown host, timed out
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is not reachable ({getattr(e, 'reason', e)}): start "
+            "it, or point sweep.tracking_uri (or MLFLOW_TRACKING_URI) at the sweep's store"
+        ) from None
+
+
+def _file_store_allowed() -> bool:
+    # MLflow's MLFLOW_ALLOW_FILE_STORE, read as MLflow reads a boolean variable
+    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1")
