@@ -98,6 +98,7 @@ def saelens(activation, x, val, k, lr, steps, seed):
 RUNNERS = {
     ("ours", "topk"): lambda *a: ours("topk", *a),
     ("ours", "batchtopk"): lambda *a: ours("batchtopk", *a),
+    ("ours", "matryoshka"): lambda *a: ours("matryoshka", *a),
     ("SAELens", "topk"): lambda *a: saelens("topk", *a),
     ("SAELens", "batchtopk"): lambda *a: saelens("batchtopk", *a),
     ("SAELens", "matryoshka"): lambda *a: saelens("matryoshka", *a),

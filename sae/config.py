@@ -25,10 +25,32 @@ class SaeConfig:
     normalize_decoder: bool = True
     """Keep every decoder row at unit norm during training."""
 
-    activation: Literal["topk", "batchtopk"] = "topk"
+    activation: Literal["topk", "batchtopk", "matryoshka"] = "topk"
     """topk: the k largest latents of each input (sparsify's). batchtopk (Bussmann et al.
     2024): the k * B largest over a training batch of B inputs, so inputs share the budget;
-    at inference a latent fires above a threshold estimated during training."""
+    at inference a latent fires above a threshold estimated during training. matryoshka
+    (Bussmann et al. 2025): batchtopk whose first latents must also reconstruct the input on
+    their own, at each width of matryoshka_fractions (nested dictionaries, against feature
+    absorption); it runs as a batchtopk SAE."""
+
+    matryoshka_fractions: list[float] = dataclasses.field(
+        default_factory=lambda: [0.125, 0.25, 0.5]
+    )
+    """matryoshka: the inner dictionaries' widths as fractions of the SAE's, increasing; the
+    whole width is always the last level. Each level adds its reconstruction's FVU to the
+    loss. Training only: what the SAE computes does not depend on it."""
+
+    @property
+    def thresholded(self) -> bool:
+        """Whether the SAE selects by a learnt threshold at inference (batchtopk's rule)."""
+        return self.activation in ("batchtopk", "matryoshka")
+
+    def matryoshka_widths(self, num_latents: int) -> list[int]:
+        """The inner levels' widths in latents (the whole width not included)."""
+        if self.activation != "matryoshka":
+            return []
+        widths = sorted({max(1, round(f * num_latents)) for f in self.matryoshka_fractions})
+        return [w for w in widths if w < num_latents]
 
     def resolve_num_latents(self, d_in: int) -> int:
         """Width of the SAE for an input of width d_in."""
@@ -44,8 +66,16 @@ class SaeConfig:
             raise ValueError(f"num_latents must be >= 0 (got {self.num_latents})")
         if self.k <= 0:
             raise ValueError(f"k must be > 0 (got {self.k})")
-        if self.activation not in ("topk", "batchtopk"):
-            raise ValueError(f"activation must be topk or batchtopk (got {self.activation!r})")
+        if self.activation not in ("topk", "batchtopk", "matryoshka"):
+            raise ValueError(
+                f"activation must be topk, batchtopk or matryoshka (got {self.activation!r})"
+            )
+        f = list(self.matryoshka_fractions)
+        if not all(a < b for a, b in zip([0.0, *f], [*f, 1.0])):
+            raise ValueError(
+                "matryoshka_fractions must increase within (0, 1), e.g. [0.125, 0.25, 0.5] "
+                f"(got {self.matryoshka_fractions!r})"
+            )
         if d_in is not None:
             if d_in <= 0:
                 raise ValueError(f"d_in must be > 0 (got {d_in})")

@@ -1,8 +1,8 @@
 """The TopK sparse autoencoder, saved in EleutherAI sparsify's checkpoint layout.
 
-A BatchTopK SAE (`activation: batchtopk`) is saved in the same layout plus one tensor,
-`threshold` (a scalar): at inference a latent fires where its pre-activation exceeds it.
-sparsify has no BatchTopK and does not load these.
+A BatchTopK or Matryoshka SAE (`activation: batchtopk`, `matryoshka`) is saved in the same
+layout plus one tensor, `threshold` (a scalar): at inference a latent fires where its
+pre-activation exceeds it. sparsify has neither and refuses these (an unexpected tensor).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class ForwardOutput(NamedTuple):
     """Fraction of variance unexplained on this batch."""
     auxk_loss: Tensor
     """AuxK loss (0 when no dead mask is given or no latent is dead)."""
+    inner_fvu: Tensor
+    """Matryoshka: the sum over the inner levels of the FVU of the reconstruction by the
+    level's latents alone (0 for the other activations); part of the training loss."""
 
 
 class TopKSae(nn.Module):
@@ -58,7 +61,7 @@ class TopKSae(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         # Unit-norm rows from the start, as Gao et al. prescribe for every SAE.
         self.set_decoder_norm_to_unit_norm()
-        if cfg.activation == "batchtopk":
+        if cfg.thresholded:
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=dtype))
 
     @property
@@ -72,7 +75,7 @@ class TopKSae(nn.Module):
             )
 
     def _rule(self, batch_topk: bool) -> tuple[str, float]:
-        if self.cfg.activation == "topk":
+        if not self.cfg.thresholded:
             return "topk", 0.0
         return ("batchtopk", 0.0) if batch_topk else ("threshold", float(self.threshold))
 
@@ -142,7 +145,13 @@ class TopKSae(nn.Module):
             auxk_loss = scale * (e_hat - e_BD.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu.new_zeros(())
-        return ForwardOutput(sae_out, acts_BK, idx_BK, fvu, auxk_loss)
+        inner_fvu = fvu.new_zeros(())
+        for width in self.cfg.matryoshka_widths(self.num_latents):
+            # the level's own latents: the first `width`, their activations as the batch chose
+            inner_BK = torch.where(idx_BK < width, acts_BK, 0)
+            e_inner = x_BD - self.decode(inner_BK, idx_BK)
+            inner_fvu = inner_fvu + e_inner.pow(2).sum() / total_variance
+        return ForwardOutput(sae_out, acts_BK, idx_BK, fvu, auxk_loss, inner_fvu)
 
     @torch.no_grad()
     def update_threshold(self, acts_BK: Tensor) -> None:

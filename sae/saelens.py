@@ -34,6 +34,7 @@ FORMAT_VERSION = "6.0.0"
 # SaeConfig fields that the SAELens config expresses (the others change nothing at inference,
 # or, when set away from their defaults, something SAELens's "topk" SAE cannot represent).
 _EXPRESSED = {"expansion_factor", "num_latents", "k", "normalize_decoder", "activation"}
+_EXPRESSED |= {"matryoshka_fractions"}  # training only
 _TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
 _BATCHTOPK_TENSORS = _TENSORS | {"threshold"}
 
@@ -53,7 +54,7 @@ def save_saelens(
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
-    batchtopk = sae.cfg.activation == "batchtopk"
+    batchtopk = sae.cfg.thresholded  # batchtopk and matryoshka run as a JumpReLU
     if batchtopk:
         tensors["threshold"] = sae.threshold.expand(sae.num_latents)
     save_file(
@@ -83,7 +84,7 @@ def save_saelens(
 
 
 def _check_expressible(sae: TopKSae) -> None:
-    allowed = _BATCHTOPK_TENSORS if sae.cfg.activation == "batchtopk" else _TENSORS
+    allowed = _BATCHTOPK_TENSORS if sae.cfg.thresholded else _TENSORS
     extra = sorted(set(sae.state_dict()) - allowed)
     changed = [
         f"{f.name}={getattr(sae.cfg, f.name)!r}"

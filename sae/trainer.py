@@ -231,7 +231,7 @@ class Trainer:
         dead_M = self.since_fired_M >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = sae(x_BD, dead_mask=dead_M, batch_topk=True, exact=cfg.exact_topk)
-        loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+        loss = out.fvu + out.inner_fvu + cfg.auxk_alpha * out.auxk_loss
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"loss became {loss.item()} at step {self.step}: lower lr "
@@ -245,7 +245,7 @@ class Trainer:
         self.scheduler.step()
         if self.sae_cfg.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()
-        if self.sae_cfg.activation == "batchtopk":
+        if self.sae_cfg.thresholded:
             sae.update_threshold(out.latent_acts)
         self.since_fired_M += len(x_BD)
         self.since_fired_M[out.latent_indices[out.latent_acts > 0]] = 0

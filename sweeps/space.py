@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIVATIONS = ("topk", "batchtopk")
+ACTIVATIONS = ("topk", "batchtopk", "matryoshka")
 
 #: name -> (value type, log scale by default for ranges, lower bound, bound is exclusive)
 PARAMS: dict[str, tuple[type, bool, float, bool]] = {
@@ -47,7 +47,8 @@ class SearchConfig:
     """AuxK on (true), off (false), or searched ([true, false])."""
 
     activation: Any = "topk"
-    """Sparsity rule: topk, batchtopk, or searched ([topk, batchtopk])."""
+    """Sparsity rule: topk, batchtopk, matryoshka, or searched (e.g. [topk, matryoshka]);
+    matryoshka's level widths are sae.matryoshka_fractions."""
 
     points_to_evaluate: list[dict] = field(default_factory=list)
     """Known-good settings to try first, e.g. [{lr: 5e-4, k: 64, layer: 11}]."""
@@ -145,7 +146,7 @@ class SearchSpace:
         activation = cfg.activation if isinstance(cfg.activation, list) else [cfg.activation]
         if not activation or not all(a in ACTIVATIONS for a in activation):
             raise ValueError(
-                f"search.activation: use topk, batchtopk or [topk, batchtopk] "
+                f"search.activation: use one or a list of {', '.join(ACTIVATIONS)} "
                 f"(got {cfg.activation!r})"
             )
         switches = {"auxk", "activation"}

@@ -39,3 +39,18 @@ def dense_forward(
     if dead_mask is not None and dead_mask.any():
         aux = _auxk(pre, e, W_dec, dead_mask, total_variance)
     return fvu + auxk_alpha * aux, fvu, aux, z
+
+
+def dense_matryoshka_forward(x, W_enc, b_enc, W_dec, b_dec, k, fractions):
+    """Matryoshka-BatchTopK's training loss computed densely (Bussmann et al. 2025): the batch
+    picks k * B latents as BatchTopK does; the first M * f of them, for each fraction f, and
+    then all of them, each reconstruct x; the loss sums the levels' FVUs."""
+    _, fvu, _, z = dense_forward(x, W_enc, b_enc, W_dec, b_dec, k, batch_topk=True)
+    total_variance = (x - x.mean(0)).pow(2).sum()
+    m = W_dec.shape[0]
+    inner = torch.zeros((), dtype=x.dtype)
+    for width in sorted({max(1, round(f * m)) for f in fractions}):
+        prefix = torch.zeros_like(z)
+        prefix[:, :width] = z[:, :width]
+        inner = inner + (x - (prefix @ W_dec + b_dec)).pow(2).sum() / total_variance
+    return fvu + inner, fvu, inner, z

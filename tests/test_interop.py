@@ -205,13 +205,14 @@ def test_saelens_loads_the_export_with_equal_latents(swept):
         torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
 
 
-def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path):
-    """A trained BatchTopK SAE opens in SAELens as the JumpReLU SAE SAELens itself saves
-    after BatchTopK training, and gives our latents and reconstruction at inference."""
+@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka"])
+def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path, activation):
+    """A trained BatchTopK or Matryoshka SAE opens in SAELens as the JumpReLU SAE SAELens
+    itself saves after training either, and gives our latents and reconstruction."""
     sae_lens = pytest.importorskip("sae_lens")
     x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(batch_size=100, steps=60, lr=3e-3, eval_every=60, normalize_input=True)
-    ours = train_sae(3 * x, SaeConfig(num_latents=64, k=4, activation="batchtopk"), cfg).sae
+    ours = train_sae(3 * x, SaeConfig(num_latents=64, k=4, activation=activation), cfg).sae
     assert ours.threshold > 0
     save_saelens(ours, tmp_path / "layers.0", {"hook_name": "blocks.0.hook_resid_post"})
     assert TopKSae.load(tmp_path / "layers.0").threshold == ours.threshold
@@ -224,6 +225,14 @@ def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path):
         assert 0 < (latents > 0).sum(1).float().mean() < ours.num_latents / 2
         torch.testing.assert_close(latents, _dense(ours, x))
         torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka"])
+def test_sparsify_refuses_what_it_has_no_architecture_for(tmp_path, activation):
+    """sparsify has neither BatchTopK nor Matryoshka: it must not load them as a TopK SAE."""
+    TopKSae(16, SaeConfig(num_latents=64, k=4, activation=activation)).save(tmp_path)
+    with pytest.raises(TypeError, match=f"Expected one of .*got {activation}"):
+        sparsify.SparseCoder.load_from_disk(tmp_path)
 
 
 def test_train_probe_reports_probe_accuracies_at_every_evaluation(swept):

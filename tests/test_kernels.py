@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae import SaeConfig, TopKSae, TrainConfig, kernels, train_sae
-from tests.reference import dense_forward
+from tests.reference import dense_forward, dense_matryoshka_forward
 
 
 def _sae(d=16, M=64, k=4, seed=0):
@@ -176,6 +176,31 @@ def test_batchtopk_training_rule_matches_dense_reference():
     ours = _grads(out.fvu + 0.5 * out.auxk_loss, params)
     for g, r in zip(ours, _grads(ref_loss, params)):
         torch.testing.assert_close(g, r)
+
+
+def test_matryoshka_loss_and_gradients_match_a_dense_reference():
+    torch.manual_seed(3)
+    cfg = SaeConfig(num_latents=64, k=4, activation="matryoshka", matryoshka_fractions=[0.1, 0.5])
+    sae = TopKSae(16, cfg).double()
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec]
+    out = sae(x, batch_topk=True)
+    ref_loss, ref_fvu, ref_inner, z = dense_matryoshka_forward(x, *params, 4, [0.1, 0.5])
+    assert sae.cfg.matryoshka_widths(64) == [6, 32]
+    torch.testing.assert_close(
+        torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts), z
+    )
+    torch.testing.assert_close(out.fvu, ref_fvu)
+    torch.testing.assert_close(out.inner_fvu, ref_inner)
+    assert ref_inner > 2 * ref_fvu  # the inner levels reconstruct worse: a real term
+    for g, r in zip(_grads(out.fvu + out.inner_fvu, params), _grads(ref_loss, params)):
+        torch.testing.assert_close(g, r)
+    # other activations have no inner levels
+    topk = TopKSae(16, SaeConfig(num_latents=64, k=4)).double()
+    assert topk(x).inner_fvu == 0
 
 
 def test_batchtopk_inference_keeps_latents_above_the_threshold():
