@@ -151,8 +151,9 @@ def leaderboard_url(server: str, experiment_id: str, metric: str, mode: str) -> 
 
 
 def trial_label(config: Mapping[str, Any]) -> str:
-    """A trial's hyperparameters in a few characters, `L9 k32 x8 lr3.2e-04 aux0.031`: its
-    MLflow run name and its line on the console."""
+    """A trial's hyperparameters in a few characters, `L9 k32 x8 lr3.2e-04 aux0.031` (a
+    BatchTopK or Matryoshka trial starts with its activation's name): its MLflow run name,
+    its line on the console and the leaderboard's."""
     parts = [
         fmt.format(config[key])
         for key, fmt in (("layer", "L{}"), ("k", "k{}"), ("expansion_factor", "x{}"))
@@ -162,6 +163,8 @@ def trial_label(config: Mapping[str, Any]) -> str:
         parts.append(f"lr{float(config['lr']):.1e}")
     if "auxk_alpha" in config:
         parts.append(f"aux{float(config['auxk_alpha']):.2g}")
+    if config.get("activation", "topk") != "topk":  # the architecture, where not the default
+        parts.insert(0, str(config["activation"]))
     return " ".join(parts)
 
 

@@ -273,3 +273,35 @@ def test_export_of_a_run_that_is_no_trial_says_so(swept):
     parent_id = parent.data.tags["mlflow.parentRunId"]
     with pytest.raises(ValueError, match=f"run {parent_id} is not a trial of a sweep"):
         get_run(cfg, parent_id)
+
+
+@pytest.mark.timeout(900)
+def test_a_sweep_over_every_architecture_hands_each_sae_to_saelens(demo_assets, tmp_path):
+    """`search.activation: [topk, batchtopk, matryoshka]` through the CLI: each trial's SAE
+    loads back here, and in SAELens with our latents."""
+    sae_lens = pytest.importorskip("sae_lens")
+    out = tmp_path / "out"
+    archs = ["topk", "batchtopk", "matryoshka"]
+    sets = [
+        *demo_assets,
+        f"sweep.out_dir={out}",
+        "sweep.name=archs",
+        "tune.num_samples=3",
+        "tune.asha=false",
+        "train.epochs=2",
+        "search.layer=2",
+        f"search.activation=[{', '.join(archs)}]",
+        "search.points_to_evaluate=[" + ", ".join(f"{{activation: {a}}}" for a in archs) + "]",
+    ]
+    assert main(["sweep", "--config", DEMO_CONFIG, *[f"--set={s}" for s in sets]]) == 0
+    cfg = load_config(DEMO_CONFIG, sets)
+    done = best_trials(cfg, top=10)
+    assert sorted(r.params.activation for r in done) == sorted(archs)
+    for record in done:
+        ours = TopKSae.load(record.sae_dir)
+        x = torch.randn(32, ours.d_in)
+        assert ours.cfg.activation == record.params.activation
+        folder = save_saelens(ours, tmp_path / record.trial_id / "layers.2", {})
+        theirs = sae_lens.SAE.load_from_disk(str(folder))
+        with torch.no_grad():
+            torch.testing.assert_close(theirs.encode(x), _dense(ours, x))
