@@ -12,6 +12,7 @@ activations rescaled by the decoder norm, AuxK weight 1); Matryoshka-BatchTopK h
 of 1/8, 1/4, 1/2 and all of the width.
 
     python benchmarks/bench_architectures.py [--steps 2000] [--ks 8,16] [--lrs 1e-3,3e-3]
+        [--seeds 0,1] [--libs ours,SAELens] [--archs topk,batchtopk,matryoshka]
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def main() -> None:
     ap.add_argument("--ks", default="8,16", help="L0 targets (k), comma-separated")
     ap.add_argument("--lrs", default="1e-3,3e-3", help="the lr grid, comma-separated")
     ap.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
-    ap.add_argument("--no-saelens", action="store_true", help="ours only")
+    ap.add_argument("--libs", default="ours,SAELens", help="libraries, comma-separated")
+    ap.add_argument("--archs", default="topk,batchtopk,matryoshka", help="architectures")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ks = [int(v) for v in args.ks.split(",")]
@@ -128,7 +130,8 @@ def main() -> None:
         f"{args.steps} steps of {BATCH}, lr grid {lrs}, seeds {seeds}"
     )
     t0 = time.perf_counter()
-    runners = {k: v for k, v in RUNNERS.items() if not (args.no_saelens and k[0] == "SAELens")}
+    libs, archs = args.libs.split(","), args.archs.split(",")
+    runners = {k: v for k, v in RUNNERS.items() if k[0] in libs and k[1] in archs}
     table = {}
     for k in ks:
         for (lib, arch), run in runners.items():
