@@ -151,3 +151,37 @@ def test_probe_needs_two_labels_in_the_training_images(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.ARRAY_DIR_ENV, str(tmp_path / "node"))
     source = CachedLayer(str(_labelled_cache(tmp_path / "c", 1, labelled=False)), 2, 0.3, 0)
     assert fit_probe(source, 1) is None
+
+
+def test_streaming_stats_over_unlike_batches_equal_one_float64_pass():
+    """Batches of different sizes, means and scales: a wrong merge of per-batch moments (a
+    size weight left out, means pooled unweighted) shows here, where like batches hide it."""
+    g = torch.Generator().manual_seed(7)
+    sizes, offsets, scales = [1, 7, 130, 2, 50, 3], [0, 40, -15, 100, 3, -60], [1, 3, 0.5, 8, 1, 2]
+    xs = [s * torch.randn(n, 6, generator=g) + o for n, o, s in zip(sizes, offsets, scales)]
+    x_hats = [x + torch.randn(x.shape, generator=g) * (1 + i) + i for i, x in enumerate(xs)]
+    m, k = 12, 3
+    accs = [
+        torch.rand(len(x), k, generator=g) * (torch.rand(len(x), k, generator=g) > 0.3) for x in xs
+    ]
+    idxs = [torch.rand(len(x), m, generator=g).argsort(1)[:, :k] for x in xs]
+    stats = SaeStats(m)
+    for x, x_hat, a, i in zip(xs, x_hats, accs, idxs):
+        stats.update(x, x_hat, a, i)
+    got = stats.result()
+
+    x, x_hat = torch.cat(xs).double(), torch.cat(x_hats).double()
+    a, i = torch.cat(accs).double(), torch.cat(idxs)
+    var = (x - x.mean(0)).pow(2).sum()
+    r = x - x_hat
+    dense = torch.zeros(len(x), m, dtype=torch.float64).scatter(1, i, a)
+    fired = (dense > 0).sum(0)
+    assert got["fvu"] == pytest.approx((r.pow(2).sum() / var).item(), rel=1e-12)
+    assert got["explained_variance"] == pytest.approx(
+        (1 - (r - r.mean(0)).pow(2).sum() / var).item(), rel=1e-12
+    )
+    assert got["l0"] == pytest.approx((dense > 0).sum(1).double().mean().item(), rel=1e-12)
+    torch.testing.assert_close(stats.fired_M, fired)
+    torch.testing.assert_close(stats.mean_activation(), dense.sum(0) / fired.clamp(min=1))
+    assert got["max_act"] == pytest.approx(dense.max().item(), rel=1e-6)
+    assert got["never_fired_frac"] == pytest.approx((fired == 0).double().mean().item())
