@@ -18,10 +18,12 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used; the message says how to fix it."""
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
+def check_tracking_uri(uri: str, timeout_s: float = 30.0) -> None:
     """Fail before any compute when `uri` cannot be used as a tracking store.
 
-    Checks that an http(s) server answers and that a SQLite file's directory can be created;
+    Checks that an http(s) server answers MLflow's API (a refused connection fails at once;
+    the timeout is for a server that is slow, as a loaded one queried through its database
+    is, not for one that is down) and that a SQLite file's directory can be created;
     other database and hosted schemes are left to MLflow.
     """
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
