@@ -293,7 +293,10 @@ def test_a_sweep_over_every_architecture_hands_each_sae_to_saelens(demo_assets, 
         f"search.activation=[{', '.join(archs)}]",
         "search.points_to_evaluate=[" + ", ".join(f"{{activation: {a}}}" for a in archs) + "]",
     ]
-    assert main(["sweep", "--config", DEMO_CONFIG, *[f"--set={s}" for s in sets]]) == 0
+    # its own process, as a user runs it: this one may hold the suite's Ray already
+    proc = cli(["sweep", "--config", DEMO_CONFIG, *[f"--set={s}" for s in sets]])
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log
     cfg = load_config(DEMO_CONFIG, sets)
     done = best_trials(cfg, top=10)
     assert sorted(r.params.activation for r in done) == sorted(archs)

@@ -143,7 +143,8 @@ def test_a_new_sae_config_field_reaches_every_trial_and_its_params():
     assert train_cfg.batch_size == cfg.train.batch_size * 3  # images -> activations
     # ... and is logged with every trial's params, searched fields left to the trial's own
     logged = fixed_fields(cfg, "sae")
-    assert logged == {"normalize_decoder": False, "decoder_init_norm": 0.1}
+    assert logged["decoder_init_norm"] == 0.1 and logged["normalize_decoder"] is False
+    assert not set(logged) & {"k", "expansion_factor", "num_latents", "activation"}
 
 
 def test_a_new_train_field_reaches_every_trial():

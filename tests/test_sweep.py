@@ -455,7 +455,7 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
         (["search.lr=-0.001"], "search.lr: -0.001 must be > 0"),
         (["train.lr=0.01"], "train.lr is chosen per trial: set it under search.lr"),
         (["sae.activation=batchtopk"], "sae.activation is chosen per trial"),
-        (["search.activation=relu"], "search.activation: use topk, batchtopk"),
+        (["search.activation=relu"], "search.activation: use one or a list of topk, batchtopk"),
         (["tune.gpus_per_trial=1.5"], "tune.gpus_per_trial (got 1.5)"),
         (["sweep.tracking_uri=http://127.0.0.1:9"], "is not reachable"),
         # types come from the dataclass annotations, for every field
