@@ -7,102 +7,66 @@ on the same rows in the same order, with the same lr schedule (our default: warm
 decay), at each lr of one grid; each library's row is its best lr by validation MCC, mean
 over seeds. Scored on held-out rows: L0 as deployed, explained variance, MCC (Hungarian
 matching of decoder rows to true features), the share of features recovered (best cosine >=
-0.9) and dead latents. SAELens runs its training SAEs as they are (decoder init norm 0.1,
-activations rescaled by the decoder norm, AuxK weight 1); Matryoshka-BatchTopK has prefixes
-of 1/8, 1/4, 1/2 and all of the width.
+0.9), absorption (sae.ground_truth.absorption: how much less often a parent's latent fires
+when a child fires with it) and latents that never fired. SAELens runs its training SAEs as
+they are (decoder init norm 0.1, activations rescaled by the decoder norm, AuxK weight 1);
+Matryoshka-BatchTopK has prefixes of 1/8, 1/4, 1/2 and all of the width; JumpReLU aims at
+L0 = k (ours: (L0 / k - 1)^2; SAELens: Gemma Scope 2's quadratic penalty).
 
-    python benchmarks/bench_architectures.py [--steps 2000] [--ks 8,16] [--lrs 1e-3,3e-3]
-        [--seeds 0,1] [--libs ours,SAELens] [--archs topk,batchtopk,matryoshka]
+    python benchmarks/bench_architectures.py [--steps 2000] [--ks 8,16] [--lrs 3e-3,1e-2]
+        [--seeds 0,1] [--libs ours,SAELens] [--archs topk,batchtopk,matryoshka,jumprelu]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 
 from sae import SaeConfig, TrainConfig, train_sae
-from sae.ground_truth import GroundTruth, GroundTruthConfig, feature_recovery
-from sae.trainer import _lr_lambda
+from peers import saelens_acts, saelens_sae, train_saelens
+from sae.ground_truth import GroundTruth, GroundTruthConfig, absorption, feature_recovery
 
 WIDTH, BATCH = 512, 256
 
 
 def ours(activation, x, val, k, lr, steps, seed):
     cfg = TrainConfig(lr=lr, steps=steps, batch_size=BATCH, eval_every=steps, seed=seed)
-    result = train_sae(
+    sae = train_sae(
         x, SaeConfig(num_latents=WIDTH, k=k, activation=activation), cfg, val_acts=val
-    )
-    sae = result.sae
+    ).sae
     with torch.no_grad():
-        acts, idx = sae.encode(val)  # BatchTopK: by its learnt threshold, as deployed
-        x_hat = sae.decode(acts, idx)
-        l0 = (acts > 0).sum(1).float().mean().item()
-    return x_hat, l0, sae.W_dec, result.metrics["never_fired_frac"]
+        acts, idx = sae.encode(val)  # BatchTopK, JumpReLU: by their thresholds, as deployed
+        acts_NM = torch.zeros(len(val), WIDTH).scatter_(1, idx, acts)
+    return sae.decode(acts, idx), acts_NM, sae.W_dec
 
 
 def saelens(activation, x, val, k, lr, steps, seed):
-    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.saes.matryoshka_batchtopk_sae import (
-        MatryoshkaBatchTopKTrainingSAE,
-        MatryoshkaBatchTopKTrainingSAEConfig,
-    )
-    from sae_lens.saes.sae import TrainStepInput
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-
-    kinds = {
-        "topk": (TopKTrainingSAEConfig, TopKTrainingSAE, {}),
-        "batchtopk": (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE, {}),
-        "matryoshka": (
-            MatryoshkaBatchTopKTrainingSAEConfig,
-            MatryoshkaBatchTopKTrainingSAE,
-            {"matryoshka_widths": [WIDTH // 8, WIDTH // 4, WIDTH // 2, WIDTH]},
-        ),
-    }
-    config, cls, extra = kinds[activation]
     torch.manual_seed(seed)
-    sae = cls(config(d_in=x.shape[1], d_sae=WIDTH, k=k, **extra))
+    sae = train_saelens(
+        saelens_sae(activation, x.shape[1], WIDTH, k),
+        x,
+        steps=steps,
+        lr=lr,
+        batch=BATCH,
+        seed=seed,
+        dead_window=TrainConfig().dead_feature_threshold,  # our AuxK window
+    )
+    acts_NM = saelens_acts(sae, val)
     with torch.no_grad():
-        sae.b_dec.copy_(x[:BATCH].mean(0))
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(TrainConfig(), steps))
-    gen = torch.Generator().manual_seed(seed)
-    since = torch.zeros(WIDTH, dtype=torch.int64)
-    per_epoch = len(x) // BATCH
-    for step in range(steps):
-        if step % per_epoch == 0:
-            order = torch.randperm(len(x), generator=gen)
-        batch = x[order[(step % per_epoch) * BATCH :][:BATCH]]
-        dead = since >= TrainConfig().dead_feature_threshold  # our AuxK window
-        out = sae.training_forward_pass(TrainStepInput(batch, {}, dead, step, False))
-        since += len(batch)
-        since[(out.feature_acts > 0).any(0)] = 0
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        sched.step()
-    with torch.no_grad():
-        if activation == "topk":
-            acts = sae.encode(val)
-        else:  # saved as a JumpReLU at its learnt threshold
-            pre = sae.encode_with_hidden_pre(val)[1]
-            acts = pre.relu() * (pre > sae.topk_threshold)
-        x_hat = sae.decode(acts)
-        l0 = (acts > 0).sum(1).float().mean().item()
-        never = ((acts > 0).sum(0) == 0).float().mean().item()
-        # SAELens rescales activations by the decoder norms: its directions are W_dec's rows
-    return x_hat, l0, sae.W_dec, never
+        x_hat = sae.decode(acts_NM)
+    # SAELens rescales activations by the decoder norms: its directions are W_dec's rows
+    return x_hat, acts_NM, sae.W_dec
 
 
+ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu")
 RUNNERS = {
-    ("ours", "topk"): lambda *a: ours("topk", *a),
-    ("ours", "batchtopk"): lambda *a: ours("batchtopk", *a),
-    ("ours", "matryoshka"): lambda *a: ours("matryoshka", *a),
-    ("SAELens", "topk"): lambda *a: saelens("topk", *a),
-    ("SAELens", "batchtopk"): lambda *a: saelens("batchtopk", *a),
-    ("SAELens", "matryoshka"): lambda *a: saelens("matryoshka", *a),
+    (lib, arch): functools.partial(run, arch)
+    for lib, run in (("ours", ours), ("SAELens", saelens))
+    for arch in ARCHS
 }
 
 
@@ -111,10 +75,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--rows", type=int, default=60_000, help="training rows")
     ap.add_argument("--ks", default="8,16", help="L0 targets (k), comma-separated")
-    ap.add_argument("--lrs", default="1e-3,3e-3", help="the lr grid, comma-separated")
+    ap.add_argument("--lrs", default="3e-3,1e-2", help="the lr grid, comma-separated")
     ap.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
     ap.add_argument("--libs", default="ours,SAELens", help="libraries, comma-separated")
-    ap.add_argument("--archs", default="topk,batchtopk,matryoshka", help="architectures")
+    ap.add_argument("--archs", default=",".join(ARCHS), help="architectures, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ks = [int(v) for v in args.ks.split(",")]
@@ -139,13 +103,14 @@ def main() -> None:
             for lr in lrs:
                 scores = []
                 for seed in seeds:
-                    x_hat, l0, W_dec, never = run(x, val, k, lr, args.steps, seed)
-                    ev = 1 - ((val - x_hat).pow(2).sum() / variance).item()
+                    x_hat, acts_NM, W_dec = run(x, val, k, lr, args.steps, seed)
+                    fires_NM = acts_NM > 0
                     scores.append(
                         {
-                            "l0": l0,
-                            "ev": ev,
-                            "dead": never,
+                            "l0": fires_NM.sum(1).float().mean().item(),
+                            "ev": 1 - ((val - x_hat).pow(2).sum() / variance).item(),
+                            "dead": (~fires_NM.any(0)).float().mean().item(),
+                            "absorption": absorption(fires_NM, W_dec, coef, gt),
                             **feature_recovery(W_dec, gt.features_FD),
                         }
                     )
@@ -158,15 +123,16 @@ def main() -> None:
     print()
     print(
         "| k | library | architecture | best lr | L0 | EV | MCC (seed spread) | recovered "
-        "| never fired | MCC / peer's |"
+        "| absorption | never fired | MCC / peer's |"
     )
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (k, lib, arch), (lr, m) in table.items():
         peer = table.get((k, "SAELens", arch))
         ratio = f"{m['mcc'] / peer[1]['mcc']:.3f}" if lib == "ours" and peer else "-"
         print(
             f"| {k} | {lib} | {arch} | {lr:g} | {m['l0']:.2f} | {m['ev']:.3f} | "
-            f"{m['mcc']:.3f} ({m['mcc_spread']:.3f}) | {m['recovered']:.3f} | {m['dead']:.3f} "
+            f"{m['mcc']:.3f} ({m['mcc_spread']:.3f}) | {m['recovered']:.3f} | "
+            f"{m['absorption']:.3f} | {m['dead']:.3f} "
             f"| {ratio} |"
         )
     print(f"({time.perf_counter() - t0:.0f} s)")

@@ -27,7 +27,7 @@ import torch
 
 from sae import SaeConfig, TopKSae, TrainConfig, train_sae
 from sae.metrics import SaeStats
-from sae.trainer import _lr_lambda
+from peers import saelens_acts, saelens_sae, train_saelens
 
 
 def varying_sparsity_data(seed: int, n: int, d: int, n_atoms: int, mean_active: float):
@@ -115,44 +115,21 @@ def saelens_rows(name, x, val, ks, steps, auxk: bool) -> list[str]:
     100 warmup steps and linear decay (ours), b_dec at the first batch's mean; BatchTopK
     deployed as SAELens saves it, a JumpReLU at its learnt threshold. `auxk`: SAELens's AuxK
     (its weight 1) on latents dead for 50,000 activations, as in our runs."""
-    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.saes.sae import TrainStepInput
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-
-    kinds = {
-        "topk": (TopKTrainingSAEConfig, TopKTrainingSAE),
-        "batchtopk": (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE),
-    }
     rows = []
     for k in ks:
-        for activation, (config, cls) in kinds.items():
+        for activation in ("topk", "batchtopk"):
             torch.manual_seed(0)
-            sae = cls(config(d_in=x.shape[1], d_sae=512, k=k))
+            sae = train_saelens(
+                saelens_sae(activation, x.shape[1], 512, k),
+                x,
+                steps=steps,
+                lr=2e-3,
+                batch=256,
+                seed=0,
+                dead_window=50_000 if auxk else None,  # our runs' dead window
+            )
+            acts = saelens_acts(sae, val)
             with torch.no_grad():
-                sae.b_dec.copy_(x[:256].mean(0))
-            opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(TrainConfig(), steps))
-            gen = torch.Generator().manual_seed(0)
-            since = torch.zeros(512, dtype=torch.int64)
-            per_epoch = len(x) // 256
-            for step in range(steps):
-                if step % per_epoch == 0:
-                    order = torch.randperm(len(x), generator=gen)
-                batch = x[order[(step % per_epoch) * 256 :][:256]]
-                dead = since >= 50_000 if auxk else None  # our runs' dead window
-                out = sae.training_forward_pass(TrainStepInput(batch, {}, dead, step, False))
-                since += len(batch)
-                since[(out.feature_acts > 0).any(0)] = 0
-                opt.zero_grad()
-                out.loss.backward()
-                opt.step()
-                sched.step()
-            with torch.no_grad():
-                if activation == "batchtopk":
-                    pre = sae.encode_with_hidden_pre(val)[1]
-                    acts = pre.relu() * (pre > sae.topk_threshold)
-                else:
-                    acts = sae.encode(val)
                 err = (val - sae.decode(acts)).pow(2).sum() / (val - val.mean(0)).pow(2).sum()
             l0 = (acts > 0).sum(1).float().mean()
             tag = "SAELens" + (" + AuxK" if auxk else "")

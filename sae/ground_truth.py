@@ -118,3 +118,31 @@ def feature_recovery(W_dec_MD: Tensor, features_FD: Tensor, threshold: float = 0
         "recovered": float((best >= threshold).mean()),
         "best_cos": float(best.mean()),
     }
+
+
+def absorption(
+    fires_NM: Tensor, W_dec_MD: Tensor, coef_NF: Tensor, gt: GroundTruth, min_rows: int = 20
+) -> float:
+    """How much of their parents' latents the children eat (feature absorption, Chanin et al.
+    2024): the mean over parents of how much less often the parent's latent fires on rows
+    where the parent fires with a child than on rows where it fires alone.
+
+    A parent's latent is the decoder row closest to it (by |cosine|). `fires_NM` says which
+    latents fired on each row of `coef_NF`. Parents with fewer than `min_rows` rows of either
+    kind are left out; 0 when no parent has enough. 0 is no absorption, 1 a latent that fires
+    whenever its parent is alone and never when a child is there.
+    """
+    W = torch.nn.functional.normalize(W_dec_MD.detach().float().cpu(), dim=1)
+    latent_of = (gt.features_FD @ W.T).abs().argmax(1)
+    fires_NM, coef_NF = fires_NM.cpu(), coef_NF.cpu()
+    children = torch.from_numpy(gt.parent_of)
+    gaps = []
+    for parent in torch.unique(children[children >= 0]).tolist():
+        on = coef_NF[:, parent] > 0
+        with_child = (coef_NF[:, children == parent] > 0).any(1)
+        alone, together = on & ~with_child, on & with_child
+        if alone.sum() < min_rows or together.sum() < min_rows:
+            continue
+        fired = fires_NM[:, latent_of[parent]]
+        gaps.append(max(fired[alone].float().mean() - fired[together].float().mean(), 0.0))
+    return float(torch.tensor(gaps).mean()) if gaps else 0.0

@@ -184,8 +184,10 @@ class TopKEncode(torch.autograd.Function):
             else:
                 keep_BM = pre_BM > threshold
             width = max(int(keep_BM.sum(1).max()), 1)
-            acts_BK, idx_BK = pre_BM.topk(width, dim=1, sorted=False)
-            acts_BK = torch.where(keep_BM.gather(1, idx_BK), acts_BK, 0)
+            # Per-latent thresholds keep latents that need not be a row's largest values.
+            kept_BM = pre_BM.masked_fill(~keep_BM, -math.inf)
+            _, idx_BK = kept_BM.topk(width, dim=1, sorted=False)
+            acts_BK = torch.where(keep_BM.gather(1, idx_BK), pre_BM.gather(1, idx_BK), 0)
         acts_BK = acts_BK.relu_()
         if dead_M is not None and k_aux > 0 and not prefilter and xc_BD.device.type != "cpu":
             # On a GPU, nonzero() would wait for the device; masking the live latents does
@@ -252,6 +254,43 @@ class SparseDecode(torch.autograd.Function):
         return g_acts, None, g_W
 
 
+class JumpReLU(torch.autograd.Function):
+    """JumpReLU's training activations (Rajamanoharan et al. 2024), dense over the batch:
+    acts = pre * (pre > threshold) and fires = (pre > threshold), per latent.
+
+    The step has no gradient, so the thresholds get a straight-through estimate: the step's
+    derivative is replaced by a rectangle kernel of width `bandwidth` around the threshold.
+    Then d acts / d threshold = -(threshold / bandwidth) * K and d fires / d threshold =
+    -K / bandwidth, with K = 1 where |pre - threshold| < bandwidth / 2. The pre-activations
+    get the ordinary gradient of acts (the step's own is zero).
+    """
+
+    @staticmethod
+    def forward(ctx, pre_BM, threshold_M, bandwidth: float):
+        fires_BM = pre_BM > threshold_M
+        ctx.save_for_backward(pre_BM, threshold_M, fires_BM)
+        ctx.bandwidth = bandwidth
+        return pre_BM * fires_BM, fires_BM.to(pre_BM.dtype)
+
+    @staticmethod
+    def backward(ctx, g_acts_BM, g_fires_BM):
+        pre_BM, threshold_M, fires_BM = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near_BM = ((pre_BM - threshold_M).abs() < eps / 2).to(threshold_M.dtype)
+        g_pre = g_acts_BM * fires_BM if g_acts_BM is not None else None
+        g_theta = threshold_M.new_zeros(threshold_M.shape)
+        if g_acts_BM is not None:
+            g_theta -= (near_BM * g_acts_BM).sum(0) * threshold_M / eps
+        if g_fires_BM is not None:
+            g_theta -= (near_BM * g_fires_BM).sum(0) / eps
+        return g_pre, g_theta, None
+
+
+def jumprelu(pre_BM, threshold_M, bandwidth):
+    """(acts_BM, fires_BM) of JumpReLU with straight-through threshold gradients."""
+    return JumpReLU.apply(pre_BM, threshold_M, bandwidth)
+
+
 def topk_encode(
     x_BD,
     W_enc_MD,
@@ -265,7 +304,7 @@ def topk_encode(
     exact=False,
 ):
     """rule: "topk" (k per row), "batchtopk" (k * B over the batch) or "threshold" (every
-    pre-activation above `threshold`). The last two return rows padded with zeros.
+    pre-activation above `threshold`, a number or one per latent, (M,)). The last two return rows padded with zeros.
     `exact`: select from the fp32 matmul even where bf16_prefilter would pick candidates."""
     return TopKEncode.apply(
         x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M, k_aux, rule, threshold, exact

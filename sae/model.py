@@ -2,13 +2,15 @@
 
 A BatchTopK or Matryoshka SAE (`activation: batchtopk`, `matryoshka`) is saved in the same
 layout plus one tensor, `threshold` (a scalar): at inference a latent fires where its
-pre-activation exceeds it. sparsify has neither and refuses these (an unexpected tensor).
+pre-activation exceeds it. A JumpReLU SAE's `threshold` holds one learnt threshold per latent,
+(M,). sparsify has none of these and refuses them (an unexpected tensor).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import SaeConfig, from_dict
-from .kernels import sparse_decode, topk_encode
+from .kernels import jumprelu, sparse_decode, topk_encode
 
 THRESHOLD_LR = 0.01
 """BatchTopK: weight of each training batch in the running average of the inference
@@ -44,6 +46,9 @@ class ForwardOutput(NamedTuple):
     inner_fvu: Tensor
     """Matryoshka: the sum over the inner levels of the FVU of the reconstruction by the
     level's latents alone (0 for the other activations); part of the training loss."""
+    l0_loss: Tensor
+    """JumpReLU: (L0 / k - 1)^2 with the batch's mean L0 counted straight-through, which
+    TrainConfig.l0_coefficient weighs in the loss (0 for the other activations)."""
 
 
 class TopKSae(nn.Module):
@@ -63,6 +68,12 @@ class TopKSae(nn.Module):
         self.set_decoder_norm_to_unit_norm()
         if cfg.thresholded:
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=dtype))
+        if cfg.jumprelu:
+            # Learnt, and kept >= 0 by the trainer (a negative one would pass negative
+            # pre-activations); the trainer sets its start from the first batch.
+            self.threshold = nn.Parameter(
+                torch.zeros(self.num_latents, device=device, dtype=dtype)
+            )
 
     @property
     def device(self) -> torch.device:
@@ -74,10 +85,16 @@ class TopKSae(nn.Module):
                 f"input has d_in={x_BD.shape[-1]} but this SAE was built for d_in={self.d_in}"
             )
 
-    def _rule(self, batch_topk: bool) -> tuple[str, float]:
+    def _rule(self, batch_topk: bool) -> tuple[str, float | Tensor]:
+        if self.cfg.jumprelu:
+            return "threshold", self.threshold.detach()
         if not self.cfg.thresholded:
             return "topk", 0.0
         return ("batchtopk", 0.0) if batch_topk else ("threshold", float(self.threshold))
+
+    def pre_activations(self, x_BD: Tensor) -> Tensor:
+        """(x - b_dec) @ W_enc.T + b_enc for every latent, (B, M): dense, with autograd."""
+        return torch.addmm(self.encoder.bias, x_BD - self.b_dec, self.encoder.weight.t())
 
     def encode(
         self, x_BD: Tensor, *, batch_topk: bool = False, exact: bool = False
@@ -120,19 +137,33 @@ class TopKSae(nn.Module):
         # Gao et al. appendix B.1: k_aux = d/2, capped at the dead count; loss scaled down
         # when there are few dead latents.
         k_aux = min(self.d_in // 2, num_dead)
-        acts_BK, idx_BK, aux_acts, aux_idx = topk_encode(
-            x_BD,
-            self.encoder.weight,
-            self.encoder.bias,
-            self.b_dec,
-            self.cfg.k,
-            dead_mask if k_aux > 0 else None,
-            k_aux,
-            rule,
-            threshold,
-            exact,
-        )
-        sae_out = self.decode(acts_BK, idx_BK)
+        if self.cfg.jumprelu:
+            # Dense: the thresholds' gradient needs the pre-activations near them, which a
+            # sparse selection would not keep.
+            pre_BM = self.pre_activations(x_BD)
+            acts_BM, fires_BM = jumprelu(pre_BM, self.threshold, self.cfg.jumprelu_bandwidth)
+            sae_out = acts_BM @ self.W_dec + self.b_dec
+            width = max(int(fires_BM.sum(1).max()), 1)
+            acts_BK, idx_BK = acts_BM.detach().topk(width, dim=1, sorted=False)
+            l0_loss = (fires_BM.sum(1).mean() / self.cfg.k - 1).pow(2)
+            if k_aux > 0:
+                aux_acts, aux_idx = pre_BM.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=1)
+                aux_acts = aux_acts.relu()
+        else:
+            acts_BK, idx_BK, aux_acts, aux_idx = topk_encode(
+                x_BD,
+                self.encoder.weight,
+                self.encoder.bias,
+                self.b_dec,
+                self.cfg.k,
+                dead_mask if k_aux > 0 else None,
+                k_aux,
+                rule,
+                threshold,
+                exact,
+            )
+            sae_out = self.decode(acts_BK, idx_BK)
+            l0_loss = sae_out.new_zeros(())
         e_BD = x_BD - sae_out
         if total_variance is None:
             total_variance = (x_BD - x_BD.mean(0)).pow(2).sum()
@@ -151,7 +182,7 @@ class TopKSae(nn.Module):
             inner_BK = torch.where(idx_BK < width, acts_BK, 0)
             e_inner = x_BD - self.decode(inner_BK, idx_BK)
             inner_fvu = inner_fvu + e_inner.pow(2).sum() / total_variance
-        return ForwardOutput(sae_out, acts_BK, idx_BK, fvu, auxk_loss, inner_fvu)
+        return ForwardOutput(sae_out, acts_BK, idx_BK, fvu, auxk_loss, inner_fvu, l0_loss)
 
     @torch.no_grad()
     def update_threshold(self, acts_BK: Tensor) -> None:
@@ -169,7 +200,8 @@ class TopKSae(nn.Module):
     @torch.no_grad()
     def input_scale_folded(self, scale: float) -> TopKSae:
         """A copy that reads raw x, for an SAE trained on scale * x: the same latents fire,
-        their activations and both biases shrink by 1/scale; the weights are unchanged."""
+        their activations, both biases and the thresholds shrink by 1/scale; the weights are
+        unchanged."""
         raw = TopKSae(self.d_in, self.cfg, device=self.device, dtype=self.W_dec.dtype)
         raw.load_state_dict(self.state_dict())
         for name, tensor in raw.state_dict().items():
@@ -192,7 +224,7 @@ class TopKSae(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write cfg.json and sae.safetensors in sparsify's layout (plus `threshold` for
-        BatchTopK)."""
+        BatchTopK, Matryoshka and JumpReLU)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = self.state_dict()

@@ -9,8 +9,9 @@ so the folder loads in all three.
 
 A BatchTopK SAE is saved as SAELens saves its own after training: architecture "jumprelu",
 with our scalar inference threshold repeated per latent as `threshold` [d_sae]. SAELens's
-JumpReLU keeps relu(pre) where pre > threshold, which is our inference rule. sparsify has no
-BatchTopK: our `sae.safetensors` then holds a scalar `threshold` beside sparsify's tensors.
+JumpReLU keeps relu(pre) where pre > threshold, which is our inference rule. A JumpReLU SAE
+is that architecture as it is, its `threshold` [d_sae] written unchanged. sparsify has none of
+these: our `sae.safetensors` then holds `threshold` beside sparsify's tensors.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ FORMAT_VERSION = "6.0.0"
 # SaeConfig fields that the SAELens config expresses (the others change nothing at inference,
 # or, when set away from their defaults, something SAELens's "topk" SAE cannot represent).
 _EXPRESSED = {"expansion_factor", "num_latents", "k", "normalize_decoder", "activation"}
-_EXPRESSED |= {"matryoshka_fractions"}  # training only
+_EXPRESSED |= {"matryoshka_fractions", "jumprelu_bandwidth"}  # training only
 _TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
 _BATCHTOPK_TENSORS = _TENSORS | {"threshold"}
 
@@ -54,8 +55,8 @@ def save_saelens(
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
-    batchtopk = sae.cfg.thresholded  # batchtopk and matryoshka run as a JumpReLU
-    if batchtopk:
+    jumprelu = sae.cfg.thresholded or sae.cfg.jumprelu  # batchtopk, matryoshka: as a JumpReLU
+    if jumprelu:
         tensors["threshold"] = sae.threshold.expand(sae.num_latents)
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
@@ -63,7 +64,7 @@ def save_saelens(
     )
     cfg = json.loads((directory / "cfg.json").read_text())
     cfg |= {
-        "architecture": "jumprelu" if batchtopk else "topk",
+        "architecture": "jumprelu" if jumprelu else "topk",
         "d_in": sae.d_in,
         "d_sae": sae.num_latents,
         "k": sae.cfg.k,
@@ -84,7 +85,7 @@ def save_saelens(
 
 
 def _check_expressible(sae: TopKSae) -> None:
-    allowed = _BATCHTOPK_TENSORS if sae.cfg.thresholded else _TENSORS
+    allowed = _BATCHTOPK_TENSORS if sae.cfg.thresholded or sae.cfg.jumprelu else _TENSORS
     extra = sorted(set(sae.state_dict()) - allowed)
     changed = [
         f"{f.name}={getattr(sae.cfg, f.name)!r}"

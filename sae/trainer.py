@@ -20,6 +20,12 @@ from .model import TopKSae
 
 STATE_FILE = "trainer_state.pt"
 
+JUMPRELU_INIT_FIRING = 1 / 3
+"""JumpReLU: the share of the first batch each latent fires on at the start, when
+TrainConfig.jumprelu_init_threshold is unset. A low start, as Rajamanoharan et al.'s, that
+the L0 loss raises; in the data's own units. Ground truth (docs/performance.md): thresholds
+started where latents fire on k / M of the batch left 21% of the latents dead."""
+
 
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -228,10 +234,13 @@ class Trainer:
             with torch.no_grad():
                 init = x_BD.mean(0) if cfg.b_dec_init == "mean" else geometric_median(x_BD)
                 sae.b_dec.copy_(init)
+                if self.sae_cfg.jumprelu:
+                    sae.threshold.copy_(self._initial_thresholds(x_BD))
         dead_M = self.since_fired_M >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = sae(x_BD, dead_mask=dead_M, batch_topk=True, exact=cfg.exact_topk)
         loss = out.fvu + out.inner_fvu + cfg.auxk_alpha * out.auxk_loss
+        loss = loss + cfg.l0_coefficient * out.l0_loss
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"loss became {loss.item()} at step {self.step}: lower lr "
@@ -245,12 +254,27 @@ class Trainer:
         self.scheduler.step()
         if self.sae_cfg.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()
+        if self.sae_cfg.jumprelu:
+            with torch.no_grad():
+                sae.threshold.clamp_(min=0)
         if self.sae_cfg.thresholded:
             sae.update_threshold(out.latent_acts)
         self.since_fired_M += len(x_BD)
         self.since_fired_M[out.latent_indices[out.latent_acts > 0]] = 0
         self.step += 1
         return out.fvu.detach(), out.auxk_loss.detach()
+
+    @torch.no_grad()
+    def _initial_thresholds(self, x_BD: Tensor) -> Tensor:
+        """JumpReLU's starting thresholds: jumprelu_init_threshold, or per latent the
+        pre-activation it exceeds on JUMPRELU_INIT_FIRING of this batch's rows."""
+        if self.cfg.jumprelu_init_threshold is not None:
+            return torch.full(
+                (self.sae.num_latents,), self.cfg.jumprelu_init_threshold, device=x_BD.device
+            )
+        pre_BM = self.sae.pre_activations(x_BD)
+        below = max(round(len(x_BD) * (1 - JUMPRELU_INIT_FIRING)), 1)
+        return pre_BM.kthvalue(below, dim=0).values.clamp(min=0)
 
     def validate(self) -> SaeStats | None:
         if self.val is None:

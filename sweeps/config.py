@@ -22,7 +22,7 @@ from sweeps.space import SearchConfig
 #: Fields set per trial by the search space, so not settable in the fixed sections.
 SEARCHED = {
     "sae": ("k", "expansion_factor", "num_latents", "activation"),
-    "train": ("lr", "auxk_alpha"),
+    "train": ("lr", "auxk_alpha", "l0_coefficient"),
 }
 
 #: Library defaults a sweep changes. Sweeps compare layers whose activation norms differ, so
@@ -39,8 +39,8 @@ def fixed_fields(cfg: Config, section: str) -> dict:
 
 @dataclass
 class TrainSettings(TrainConfig):
-    """The `train` section: the SAE library's training settings (the searched lr and
-    auxk_alpha aside), and what the sweep measures beside them."""
+    """The `train` section: the SAE library's training settings (the searched lr, auxk_alpha
+    and l0_coefficient aside), and what the sweep measures beside them."""
 
     probe: bool = False
     """Sweeps on a cache with labels: at each evaluation also report val/probe_acc, the

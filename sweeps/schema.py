@@ -28,6 +28,8 @@ class Hyperparams:
     auxk_alpha: float = 0.0
     """0 where the search turned AuxK off (`search.auxk`)."""
     activation: str = "topk"
+    l0_coefficient: float = 0.0
+    """0 in trials that are not JumpReLU (`search.l0_coefficient`)."""
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Hyperparams:
@@ -52,7 +54,15 @@ class Hyperparams:
 
 
 #: Hyperparameters chosen per trial, in the order the summary table and `best` show them.
-SEARCHED_PARAMS = ("layer", "activation", "k", "expansion_factor", "lr", "auxk_alpha")
+SEARCHED_PARAMS = (
+    "layer",
+    "activation",
+    "k",
+    "expansion_factor",
+    "lr",
+    "auxk_alpha",
+    "l0_coefficient",
+)
 
 #: The searched parameters whose values are numbers (the others are named choices).
 NUMERIC_PARAMS = tuple(p for p in SEARCHED_PARAMS if p != "activation")
@@ -152,8 +162,9 @@ def leaderboard_url(server: str, experiment_id: str, metric: str, mode: str) -> 
 
 def trial_label(config: Mapping[str, Any]) -> str:
     """A trial's hyperparameters in a few characters, `L9 k32 x8 lr3.2e-04 aux0.031` (a
-    BatchTopK or Matryoshka trial starts with its activation's name): its MLflow run name,
-    its line on the console and the leaderboard's."""
+    BatchTopK, Matryoshka or JumpReLU trial starts with its activation's name, and a JumpReLU
+    trial ends with its l0_coefficient, `l0c1`): its MLflow run name, its line on the console
+    and the leaderboard's."""
     parts = [
         fmt.format(config[key])
         for key, fmt in (("layer", "L{}"), ("k", "k{}"), ("expansion_factor", "x{}"))
@@ -165,6 +176,8 @@ def trial_label(config: Mapping[str, Any]) -> str:
         parts.append(f"aux{float(config['auxk_alpha']):.2g}")
     if config.get("activation", "topk") != "topk":  # the architecture, where not the default
         parts.insert(0, str(config["activation"]))
+    if config.get("activation") == "jumprelu" and "l0_coefficient" in config:
+        parts.append(f"l0c{float(config['l0_coefficient']):.2g}")
     return " ".join(parts)
 
 

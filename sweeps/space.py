@@ -1,8 +1,8 @@
 """The search space: each hyperparameter is fixed, a list of choices, or a range.
 
 The space is define-by-run for Optuna: `suggest(trial)` asks for values one by one, so
-auxk_alpha is only sampled in trials where `auxk` is on. `activation` and `auxk` are
-categorical switches beside the numeric PARAMS.
+auxk_alpha is only sampled in trials where `auxk` is on, and l0_coefficient only in JumpReLU
+trials. `activation` and `auxk` are categorical switches beside the numeric PARAMS.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIVATIONS = ("topk", "batchtopk", "matryoshka")
+ACTIVATIONS = ("topk", "batchtopk", "matryoshka", "jumprelu")
 
 #: name -> (value type, log scale by default for ranges, lower bound, bound is exclusive)
 PARAMS: dict[str, tuple[type, bool, float, bool]] = {
@@ -20,13 +20,15 @@ PARAMS: dict[str, tuple[type, bool, float, bool]] = {
     "k": (int, False, 1, False),
     "lr": (float, True, 0.0, True),
     "auxk_alpha": (float, False, 0.0, False),
+    "l0_coefficient": (float, True, 0.0, True),
 }
 
 
 @dataclass
 class SearchConfig:
-    """Search space. Each of lr, k, layer, expansion_factor and auxk_alpha is a value (fixed),
-    a list (choices), or {low, high[, log][, step]} (a range; lr is log-scaled by default)."""
+    """Search space. Each of lr, k, layer, expansion_factor, auxk_alpha and l0_coefficient is a
+    value (fixed), a list (choices), or {low, high[, log][, step]} (a range; lr and
+    l0_coefficient are log-scaled by default)."""
 
     lr: Any = field(default_factory=lambda: {"low": 1e-4, "high": 1e-2})
     """Adam learning rate."""
@@ -40,15 +42,20 @@ class SearchConfig:
     expansion_factor: Any = field(default_factory=lambda: [4, 8])
     """Latents per input dimension."""
 
-    auxk_alpha: Any = 1 / 32
+    auxk_alpha: Any = 1.0
     """Weight of the AuxK loss; only sampled when auxk is on."""
 
     auxk: Any = True
     """AuxK on (true), off (false), or searched ([true, false])."""
 
     activation: Any = "topk"
-    """Sparsity rule: topk, batchtopk, matryoshka, or searched (e.g. [topk, matryoshka]);
-    matryoshka's level widths are sae.matryoshka_fractions."""
+    """Sparsity rule: topk, batchtopk, matryoshka, jumprelu, or searched (e.g. [topk,
+    jumprelu]); matryoshka's level widths are sae.matryoshka_fractions; a jumprelu trial's k is
+    the L0 it aims at, and the L0 it reaches is measured."""
+
+    l0_coefficient: Any = 1.0
+    """Weight of JumpReLU's sparsity loss (train.l0_coefficient); only sampled in jumprelu
+    trials."""
 
     points_to_evaluate: list[dict] = field(default_factory=list)
     """Known-good settings to try first, e.g. [{lr: 5e-4, k: 64, layer: 11}]."""
@@ -207,9 +214,13 @@ class SearchSpace:
         for name in ("layer", "expansion_factor", "k", "lr"):
             ask(self.dims[name])
         if len(self.activation) == 1:
-            fixed["activation"] = self.activation[0]
+            activation = fixed["activation"] = self.activation[0]
         else:
-            trial.suggest_categorical("activation", [*self.activation])
+            activation = trial.suggest_categorical("activation", [*self.activation])
+        if activation == "jumprelu":
+            ask(self.dims["l0_coefficient"])
+        else:
+            fixed["l0_coefficient"] = 0.0
         auxk = (
             self.auxk[0] if len(self.auxk) == 1 else trial.suggest_categorical("auxk", [*self.auxk])
         )

@@ -54,3 +54,32 @@ def dense_matryoshka_forward(x, W_enc, b_enc, W_dec, b_dec, k, fractions):
         prefix[:, :width] = z[:, :width]
         inner = inner + (x - (prefix @ W_dec + b_dec)).pow(2).sum() / total_variance
     return fvu + inner, fvu, inner, z
+
+
+def dense_jumprelu_forward(
+    x, W_enc, b_enc, W_dec, b_dec, threshold, k, bandwidth, l0_coefficient, dead_mask=None,
+    auxk_alpha=0.0,
+):
+    """JumpReLU's training loss (Rajamanoharan et al. 2024) with its straight-through
+    estimator written as surrogate terms: each adds zero to the value and, through the
+    threshold alone, the kernel's derivative, d/dθ [θ·K·c] = K·c with K and c held fixed."""
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    gate = (pre > threshold).to(pre.dtype)
+    kernel = ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype).detach()
+
+    def through_threshold(slope):  # value 0, gradient `slope` per (row, latent) w.r.t. θ
+        term = threshold * slope
+        return term - term.detach()
+
+    z = pre * gate + through_threshold(-kernel * threshold.detach() / bandwidth)
+    step = gate + through_threshold(-kernel / bandwidth)
+    x_hat = z @ W_dec + b_dec
+    e = x - x_hat
+    total_variance = (x - x.mean(0)).pow(2).sum()
+    fvu = e.pow(2).sum() / total_variance
+    l0 = step.sum(1).mean()
+    sparsity = (l0 / k - 1) ** 2
+    aux = torch.zeros(())
+    if dead_mask is not None and dead_mask.any():
+        aux = _auxk(torch.relu(pre), e, W_dec, dead_mask, total_variance)
+    return fvu + auxk_alpha * aux + l0_coefficient * sparsity, fvu, aux, sparsity, z

@@ -205,17 +205,20 @@ def test_saelens_loads_the_export_with_equal_latents(swept):
         torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka", "jumprelu"])
 def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path, activation):
     """A trained BatchTopK or Matryoshka SAE opens in SAELens as the JumpReLU SAE SAELens
-    itself saves after training either, and gives our latents and reconstruction."""
+    itself saves after training either, a JumpReLU SAE as itself, and each gives our latents
+    and reconstruction."""
     sae_lens = pytest.importorskip("sae_lens")
     x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(batch_size=100, steps=60, lr=3e-3, eval_every=60, normalize_input=True)
     ours = train_sae(3 * x, SaeConfig(num_latents=64, k=4, activation=activation), cfg).sae
-    assert ours.threshold > 0
+    assert (ours.threshold > 0).all()
+    if activation == "jumprelu":  # one threshold per latent, learnt apart
+        assert ours.threshold.shape == (64,) and len(set(ours.threshold.tolist())) > 32
     save_saelens(ours, tmp_path / "layers.0", {"hook_name": "blocks.0.hook_resid_post"})
-    assert TopKSae.load(tmp_path / "layers.0").threshold == ours.threshold
+    torch.testing.assert_close(TopKSae.load(tmp_path / "layers.0").threshold, ours.threshold)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "layers.0"))
     assert theirs.cfg.architecture() == "jumprelu"
     assert (theirs.cfg.d_in, theirs.cfg.d_sae) == (ours.d_in, ours.num_latents)
@@ -227,9 +230,9 @@ def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path, 
         torch.testing.assert_close(theirs.decode(latents), ours(x).sae_out, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka", "jumprelu"])
 def test_sparsify_refuses_what_it_has_no_architecture_for(tmp_path, activation):
-    """sparsify has neither BatchTopK nor Matryoshka: it must not load them as a TopK SAE."""
+    """sparsify has no BatchTopK, Matryoshka or JumpReLU: it must not load them as TopK."""
     TopKSae(16, SaeConfig(num_latents=64, k=4, activation=activation)).save(tmp_path)
     with pytest.raises(TypeError, match=f"Expected one of .*got {activation}"):
         sparsify.SparseCoder.load_from_disk(tmp_path)
@@ -277,16 +280,17 @@ def test_export_of_a_run_that_is_no_trial_says_so(swept):
 
 @pytest.mark.timeout(900)
 def test_a_sweep_over_every_architecture_hands_each_sae_to_saelens(demo_assets, tmp_path):
-    """`search.activation: [topk, batchtopk, matryoshka]` through the CLI: each trial's SAE
-    loads back here, and in SAELens with our latents."""
+    """`search.activation: [topk, batchtopk, matryoshka, jumprelu]` through the CLI: each
+    trial's SAE loads back here, and in SAELens with our latents; the run names, params and
+    leaderboard name each architecture, and a JumpReLU trial's L0 is the one it reached."""
     sae_lens = pytest.importorskip("sae_lens")
     out = tmp_path / "out"
-    archs = ["topk", "batchtopk", "matryoshka"]
+    archs = ["topk", "batchtopk", "matryoshka", "jumprelu"]
     sets = [
         *demo_assets,
         f"sweep.out_dir={out}",
         "sweep.name=archs",
-        "tune.num_samples=3",
+        "tune.num_samples=4",
         "tune.asha=false",
         "train.epochs=2",
         "search.layer=2",
@@ -308,3 +312,20 @@ def test_a_sweep_over_every_architecture_hands_each_sae_to_saelens(demo_assets, 
         theirs = sae_lens.SAE.load_from_disk(str(folder))
         with torch.no_grad():
             torch.testing.assert_close(theirs.encode(x), _dense(ours, x))
+    # The MLflow run, its params and the leaderboard name each trial's architecture; a
+    # JumpReLU trial logs the l0_coefficient it trained with and the L0 it reached.
+    client = MlflowClient(cfg.sweep.resolved_tracking_uri())
+    parent = client.get_run(client.get_run(done[0].run_id).data.tags["mlflow.parentRunId"])
+    for record in done:
+        run = client.get_run(record.run_id)
+        activation = record.params.activation
+        assert run.data.params["activation"] == activation
+        assert run.info.run_name.startswith(activation) == (activation != "topk")
+        assert run.info.run_name in parent.data.tags["mlflow.note.content"]
+        if activation == "jumprelu":
+            assert run.info.run_name.endswith("l0c1")
+            assert float(run.data.params["l0_coefficient"]) == 1.0
+        l0 = record.metrics["val/l0"]
+        assert l0 == run.data.metrics["l0"] and 0 < l0
+        if activation == "topk":
+            assert l0 <= record.params.k

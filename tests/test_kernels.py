@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae import SaeConfig, TopKSae, TrainConfig, kernels, train_sae
-from tests.reference import dense_forward, dense_matryoshka_forward
+from tests.reference import dense_forward, dense_jumprelu_forward, dense_matryoshka_forward
 
 
 def _sae(d=16, M=64, k=4, seed=0):
@@ -201,6 +201,71 @@ def test_matryoshka_loss_and_gradients_match_a_dense_reference():
     # other activations have no inner levels
     topk = TopKSae(16, SaeConfig(num_latents=64, k=4)).double()
     assert topk(x).inner_fvu == 0
+
+
+def _jumprelu_sae(bandwidth=0.5, seed=4):
+    torch.manual_seed(seed)
+    cfg = SaeConfig(num_latents=64, k=6, activation="jumprelu", jumprelu_bandwidth=bandwidth)
+    sae = TopKSae(16, cfg).double()
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.threshold.uniform_(0.2, 0.8)  # distinct per latent
+    return sae
+
+
+def test_jumprelu_loss_and_gradients_match_a_dense_reference():
+    sae = _jumprelu_sae()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[50:] = True
+    params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec, sae.threshold]
+    out = sae(x, dead_mask=dead)
+    ref_loss, ref_fvu, ref_aux, ref_l0, z = dense_jumprelu_forward(
+        x, *params, k=6, bandwidth=0.5, l0_coefficient=0.7, dead_mask=dead, auxk_alpha=0.5
+    )
+    torch.testing.assert_close(
+        torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts), z.detach()
+    )
+    torch.testing.assert_close(out.fvu, ref_fvu)
+    torch.testing.assert_close(out.auxk_loss, ref_aux)
+    torch.testing.assert_close(out.l0_loss, ref_l0)
+    assert ref_aux > 0 and ref_l0 > 0  # both terms are live in this case
+    ours = _grads(out.fvu + 0.5 * out.auxk_loss + 0.7 * out.l0_loss, params)
+    ref = _grads(ref_loss, params)
+    for g, r in zip(ours, ref):
+        torch.testing.assert_close(g, r)
+    assert (ours[-1] != 0).sum() > 10  # the thresholds do get a gradient
+
+
+def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_estimate():
+    """By hand, for one latent: d fvu/dθ = -(θ/ε) sum over rows within ε/2 of θ of
+    d fvu/d act, and d L0/dθ = -(rows within ε/2) / (ε B)."""
+    pre = torch.tensor([[0.1], [0.44], [0.52], [0.9]], dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    acts, fires = kernels.jumprelu(pre, theta, 0.2)
+    assert acts.squeeze(1).tolist() == [0, 0, 0.52, 0.9]
+    assert fires.squeeze(1).tolist() == [0, 0, 1, 1]
+    g_acts = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)
+    g_theta, g_pre = torch.autograd.grad(acts, [theta, pre], g_acts, retain_graph=True)
+    assert g_theta.item() == pytest.approx(-(0.5 / 0.2) * (2.0 + 3.0))  # rows 0.44 and 0.52
+    assert g_pre.squeeze(1).tolist() == [0, 0, 3.0, 4.0]
+    (g_theta,) = torch.autograd.grad(fires.mean(), [theta])
+    assert g_theta.item() == pytest.approx(-2 / (0.2 * 4))
+
+
+def test_jumprelu_inference_keeps_each_latent_above_its_own_threshold():
+    sae = _jumprelu_sae().float()
+    x = torch.randn(30, 16)
+    acts, idx = sae.encode(x)
+    pre = (x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias
+    expected = torch.where(pre > sae.threshold, pre, 0).detach()
+    torch.testing.assert_close(torch.zeros_like(pre).scatter(1, idx, acts), expected)
+    # the training forward's latents are the same ones
+    out = sae(x)
+    torch.testing.assert_close(
+        torch.zeros_like(pre).scatter(1, out.latent_indices, out.latent_acts), expected
+    )
 
 
 def test_batchtopk_inference_keeps_latents_above_the_threshold():

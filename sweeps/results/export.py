@@ -167,6 +167,7 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "expansion_factor": params.expansion_factor,
         "lr": params.lr,
         "auxk_alpha": params.auxk_alpha,
+        **({"l0_coefficient": params.l0_coefficient} if params.activation == "jumprelu" else {}),
         "batch_size (images)": train.batch_size,
         "length": length,
         "lr_schedule": f"{train.lr_schedule}, {train.lr_warmup_steps} warmup steps",

@@ -29,7 +29,8 @@ class TrialSettings:
     sae: SaeConfig
     """The config's `sae` section as it is: the trial sets k, width and activation."""
     train: TrainConfig
-    """The config's `train` section for the SAE library: the trial sets lr and auxk_alpha.
+    """The config's `train` section for the SAE library: the trial sets lr, auxk_alpha and
+    l0_coefficient.
     Its batch_size counts images, as in the seed's write-up."""
     probe: bool
     """Whether to report the probe metric (`train.probe`)."""
@@ -54,6 +55,7 @@ def trial_configs(point: Hyperparams, fixed: TrialSettings) -> tuple[SaeConfig, 
         batch_size=fixed.train.batch_size * fixed.tokens_per_image,
         lr=point.lr,
         auxk_alpha=point.auxk_alpha,
+        l0_coefficient=point.l0_coefficient,
     )
     return sae_cfg, train_cfg
 
