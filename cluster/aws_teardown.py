@@ -18,12 +18,11 @@ from aws_setup import SetupError, Template, code, ours, run, tags, wait
 from botocore.exceptions import ClientError
 
 
-def instances(ec2, cluster: str) -> list[str]:
-    """The cluster's instances that are not terminated (Ray tags each with its name)."""
+def instances(ec2, cluster: str, states: list[str]) -> list[str]:
+    """The cluster's instances in these states (Ray tags each with the cluster's name)."""
     found = ec2.describe_instances(Filters=[
         {"Name": "tag:ray-cluster-name", "Values": [cluster]},
-        {"Name": "instance-state-name",
-         "Values": ["pending", "running", "shutting-down", "stopping", "stopped"]},
+        {"Name": "instance-state-name", "Values": states},
     ])["Reservations"]  # fmt: skip
     return [i["InstanceId"] for r in found for i in r["Instances"]]
 
@@ -119,10 +118,12 @@ def teardown(args: argparse.Namespace) -> int:
     t = Template(Path(args.config))
     session = boto3.Session(region_name=t.region)
     ec2 = session.client("ec2")
-    left = instances(ec2, t.cluster)
+    left = instances(ec2, t.cluster, ["pending", "running", "stopping", "stopped"])
     if left:
         raise SetupError(f"cluster {t.cluster} still has instances {', '.join(left)}: "
                          f"run `ray down -y {args.config}` first")  # fmt: skip
+    # Right after `ray down` its nodes may still be shutting down, holding the group.
+    wait(lambda: not instances(ec2, t.cluster, ["shutting-down"]), "the nodes to terminate")
     what = found(session, t)
     for kind, ids in what.items():
         print(f"{kind + ':':18}{', '.join(ids) or '-'}")

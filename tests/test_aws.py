@@ -8,11 +8,15 @@ Nothing leaves 127.0.0.1: every AWS_* variable is replaced (AWS_ENDPOINT_URL poi
 boto3 client, Ray's included, at the emulator; the credentials are fake), and while these
 tests run an audit hook refuses any connection or name lookup that is not loopback.
 
-What moto cannot show, and so neither can this: it evaluates no IAM Resource or Condition
-element (the policies are checked as documents instead); instances never boot, so no SSH,
-Docker, GPU driver or EFS mount; `ray up`'s node updater and `ray down`'s `ray stop` run over
-SSH and are left out; it leaves SpotInstanceRequestId empty on spot instances; capacity,
-quotas and prices do not exist in it.
+Every AWS call Ray makes here is one moto implements (RAY_CALLS). What moto cannot show,
+and so neither can this: it evaluates no IAM Resource or Condition element (the policies are
+checked as documents instead); instances never boot, so no SSH, Docker, GPU driver or EFS
+mount; `ray up`'s node updater and `ray down`'s `ray stop` and `docker stop` run over SSH and
+are left out; capacity, quotas and prices do not exist in it. Where it differs from AWS: it
+leaves SpotInstanceRequestId empty on spot instances (InstanceLifecycle says spot), defaults
+a root volume's DeleteOnTermination to false (AWS takes the AMI's, true for the DLAMI), lacks
+ListInstanceProfileTags (the scripts read GetInstanceProfile's tags), and answers an
+existing service-linked role with EntityAlreadyExists (AWS: InvalidInput).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +125,9 @@ def aws(tmp_path_factory):
         _clear_ray_caches()
         _guard["on"] = True
         try:
+            with pytest.raises(ConnectionRefusedError):  # the guard is on
+                socket.getaddrinfo("ec2.us-west-2.amazonaws.com", 443)
+            _guard["refused"].clear()
             urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", b""))
             yield state
         finally:
@@ -129,10 +137,10 @@ def aws(tmp_path_factory):
     assert _guard["refused"] == [], f"connections outside 127.0.0.1: {_guard['refused']}"
 
 
-def setup_main(*args: str) -> int:
+def run_setup(cidr: str, ami: str, out: Path) -> int:
     import aws_setup
 
-    return aws_setup.main(list(args))
+    return aws_setup.main(["--ssh-cidr", cidr, "--bucket", BUCKET, "--ami", ami, "--out", str(out)])
 
 
 @pytest.fixture(scope="module")
@@ -142,19 +150,7 @@ def made(aws):
     ami = ec2.register_image(Name=DLAMI_NAME, RootDeviceName="/dev/sda1")["ImageId"]
     aws.client("ssm").put_parameter(Name="/clip-sae-test/dlami", Value=ami, Type="String")
     out = aws.tmp / "cluster-aws.yaml"
-    assert (
-        setup_main(
-            "--ssh-cidr",
-            CIDR,
-            "--bucket",
-            BUCKET,
-            "--ami",
-            "/clip-sae-test/dlami",
-            "--out",
-            str(out),
-        )
-        == 0
-    )
+    assert run_setup(CIDR, "/clip-sae-test/dlami", out) == 0
     (vpc,) = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
     (group,) = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [NAME]}])[
         "SecurityGroups"
@@ -176,10 +172,16 @@ def made(aws):
 
 
 def ingress(ec2, group: str) -> set[tuple]:
+    """The group's ingress rules, one (protocol, from, to, source) per source."""
     (g,) = ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"]
-    import aws_setup
-
-    return aws_setup.rules(g["IpPermissions"])
+    keys = {"IpRanges": "CidrIp", "Ipv6Ranges": "CidrIpv6", "UserIdGroupPairs": "GroupId",
+            "PrefixListIds": "PrefixListId"}  # fmt: skip
+    rules = set()
+    for p in g["IpPermissions"]:
+        ports = (None, None) if p["IpProtocol"] == "-1" else (p["FromPort"], p["ToPort"])
+        for kind, key in keys.items():
+            rules |= {(p["IpProtocol"], *ports, source[key]) for source in p.get(kind, [])}
+    return rules
 
 
 def tag_dict(tags) -> dict:
@@ -258,8 +260,8 @@ def test_the_setup_fills_in_every_placeholder_and_leaves_cluster_yaml(aws, made)
 def test_the_security_group_admits_ssh_from_the_users_range_alone(aws, made):
     ec2, group = aws.client("ec2"), made["group"]
     assert ingress(ec2, group) == {
-        ("tcp", 22, 22, "IpRanges", CIDR),
-        ("-1", None, None, "UserIdGroupPairs", group),
+        ("tcp", 22, 22, CIDR),
+        ("-1", None, None, group),
     }
     (g,) = ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"]
     assert tag_dict(g["Tags"])["ray-cluster-name"] == NAME and g["VpcId"] == made["vpc"]
@@ -306,38 +308,16 @@ def test_a_rerun_changes_nothing_but_the_ssh_range(aws, made):
     before = inventory()
     # The same output file is never written over once filled in.
     first = made["out"].read_text()
-    assert (
-        setup_main(
-            "--ssh-cidr", CIDR, "--bucket", BUCKET, "--ami", made["ami"], "--out", str(made["out"])
-        )
-        == 2
-    )
+    assert run_setup(CIDR, made["ami"], made["out"]) == 2
     assert made["out"].read_text() == first
     # A new address replaces the old one: SSH is open to the latest range alone.
     moved = aws.tmp / "moved.yaml"
-    assert (
-        setup_main(
-            "--ssh-cidr",
-            "198.51.100.0/24",
-            "--bucket",
-            BUCKET,
-            "--ami",
-            made["ami"],
-            "--out",
-            str(moved),
-        )
-        == 0
-    )
+    assert run_setup("198.51.100.0/24", made["ami"], moved) == 0
     assert moved.read_text() == first and inventory() == before
-    assert ("tcp", 22, 22, "IpRanges", "198.51.100.0/24") in ingress(ec2, made["group"])
-    assert ("tcp", 22, 22, "IpRanges", CIDR) not in ingress(ec2, made["group"])
+    assert ("tcp", 22, 22, "198.51.100.0/24") in ingress(ec2, made["group"])
+    assert ("tcp", 22, 22, CIDR) not in ingress(ec2, made["group"])
     again = aws.tmp / "again.yaml"
-    assert (
-        setup_main(
-            "--ssh-cidr", CIDR, "--bucket", BUCKET, "--ami", made["ami"], "--out", str(again)
-        )
-        == 0
-    )
+    assert run_setup(CIDR, made["ami"], again) == 0
     assert again.read_text() == first and inventory() == before
     assert len(ingress(ec2, made["group"])) == 2
 
@@ -400,7 +380,6 @@ def test_ray_takes_the_file_as_written_and_launches_each_node_type(aws, made):
     from ray.autoscaler._private.util import hash_launch_conf, prepare_config
     from ray.autoscaler.tags import (
         NODE_KIND_HEAD,
-        NODE_KIND_WORKER,
         STATUS_UNINITIALIZED,
         TAG_RAY_LAUNCH_CONFIG,
         TAG_RAY_NODE_KIND,
@@ -408,6 +387,8 @@ def test_ray_takes_the_file_as_written_and_launches_each_node_type(aws, made):
         TAG_RAY_NODE_STATUS,
         TAG_RAY_USER_NODE_TYPE,
     )
+    from ray.autoscaler.v2.instance_manager.config import FileConfigReader
+    from ray.autoscaler.v2.instance_manager.node_provider import NodeProviderAdapter
 
     ec2, iam = aws.client("ec2"), aws.client("iam")
     raw = yaml.safe_load(made["out"].read_text())
@@ -457,22 +438,17 @@ def test_ray_takes_the_file_as_written_and_launches_each_node_type(aws, made):
         },
         1,
     )
-    # ... and one worker of each GPU type, as the autoscaler launches them.
-    for name in ("gpu_spot", "gpu_on_demand"):
-        config = types[name]["node_config"]
-        provider.create_node_with_resources_and_labels(
-            config,
-            {
-                TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
-                TAG_RAY_USER_NODE_TYPE: name,
-                TAG_RAY_LAUNCH_CONFIG: hash_launch_conf(config, resolved["auth"]),
-                TAG_RAY_NODE_NAME: f"ray-{NAME}-worker",
-                TAG_RAY_NODE_STATUS: STATUS_UNINITIALIZED,
-            },
-            1,
-            types[name]["resources"],
-            {},
-        )
+    # ... and one worker of each GPU type, as the head's autoscaler (v2) launches them: its
+    # node provider adapter, reading the bootstrapped file `ray up` gives the head.
+    head_file = aws.tmp / "ray_bootstrap_config.yaml"
+    head_file.write_text(yaml.safe_dump(resolved))
+    adapter = NodeProviderAdapter(provider, FileConfigReader(str(head_file)))
+    adapter.launch({"gpu_spot": 1, "gpu_on_demand": 1}, request_id="test")
+    # The launches run in its two thread pools, the second fed by the first: wait for both.
+    adapter._main_executor.shutdown(wait=True)
+    adapter._node_launcher_executors.shutdown(wait=True)
+    assert [e.__cause__ for e in adapter.poll_errors()] == []
+    assert len(adapter.get_non_terminated()) == 3
 
     ids = provider.non_terminated_nodes({})
     assert len(ids) == 3 and len(provider.non_terminated_nodes({TAG_RAY_NODE_KIND: "head"})) == 1
