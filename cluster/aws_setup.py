@@ -160,23 +160,24 @@ def default_subnets(ec2, zones: list[str]) -> tuple[str, dict[str, str]]:
     return vpc, {z: by_zone[z] for z in zones}
 
 
+# An ingress rule's kinds of source, and the key that names each source.
+SOURCES = {"IpRanges": "CidrIp", "Ipv6Ranges": "CidrIpv6", "UserIdGroupPairs": "GroupId",
+           "PrefixListIds": "PrefixListId"}  # fmt: skip
+
+
 def rules(permissions: list[dict]) -> set[tuple]:
     """Ingress rules as (protocol, from, to, kind, source) atoms, to compare and diff."""
-    kinds = {"IpRanges": "CidrIp", "Ipv6Ranges": "CidrIpv6", "UserIdGroupPairs": "GroupId",
-             "PrefixListIds": "PrefixListId"}  # fmt: skip
     atoms = set()
     for p in permissions:
         ports = (None, None) if p["IpProtocol"] == "-1" else (p.get("FromPort"), p.get("ToPort"))
-        for kind, key in kinds.items():
+        for kind, key in SOURCES.items():
             atoms |= {(p["IpProtocol"], *ports, kind, r[key]) for r in p.get(kind, [])}
     return atoms
 
 
 def permission(atom: tuple) -> dict:
     protocol, low, high, kind, source = atom
-    key = {"IpRanges": "CidrIp", "Ipv6Ranges": "CidrIpv6", "UserIdGroupPairs": "GroupId",
-           "PrefixListIds": "PrefixListId"}[kind]  # fmt: skip
-    p = {"IpProtocol": protocol, kind: [{key: source}]}
+    p = {"IpProtocol": protocol, kind: [{SOURCES[kind]: source}]}
     return p if protocol == "-1" else {**p, "FromPort": low, "ToPort": high}
 
 

@@ -43,17 +43,18 @@ REGION, NAME, BUCKET, CIDR = "us-west-2", "clip-sae", "clip-sae-test-bucket", "2
 LOOPBACK = {"127.0.0.1", "::1", "localhost", b"127.0.0.1", b"localhost"}
 DLAMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) 20250101"
 
-# Every AWS call Ray 2.60 makes for `ray up` of cluster.yaml up to the head's launch, the
-# autoscaler's worker launches and `ray down`'s terminations (`ray up` also tags the head
-# with CreateTags as its node updater runs, over SSH, which is not run here).
+# Every AWS call Ray 2.60 makes for `ray up` of the filled-in cluster.yaml, the autoscaler's
+# worker launches and `ray down` (which repeats `ray up`'s bootstrap): what the test below
+# makes Ray do, and what moto answers. SSH and what runs over it are left out.
 RAY_CALLS = {
     ("ec2", "DescribeInstanceTypes"),  # resources of each instance type (GPUs, CPUs, memory)
     ("ec2", "DescribeKeyPairs"),
     ("ec2", "CreateKeyPair"),  # the SSH key ray-autoscaler_<region>
     ("ec2", "DescribeSecurityGroups"),  # the VPC of the configured group
     ("ec2", "DescribeSubnets"),  # its subnets in the configured zones
-    ("ec2", "RunInstances"),
-    ("ec2", "DescribeInstances"),
+    ("ec2", "RunInstances"),  # the head, then the workers
+    ("ec2", "DescribeInstances"),  # finding the nodes, their addresses and states
+    ("ec2", "CreateTags"),  # the node updater's status tags
     ("ec2", "TerminateInstances"),
 }
 
@@ -381,6 +382,7 @@ def test_ray_takes_the_file_as_written_and_launches_each_node_type(aws, made):
     from ray.autoscaler.tags import (
         NODE_KIND_HEAD,
         STATUS_UNINITIALIZED,
+        STATUS_UP_TO_DATE,
         TAG_RAY_LAUNCH_CONFIG,
         TAG_RAY_NODE_KIND,
         TAG_RAY_NODE_NAME,
@@ -438,6 +440,10 @@ def test_ray_takes_the_file_as_written_and_launches_each_node_type(aws, made):
         },
         1,
     )
+    # Its node updater then finds the head's address and tags its progress (SSH aside).
+    (head_id,) = provider.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
+    assert provider.external_ip(head_id)
+    provider.set_node_tags(head_id, {TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE})
     # ... and one worker of each GPU type, as the head's autoscaler (v2) launches them: its
     # node provider adapter, reading the bootstrapped file `ray up` gives the head.
     head_file = aws.tmp / "ray_bootstrap_config.yaml"
@@ -457,6 +463,7 @@ def test_ray_takes_the_file_as_written_and_launches_each_node_type(aws, made):
         tag_dict(i["Tags"])["ray-user-node-type"]: i for r in reservations for i in r["Instances"]
     }
     assert set(launched) == {"head", "gpu_spot", "gpu_on_demand"}
+    assert tag_dict(launched["head"]["Tags"])[TAG_RAY_NODE_STATUS] == STATUS_UP_TO_DATE
     shipped = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]
     for name, instance in launched.items():
         want = shipped[name]["node_config"]
