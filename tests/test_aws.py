@@ -151,7 +151,9 @@ def made(aws):
     ami = ec2.register_image(Name=DLAMI_NAME, RootDeviceName="/dev/sda1")["ImageId"]
     aws.client("ssm").put_parameter(Name="/clip-sae-test/dlami", Value=ami, Type="String")
     out = aws.tmp / "cluster-aws.yaml"
+    shipped = (ROOT / "cluster.yaml").read_bytes()
     assert run_setup(CIDR, "/clip-sae-test/dlami", out) == 0
+    assert (ROOT / "cluster.yaml").read_bytes() == shipped  # the template is left alone
     (vpc,) = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
     (group,) = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [NAME]}])[
         "SecurityGroups"
