@@ -182,6 +182,18 @@ def _print_summary(cfg, result) -> None:
         f"{result.elapsed_s:.0f}s; results {result.experiment_path}"
     )
     print(mlflow_ui_hint(result, objectives))
+    if result.optuna_storage:
+        print(optuna_dashboard_hint(result.optuna_storage))
+
+
+def optuna_dashboard_hint(url: str) -> str:
+    """How to open the sweep's Optuna study in optuna-dashboard."""
+    import importlib.util
+
+    line = f"Optuna dashboard: optuna-dashboard {url}"
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        line += '  (install it: pip install optuna-dashboard, or the "dashboard" extra)'
+    return line + "\n  then open http://127.0.0.1:8080"
 
 
 def mlflow_ui_hint(result, objectives: dict[str, str]) -> str:
