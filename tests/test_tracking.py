@@ -32,7 +32,7 @@ from sweeps.search.snapshots import set_aside_torn_snapshot
 from sweeps.tracking.records import _client_runs, finished_trial_runs
 from sweeps.tracking.runs import close_lost_trial_runs, log_sweep_summary, start_sweep_run
 from sweeps.tracking.store import TrackingError, check_tracking_uri
-from tests.helpers import chromium, page_text, sweep_runs
+from tests.helpers import page_text, sweep_runs
 
 STEPS = 4
 
@@ -410,11 +410,12 @@ def ui_sweep(ray_session, demo_assets, mlflow_server, tmp_path_factory):
     return run_sweep(load_config(DEMO_CONFIG, sets)), out
 
 
-def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(ui_sweep, mlflow_server, tmp_path):
+def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
+    browser, ui_sweep, mlflow_server, tmp_path
+):
     """A small sweep logged to a real `mlflow server`, then its pages in headless Chromium."""
     from sweeps.schema import leaderboard_url, trial_label
 
-    browser = chromium()
     result, _ = ui_sweep
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment(result.experiment_id)
@@ -459,7 +460,7 @@ def artifacts_dir(tmp_path: Path) -> Path:
     return artifacts
 
 
-def test_optuna_dashboard_shows_the_sweeps_study(ui_sweep, tmp_path):
+def test_optuna_dashboard_shows_the_sweeps_study(browser, ui_sweep, tmp_path):
     """The sweep's Optuna study in its storage beside the MLflow store, opened as the sweep's
     last lines say: `optuna-dashboard <storage>` on 127.0.0.1, its trials in headless Chromium
     and in its API, with their params, intermediate values at each evaluation and values."""
@@ -467,7 +468,6 @@ def test_optuna_dashboard_shows_the_sweeps_study(ui_sweep, tmp_path):
 
     from sweeps.cli import optuna_dashboard_hint
 
-    browser = chromium()
     result, out = ui_sweep
     client, _, kids = sweep_runs(result.tracking_uri, "ui", result.parent_run_id)
     run_ids = {k.data.tags["trial_id"]: k.info.run_id for k in kids}

@@ -134,6 +134,16 @@ class _OptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
         if trial_id in self._ot_trials:
+            # A trial's last result reaches only this call when Tune takes it together with
+            # the trial's end (a trial ending itself, or one ASHA stops): it is an evaluation
+            # too, which the curve keeps as MLflow's does.
+            ot_trial = self._ot_trials[trial_id]
+            step = (result or {}).get("step")
+            metric = self.metric if isinstance(self.metric, str) else None
+            if metric and is_num((result or {}).get(metric)) and is_num(step):
+                reported = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+                if int(step) not in reported.intermediate_values:
+                    self.on_trial_result(trial_id, result)
             super().on_trial_complete(trial_id, result, error)
             self._copy(trial_id)
 
