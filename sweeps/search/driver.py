@@ -113,9 +113,9 @@ class _OptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str):
         super().restore(checkpoint_path)
         self._ot_study.sampler.reseed_rng()
-        if getattr(self, "study_copy", None) is not None:  # the copy says what Tune goes on from
+        if getattr(self, "study_copy", None) is not None:
             numbers = {t.number: trial_id for trial_id, t in self._ot_trials.items()}
-            self._write_copy(lambda: self.study_copy.start(self._ot_study, numbers))
+            self._write_copy(lambda: self.study_copy.resume(self._ot_study, numbers))
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)

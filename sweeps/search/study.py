@@ -4,9 +4,13 @@ Tune keeps the study that proposes trials in its searcher's state, pickled with 
 The searcher (driver's `_OptunaSearch`) copies each trial into the storage as the study
 changes: when Optuna proposes it (its params), at each report (the intermediate value, at the
 SAE's step) and when it ends (its state and value). A copied trial's user attribute
-`trial_id` is Tune's trial id, as the trial's MLflow run is tagged. On `resume` Tune restores
-the searcher from its pickle, which may be a snapshot older than the copy: the copy is then
-written afresh from the restored study, so that both say the same from there on.
+`trial_id` is Tune's trial id, as the trial's MLflow run is tagged.
+
+On `resume` Tune restores the searcher from its pickle, which may be a snapshot older than the
+copy. The copy keeps what it holds, as MLflow keeps its runs: each point once, the first value
+at a step, a trial's end. It gains what the restored study adds, and a trial the restored study
+never proposed (proposed within Tune's snapshot period before the driver died; MLflow closes
+its run KILLED) ends FAIL with the user attribute `killed_reason`.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class StudyCopy:
     def _reset(self) -> None:
         self._storage: RDBStorage | None = None
         self._study_id: int | None = None
-        self._copies: dict[int, int] = {}  # trial number in the study -> trial id in the copy
+        self._copies: dict[str, int] = {}  # Tune's trial id -> trial id in the copy
 
     def __getstate__(self) -> dict:
         return {"url": self.url, "study_name": self.study_name}
@@ -85,25 +89,51 @@ class StudyCopy:
             storage.delete_study(storage.get_study_id_from_name(self.study_name))
         self._study_id = storage.create_new_study(study.directions, self.study_name)
         self._copies = {}
+        self._sync_all(study, trial_ids)
+
+    def resume(self, study, trial_ids: Mapping[int, str]) -> None:
+        """Go on with the copy from `study` as Tune restored it (see the module's docstring);
+        with no copy yet, start one."""
+        storage = self.storage
+        try:
+            self._study_id = storage.get_study_id_from_name(self.study_name)
+        except KeyError:
+            return self.start(study, trial_ids)
+        self._copies = {}
+        live = set(trial_ids.values())
+        for trial in storage.get_all_trials(self._study_id, deepcopy=False):
+            copy_id = storage.get_trial_id_from_study_id_trial_number(self._study_id, trial.number)
+            trial_id = trial.user_attrs.get(TRIAL_ID_ATTR, "")
+            self._copies[trial_id] = copy_id
+            if trial_id not in live and not trial.state.is_finished():
+                reason = "proposed after Tune's last snapshot; the driver died before saving it"
+                storage.set_trial_user_attr(copy_id, "killed_reason", reason)
+                storage.set_trial_state_values(copy_id, TrialState.FAIL)
+        self._sync_all(study, trial_ids)
+
+    def _sync_all(self, study, trial_ids: Mapping[int, str]) -> None:
         for trial in study.get_trials(deepcopy=False):
             if trial.state != TrialState.WAITING:  # enqueued, not yet proposed
                 self.sync(trial, trial_ids.get(trial.number, ""))
 
     def sync(self, trial: FrozenTrial, trial_id: str) -> None:
-        """Bring the trial's copy up to date: create it, add the intermediate values it lacks,
-        end it as the trial ended. Call `start` first."""
+        """Bring the copy of Tune's trial `trial_id` up to date with the study's `trial`:
+        create it, add the intermediate values it lacks, end it as the trial ended. Call
+        `start` or `resume` first."""
         if self._study_id is None:
-            raise RuntimeError("StudyCopy.sync before start")
+            raise RuntimeError("StudyCopy.sync before start or resume")
         storage = self.storage
-        copy_id = self._copies.get(trial.number)
+        copy_id = self._copies.get(trial_id)
         if copy_id is None:
             template = copy.deepcopy(trial)
             template.user_attrs = {**template.user_attrs, TRIAL_ID_ATTR: trial_id}
-            self._copies[trial.number] = storage.create_new_trial(self._study_id, template)
+            self._copies[trial_id] = storage.create_new_trial(self._study_id, template)
             return
         have = storage.get_trial(copy_id)
+        if have.state.is_finished():
+            return
         for step, value in trial.intermediate_values.items():
-            if have.intermediate_values.get(step) != value:
+            if step not in have.intermediate_values:  # the first value at a step stays
                 storage.set_trial_intermediate_value(copy_id, step, value)
-        if trial.state.is_finished() and not have.state.is_finished():
+        if trial.state.is_finished():
             storage.set_trial_state_values(copy_id, trial.state, trial.values)
