@@ -23,6 +23,7 @@ from sweeps.config import (
     load_configs,
     save_config,
 )
+from sweeps.progress import progress_bar
 from sweeps.schema import check_name, leaderboard_url
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
@@ -102,13 +103,11 @@ def describe_error(e: Exception) -> str:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from sweeps.activations.extract import extract
 
     cfg = load_config(args.config, args.set)
     address = args.address or os.environ.get("RAY_ADDRESS")
-    with tqdm(desc="extract", unit="img", dynamic_ncols=True, leave=False) as bar:
+    with progress_bar("extract", "img", leave=False) as bar:
         result = extract(
             cfg,
             start_ray=lambda: init_ray(address, args.verbose),  # not on a cache hit
@@ -137,8 +136,6 @@ def describe_extract(result) -> str:
 def _sweep(configs, args, resume: bool) -> list:
     """Check (taking each sweep's lock), then run or resume each config's sweep, printing its
     summary; the results."""
-    from tqdm import tqdm
-
     from sweeps.results.plots import trial_plots
     from sweeps.search.console import SweepDisplay
     from sweeps.search.driver import run_sweep
@@ -159,7 +156,7 @@ def _sweep(configs, args, resume: bool) -> list:
         results = []
         for cfg in configs:
             display = [] if cfg.tune.verbose else [SweepDisplay(cfg.tune.num_samples)]
-            with tqdm(desc="extract", unit="img", dynamic_ncols=True, leave=False) as bar:
+            with progress_bar("extract", "img", leave=False) as bar:
                 result = run_sweep(
                     cfg, resume=resume, callbacks=display, progress=bar, plots=trial_plots
                 )
@@ -185,6 +182,18 @@ def _print_summary(cfg, result) -> None:
         f"{result.elapsed_s:.0f}s; results {result.experiment_path}"
     )
     print(mlflow_ui_hint(result, objectives))
+    if result.optuna_storage:
+        print(optuna_dashboard_hint(result.optuna_storage))
+
+
+def optuna_dashboard_hint(url: str) -> str:
+    """How to open the sweep's Optuna study in optuna-dashboard."""
+    import importlib.util
+
+    line = f"Optuna dashboard: optuna-dashboard {url}"
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        line += '  (install it: pip install optuna-dashboard, or the "dashboard" extra)'
+    return line + "\n  then open http://127.0.0.1:8080"
 
 
 def mlflow_ui_hint(result, objectives: dict[str, str]) -> str:

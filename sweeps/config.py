@@ -352,6 +352,12 @@ class SweepSettings:
     experiment: str = ""
     """MLflow experiment; empty: the sweep name."""
 
+    optuna_storage: str = ""
+    """Optuna RDB storage that keeps a copy of the sweep's study (named after the sweep), for
+    optuna-dashboard: an SQLAlchemy URL such as sqlite:////abs/optuna.db or
+    postgresql://user@host/db; empty: sqlite:///<out_dir>/optuna.db, beside the default
+    MLflow store; none: no copy."""
+
     register_as: str = ""
     """At the end of `sweep`, `resume` and `demo`, register the best trial's SAE in MLflow's
     model registry under this name (a new version each time); empty: register nothing."""
@@ -372,8 +378,16 @@ class SweepSettings:
         uri = self.tracking_uri or env or _cluster_tracking_uri()
         return uri or default_tracking_uri(self.out_dir)
 
+    def resolved_optuna_storage(self) -> str:
+        """The URL of the study's copy, or "" for none."""
+        from sweeps.schema import NO_OPTUNA_STORAGE, default_optuna_storage
+
+        if self.optuna_storage.strip().lower() == NO_OPTUNA_STORAGE:
+            return ""
+        return self.optuna_storage or default_optuna_storage(self.out_dir)
+
     def validate(self) -> None:
-        from sweeps.schema import check_name
+        from sweeps.schema import NO_OPTUNA_STORAGE, check_name
 
         # Both become paths (the Tune experiment, the SAEs) or MLflow names: identifiers only,
         # so that no name reaches outside the sweep's own directory (`--overwrite` deletes it).
@@ -385,6 +399,13 @@ class SweepSettings:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         _check(bool(self.out_dir), "sweep.out_dir", "give a directory")
+        url = self.optuna_storage
+        _check(
+            not url or url.strip().lower() == NO_OPTUNA_STORAGE or "://" in url,
+            "sweep.optuna_storage",
+            "give an SQLAlchemy URL such as sqlite:////abs/path/optuna.db, or none",
+            url,
+        )
         _check(
             not (set(self.register_as) & set("/:"))
             and self.register_as == self.register_as.strip(),

@@ -144,6 +144,15 @@ def default_tracking_uri(out_dir: str | Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
+#: sweep.optuna_storage's value that keeps no copy of the Optuna study.
+NO_OPTUNA_STORAGE = "none"
+
+
+def default_optuna_storage(out_dir: str | Path) -> str:
+    """The SQLite database of the Optuna study's copy, beside the default MLflow store."""
+    return f"sqlite:///{Path(out_dir).resolve() / 'optuna.db'}"
+
+
 def child_filter(parent_run_id: str) -> str:
     """The MLflow search filter of a sweep's trial runs."""
     return f"tags.`mlflow.parentRunId` = '{parent_run_id}'"

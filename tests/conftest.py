@@ -39,6 +39,15 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium's executable. Session-scoped, so that where it is missing a test that
+    asks for it skips before its other fixtures (a sweep) run."""
+    from tests.helpers import chromium
+
+    return chromium()
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifacts); yields its URI."""
     import contextlib

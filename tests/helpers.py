@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sweeps.demo import make_image_folder, make_tiny_clip, random_image  # noqa: F401 (re-exported)
@@ -112,3 +116,34 @@ def sweep_runs(uri: str, experiment: str, parent: str | None = None):
         and parent in (None, r.data.tags[MLFLOW_PARENT_RUN_ID])
     ]
     return client, parents, kids
+
+
+def chromium() -> str:
+    """Headless Chromium's executable; skips the test where it is not installed."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
+    return found
+
+
+def chromium_flags(profile: Path) -> list[str]:
+    """Headless, offline, a profile of its own, and 30 s of virtual time for the page's
+    scripts to fetch and draw."""
+    return [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--window-size=1400,900",
+    ]  # fmt: skip
+
+
+def page_text(browser: str, url: str, profile: Path, shot: Path | None = None) -> str:
+    """The text of a page once its scripts ran, tags, scripts and styles stripped and spaces
+    joined; with `shot`, a screenshot of it too."""
+    flags = chromium_flags(profile)
+    if shot is not None:
+        subprocess.run([browser, *flags, f"--screenshot={shot}", url],
+                       capture_output=True, timeout=180)  # fmt: skip
+    dom = subprocess.run([browser, *flags, "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180).stdout  # fmt: skip
+    text = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))

@@ -412,10 +412,8 @@ CHROMIUM_FLAGS = [
 ]  # fmt: skip
 
 
-def test_report_opens_searches_and_sorts_in_headless_chromium(analyzed, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
+def test_report_opens_searches_and_sorts_in_headless_chromium(browser, analyzed, tmp_path):
+    chromium = browser
     out, _ = analyzed
     site = tmp_path / "site"
     shutil.copytree(out, site)

@@ -132,7 +132,11 @@ SET_CASES = [
     ("asha with pareto", ["tune.objectives=[val/fvu:min, val/l0:min]"], "tune.asha"),
     ("placeholder", ["sweep.storage_path=s3://REPLACE_ME-bucket/x"], "REPLACE_ME"),
     ("bad register name", ["sweep.register_as=a/b"], "sweep.register_as"),
-]
+    ("optuna storage not a URL", ["sweep.optuna_storage=optuna.db"], "sweep.optuna_storage"),
+    ("optuna storage under a file", ["sweep.optuna_storage=sqlite:///{root}/afile/o.db"],
+     "sweep.optuna_storage: cannot open the Optuna storage"),
+    ("unknown optuna database", ["sweep.optuna_storage=nodb://x/y"], "sweep.optuna_storage"),
+]  # fmt: skip
 
 FILE_CASES = [
     ("empty file", "empty.yaml", "holds no config"),

@@ -19,7 +19,9 @@ from sweeps.search.trial import trial_configs
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The shared core: the lowest modules, which every stage may import.
-CORE = {f"sweeps.{m}" for m in ("config", "schema", "space", "storage", "ridge", "signals")}
+CORE = {
+    f"sweeps.{m}" for m in ("config", "schema", "space", "storage", "ridge", "signals", "progress")
+}
 
 #: What each part may import from the project, besides its own modules and `sae`.
 ALLOWED = {

@@ -32,8 +32,12 @@ def overrides(demo_assets, out: Path, name: str, *extra: str) -> list[str]:
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def cli(args: list[str], **kw) -> subprocess.Popen:
+def cli(args: list[str], bars: bool = False, **kw) -> subprocess.Popen:
+    """The command line in a process of its own, its output through a pipe; with `bars`, its
+    progress bars on (the suite turns tqdm's off)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if bars:
+        env.pop("TQDM_DISABLE", None)
     return subprocess.Popen(
         [sys.executable, str(ROOT / "run_sweep.py"), *args],
         cwd=kw.pop("cwd", ROOT),
@@ -44,6 +48,30 @@ def cli(args: list[str], **kw) -> subprocess.Popen:
         start_new_session=True,
         **kw,
     )
+
+
+#: A plain progress line: the sweep's trials, extraction's and analysis's images (progress.py).
+PROGRESS_LINE = (
+    r"(trials: \d+ of \d+ done|extract: \d+ img|analyse layer \d+: \d+ of \d+ img) "
+    r"in \d+ s(, [\d.]+ img/s)?( \(.*\))?"
+)
+
+#: Every line the demo may print, as regular expressions (the whole line).
+DEMO_LINES = [
+    r"(started |stopped |finished|failed  ) [0-9a-f]{8}  L\d+ k\d+ x\d+ lr\S+ aux\S+.*",
+    PROGRESS_LINE,
+    r"extract: \d+ images done, \d+ skipped .*|extract: cache hit, no work done: .*",
+    r"trial_id +status +layer .*",  # the leaderboard's header and rows
+    r"[0-9a-f]{8} +(DONE|STOPPED|FAILED) .*",
+    r"sweep e2e: \d+ trials \(\d+ failed\) in \d+s; results .*",
+    r"MLflow UI: mlflow ui --backend-store-uri sqlite:///\S+",
+    r"Optuna dashboard: optuna-dashboard sqlite:///\S+",
+    r"  then open http://127\.0\.0\.1:\d+\S*",
+    r"best SAE: \S+",
+    r"demo: \d+ of \d+ image factors have a latent that picks them out .*",
+    r"analyze [0-9a-f]{8} \(layer \d+\): .*report .*",
+    r"next: sae-sweep best --config \S+  \(or analyze, export\)",
+]
 
 
 def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
@@ -57,14 +85,21 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
         "train.eval_every=20",
         "tune.grace_period=40",
     )
-    proc = cli(["demo", *args])
+    proc = cli(["demo", *args], bars=True)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     assert "sweep e2e: 4 trials (0 failed)" in log
     assert "mlflow ui --backend-store-uri sqlite:///" in log
+    assert f"Optuna dashboard: optuna-dashboard sqlite:///{out / 'optuna.db'}" in log
     # The console: a line per trial event and the leaderboard, no Ray tables or INFO logs.
+    # Through a pipe, as in a log file or `ray job logs`: no bar redrawn, every line plain.
+    assert "\r" not in log
     lines = log.splitlines()
     assert len(lines) < 50, log
+    unknown = [line for line in lines if not any(re.fullmatch(p, line) for p in DEMO_LINES)]
+    assert not unknown, log
+    progress = [line for line in lines if re.fullmatch(PROGRESS_LINE, line)]
+    assert len(progress) <= 6, log  # one at most every 30 s of a run of well under 3 minutes
     assert sum(line.startswith("started ") for line in lines) == 4, log
     assert sum(line.startswith(("finished ", "stopped ")) for line in lines) == 4, log
     assert any(line.split()[:2] == ["trial_id", "status"] for line in lines)
@@ -563,13 +598,35 @@ def test_an_interrupted_sweep_is_killed_not_finished_and_resume_goes_on(sig, dem
     assert kids and not any(k.info.status == "RUNNING" for k in kids)
     unfinished = [k for k in kids if k.info.status == "KILLED"]
     assert unfinished and all(sig.name in k.data.tags["killed_reason"] for k in unfinished)
+    # The Optuna study's copy was written while the sweep ran: the trial and its evaluation.
+    copied = optuna_trials(out / "optuna.db", name)
+    assert {k.data.tags["trial_id"] for k in unfinished} <= set(copied)
+    assert any(t.state.name == "RUNNING" and t.intermediate_values for t in copied.values())
 
     resumed = cli(["resume", "--config", DEMO_CONFIG, *args])
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log
     assert f"sweep {name}: 3 trials (0 failed)" in log
-    _, (parent,), kids = sweep_runs(uri, name)
+    assert f"Optuna dashboard: optuna-dashboard sqlite:///{out / 'optuna.db'}" in log
+    client, (parent,), kids = sweep_runs(uri, name)
     assert parent.info.status == "FINISHED" and parent.data.tags["best.trial_id"]
+    # ... and after resume it holds what MLflow holds: each trial, its curve, its value.
+    copied = optuna_trials(out / "optuna.db", name)
+    assert sorted(copied) == sorted(k.data.tags["trial_id"] for k in kids)
+    for kid in kids:
+        trial = copied[kid.data.tags["trial_id"]]
+        assert trial.state.name == "COMPLETE"
+        assert trial.value == pytest.approx(kid.data.metrics["fvu"])
+        history = client.get_metric_history(kid.info.run_id, "val/fvu")
+        assert trial.intermediate_values == pytest.approx({m.step: m.value for m in history})
+
+
+def optuna_trials(db: Path, study: str) -> dict:
+    """The trials of a sweep's Optuna study copy, by their Tune trial id."""
+    import optuna
+
+    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{db}")
+    return {t.user_attrs["trial_id"]: t for t in loaded.trials}
 
 
 @pytest.mark.timeout(900)

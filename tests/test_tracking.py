@@ -32,7 +32,7 @@ from sweeps.search.snapshots import set_aside_torn_snapshot
 from sweeps.tracking.records import _client_runs, finished_trial_runs
 from sweeps.tracking.runs import close_lost_trial_runs, log_sweep_summary, start_sweep_run
 from sweeps.tracking.store import TrackingError, check_tracking_uri
-from tests.helpers import sweep_runs
+from tests.helpers import page_text, sweep_runs
 
 STEPS = 4
 
@@ -397,25 +397,26 @@ def test_check_tracking_uri(tmp_path, mlflow_server, monkeypatch):
     check_tracking_uri(f"file://{tmp_path}")
 
 
-def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
-    ray_session, demo_assets, mlflow_server, tmp_path
-):
-    """A small sweep logged to a real `mlflow server`, then its pages in headless Chromium."""
-    import re
-    import shutil
-    import subprocess
-
+@pytest.fixture(scope="module")
+def ui_sweep(ray_session, demo_assets, mlflow_server, tmp_path_factory):
+    """A small finished sweep logged to a real `mlflow server`: (its result, its out_dir)."""
     from sweeps.cli import DEMO_CONFIG
     from sweeps.config import load_config
-    from sweeps.schema import leaderboard_url, trial_label
     from sweeps.search.driver import run_sweep
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
-    sets = [*demo_assets, f"sweep.out_dir={tmp_path}", "sweep.name=ui", "tune.num_samples=3"]
+    out = tmp_path_factory.mktemp("ui")
+    sets = [*demo_assets, f"sweep.out_dir={out}", "sweep.name=ui", "tune.num_samples=3"]
     sets += [f"sweep.tracking_uri={mlflow_server}", "tune.asha=false", "train.epochs=2"]
-    result = run_sweep(load_config(DEMO_CONFIG, sets))
+    return run_sweep(load_config(DEMO_CONFIG, sets)), out
+
+
+def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
+    browser, ui_sweep, mlflow_server, tmp_path
+):
+    """A small sweep logged to a real `mlflow server`, then its pages in headless Chromium."""
+    from sweeps.schema import leaderboard_url, trial_label
+
+    result, _ = ui_sweep
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment(result.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -432,24 +433,12 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
     assert "| trial | run |" in parent.data.tags["mlflow.note.content"]
     assert "best/lr" not in parent.data.metrics and "best/fvu" in parent.data.metrics
 
-    artifacts = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
-    artifacts.mkdir(parents=True, exist_ok=True)
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000",
-        "--window-size=1400,900",
-    ]  # fmt: skip
+    artifacts = artifacts_dir(tmp_path)
 
-    def page_text(url: str, shot: str) -> str:
-        subprocess.run([chromium, *flags, f"--screenshot={artifacts / shot}", url],
-                       capture_output=True, timeout=180)  # fmt: skip
-        dom = subprocess.run([chromium, *flags, "--dump-dom", url],
-                             capture_output=True, text=True, timeout=180).stdout  # fmt: skip
-        text = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
-        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+    def text_of(url: str, shot: str) -> str:
+        return page_text(browser, url, tmp_path / "profile", artifacts / shot)
 
-    runs = page_text(
+    runs = text_of(
         leaderboard_url(mlflow_server, result.experiment_id, "val/fvu", "min"), "mlflow_runs.png"
     )
     assert "Training runs" in runs
@@ -459,9 +448,90 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
     assert order[0] == trial_label(result.rows[0].params.as_dict())
 
     page = f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
-    text = page_text(page, "mlflow_parent.png")
+    text = text_of(page, "mlflow_parent.png")
     assert "3 trials" in text and "best first by" in text, text[:3000]
     assert trial_label(result.rows[0].params.as_dict()) in text
+
+
+def artifacts_dir(tmp_path: Path) -> Path:
+    """Where a test's screenshots go: $TEST_ARTIFACTS when set, else its temporary directory."""
+    artifacts = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return artifacts
+
+
+def test_optuna_dashboard_shows_the_sweeps_study(browser, ui_sweep, tmp_path):
+    """The sweep's Optuna study in its storage beside the MLflow store, opened as the sweep's
+    last lines say: `optuna-dashboard <storage>` on 127.0.0.1, its trials in headless Chromium
+    and in its API, with their params, intermediate values at each evaluation and values."""
+    import urllib.request
+
+    from sweeps.cli import optuna_dashboard_hint
+
+    result, out = ui_sweep
+    client, _, kids = sweep_runs(result.tracking_uri, "ui", result.parent_run_id)
+    run_ids = {k.data.tags["trial_id"]: k.info.run_id for k in kids}
+    assert result.optuna_storage == f"sqlite:///{out / 'optuna.db'}"
+    command = optuna_dashboard_hint(result.optuna_storage).split(": ", 1)[1].split()[:2]
+    assert command == ["optuna-dashboard", result.optuna_storage]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    executable = Path(sys.executable).parent / "optuna-dashboard"  # the extra's console script
+    log = open(tmp_path / "dashboard.log", "wb")
+    server = subprocess.Popen(
+        [str(executable), result.optuna_storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # guards against a hang only
+        while True:
+            try:
+                studies = json.load(urllib.request.urlopen(f"{url}/api/studies", timeout=5))
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "dashboard.log"
+                ).read_text()
+                time.sleep(0.3)
+        (study,) = [s for s in studies["study_summaries"] if s["study_name"] == "ui"]
+        sid = study["study_id"]
+        detail = json.load(urllib.request.urlopen(f"{url}/api/studies/{sid}?after=0", timeout=30))
+        trials = {_tune_trial_id(t): t for t in detail["trials"]}
+        assert sorted(trials) == sorted(r.trial_id for r in result.rows)
+        for row in result.rows:  # the same trial as Tune's and MLflow's: params, curve, value
+            t = trials[row.trial_id]
+            assert t["state"] == "Complete"
+            params = {p["name"]: p["param_external_value"] for p in t["params"]}
+            searched = row.params.as_dict()
+            assert params and all(float(v) == float(searched[k]) for k, v in params.items())
+            # an intermediate value at each evaluation: the val/fvu curve MLflow holds
+            curve = {v["step"]: v["value"] for v in t["intermediate_values"]}
+            history = client.get_metric_history(run_ids[row.trial_id], "val/fvu")
+            assert curve == pytest.approx({m.step: m.value for m in history}) and curve
+            assert t["values"] == [pytest.approx(row.metrics["val/fvu"])]
+
+        text = page_text(browser, f"{url}/dashboard/studies/{sid}/trials", tmp_path / "profile",
+                         artifacts_dir(tmp_path) / "optuna_dashboard.png")  # fmt: skip
+        assert "ui (id=" in text and "3 Trials" in text, text[:3000]
+        for number in range(3):
+            assert f"Trial {number} Complete" in text, text[:3000]
+        assert "Intermediate Values" in text and "User Attributes" in text, text[:3000]
+        first = next(t for t in detail["trials"] if t["number"] == 0)  # the one shown
+        assert f"trial_id {_tune_trial_id(first)}" in text, text[:3000]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+def _tune_trial_id(trial: dict) -> str:
+    """The Tune trial id of a trial in optuna-dashboard's API (its user attribute)."""
+    return next(a["value"] for a in trial["user_attrs"] if a["key"] == "trial_id")
 
 
 def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):

@@ -164,9 +164,9 @@ def extract(
     (False); None decides: in this process on one machine without GPUs (`runs_here`). Both
     write the same parts. For Ray Data, Ray must be initialised or `start_ray` given: it is
     called only then, so a cache hit or an in-process run starts no Ray. progress: a bar the
-    caller owns (tqdm, or anything with update(n)), told of each batch done. A hit checks
-    its parts' sizes, and with verify their checksums; rebuild deletes the key's cache first
-    (a damaged one is reported, not rebuilt, without it)."""
+    caller owns (a sweeps.progress bar, or anything with update(n)), told of each batch done.
+    A hit checks its parts' sizes, and with verify their checksums; rebuild deletes the key's
+    cache first (a damaged one is reported, not rebuilt, without it)."""
     cfg = absolute_paths(cfg)
     source, inputs, key, found = locate_cache(cfg)
     if found and rebuild:

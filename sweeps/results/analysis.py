@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from sae import TopKSae
 from sae.metrics import SaeStats
@@ -26,6 +25,7 @@ from sweeps.activations import cache
 from sweeps.activations.clip import Preprocessing, capture_layers, vision_tower
 from sweeps.activations.sources import decode_batch
 from sweeps.config import DataConfig
+from sweeps.progress import progress_bar
 from sweeps.ridge import RidgeProbe, image_features
 
 CRITERIA = ("max_act", "mean_act", "frequency")
@@ -249,7 +249,7 @@ def scan(
     probes = {name: RidgeProbe(sae.d_in, device=sae.device) for name in PROBE_INPUTS}
     rows = cache.read_manifest(cache_dir)["rows"]
     batches = _encoded(sae, cache_dir, layer, batch_size)
-    with tqdm(total=rows, desc=f"analyse layer {layer}", unit="img") as bar:
+    with progress_bar(f"analyse layer {layer}", "img", total=rows) as bar:
         for row_B, label_B, x_BTD, x_hat_BTD, acts_BK, idx_BK in batches:
             stats.update(row_B, label_B, x_BTD, x_hat_BTD, acts_BK, idx_BK)
             val_B = cache.is_val(row_B.cpu().numpy(), val_fraction, seed)

@@ -1,16 +1,15 @@
 """The sweep's live console: one progress bar and one line per trial event.
 
 It replaces Tune's status tables (shown only with `--verbose`). The CLI hands it to the sweep
-as a Tune callback; it is the only part of a sweep that prints.
+as a Tune callback; it is the only part of a sweep that prints. Outside a terminal the bar is
+a plain line at most every 30 s (sweeps.progress), and the event lines read as they do on one.
 """
 
 from __future__ import annotations
 
-import sys
-
 from ray import tune
-from tqdm import tqdm
 
+from sweeps.progress import progress_bar
 from sweeps.schema import SUMMARY_METRICS, trial_label
 from sweeps.search.callback_state import LocalState
 
@@ -28,26 +27,21 @@ class SweepDisplay(LocalState, tune.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._bar: tqdm | None = None
+        self._bar = None
         self._counts = {"running": 0, "done": 0, "stopped": 0, "failed": 0}
         self._stopping: set[str] = set()
 
     @property
-    def bar(self) -> tqdm:
+    def bar(self):
         if self._bar is None:
-            self._bar = tqdm(
-                total=self.num_samples,
-                desc="trials",
-                unit="trial",
-                file=self.stream or sys.stderr,
-                dynamic_ncols=True,
-                bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {elapsed}<{remaining} {postfix}",
-            )
+            self._bar = progress_bar("trials", "done", total=self.num_samples, stream=self.stream)
         return self._bar
 
     def on_step_begin(self, iteration, trials, **info):
         if self._bar is None and trials:  # a resumed sweep: count what finished before
             self.bar.update(sum(t.status in ("TERMINATED", "ERROR") for t in trials))
+        if self._bar is not None:
+            self._bar.refresh()  # outside a terminal: the progress line, when it is due
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._counts["running"] += 1
@@ -91,7 +85,7 @@ class SweepDisplay(LocalState, tune.Callback):
 
     def _event(self, word: str, trial, text: str) -> None:
         line = f"{word} {trial.trial_id}  {trial_label(trial.config)}{text}"
-        tqdm.write(line, file=self.stream or sys.stderr)  # above the bar, which tqdm redraws
+        self.bar.print_line(line)  # above the bar, on a terminal
         self.bar.set_postfix_str(", ".join(f"{n} {k}" for k, n in self._counts.items() if n))
 
 

@@ -34,6 +34,7 @@ from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, is_num
 from sweeps.search.data import layer_sources
 from sweeps.search.mlflow_callback import MlflowTrialCallback
 from sweeps.search.snapshots import set_aside_torn_snapshot
+from sweeps.search.study import StudyCopy
 from sweeps.search.trial import TrialSettings, TrialState, run_trial
 from sweeps.space import SearchSpace
 from sweeps.tracking import runs as tracking
@@ -58,6 +59,8 @@ class SweepResult:
     extraction: ExtractResult
     """What building (or finding) the activation cache did."""
     elapsed_s: float = 0.0
+    optuna_storage: str = ""
+    """The RDB storage holding a copy of the Optuna study (sweep.optuna_storage), or ""."""
 
 
 def _sampler(cfg: Config):
@@ -94,15 +97,30 @@ def _trainable(cfg: Config, sources, fixed: TrialSettings):
 
 
 class _OptunaSearch(OptunaSearch):
-    """OptunaSearch whose sampler draws afresh after Tuner.restore.
+    """OptunaSearch whose sampler draws afresh after Tuner.restore, and that keeps a copy of
+    its study in an RDB storage (study.StudyCopy) when given one.
 
     Tune saves the searcher with the trials, so a driver that dies after proposing a trial
     but before saving comes back with the sampler's old random state, and would propose that
     lost trial's configuration again."""
 
+    def __init__(self, *args, study_copy: StudyCopy | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.study_copy = study_copy
+        if study_copy is not None:
+            study_copy.start(self._ot_study, {})
+
     def restore(self, checkpoint_path: str):
         super().restore(checkpoint_path)
         self._ot_study.sampler.reseed_rng()
+        if getattr(self, "study_copy", None) is not None:
+            numbers = {t.number: trial_id for trial_id, t in self._ot_trials.items()}
+            self._write_copy(lambda: self.study_copy.resume(self._ot_study, numbers))
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        self._copy(trial_id)
+        return config
 
     # Tune saves the trials and the searcher as separate files, so a restored searcher may be
     # one snapshot older than the trials: results of trials it never proposed are not its own.
@@ -112,10 +130,37 @@ class _OptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict):
         if trial_id in self._ot_trials:
             super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: result["step"]})
+            self._copy(trial_id)
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
         if trial_id in self._ot_trials:
+            # A trial's last result reaches only this call when Tune takes it together with
+            # the trial's end (a trial ending itself, or one ASHA stops): it is an evaluation
+            # too, which the curve keeps as MLflow's does.
+            ot_trial = self._ot_trials[trial_id]
+            step = (result or {}).get("step")
+            metric = self.metric if isinstance(self.metric, str) else None
+            if metric and is_num((result or {}).get(metric)) and is_num(step):
+                reported = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+                if int(step) not in reported.intermediate_values:
+                    self.on_trial_result(trial_id, result)
             super().on_trial_complete(trial_id, result, error)
+            self._copy(trial_id)
+
+    def _copy(self, trial_id: str) -> None:
+        if getattr(self, "study_copy", None) is None or trial_id not in self._ot_trials:
+            return
+        number = self._ot_trials[trial_id].number
+        trial = self._ot_study.get_trials(deepcopy=False)[number]
+        self._write_copy(lambda: self.study_copy.sync(trial, trial_id))
+
+    def _write_copy(self, write) -> None:
+        # The copy is for looking at: a storage that fails (a database server gone) costs
+        # the copy this update, not the sweep. The next update of the trial fills it in.
+        try:
+            write()
+        except Exception as e:
+            logger.warning("Optuna storage %s: %s", self.study_copy.url, e)
 
 
 def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
@@ -152,12 +197,14 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks
     metric, mode = list(objectives), list(objectives.values())
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
+    url = cfg.sweep.resolved_optuna_storage()
     searcher = _OptunaSearch(
         space=space.suggest,
         metric=metric,
         mode=mode,
         sampler=_sampler(cfg),
         points_to_evaluate=space.optuna_points() or None,
+        study_copy=StudyCopy(url, cfg.sweep.name) if url else None,
     )
     scheduler = _scheduler(cfg, max_steps)
     return tune.Tuner(
@@ -253,7 +300,17 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     tracking.close_lost_trial_runs(uri, parent, [r.trial_id for r in rows])
     best = tracking.log_sweep_summary(uri, parent, grid, objectives)
     experiment_id = mlflow_client(uri).get_run(parent).info.experiment_id
-    return SweepResult(path, parent, uri, experiment_id, str(ex.cache_dir), rows, best, ex)
+    return SweepResult(
+        path,
+        parent,
+        uri,
+        experiment_id,
+        str(ex.cache_dir),
+        rows,
+        best,
+        ex,
+        optuna_storage=cfg.sweep.resolved_optuna_storage(),
+    )
 
 
 def _records(grid, objectives: dict[str, str]) -> list[TrialRecord]:

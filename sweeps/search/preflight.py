@@ -15,6 +15,7 @@ import ray
 
 from sweeps import storage
 from sweeps.config import Config, ConfigError
+from sweeps.search import study
 from sweeps.space import SearchSpace
 from sweeps.tracking import runs as tracking
 from sweeps.tracking.store import TrackingError, check_tracking_uri
@@ -107,6 +108,11 @@ def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> S
         tracking.check_experiment(cfg.sweep.resolved_tracking_uri(), cfg.sweep.experiment_name())
     except TrackingError as e:
         raise ConfigError(f"sweep.tracking_uri: {e}") from None
+    if url := cfg.sweep.resolved_optuna_storage():
+        try:
+            study.open_storage(url)
+        except ValueError as e:
+            raise ConfigError(f"sweep.optuna_storage: {e} (or set it to none)") from None
     lock = SweepLock(cfg)
     try:
         _check_sweep_records(cfg, resume, overwrite)
@@ -216,6 +222,9 @@ def delete_sweep(cfg: Config) -> list[str]:
     if parent is not None:
         n = tracking.delete_sweep_runs(uri, parent)
         deleted.append(f"{n} MLflow runs of experiment {cfg.sweep.experiment_name()!r}")
+    url = cfg.sweep.resolved_optuna_storage()
+    if url and study.delete_study(url, cfg.sweep.name):
+        deleted.append(f"Optuna study {cfg.sweep.name!r} in {url}")
     return deleted
 
 
