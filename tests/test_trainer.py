@@ -49,7 +49,9 @@ def test_auxk_leaves_fewer_dead_latents():
     assert dead[0.25] < dead[0.0] / 2
 
 
-@pytest.mark.parametrize("activation, normalize_input", [("topk", False), ("batchtopk", True)])
+@pytest.mark.parametrize(
+    "activation, normalize_input", [("topk", False), ("batchtopk", True), ("jumprelu", True)]
+)
 def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, activation, normalize_input):
     x, _ = sparse_dictionary_data(1, d=16, n_atoms=32, n=3000, active=2)
     x = 7 * x + 3  # an input scale to fold away, and an offset for b_dec
@@ -276,6 +278,35 @@ def test_batchtopk_learns_a_threshold_and_keeps_l0_near_k():
             batch_rule.update(rows, result.sae.decode(acts, idx), acts, idx)
     assert result.metrics["l0"] == pytest.approx(batch_rule.result()["l0"], rel=0.1)
     assert result.metrics["fvu"] == pytest.approx(batch_rule.result()["fvu"], rel=0.1)
+
+
+def test_jumprelu_starts_each_threshold_at_a_third_and_brings_l0_to_k():
+    x, _ = sparse_dictionary_data(0, d=32, n_atoms=64, n=8000, active=3)
+    sae_cfg = SaeConfig(expansion_factor=4, k=3, activation="jumprelu")
+    trainer = Trainer(x, sae_cfg, TrainConfig(batch_size=256, steps=400, lr=1e-2))
+    first = trainer._batch(0)
+    trainer.train_step(first)
+    # before the step, every latent fired on a third of the first batch; one step moved it little
+    with torch.no_grad():
+        pre = trainer.sae.pre_activations(first)
+    share = (pre > trainer.sae.threshold).float().mean(0)
+    assert share.median().item() == pytest.approx(1 / 3, abs=0.05)
+    result = trainer.fit()
+    assert (result.sae.threshold >= 0).all() and result.sae.threshold.std() > 0
+    assert result.metrics["l0"] == pytest.approx(3, rel=0.35)  # from ~43 at the start
+    assert result.metrics["fvu"] < 0.3
+    # without the L0 loss the thresholds stay low and the L0 far above k
+    loose = train_sae(
+        x, sae_cfg, TrainConfig(batch_size=256, steps=400, lr=1e-2, l0_coefficient=0.0)
+    )
+    assert loose.metrics["l0"] > 3 * result.metrics["l0"]
+
+
+def test_jumprelu_constant_initial_threshold():
+    x, _ = sparse_dictionary_data(0, d=16, n_atoms=32, n=2000, active=2)
+    cfg = TrainConfig(batch_size=128, steps=1, lr=1e-9, jumprelu_init_threshold=0.25)
+    sae = train_sae(x, SaeConfig(expansion_factor=2, k=2, activation="jumprelu"), cfg).sae
+    torch.testing.assert_close(sae.threshold, torch.full((32,), 0.25), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
