@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from sweeps.activations.sources import index_source
 from sweeps.cli import DEMO_CONFIG
 from sweeps.config import load_config
 from sweeps.demo import make_image_folder, make_tiny_clip
+from sweeps.results import report
 from sweeps.results.analysis import (
     HIST_EDGES,
     PROMPT_ENSEMBLE,
@@ -347,6 +349,10 @@ def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyz
     assert len(thumbs) == summary["thumbnails"] > 0
     assert Image.open(thumbs[0]).format == "JPEG"
     assert "data:image" not in (out / "report.html").read_text()
+    # ... and a copy for MLflow's artifact view holding them, and the figures, in itself
+    copy = (out / report.MLFLOW_REPORT).read_text()
+    assert 'src="thumbs/' not in copy and '.png"' not in copy
+    assert copy.count("data:image/jpeg;base64,") == len(thumbs)
     for row in table:
         share = row["top_label_share"]
         assert row["top_label"] in CLASSES and 0 < float(share) <= 1 if share else True
@@ -368,6 +374,7 @@ def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyz
     client = MlflowClient(swept["cfg"].sweep.resolved_tracking_uri())
     logged = {a.path for a in client.list_artifacts(run_id, "analysis")}
     assert {"analysis/report.html", "analysis/thumbs", "analysis/latents.csv"} <= logged
+    assert f"analysis/{report.MLFLOW_REPORT}" in logged
     run = client.get_run(run_id)
     assert run.data.metrics["analysis/fvu"] == pytest.approx(summary["fvu"])
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -446,13 +453,87 @@ def test_report_opens_searches_and_sorts_in_headless_chromium(analyzed, tmp_path
     assert 0 < int(got["images"]) == int(got["loaded"]) == int(got["lazy"]) <= 4
     assert int(got["figures"]) >= 4
 
+    # The page as it opens (the probe scrolls the window, and --screenshot draws a scrolled
+    # page blank).
     shot = tmp_path / "shot.png"
+    opened = (site / "report.html").as_uri()
     subprocess.run(
-        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", opened],
         capture_output=True, timeout=120,
     )  # fmt: skip
     colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is None or len(colors) > 50  # a rendered page, not a blank one
+
+
+# Run inside the report's frame in MLflow: open the first latent as a user does, then wait
+# for each of its images and each figure to load or fail, and measure the layout.
+OPEN_A_LATENT = """(async () => {
+  const settled = im => im.complete ? 0 : new Promise(done => {
+    im.addEventListener('load', done); im.addEventListener('error', done);
+  });
+  document.querySelector('#latents tbody tr').click();
+  const images = [...document.querySelectorAll('#panel img')];
+  for (const im of images) { im.scrollIntoView(); await settled(im); }
+  const figures = [...document.querySelectorAll('img.fig')];
+  for (const im of figures) { im.scrollIntoView(); await settled(im); }
+  document.getElementById('panel').scrollIntoView();  // for the screenshot
+  const box = id => document.getElementById(id).getBoundingClientRect();
+  const rows = box('rows'), panel = box('panel');
+  return {
+    panel: document.querySelector('#panel h2').textContent,
+    first: document.querySelector('#latents tbody tr').dataset.id,
+    images: images.length,
+    loaded: images.filter(im => im.complete && im.naturalWidth > 0).length,
+    figures: figures.length,
+    figures_loaded: figures.filter(im => im.complete && im.naturalWidth > 0).length,
+    missing: document.getElementById('missing') ? !document.getElementById('missing').hidden
+      : null,
+    overlap: rows.left < panel.right && panel.left < rows.right &&
+      rows.top < panel.bottom && panel.top < rows.bottom,
+    overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+    width: innerWidth,
+    position: getComputedStyle(document.getElementById('panel')).position,
+  };
+})()"""
+
+
+def test_report_opens_with_its_images_in_mlflows_artifact_view(swept, analyzed, tmp_path):
+    """MLflow shows an HTML artifact from a blob: URL in a sandboxed frame, where thumbs/ and
+    the figures beside report.html do not load: its MLflow copy holds them, and fits the
+    viewer's width (one column, the panel under the table)."""
+    from tests.helpers import Chromium, chromium_binary, mlflow_server
+
+    chromium_binary()
+    out, stdout = analyzed
+    run_id = re.search(r"logged to MLflow run (\w+)", stdout).group(1)
+    store = swept["cfg"].sweep.resolved_tracking_uri()
+    experiment = MlflowClient(store).get_run(run_id).info.experiment_id
+    shots = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with mlflow_server(tmp_path, store) as server, Chromium(tmp_path / "profile") as browser:
+        page = f"{server}/#/experiments/{experiment}/runs/{run_id}/artifacts/analysis/"
+        got, seen = {}, []
+        for name in (report.MLFLOW_REPORT, "report.html"):
+            browser.navigate("about:blank")  # a page load: a route change keeps the old frame
+            browser.navigate(page + name)
+            frame = browser.frame("blob:", skip=seen)  # MLflow's viewer, a frame of its own
+            seen.append(frame)
+            opened = "document.querySelector('#panel h2')?.textContent"
+            browser.wait_for(opened, frame, f"{name} opened")
+            got[name] = browser.evaluate(OPEN_A_LATENT, frame)
+            if name == report.MLFLOW_REPORT:
+                browser.screenshot(shots / "mlflow_report.png")
+
+    copy, plain = got[report.MLFLOW_REPORT], got["report.html"]
+    assert copy["panel"] == f"latent {copy['first']}"
+    assert 0 < copy["images"] == copy["loaded"] <= 4  # every top image, from the page itself
+    assert copy["figures"] == copy["figures_loaded"] >= 4
+    assert copy["missing"] is None
+    # The viewer is narrower than the two-column layout: one column, nothing covered.
+    assert copy["position"] == "static" and not copy["overlap"] and copy["overflow"] <= 0
+    assert copy["width"] < 1000
+    # report.html itself loads nothing there, and says which file to open instead.
+    assert plain["panel"] == copy["panel"] and plain["loaded"] == 0 and plain["missing"]
 
 
 HOSTILE = ["<!--<script>", "</script><b>x", "a & b", "=1+2", "+cmd", "-2", "@SUM(A1)", "plain"]
