@@ -599,3 +599,66 @@ def test_hostile_label_names_neither_break_the_report_nor_become_formulas(tmp_pa
     assert analyze.spreadsheet_safe("+cmd") == "'+cmd" and analyze.spreadsheet_safe("-2") == "'-2"
     assert analyze.spreadsheet_safe("@SUM(A1)") == "'@SUM(A1)"
     assert analyze.spreadsheet_safe("plain") == "plain"
+
+
+def test_load_sweep_reads_every_trial_into_a_dataframe_without_ray(swept, tmp_path):
+    """The notebook API: `from sweeps import load_sweep` gives the finished sweep's trials, best
+    first, as MLflow holds them; `load_sae` a row's SAE. Neither starts or imports Ray."""
+    code = (
+        "import json, sys\n"
+        "import sweeps\n"
+        "light = sorted(m for m in ('pandas', 'ray', 'mlflow', 'torch') if m in sys.modules)\n"
+        "from sweeps import load_sweep, load_sae\n"
+        f"df = load_sweep({DEMO_CONFIG!r}, {swept['sets']!r})\n"
+        "sae = load_sae(df.iloc[0])\n"
+        "print(json.dumps({'light': light, 'ray': 'ray' in sys.modules, 'columns': list(df),\n"
+        "    'rows': json.loads(df.to_json(orient='records')), 'k': sae.cfg.k,\n"
+        "    'd_in': sae.d_in, 'latents': sae.num_latents}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["light"] == [] and got["ray"] is False
+
+    cfg = swept["cfg"]
+    client = MlflowClient(cfg.sweep.resolved_tracking_uri())
+    parent = client.get_run(
+        client.get_run(got["rows"][0]["run_id"]).data.tags["mlflow.parentRunId"]
+    )
+    kids = {
+        r.info.run_id: r
+        for r in client.search_runs(
+            [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+    }
+    rows = got["rows"]
+    assert sorted(r["run_id"] for r in rows) == sorted(kids) and len(rows) == 3
+    for col in ("trial_id", "status", "layer", "k", "expansion_factor", "lr", "auxk_alpha"):
+        assert col in got["columns"]
+    assert {"val/fvu", "val/l0", "dead_frac", "sae_dir", "run_id"} <= set(got["columns"])
+    assert len(set(got["columns"])) == len(got["columns"])
+    for row in rows:
+        run = kids[row["run_id"]]
+        assert row["trial_id"] == run.data.tags["trial_id"]
+        assert row["status"] == ("STOPPED" if "stopped_early" in run.data.tags else "DONE")
+        assert (
+            str(row["layer"]) == run.data.params["layer"] and str(row["k"]) == run.data.params["k"]
+        )
+        assert row["lr"] == pytest.approx(float(run.data.params["lr"]))
+        assert row["val/fvu"] == pytest.approx(run.data.metrics["fvu"])
+        assert row["dead_frac"] == pytest.approx(run.data.metrics["dead_frac"])
+        if row["status"] == "DONE":
+            assert Path(row["sae_dir"], "cfg.json").is_file()
+    fvus = [r["val/fvu"] for r in rows]
+    assert fvus == sorted(fvus)  # best first by the objective
+    best = rows[0]
+    assert (got["k"], got["latents"]) == (best["k"], best["expansion_factor"] * got["d_in"])
+
+    from sweeps import load_sae, load_sweep
+
+    with pytest.raises(ValueError, match="trial t1 \\(STOPPED\\) has no final SAE"):
+        load_sae({"trial_id": "t1", "status": "STOPPED", "sae_dir": None})
+    with pytest.raises(FileNotFoundError, match="no sweep 'analysis'.*run `sae-sweep sweep`"):
+        load_sweep(DEMO_CONFIG, [*swept["sets"], f"sweep.out_dir={tmp_path / 'none'}"])
