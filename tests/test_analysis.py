@@ -4,6 +4,7 @@ HTML report in headless Chromium, and `run_sweep.py analyze` end to end."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -662,3 +663,31 @@ def test_load_sweep_reads_every_trial_into_a_dataframe_without_ray(swept, tmp_pa
         load_sae({"trial_id": "t1", "status": "STOPPED", "sae_dir": None})
     with pytest.raises(FileNotFoundError, match="no sweep 'analysis'.*run `sae-sweep sweep`"):
         load_sweep(DEMO_CONFIG, [*swept["sets"], f"sweep.out_dir={tmp_path / 'none'}"])
+
+
+def test_the_mlflow_copy_inlines_latents_in_order_within_its_budget(analyzed, tmp_path):
+    """Past report.INLINE_BUDGET the MLflow copy keeps the first latents' images whole and
+    leaves the rest to report.html; images shared by latents count once."""
+    out, _ = analyzed
+    page = (out / report.MLFLOW_REPORT).read_text()
+    start = page.index('id="data">') + len('id="data">')
+    browser = json.loads(page[start : page.index("</script>", start)])
+    latents = browser["inlined"]
+    assert len(latents) == len(json.loads((out / "summary.json").read_text())["latents"])
+
+    def rows(m):
+        return {row for row, _, _ in browser["details"][m]["top"]}
+
+    first = rows(latents[0])
+    size = sum((out / "thumbs" / f"{r}.jpg").stat().st_size for r in first)
+    inline = report.inline_thumbnails(browser, latents, out / "thumbs", budget=size)
+    # the first latent, then the next ones as long as they add no image
+    shared = list(itertools.takewhile(lambda m: rows(m) <= first, latents[1:]))
+    assert inline.latents == [latents[0], *shared] and len(inline.latents) < len(latents)
+    assert set(inline.thumbs) == first
+    assert report.inline_thumbnails(browser, latents, out / "thumbs", budget=0).latents == []
+    # The page it renders holds those images and names the others' place.
+    small = report.write_html(tmp_path / "r.html", "t", {}, {}, {}, browser, inline=inline)
+    text = small.read_text()
+    assert text.count("data:image/jpeg;base64,") == len(first)
+    assert "download analysis/ from the run" in text
