@@ -87,6 +87,10 @@ METRIC_KEYS = (*EVAL_KEYS, "auxk_loss", "lr", "acts_per_s")
 #: beside the objectives, with their short labels.
 SUMMARY_METRICS = {"val/fvu": "fvu", "val/l0": "L0", "dead_frac": "dead"}
 
+#: What to tick under Columns on the MLflow runs page to compare trials there: MLflow keeps
+#: column choices in the browser, so a sweep cannot preset them.
+RUNS_PAGE_COLUMNS = {"Metrics": tuple(SUMMARY_METRICS), "Parameters": ("layer", "k")}
+
 #: Metrics a sweep may optimise, each with the only mode that makes sense for it.
 OBJECTIVES = {
     "val/fvu": "min",

@@ -50,46 +50,11 @@ def browser():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifacts); yields its URI."""
-    import contextlib
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from tests.helpers import mlflow_server
 
     root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "wb")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
-    cmd += ["--artifacts-destination", str(root / "artifacts")]
-    env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    # Its own session, so that stopping it also stops the uvicorn and job-runner children.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-    # It starts in seconds on a quiet machine and in minutes beside busy loops: wait for it
-    # while it runs; the deadline only guards against a hang.
-    deadline = time.monotonic() + 900
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()}")
-            time.sleep(0.3)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    with mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}", root / "artifacts") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ HTML report in headless Chromium, and `run_sweep.py analyze` end to end."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -25,6 +27,7 @@ from sweeps.activations.sources import index_source
 from sweeps.cli import DEMO_CONFIG
 from sweeps.config import load_config
 from sweeps.demo import make_image_folder, make_tiny_clip
+from sweeps.results import report
 from sweeps.results.analysis import (
     HIST_EDGES,
     PROMPT_ENSEMBLE,
@@ -347,6 +350,10 @@ def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyz
     assert len(thumbs) == summary["thumbnails"] > 0
     assert Image.open(thumbs[0]).format == "JPEG"
     assert "data:image" not in (out / "report.html").read_text()
+    # ... and a copy for MLflow's artifact view holding them, and the figures, in itself
+    copy = (out / report.MLFLOW_REPORT).read_text()
+    assert 'src="thumbs/' not in copy and '.png"' not in copy
+    assert copy.count("data:image/jpeg;base64,") == len(thumbs)
     for row in table:
         share = row["top_label_share"]
         assert row["top_label"] in CLASSES and 0 < float(share) <= 1 if share else True
@@ -368,6 +375,7 @@ def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyz
     client = MlflowClient(swept["cfg"].sweep.resolved_tracking_uri())
     logged = {a.path for a in client.list_artifacts(run_id, "analysis")}
     assert {"analysis/report.html", "analysis/thumbs", "analysis/latents.csv"} <= logged
+    assert f"analysis/{report.MLFLOW_REPORT}" in logged
     run = client.get_run(run_id)
     assert run.data.metrics["analysis/fvu"] == pytest.approx(summary["fvu"])
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -444,13 +452,87 @@ def test_report_opens_searches_and_sorts_in_headless_chromium(browser, analyzed,
     assert 0 < int(got["images"]) == int(got["loaded"]) == int(got["lazy"]) <= 4
     assert int(got["figures"]) >= 4
 
+    # The page as it opens (the probe scrolls the window, and --screenshot draws a scrolled
+    # page blank).
     shot = tmp_path / "shot.png"
+    opened = (site / "report.html").as_uri()
     subprocess.run(
-        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", opened],
         capture_output=True, timeout=120,
     )  # fmt: skip
     colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is None or len(colors) > 50  # a rendered page, not a blank one
+
+
+# Run inside the report's frame in MLflow: open the first latent as a user does, then wait
+# for each of its images and each figure to load or fail, and measure the layout.
+OPEN_A_LATENT = """(async () => {
+  const settled = im => im.complete ? 0 : new Promise(done => {
+    im.addEventListener('load', done); im.addEventListener('error', done);
+  });
+  document.querySelector('#latents tbody tr').click();
+  const images = [...document.querySelectorAll('#panel img')];
+  for (const im of images) { im.scrollIntoView(); await settled(im); }
+  const figures = [...document.querySelectorAll('img.fig')];
+  for (const im of figures) { im.scrollIntoView(); await settled(im); }
+  document.getElementById('panel').scrollIntoView();  // for the screenshot
+  const box = id => document.getElementById(id).getBoundingClientRect();
+  const rows = box('rows'), panel = box('panel');
+  return {
+    panel: document.querySelector('#panel h2').textContent,
+    first: document.querySelector('#latents tbody tr').dataset.id,
+    images: images.length,
+    loaded: images.filter(im => im.complete && im.naturalWidth > 0).length,
+    figures: figures.length,
+    figures_loaded: figures.filter(im => im.complete && im.naturalWidth > 0).length,
+    missing: document.getElementById('missing') ? !document.getElementById('missing').hidden
+      : null,
+    overlap: rows.left < panel.right && panel.left < rows.right &&
+      rows.top < panel.bottom && panel.top < rows.bottom,
+    overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+    width: innerWidth,
+    position: getComputedStyle(document.getElementById('panel')).position,
+  };
+})()"""
+
+
+def test_report_opens_with_its_images_in_mlflows_artifact_view(swept, analyzed, tmp_path):
+    """MLflow shows an HTML artifact from a blob: URL in a sandboxed frame, where thumbs/ and
+    the figures beside report.html do not load: its MLflow copy holds them, and fits the
+    viewer's width (one column, the panel under the table)."""
+    from tests.helpers import Chromium, chromium, mlflow_server
+
+    chromium()
+    out, stdout = analyzed
+    run_id = re.search(r"logged to MLflow run (\w+)", stdout).group(1)
+    store = swept["cfg"].sweep.resolved_tracking_uri()
+    experiment = MlflowClient(store).get_run(run_id).info.experiment_id
+    shots = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with mlflow_server(tmp_path, store) as server, Chromium(tmp_path / "profile") as browser:
+        page = f"{server}/#/experiments/{experiment}/runs/{run_id}/artifacts/analysis/"
+        got, seen = {}, []
+        for name in (report.MLFLOW_REPORT, "report.html"):
+            browser.navigate("about:blank")  # a page load: a route change keeps the old frame
+            browser.navigate(page + name)
+            frame = browser.frame("blob:", skip=seen)  # MLflow's viewer, a frame of its own
+            seen.append(frame)
+            opened = "document.querySelector('#panel h2')?.textContent"
+            browser.wait_for(opened, frame, f"{name} opened")
+            got[name] = browser.evaluate(OPEN_A_LATENT, frame)
+            if name == report.MLFLOW_REPORT:
+                browser.screenshot(shots / "mlflow_report.png")
+
+    copy, plain = got[report.MLFLOW_REPORT], got["report.html"]
+    assert copy["panel"] == f"latent {copy['first']}"
+    assert 0 < copy["images"] == copy["loaded"] <= 4  # every top image, from the page itself
+    assert copy["figures"] == copy["figures_loaded"] >= 4
+    assert copy["missing"] is None
+    # The viewer is narrower than the two-column layout: one column, nothing covered.
+    assert copy["position"] == "static" and not copy["overlap"] and copy["overflow"] <= 0
+    assert copy["width"] < 1000
+    # report.html itself loads nothing there, and says which file to open instead.
+    assert plain["panel"] == copy["panel"] and plain["loaded"] == 0 and plain["missing"]
 
 
 HOSTILE = ["<!--<script>", "</script><b>x", "a & b", "=1+2", "+cmd", "-2", "@SUM(A1)", "plain"]
@@ -516,3 +598,94 @@ def test_hostile_label_names_neither_break_the_report_nor_become_formulas(tmp_pa
     assert analyze.spreadsheet_safe("+cmd") == "'+cmd" and analyze.spreadsheet_safe("-2") == "'-2"
     assert analyze.spreadsheet_safe("@SUM(A1)") == "'@SUM(A1)"
     assert analyze.spreadsheet_safe("plain") == "plain"
+
+
+def test_load_sweep_reads_every_trial_into_a_dataframe_without_ray(swept, tmp_path):
+    """The notebook API: `from sweeps import load_sweep` gives the finished sweep's trials, best
+    first, as MLflow holds them; `load_sae` a row's SAE. Neither starts or imports Ray."""
+    code = (
+        "import json, sys\n"
+        "import sweeps\n"
+        "light = sorted(m for m in ('pandas', 'ray', 'mlflow', 'torch') if m in sys.modules)\n"
+        "from sweeps import load_sweep, load_sae\n"
+        f"df = load_sweep({DEMO_CONFIG!r}, {swept['sets']!r})\n"
+        "sae = load_sae(df.iloc[0])\n"
+        "print(json.dumps({'light': light, 'ray': 'ray' in sys.modules, 'columns': list(df),\n"
+        "    'rows': json.loads(df.to_json(orient='records')), 'k': sae.cfg.k,\n"
+        "    'd_in': sae.d_in, 'latents': sae.num_latents}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["light"] == [] and got["ray"] is False
+
+    cfg = swept["cfg"]
+    client = MlflowClient(cfg.sweep.resolved_tracking_uri())
+    parent = client.get_run(
+        client.get_run(got["rows"][0]["run_id"]).data.tags["mlflow.parentRunId"]
+    )
+    kids = {
+        r.info.run_id: r
+        for r in client.search_runs(
+            [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+    }
+    rows = got["rows"]
+    assert sorted(r["run_id"] for r in rows) == sorted(kids) and len(rows) == 3
+    for col in ("trial_id", "status", "layer", "k", "expansion_factor", "lr", "auxk_alpha"):
+        assert col in got["columns"]
+    assert {"val/fvu", "val/l0", "dead_frac", "sae_dir", "run_id"} <= set(got["columns"])
+    assert len(set(got["columns"])) == len(got["columns"])
+    for row in rows:
+        run = kids[row["run_id"]]
+        assert row["trial_id"] == run.data.tags["trial_id"]
+        assert row["status"] == ("STOPPED" if "stopped_early" in run.data.tags else "DONE")
+        assert (
+            str(row["layer"]) == run.data.params["layer"] and str(row["k"]) == run.data.params["k"]
+        )
+        assert row["lr"] == pytest.approx(float(run.data.params["lr"]))
+        assert row["val/fvu"] == pytest.approx(run.data.metrics["fvu"])
+        assert row["dead_frac"] == pytest.approx(run.data.metrics["dead_frac"])
+        if row["status"] == "DONE":
+            assert Path(row["sae_dir"], "cfg.json").is_file()
+    fvus = [r["val/fvu"] for r in rows]
+    assert fvus == sorted(fvus)  # best first by the objective
+    best = rows[0]
+    assert (got["k"], got["latents"]) == (best["k"], best["expansion_factor"] * got["d_in"])
+
+    from sweeps import load_sae, load_sweep
+
+    with pytest.raises(ValueError, match="trial t1 \\(STOPPED\\) has no final SAE"):
+        load_sae({"trial_id": "t1", "status": "STOPPED", "sae_dir": None})
+    with pytest.raises(FileNotFoundError, match="no sweep 'analysis'.*run `sae-sweep sweep`"):
+        load_sweep(DEMO_CONFIG, [*swept["sets"], f"sweep.out_dir={tmp_path / 'none'}"])
+
+
+def test_the_mlflow_copy_inlines_latents_in_order_within_its_budget(analyzed, tmp_path):
+    """Past report.INLINE_BUDGET the MLflow copy keeps the first latents' images whole and
+    leaves the rest to report.html; images shared by latents count once."""
+    out, _ = analyzed
+    page = (out / report.MLFLOW_REPORT).read_text()
+    start = page.index('id="data">') + len('id="data">')
+    browser = json.loads(page[start : page.index("</script>", start)])
+    latents = browser["inlined"]
+    assert len(latents) == len(json.loads((out / "summary.json").read_text())["latents"])
+
+    def rows(m):
+        return {row for row, _, _ in browser["details"][m]["top"]}
+
+    first = rows(latents[0])
+    size = sum((out / "thumbs" / f"{r}.jpg").stat().st_size for r in first)
+    inline = report.inline_thumbnails(browser, latents, out / "thumbs", budget=size)
+    # the first latent, then the next ones as long as they add no image
+    shared = list(itertools.takewhile(lambda m: rows(m) <= first, latents[1:]))
+    assert inline.latents == [latents[0], *shared] and len(inline.latents) < len(latents)
+    assert set(inline.thumbs) == first
+    assert report.inline_thumbnails(browser, latents, out / "thumbs", budget=0).latents == []
+    # The page it renders holds those images and names the others' place.
+    small = report.write_html(tmp_path / "r.html", "t", {}, {}, {}, browser, inline=inline)
+    text = small.read_text()
+    assert text.count("data:image/jpeg;base64,") == len(first)
+    assert "download analysis/ from the run" in text

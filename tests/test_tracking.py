@@ -25,12 +25,22 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.results.plots import trial_plots
-from sweeps.schema import FREQUENCY_FILE, default_tracking_uri, pareto_front
+from sweeps.schema import (
+    FREQUENCY_FILE,
+    RUNS_PAGE_COLUMNS,
+    default_tracking_uri,
+    pareto_front,
+)
 from sweeps.search.console import SweepDisplay
 from sweeps.search.mlflow_callback import MlflowTrialCallback
 from sweeps.search.snapshots import set_aside_torn_snapshot
 from sweeps.tracking.records import _client_runs, finished_trial_runs
-from sweeps.tracking.runs import close_lost_trial_runs, log_sweep_summary, start_sweep_run
+from sweeps.tracking.runs import (
+    close_lost_trial_runs,
+    log_sweep_summary,
+    start_sweep_run,
+    sweep_run_name,
+)
 from sweeps.tracking.store import TrackingError, check_tracking_uri
 from tests.helpers import page_text, sweep_runs
 
@@ -346,6 +356,16 @@ def test_trial_run_readers_match_mlflow_search(tracking_uri, tmp_path):
         got = finished_trial_runs(*args)
         assert dump(got) == dump(_client_runs(*args))
         assert len(got) == min(top, 6)
+    # every status, for load_sweep: the running and failed trials too, not the deleted one
+    args = (tracking_uri, exp, sweep_id, "fvu", True, 50)
+    every = finished_trial_runs(*args, finished_only=False)
+    assert dump(every) == dump(_client_runs(*args, finished_only=False))
+    assert {r.tags["trial_id"]: r.status for r in every} == {
+        **{f"t{i}": "FINISHED" for i in range(6)},
+        "running": "RUNNING",
+        "failed": "FAILED",
+    }
+    assert [r.tags["trial_id"] for r in every][:2] == ["running", "failed"]  # by fvu first
     ids = [
         r.tags["trial_id"] for r in finished_trial_runs(tracking_uri, exp, sweep_id, "fvu", True, 9)
     ]
@@ -429,8 +449,13 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
         assert {"lr", "k", "layer", "train.batch_size", "model.name_or_path"} <= set(
             kid.data.params
         )
+        # what the README and the leaderboard say to tick under Columns, under those names
+        assert set(RUNS_PAGE_COLUMNS["Metrics"]) <= set(kid.data.metrics), kid.data.metrics
+        assert set(RUNS_PAGE_COLUMNS["Parameters"]) <= set(kid.data.params)
     parent = client.get_run(result.parent_run_id)
-    assert "| trial | run |" in parent.data.tags["mlflow.note.content"]
+    assert parent.info.run_name == sweep_run_name("ui") == "leaderboard · ui"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| trial | run |" in note and "open Columns and tick `val/fvu`" in note
     assert "best/lr" not in parent.data.metrics and "best/fvu" in parent.data.metrics
 
     artifacts = artifacts_dir(tmp_path)
@@ -446,6 +471,7 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
     assert len(shown) == 3, runs[:3000]
     order = sorted(shown, key=runs.index)  # best first, as the leaderboard ranks them
     assert order[0] == trial_label(result.rows[0].params.as_dict())
+    assert sweep_run_name("ui") in runs  # the way from the runs page to the leaderboard
 
     page = f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
     text = text_of(page, "mlflow_parent.png")

@@ -60,7 +60,11 @@ class Analysis:
             f"analyze {t.name} (layer {t.layer}): {s['images']} images, fvu {s['fvu']:.4g}, "
             f"l0 {s['l0']:.3g}, {dead}/{self.num_latents} never fired, "
             f"dense {s['dense_frac']:.3g}{'; ' + shown if shown else ''}; report {self.html}"
-            + (f" (logged to MLflow run {t.run_id})" if t.run_id else "")
+            + (
+                f" (logged to MLflow run {t.run_id}: open analysis/{report.MLFLOW_REPORT} there)"
+                if t.run_id
+                else ""
+            )
         )
 
 
@@ -413,14 +417,11 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     )
     write_latent_table(stats, label_names, out / "latents.csv")
     browser = browser_data(stats, latents, label_names, manifest["token_mode"], opts.criterion)
-    html = report.write_html(
-        out / "report.html",
-        f"SAE {target.name}, layer {target.layer}",
-        summary,
-        checks,
-        figures,
-        browser,
-    )
+    page = (f"SAE {target.name}, layer {target.layer}", summary, checks, figures, browser)
+    html = report.write_html(out / "report.html", *page)
+    # The same page for MLflow's artifact view, which serves nothing beside an HTML artifact.
+    inline = report.inline_thumbnails(browser, latents, out / "thumbs")
+    report.write_html(out / report.MLFLOW_REPORT, *page, inline=inline)
 
     if target.run_id:
         numbers = {**stats.summary, **checks}

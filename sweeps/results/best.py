@@ -21,8 +21,9 @@ def trial_sae_dir(cfg: Config, trial_id: str, layer: int) -> str | None:
     return None
 
 
-def best_trials(cfg: Config, top: int = 5) -> list[TrialRecord]:
-    """Finished trials of the sweep, best first by the first objective."""
+def best_trials(cfg: Config, top: int = 5, finished_only: bool = True) -> list[TrialRecord]:
+    """Finished trials of the sweep (with `finished_only=False`, its trials of any status:
+    failed, killed, running), best first by the first objective."""
     sweep = cfg.sweep
     uri = sweep.resolved_tracking_uri()
     metric, mode = next(iter(cfg.tune.objective_modes().items()))
@@ -33,6 +34,7 @@ def best_trials(cfg: Config, top: int = 5) -> list[TrialRecord]:
         final_name(metric),
         ascending=mode == "min",
         top=top,
+        finished_only=finished_only,
     )
     if runs is None:
         raise FileNotFoundError(

@@ -6,10 +6,13 @@ figures it embeds are drawn by results.plots.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,49 @@ from sweeps.schema import format_value
 THUMB_PX = 112
 SHOWN_ROWS = 500
 """Table rows the browser draws at once; searching and sorting reach the others."""
+
+MLFLOW_REPORT = "report_mlflow.html"
+"""The copy of report.html made to open in MLflow's artifact view, its images inlined: MLflow
+shows an HTML artifact from a blob: URL, so nothing beside it (thumbs/, the figures) loads."""
+
+INLINE_BUDGET = 16 * 2**20
+"""Thumbnail bytes (JPEG, before base64) the MLflow copy holds at most, about 21 MB of page:
+the top images of 200 latents at 16 images of 5 KB, more where latents share images."""
+
+
+@dataclass
+class Inline:
+    """Images a page carries in itself as data: URIs instead of loading them from files."""
+
+    thumbs: Mapping[int, bytes]
+    """JPEG bytes by row id."""
+    latents: list[int]
+    """The latents whose top images are all in `thumbs`."""
+
+
+def inline_thumbnails(
+    browser: dict, latents: list[int], directory: Path, budget: int = INLINE_BUDGET
+) -> Inline:
+    """The thumbnails of `directory` (thumbs/) that the MLflow copy inlines: the top images of
+    `latents`, in their order (the --criterion's), while the whole stays within `budget`
+    bytes. Images shared by several latents count once; rows without a file (images that no
+    longer decode) are left out, as they are from thumbs/."""
+    thumbs: dict[int, bytes] = {}
+    kept, size = [], 0
+    for m in latents:
+        top = browser["details"][m]["top"] or []
+        new = {row: directory / f"{row}.jpg" for row, _, _ in top if row not in thumbs}
+        new = {row: path.read_bytes() for row, path in new.items() if path.is_file()}
+        if size + sum(map(len, new.values())) > budget:
+            break
+        thumbs |= new
+        size += sum(map(len, new.values()))
+        kept.append(m)
+    return Inline(thumbs, kept)
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def thumbnail(pixels_CHW: np.ndarray, size: int = THUMB_PX) -> bytes:
@@ -93,10 +139,21 @@ def downstream_html(checks: dict) -> str:
     return "".join(parts + notes) or "<p>none</p>"
 
 
+# Wide: the latent's panel is fixed at the right and the page scrolls beside it. Narrow (MLflow's
+# artifact view, a laptop's half screen): one column, the panel under the latents table, whose
+# rows scroll in a box so that the panel stays near.
 CSS = """
-body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh}
-main{overflow-y:auto;padding:1em 2em;flex:1}
-aside{width:34em;overflow-y:auto;border-left:1px solid #ccc;padding:.5em 1em;flex:none}
+body{font-family:system-ui,sans-serif;margin:0}
+main{padding:1em 2em;margin-right:36em;overflow-wrap:anywhere}
+aside{position:fixed;top:0;right:0;bottom:0;width:36em;box-sizing:border-box;overflow-y:auto;
+  border-left:1px solid #ccc;padding:.5em 1em;background:#fff}
+@media (max-width:78em){
+  main{margin-right:0;padding:.5em 1em}
+  aside{position:static;width:auto;border:0;border-top:1px solid #ccc;padding:.5em 0;
+    overflow:visible}
+  #rows{max-height:60vh;overflow-y:auto}
+  #search{width:100%;max-width:20em;box-sizing:border-box}
+}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em}
 #latents th{cursor:pointer;background:#f4f4f8;position:sticky;top:0}
 #latents tbody tr{cursor:pointer}#latents tbody tr:hover{background:#eef}
@@ -106,7 +163,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 .grid{display:flex;flex-wrap:wrap;gap:.4em}
 figure{margin:0;text-align:center;font-size:.75em;width:112px}
 figure img{display:block;width:112px;height:112px;background:#eee}
-.fig{max-width:100%}#search{width:20em;font-size:1em}
+.fig{max-width:100%}#search{width:20em;font-size:1em}#missing{color:#a00}
 """
 
 SCRIPT = r"""
@@ -115,6 +172,7 @@ const COLS = ['latent', 'frequency', 'image_frequency', 'max_act', 'mean_act', '
               'top_share'];
 const tbody = document.querySelector('#latents tbody');
 const search = document.getElementById('search');
+const panel = document.getElementById('panel');
 let sortCol = COLS.indexOf(D.sort), desc = true;
 const label = i => i < 0 ? '' : (D.labels[i] ?? String(i));
 const num = v => v === 0 ? '0' : (Math.abs(v) < 1e-3 ? v.toExponential(2) : v.toPrecision(4));
@@ -155,18 +213,28 @@ function histogram(h) {
     `activation ${num(D.edges[first])} to ${num(D.edges[first + counts.length])}, ` +
     `log-spaced bins; the tallest holds ${top}</small>`;
 }
-function show(id) {
+// The MLflow copy carries its thumbnails (D.thumbs, for the latents D.inlined); report.html
+// loads them from thumbs/ beside it.
+const inlined = new Set(D.inlined || []);
+const src = row => D.thumbs ? D.thumbs[row] : `thumbs/${row}.jpg`;
+function show(id, scroll) {
   const r = D.latents[id], d = D.details[id];
   if (!r) return;
   const images = d.top === null
     ? '<p>Top images were not collected for this latent (not among the latents chosen ' +
       'with --latents / --top-latents).</p>'
-    : '<div class="grid">' + d.top.map(([row, act, y]) =>
-      `<figure><img loading="lazy" alt="row ${row}" src="thumbs/${row}.jpg">` +
+    : D.thumbs && !inlined.has(id)
+    ? `<p>This copy of the report, made to open inside MLflow, holds the top images of ` +
+      `${inlined.size} latents (by ${esc(D.sort)}, within its size limit), not this one's. ` +
+      `They are in report.html with thumbs/ beside it: download analysis/ from the run.</p>`
+    : (D.thumbs ? '' : '<p id="missing" hidden>The images did not load: thumbs/ is not ' +
+      'beside this page. Inside MLflow, open report_mlflow.html, which holds them; elsewhere, ' +
+      'keep thumbs/ beside report.html.</p>') + '<div class="grid">' + d.top.map(([row, act, y]) =>
+      `<figure><img loading="lazy" alt="row ${row}" src="${src(row)}">` +
       `${num(act)}<br>${esc(label(y))}</figure>`).join('') + '</div>';
   const classes = d.classes.map(([y, c]) =>
     `<tr><td>${esc(label(y))}</td><td>${c}</td><td>${pct(c / d.labelled)}</td></tr>`).join('');
-  document.getElementById('panel').innerHTML =
+  panel.innerHTML =
     `<h2>latent ${id}</h2><p>Fires on ${pct(r[1])} of inputs` +
     (D.mode === 'all' ? ` (tokens) and on ${pct(r[2])} of images (any token)` : '') +
     `; max ${num(r[3])}, mean when firing ${num(r[4])}.</p>` +
@@ -178,9 +246,17 @@ function show(id) {
     `<h3>Top images</h3><p>The images with its highest activation` +
     (D.mode === 'all' ? ' (its max over the image\'s tokens)' : '') +
     `, ties in row id order; each with its activation and label.</p>` + images;
+  const missing = document.getElementById('missing');
+  if (missing) panel.querySelectorAll('img').forEach(im => im.addEventListener('error', () => {
+    missing.hidden = false;
+  }, {once: true}));
   document.querySelectorAll('#latents tr.on').forEach(tr => tr.classList.remove('on'));
   document.querySelector(`#latents tr[data-id="${id}"]`)?.classList.add('on');
-  history.replaceState(null, '', '#latent=' + id);
+  // In one column the panel is under the table: bring it into view when a row is clicked.
+  if (scroll && getComputedStyle(panel).position !== 'fixed') panel.scrollIntoView();
+  try {
+    history.replaceState(null, '', '#latent=' + id);
+  } catch (e) {}  // a sandboxed page (MLflow's viewer) may not rewrite its address
 }
 search.addEventListener('input', render);
 document.querySelector('#latents thead').addEventListener('click', e => {
@@ -192,7 +268,7 @@ document.querySelector('#latents thead').addEventListener('click', e => {
 });
 tbody.addEventListener('click', e => {
   const tr = e.target.closest('tr');
-  if (tr) show(Number(tr.dataset.id));
+  if (tr) show(Number(tr.dataset.id), true);
 });
 const hash = new URLSearchParams(location.hash.slice(1));
 if (hash.has('q')) search.value = hash.get('q');
@@ -209,16 +285,23 @@ def write_html(
     downstream: dict,
     figures: dict[str, Path],
     browser: dict,
+    inline: Inline | None = None,
 ) -> Path:
     """report.html beside its figures and thumbs/<row id>.jpg: summary tables, the downstream
     checks, the figures, and a browser of every latent. `browser` is the JSON the page reads
-    (analyze.browser_data): a row per latent, details per latent, label names."""
+    (analyze.browser_data): a row per latent, details per latent, label names. With `inline`,
+    the page holds its figures and those thumbnails as data: URIs and needs no file beside it
+    (the MLflow copy)."""
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{_cell(v)}</td></tr>" for k, v in summary.items()
     )
+
+    def figure_src(p: Path) -> str:
+        return data_uri(p.read_bytes(), "image/png") if inline else html.escape(p.name)
+
     figs = "".join(
         f"<h3>{html.escape(name)}</h3>"
-        f'<img class="fig" loading="lazy" alt="{html.escape(name)}" src="{p.name}">'
+        f'<img class="fig" loading="lazy" alt="{html.escape(name)}" src="{figure_src(p)}">'
         for name, p in figures.items()
     )
     all_mode = browser["mode"] == "all"
@@ -234,12 +317,23 @@ def write_html(
             ("share", "that label's share of the labelled images it fires on"),
         )
     )
+    note = ""
+    if inline is not None:
+        thumbs = {str(r): data_uri(b, "image/jpeg") for r, b in inline.thumbs.items()}
+        browser = {**browser, "thumbs": thumbs, "inlined": list(inline.latents)}
+        note = (
+            "<p>This copy holds its images in itself, to open inside MLflow: the top images "
+            f"of {len(inline.latents)} latents. report.html beside it loads every latent's "
+            "from thumbs/.</p>"
+        )
     # No <, > or & in the page's JSON at all: a label such as "<!--<script>" once put the
     # parser in a state where the closing tag did not close, blanking the report.
     data = json.dumps(browser, separators=(",", ":"))
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     page = (
-        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<!doctype html><html><head><meta charset=utf-8>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title>"
         f"<style>{CSS}</style></head><body><main>"
         f"<h1>{html.escape(title)}</h1><h2>Whole dataset</h2><table>{rows}</table>"
         f"<h2>Downstream checks</h2>{downstream_html(downstream)}"
@@ -247,11 +341,11 @@ def write_html(
         f"{html.escape(browser['sort'])}, the --criterion), a row to see the latent. Search by "
         f"latent id or label. Frequencies count "
         f"{'tokens; images counts images with any token firing' if all_mode else 'images'}.</p>"
+        f"{note}"
         f'<input id=search type=search placeholder="latent id or label"> <span id=count></span>'
-        f"<table id=latents class={browser['mode']}><thead><tr>{head}</tr></thead>"
-        "<tbody></tbody></table>"
-        f"<h2>Figures</h2>{figs}"
-        f"</main><aside id=panel></aside>"
+        f"<div id=rows><table id=latents class={browser['mode']}><thead><tr>{head}</tr></thead>"
+        "<tbody></tbody></table></div><aside id=panel></aside>"
+        f"<h2>Figures</h2>{figs}</main>"
         f'<script type="application/json" id="data">{data}</script>'
         f"<script>{SCRIPT}</script></body></html>"
     )

@@ -29,11 +29,14 @@ class TrialRun:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    status: str = "FINISHED"
+    """The run's MLflow status: RUNNING, FINISHED, FAILED or KILLED."""
 
     @classmethod
     def from_mlflow(cls, run) -> TrialRun:
         """From an mlflow.entities.Run."""
-        return cls(run.info.run_id, run.data.params, run.data.metrics, run.data.tags)
+        data = run.data
+        return cls(run.info.run_id, data.params, data.metrics, data.tags, run.info.status)
 
 
 @dataclass
@@ -43,7 +46,8 @@ class TrialRecord:
 
     trial_id: str
     status: str
-    """DONE (a final SAE), STOPPED (early, by ASHA) or FAILED."""
+    """DONE (a final SAE), STOPPED (early, by ASHA) or FAILED; read from MLflow, also RUNNING
+    and KILLED (the run's status)."""
     params: Hyperparams | None
     """None only for a trial that failed before Tune handed it a configuration."""
     metrics: dict[str, float]
@@ -76,9 +80,12 @@ class TrialRecord:
         metrics = {
             k: run.metrics[final_name(k)] for k in METRIC_KEYS if final_name(k) in run.metrics
         }
+        status = run.status
+        if status == "FINISHED":
+            status = "STOPPED" if run.tags.get("stopped_early") else "DONE"
         return cls(
             trial_id=run.tags.get("trial_id", ""),
-            status="STOPPED" if run.tags.get("stopped_early") else "DONE",
+            status=status,
             params=Hyperparams.from_values(run.params),
             metrics=metrics,
             sae_dir=sae_dir,
@@ -88,12 +95,19 @@ class TrialRecord:
 
 
 def finished_trial_runs(
-    uri: str, experiment: str, sweep_id: str, metric: str, ascending: bool, top: int
+    uri: str,
+    experiment: str,
+    sweep_id: str,
+    metric: str,
+    ascending: bool,
+    top: int,
+    finished_only: bool = True,
 ) -> list[TrialRun] | None:
-    """The FINISHED trial runs of the sweep tagged `sweep_id`, best first by `metric` (runs
-    without it last), at most `top`; None when the store holds no such sweep."""
+    """The FINISHED trial runs of the sweep tagged `sweep_id` (with `finished_only=False`,
+    its trial runs of any status), best first by `metric` (runs without it last), at most
+    `top`; None when the store holds no such sweep."""
     scheme = uri.split(":", 1)[0].lower()
-    args = (experiment, sweep_id, metric, ascending, top)
+    args = (experiment, sweep_id, metric, ascending, top, finished_only)
     if scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
         if not Path(path).is_file():
@@ -107,7 +121,9 @@ def finished_trial_runs(
     return _client_runs(uri, *args)
 
 
-def _client_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
+def _client_runs(
+    uri, experiment, sweep_id, metric, ascending, top, finished_only=True
+) -> list[TrialRun] | None:
 
     from sweeps.tracking.client import mlflow_client
     from sweeps.tracking.runs import find_sweep_run
@@ -117,14 +133,16 @@ def _client_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[Tria
         return None
     runs = mlflow_client(uri).search_runs(
         [parent.info.experiment_id],
-        _child_filter(parent.info.run_id),
+        _child_filter(parent.info.run_id, finished_only),
         order_by=[_order(metric, ascending)],
         max_results=top,
     )
     return [TrialRun.from_mlflow(r) for r in runs]
 
 
-def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
+def _rest_runs(
+    uri, experiment, sweep_id, metric, ascending, top, finished_only
+) -> list[TrialRun] | None:
     query = urllib.parse.urlencode({"experiment_name": experiment})
     found = rest_call(uri, f"experiments/get-by-name?{query}")
     if found is None or found["experiment"].get("lifecycle_stage") == "deleted":
@@ -143,7 +161,9 @@ def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialR
     parents = search(f"tags.sweep_id = '{sweep_id}'", "attributes.start_time ASC", 1)
     if not parents:
         return None
-    runs = search(_child_filter(parents[0]["info"]["run_id"]), _order(metric, ascending), top)
+    runs = search(
+        _child_filter(parents[0]["info"]["run_id"], finished_only), _order(metric, ascending), top
+    )
 
     def pairs(run: dict, kind: str) -> dict:
         return {e["key"]: e["value"] for e in run["data"].get(kind, [])}
@@ -155,12 +175,15 @@ def _rest_runs(uri, experiment, sweep_id, metric, ascending, top) -> list[TrialR
             pairs(r, "params"),
             {k: float(v) for k, v in pairs(r, "metrics").items()},
             pairs(r, "tags"),
+            r["info"]["status"],
         )
         for r in runs
     ]
 
 
-def _sqlite_runs(path, experiment, sweep_id, metric, ascending, top) -> list[TrialRun] | None:
+def _sqlite_runs(
+    path, experiment, sweep_id, metric, ascending, top, finished_only
+) -> list[TrialRun] | None:
     db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
     try:
         found = db.execute(
@@ -180,20 +203,21 @@ def _sqlite_runs(path, experiment, sweep_id, metric, ascending, top) -> list[Tri
         if parent is None:
             return None
         # MLflow's order: numbers, then NaN, then runs without the metric; ties newest first
-        ids = [
-            row[0]
-            for row in db.execute(
-                "SELECT r.run_uuid FROM runs r"
+        finished = " AND r.status = 'FINISHED'" if finished_only else ""
+        found_runs = dict(
+            db.execute(
+                "SELECT r.run_uuid, r.status FROM runs r"
                 " JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'mlflow.parentRunId'"
                 " LEFT JOIN latest_metrics m ON m.run_uuid = r.run_uuid AND m.key = ?"
                 " WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'"
-                " AND r.status = 'FINISHED' AND t.value = ?"
+                f"{finished} AND t.value = ?"
                 " ORDER BY CASE WHEN m.is_nan THEN 1 WHEN m.value IS NULL THEN 2 ELSE 0 END,"
                 f" m.value {'ASC' if ascending else 'DESC'}, r.start_time DESC, r.run_uuid"
                 " LIMIT ?",
                 (metric, found[0], parent[0], top),
             )
-        ]
+        )
+        ids = list(found_runs)
 
         def table(name: str, columns: str = "key, value") -> dict[str, dict]:
             marks = ",".join("?" * len(ids))
@@ -207,13 +231,14 @@ def _sqlite_runs(path, experiment, sweep_id, metric, ascending, top) -> list[Tri
 
         params, tags = table("params"), table("tags")
         metrics = table("latest_metrics", "key, value, is_nan")
-        return [TrialRun(i, params[i], metrics[i], tags[i]) for i in ids]
+        return [TrialRun(i, params[i], metrics[i], tags[i], found_runs[i]) for i in ids]
     finally:
         db.close()
 
 
-def _child_filter(parent_run_id: str) -> str:
-    return f"{child_filter(parent_run_id)} and status = 'FINISHED'"
+def _child_filter(parent_run_id: str, finished_only: bool = True) -> str:
+    where = child_filter(parent_run_id)
+    return f"{where} and status = 'FINISHED'" if finished_only else where
 
 
 def _order(metric: str, ascending: bool) -> str:

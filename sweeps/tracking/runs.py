@@ -29,6 +29,7 @@ from mlflow.utils.validation import (
 from sweeps.schema import (
     EVAL_KEYS,
     METRIC_KEYS,
+    RUNS_PAGE_COLUMNS,
     SUMMARY_METRICS,
     child_filter,
     final_name,
@@ -71,10 +72,16 @@ def start_sweep_run(
     tags = {"sweep_id": sweep_id, "config_hash": config_hash(config)}
     if commit := _git_commit():
         tags[MLFLOW_GIT_COMMIT] = commit
-    run = client.create_run(experiment_id, tags=tags, run_name=experiment)
+    run = client.create_run(experiment_id, tags=tags, run_name=sweep_run_name(experiment))
     params = flatten(config) | flatten(search_space, "search_space.")
     log_batch(client, run.info.run_id, params=as_params(params))
     return run.info.run_id
+
+
+def sweep_run_name(experiment: str) -> str:
+    """The parent run's name. On the runs page it stands among the trials' runs, and says that
+    opening it shows the leaderboard (its description)."""
+    return f"leaderboard · {experiment}"
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -263,6 +270,11 @@ def leaderboard(
         lines.append(f"| {label} | {run_ids.get(t['trial_id'], '')[:8]} | {' | '.join(cells)} |")
     if len(trials) > top:
         lines.append(f"\n{len(trials) - top} more: `sae-sweep best --top N`")
+    ticks = "; ".join(
+        ", ".join(f"`{name}`" for name in names) + f" under {group}"
+        for group, names in RUNS_PAGE_COLUMNS.items()
+    )
+    lines.append(f"\nTo compare the trials on the runs page, open Columns and tick {ticks}.")
     return "\n".join(lines)
 
 
