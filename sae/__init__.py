@@ -1,4 +1,5 @@
-"""TopK sparse autoencoders in pure PyTorch, checkpoint-compatible with EleutherAI sparsify."""
+"""Sparse autoencoders (TopK, BatchTopK, Matryoshka, JumpReLU) in pure PyTorch; TopK
+checkpoints load in EleutherAI sparsify, all four in SAELens."""
 
 from .config import SaeConfig, TrainConfig
 

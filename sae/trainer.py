@@ -178,6 +178,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.sae = TopKSae(d_in, sae_cfg, device=self.device)
+        with torch.no_grad():
+            self.sae.encoder.weight.copy_(self.sae.W_dec * cfg.encoder_init_norm)
         lr = cfg.lr or 2e-4 / math.sqrt(self.sae.num_latents / 2**14)
         self.optimizer = _adam(list(self.sae.parameters()), lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
