@@ -302,6 +302,17 @@ def test_jumprelu_starts_each_threshold_at_a_third_and_brings_l0_to_k():
     assert loose.metrics["l0"] > 3 * result.metrics["l0"]
 
 
+@pytest.mark.parametrize("norm", [0.1, 1.0])
+def test_encoder_starts_as_the_decoders_transpose_at_encoder_init_norm(norm):
+    x, _ = sparse_dictionary_data(0, d=16, n_atoms=32, n=2000, active=2)
+    trainer = Trainer(x, SaeConfig(expansion_factor=2, k=2), TrainConfig(encoder_init_norm=norm))
+    W_enc, W_dec = trainer.sae.encoder.weight, trainer.sae.W_dec
+    torch.testing.assert_close(W_enc.norm(dim=1), torch.full((32,), norm))
+    torch.testing.assert_close(W_enc, norm * W_dec)
+    with pytest.raises(ValueError, match=r"encoder_init_norm must be > 0 \(got 0\)"):
+        TrainConfig(encoder_init_norm=0).validate()
+
+
 def test_jumprelu_constant_initial_threshold():
     x, _ = sparse_dictionary_data(0, d=16, n_atoms=32, n=2000, active=2)
     cfg = TrainConfig(batch_size=128, steps=1, lr=1e-9, jumprelu_init_threshold=0.25)
