@@ -101,7 +101,22 @@ def test_weights_that_do_not_match_cfg_json_are_refused_with_the_tensor(tmp_path
     _trained_like_sae().save(tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "num_latents": 32}))
-    with pytest.raises(ValueError, match=r"does not match .*W_dec \(64, 16\) \(want \(32, 16\)\)"):
+    with pytest.raises(
+        ValueError, match=r"does not match .*W_dec \(64, 16\) \(want \(32, 16\)\)"
+    ) as e:
+        TopKSae.load(tmp_path)
+    # only the tensors that differ: b_dec (16,) fits both widths
+    assert "encoder.bias (64,) (want (32,))" in str(e.value) and "b_dec" not in str(e.value)
+
+
+def test_weights_without_a_tensor_are_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _trained_like_sae().save(tmp_path)
+    tensors = load_file(str(tmp_path / "sae.safetensors"))
+    del tensors["W_dec"]
+    save_file(tensors, str(tmp_path / "sae.safetensors"))
+    with pytest.raises(ValueError, match=r"W_dec missing \(want \(64, 16\)\)"):
         TopKSae.load(tmp_path)
 
 

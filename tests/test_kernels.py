@@ -288,6 +288,9 @@ CPU_FLAGS = {
     "Graviton 2": ("Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics", False),
     "Graviton 3": ("Features\t: fp asimd sve sve2 svebf16 i8mm bf16 dgh rng", True),
     "no flags line": ("processor\t: 0", None),
+    # each flag alone is enough
+    "amx_bf16 alone": ("flags\t\t: fpu avx512f amx_bf16 amx_tile", True),
+    "avx512_bf16 alone": ("flags\t\t: fpu avx512f avx512_bf16", True),
 }
 
 
@@ -303,3 +306,42 @@ def test_no_bf16_prefilter_without_native_bf16(monkeypatch):
     monkeypatch.setattr(kernels, "_native_bf16_cpu", lambda: False)
     monkeypatch.setattr(kernels, "_seconds", None)  # timing would raise
     assert kernels.bf16_matmul_faster.__wrapped__(4096, 768, 6144) is False
+
+
+@pytest.mark.parametrize(
+    "B, D, M, on",
+    [(1000, 64, 8192, True), (1000, 8192, 64, True), (1000, 64, 64, False), (64, 64, 65536, True)],
+)
+def test_bf16_prefilter_counts_the_matmul_macs_and_times_its_real_shape(monkeypatch, B, D, M, on):
+    """The gate: fp32 on CPU, not exact, B * M * D multiply-adds >= PREFILTER_MIN_MACS, and the
+    timing asked about the (B rounded up to a power of two, D, M) matmul."""
+    asked = []
+    monkeypatch.setattr(kernels, "bf16_matmul_faster", lambda *shape: asked.append(shape) or True)
+    x, W = torch.empty(B, D), torch.empty(M, D)
+    assert (B * M * D >= kernels.PREFILTER_MIN_MACS) is on
+    assert kernels.bf16_prefilter(x, W) is on
+    assert asked == ([(1 << (B - 1).bit_length(), D, M)] if on else [])
+    assert kernels.bf16_prefilter(x, W, exact=True) is False
+    assert kernels.bf16_prefilter(x.double(), W.double()) is False
+
+
+def test_batchtopk_forward_selects_by_the_threshold_unless_asked_for_the_batch_rule():
+    """Outside training a BatchTopK SAE's forward is its inference rule, as encode."""
+    torch.manual_seed(5)
+    sae = TopKSae(16, SaeConfig(num_latents=64, k=4, activation="batchtopk"))
+    sae.threshold.fill_(0.05)  # low: far more than k per row pass it
+    x = torch.randn(30, 16)
+    pre = torch.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias).detach()
+    dense = lambda out: torch.zeros_like(pre).scatter(1, out.latent_indices, out.latent_acts)
+    torch.testing.assert_close(dense(sae(x)), torch.where(pre > 0.05, pre, 0))
+    batch = dense(sae(x, batch_topk=True))
+    assert (batch > 0).sum() == 4 * 30  # the batch rule: k * B
+
+
+def test_topk_encode_picks_candidates_with_the_prefilter_unless_exact(prefilter_spy):
+    torch.manual_seed(0)
+    sae = TopKSae(64, SaeConfig(num_latents=512, k=8))
+    args = (torch.randn(64, 64), sae.encoder.weight, sae.encoder.bias, sae.b_dec, 8)
+    kernels.topk_encode(*args)
+    kernels.topk_encode(*args, exact=True)
+    assert prefilter_spy == [True, False]

@@ -332,3 +332,175 @@ def test_train_config_errors_show_the_values_they_name(kw, message):
     with pytest.raises(ValueError) as error:
         TrainConfig(**kw).validate()
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "schedule, after_warmup",
+    [
+        ("constant", [1, 1, 1, 1, 1, 1]),
+        ("linear", [1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+        # 0.5 * (1 + cos(pi * p)) at p = 0, 1/6, ..., 5/6
+        ("cosine", [1, 0.9330127, 0.75, 0.5, 0.25, 0.0669873]),
+    ],
+)
+def test_lr_rises_linearly_over_the_warmup_then_follows_the_schedule_to_zero(
+    schedule, after_warmup
+):
+    """10 steps, 4 of warmup: (s + 1) / 5 for s < 4, then the decay over the 6 steps left;
+    past the last step linear and cosine stay at 0."""
+    from sae.trainer import _lr_lambda
+
+    factor = _lr_lambda(TrainConfig(steps=10, lr_warmup_steps=4, lr_schedule=schedule), 10)
+    got = [factor(s) for s in range(10)]
+    assert got == pytest.approx([0.2, 0.4, 0.6, 0.8, *after_warmup], abs=1e-7)
+    assert factor(13) == pytest.approx(1.0 if schedule == "constant" else 0.0, abs=1e-12)
+    # A warmup longer than the run ends one step before its end: the last step is at full lr.
+    short = _lr_lambda(TrainConfig(steps=3, lr_warmup_steps=100, lr_schedule=schedule), 3)
+    assert [short(s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_the_scheduler_gives_the_optimizer_the_scheduled_lr():
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(lr=0.01, steps=6, lr_warmup_steps=2, batch_size=50, val_fraction=0)
+    trainer = Trainer(x, SaeConfig(expansion_factor=2, k=2), cfg)
+    seen = []
+    for step in range(6):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.train_step(trainer._batch(step))
+    assert seen == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.0075, 0.005, 0.0025])
+
+
+@pytest.mark.parametrize("checkpoint_every, due", [(0, [4, 8, 10]), (3, [3, 6, 9, 10])])
+def test_checkpoints_are_due_every_interval_and_at_the_last_step(checkpoint_every, due):
+    trainer = _trainer(
+        torch.randn(500, 8), steps=10, eval_every=4, checkpoint_every=checkpoint_every
+    )
+    got = []
+    for step in range(1, 11):
+        trainer.step = step
+        if trainer.checkpoint_due():
+            got.append(step)
+    assert got == due
+
+
+def test_input_scale_is_estimated_on_a_fixed_sample_of_training_rows():
+    """Above max_rows the scale comes from a sample that the seed fixes: the same run gets
+    the same scale (resume depends on it), and it is the sample's own mean square."""
+    x = torch.randn(2000, 8) * torch.linspace(0.1, 10, 2000)[:, None]  # rows of unlike norms
+    trainer = _trainer(x, normalize_input=True)
+    first = trainer._estimate_input_scale(max_rows=100)
+    assert trainer._estimate_input_scale(max_rows=100) == first
+    assert _trainer(x, normalize_input=True)._estimate_input_scale(max_rows=100) == first
+    full = trainer._estimate_input_scale()
+    assert abs(first - full) > 1e-3 * full  # a sample of 100 rows, not all of them
+    rows = trainer.train_idx
+    mean_sq = x[rows].double().pow(2).sum(1).mean().item()
+    assert full == pytest.approx((8 / mean_sq) ** 0.5, rel=1e-12)
+
+
+def test_normalize_input_refuses_all_zero_training_rows():
+    with pytest.raises(ValueError, match="every training row is zero"):
+        _trainer(torch.zeros(200, 8), normalize_input=True)
+    # one nonzero row is enough to scale
+    x = torch.zeros(200, 8)
+    x[:, 0] = 1.0
+    assert _trainer(x, normalize_input=True).input_scale == pytest.approx(8**0.5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"seed": 1}, {"batch_size": 50}, {"val_fraction": 0.2}],
+    ids=["seed", "batch", "rows"],
+)
+def test_resume_with_other_data_or_settings_is_refused(tmp_path, change):
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    trainer = _trainer(x, steps=2)
+    trainer.fit()
+    trainer.save_state(tmp_path)
+    key = {"seed": "seed", "batch_size": "batch_size", "val_fraction": "n_train"}[
+        next(iter(change))
+    ]
+    with pytest.raises(ValueError, match=f"trained with {key}=.*this run has {key}="):
+        _trainer(x, steps=2, **change).load_state(tmp_path)
+
+
+def test_the_result_is_its_exported_sae_scored_on_the_validation_rows():
+    """metrics and the per-latent statistics equal an evaluation, by this SAE alone, of the
+    raw validation rows: the training loop's validation folds input_scale the same way."""
+    from sae.metrics import evaluate
+
+    x, _ = sparse_dictionary_data(0, d=16, n_atoms=32, n=2000, active=2)
+    trainer = _trainer(3 * x + 1, steps=20, normalize_input=True)
+    result = trainer.fit()
+    stats = evaluate(result.sae, trainer.val, batch_size=64)
+    assert result.metrics["input_scale"] == trainer.input_scale != 1
+    for key, value in stats.result().items():
+        assert result.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert result.metrics["step"] == 20
+    torch.testing.assert_close(result.firing_frequency, stats.firing_frequency())
+    torch.testing.assert_close(result.mean_activation, stats.mean_activation(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(result.max_activation, stats.max_act_M, rtol=1e-4, atol=0)
+
+
+def test_export_folds_any_input_scale_even_an_exact_one():
+    """Rows of +-0.5 in 8 dimensions have mean squared norm 2: the scale is exactly 2, and
+    the exported SAE on raw x is the training SAE on 2x with activations halved (exact, since
+    halving is)."""
+    x = 0.5 * torch.randn(500, 8, generator=torch.Generator().manual_seed(0)).sign()
+    trainer = _trainer(x, normalize_input=True, steps=3)
+    assert trainer.input_scale == 2.0
+    trainer.fit()
+    raw = trainer.export_sae()
+    acts_raw, idx_raw = raw.encode(x)
+    acts, idx = trainer.sae.encode(2 * x)
+    assert torch.equal(idx_raw, idx)
+    torch.testing.assert_close(acts_raw, acts / 2)
+    torch.testing.assert_close(raw.decode(acts_raw, idx_raw), trainer.sae.decode(acts, idx) / 2)
+
+
+def test_float64_and_float16_rows_train_as_their_float32_values():
+    x = torch.randn(600, 8, generator=torch.Generator().manual_seed(0)).half().float()
+    cfg = TrainConfig(steps=5, batch_size=100, eval_every=5)
+    runs = [
+        train_sae(x.to(dtype), SaeConfig(expansion_factor=2, k=2), cfg)
+        for dtype in (torch.float32, torch.float64, torch.float16)
+    ]
+    for other in runs[1:]:
+        assert other.metrics["fvu"] == runs[0].metrics["fvu"]
+        for p, q in zip(runs[0].sae.parameters(), other.sae.parameters()):
+            assert p.dtype == q.dtype == torch.float32 and torch.equal(p, q)
+
+
+def test_a_state_without_training_space_biases_resumes_from_the_saved_weights(tmp_path):
+    """Checkpoints written before `train_space` and `input_scale` were saved (no input
+    normalisation) still resume: the saved SAE is the training SAE."""
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0)) + 2
+    trainer = _trainer(x, steps=4)
+    trainer.fit()
+    trainer.save_state(tmp_path)
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    del state["train_space"], state["input_scale"]
+    torch.save(state, tmp_path / "trainer_state.pt")
+    resumed = _trainer(x, steps=4)
+    resumed.load_state(tmp_path)
+    assert resumed.step == 4 and resumed.input_scale == 1.0
+    for (name, p), q in zip(trainer.sae.state_dict().items(), resumed.sae.state_dict().values()):
+        assert torch.equal(p, q), name
+    torch.testing.assert_close(resumed.since_fired_M, trainer.since_fired_M)
+
+
+def test_throughput_is_rows_trained_per_second_since_the_last_evaluation(monkeypatch):
+    import sae.trainer as trainer_module
+
+    class Clock:  # every reading 0.125 s after the last
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 0.125
+            return self.now
+
+    monkeypatch.setattr(trainer_module, "time", Clock())
+    seen = []
+    trainer = _trainer(torch.randn(1000, 8), steps=10, eval_every=5)
+    trainer.fit(callback=lambda m, t: seen.append(m["acts_per_s"]))
+    assert seen == [5 * 100 / 0.125] * 2  # 5 steps of 100 rows between two readings
