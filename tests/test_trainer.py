@@ -42,7 +42,12 @@ def test_auxk_leaves_fewer_dead_latents():
     dead = {}
     for alpha in (0.0, 0.25):
         cfg = TrainConfig(
-            batch_size=256, epochs=6, lr=3e-2, auxk_alpha=alpha, dead_feature_threshold=2560
+            batch_size=256,
+            epochs=6,
+            lr=3e-2,
+            auxk_alpha=alpha,
+            dead_feature_threshold=2560,
+            encoder_init_norm=0.5,  # nn.Linear-sized rows at a high lr: latents die without AuxK
         )
         dead[alpha] = train_sae(x, SaeConfig(num_latents=256, k=4), cfg).metrics["dead_frac"]
     assert dead[0.0] > 0.05
@@ -262,7 +267,9 @@ def test_batchtopk_learns_a_threshold_and_keeps_l0_near_k():
     result = train_sae(
         x,
         SaeConfig(expansion_factor=4, k=3, activation="batchtopk"),
-        TrainConfig(batch_size=256, steps=300, lr=3e-3, dead_feature_threshold=5000),
+        # 600 steps: the threshold's running average (weight 0.01 a step) must catch up with
+        # activations that grow from the small initial encoder rows
+        TrainConfig(batch_size=256, steps=600, lr=3e-3, dead_feature_threshold=5000),
     )
     assert result.sae.threshold > 0
     assert 2 <= result.metrics["l0"] <= 4.5  # at inference the threshold, not k, decides
@@ -283,7 +290,7 @@ def test_batchtopk_learns_a_threshold_and_keeps_l0_near_k():
 def test_jumprelu_starts_each_threshold_at_a_third_and_brings_l0_to_k():
     x, _ = sparse_dictionary_data(0, d=32, n_atoms=64, n=8000, active=3)
     sae_cfg = SaeConfig(expansion_factor=4, k=3, activation="jumprelu")
-    trainer = Trainer(x, sae_cfg, TrainConfig(batch_size=256, steps=400, lr=1e-2))
+    trainer = Trainer(x, sae_cfg, TrainConfig(batch_size=256, steps=800, lr=1e-2))
     first = trainer._batch(0)
     trainer.train_step(first)
     # before the step, every latent fired on a third of the first batch; one step moved it little
@@ -293,11 +300,11 @@ def test_jumprelu_starts_each_threshold_at_a_third_and_brings_l0_to_k():
     assert share.median().item() == pytest.approx(1 / 3, abs=0.05)
     result = trainer.fit()
     assert (result.sae.threshold >= 0).all() and result.sae.threshold.std() > 0
-    assert result.metrics["l0"] == pytest.approx(3, rel=0.35)  # from ~43 at the start
+    assert result.metrics["l0"] == pytest.approx(3, rel=0.5)  # from ~43 at the start
     assert result.metrics["fvu"] < 0.3
     # without the L0 loss the thresholds stay low and the L0 far above k
     loose = train_sae(
-        x, sae_cfg, TrainConfig(batch_size=256, steps=400, lr=1e-2, l0_coefficient=0.0)
+        x, sae_cfg, TrainConfig(batch_size=256, steps=800, lr=1e-2, l0_coefficient=0.0)
     )
     assert loose.metrics["l0"] > 3 * result.metrics["l0"]
 
