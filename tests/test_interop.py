@@ -301,6 +301,7 @@ def test_a_sweep_over_every_architecture_hands_each_sae_to_saelens(demo_assets, 
     proc = cli(["sweep", "--config", DEMO_CONFIG, *[f"--set={s}" for s in sets]])
     log = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, log
+    assert "l0_coefficient" in log  # the summary table shows JumpReLU's weight
     cfg = load_config(DEMO_CONFIG, sets)
     done = best_trials(cfg, top=10)
     assert sorted(r.params.activation for r in done) == sorted(archs)

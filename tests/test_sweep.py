@@ -89,6 +89,7 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     assert "sweep e2e: 4 trials (0 failed)" in log
+    assert "auxk_alpha" in log and "l0_coefficient" not in log  # no JumpReLU trial: no column
     assert "mlflow ui --backend-store-uri sqlite:///" in log
     assert f"Optuna dashboard: optuna-dashboard sqlite:///{out / 'optuna.db'}" in log
     # The console: a line per trial event and the leaderboard, no Ray tables or INFO logs.

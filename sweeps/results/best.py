@@ -51,10 +51,14 @@ def format_table(
     records: Sequence[TrialRecord], objectives: dict[str, str], limit: int = 10
 ) -> str:
     """The trials as a text table, one line each: the console's summary and `best`."""
-    cols = ["trial_id", "status", *SEARCHED_PARAMS, *dict.fromkeys([*SUMMARY_METRICS, *objectives])]
-    if any(r.error for r in records[:limit]):
+    shown = records[:limit]
+    # JumpReLU's weight is 0 in every other trial: a column of zeros says nothing
+    jumprelu = any(r.params is not None and r.params.activation == "jumprelu" for r in shown)
+    params = [p for p in SEARCHED_PARAMS if jumprelu or p != "l0_coefficient"]
+    cols = ["trial_id", "status", *params, *dict.fromkeys([*SUMMARY_METRICS, *objectives])]
+    if any(r.error for r in shown):
         cols.append("error")
-    cells = [[format_value(r.value(c)) for c in cols] for r in records[:limit]]
+    cells = [[format_value(r.value(c)) for c in cols] for r in shown]
     widths = [
         max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
     ]
