@@ -25,9 +25,9 @@ import statistics
 import time
 
 import torch
+from peers import saelens_acts, saelens_sae, train_saelens
 
 from sae import SaeConfig, TrainConfig, train_sae
-from peers import saelens_acts, saelens_sae, train_saelens
 from sae.ground_truth import GroundTruth, GroundTruthConfig, absorption, feature_recovery
 
 WIDTH, BATCH = 512, 256

@@ -24,10 +24,10 @@ import argparse
 import time
 
 import torch
+from peers import saelens_acts, saelens_sae, train_saelens
 
 from sae import SaeConfig, TopKSae, TrainConfig, train_sae
 from sae.metrics import SaeStats
-from peers import saelens_acts, saelens_sae, train_saelens
 
 
 def varying_sparsity_data(seed: int, n: int, d: int, n_atoms: int, mean_active: float):

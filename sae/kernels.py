@@ -304,7 +304,8 @@ def topk_encode(
     exact=False,
 ):
     """rule: "topk" (k per row), "batchtopk" (k * B over the batch) or "threshold" (every
-    pre-activation above `threshold`, a number or one per latent, (M,)). The last two return rows padded with zeros.
+    pre-activation above `threshold`, a number or one per latent, (M,)). The last two return
+    rows padded with zeros.
     `exact`: select from the fp32 matmul even where bf16_prefilter would pick candidates."""
     return TopKEncode.apply(
         x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M, k_aux, rule, threshold, exact

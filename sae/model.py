@@ -71,9 +71,7 @@ class TopKSae(nn.Module):
         if cfg.jumprelu:
             # Learnt, and kept >= 0 by the trainer (a negative one would pass negative
             # pre-activations); the trainer sets its start from the first batch.
-            self.threshold = nn.Parameter(
-                torch.zeros(self.num_latents, device=device, dtype=dtype)
-            )
+            self.threshold = nn.Parameter(torch.zeros(self.num_latents, device=device, dtype=dtype))
 
     @property
     def device(self) -> torch.device:

@@ -57,7 +57,16 @@ def dense_matryoshka_forward(x, W_enc, b_enc, W_dec, b_dec, k, fractions):
 
 
 def dense_jumprelu_forward(
-    x, W_enc, b_enc, W_dec, b_dec, threshold, k, bandwidth, l0_coefficient, dead_mask=None,
+    x,
+    W_enc,
+    b_enc,
+    W_dec,
+    b_dec,
+    threshold,
+    k,
+    bandwidth,
+    l0_coefficient,
+    dead_mask=None,
     auxk_alpha=0.0,
 ):
     """JumpReLU's training loss (Rajamanoharan et al. 2024) with its straight-through

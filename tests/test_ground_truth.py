@@ -81,9 +81,9 @@ def test_absorption_is_zero_for_the_true_firing_and_one_when_children_eat_their_
     assert absorption(eaten, gt.features_FD, coef, gt) == pytest.approx(len(half) / n_parents)
     # the parent's latent is found by its decoder row, wherever it sits
     perm = torch.randperm(gt.cfg.num_features)
-    assert absorption(
-        eaten[:, perm], gt.features_FD[perm], coef, gt
-    ) == pytest.approx(len(half) / n_parents)
+    assert absorption(eaten[:, perm], gt.features_FD[perm], coef, gt) == pytest.approx(
+        len(half) / n_parents
+    )
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "matryoshka", "jumprelu"])
