@@ -42,7 +42,7 @@ from sweeps.tracking.runs import (
     sweep_run_name,
 )
 from sweeps.tracking.store import TrackingError, check_tracking_uri
-from tests.helpers import page_text, sweep_runs
+from tests.helpers import page_text, stop_group, sweep_runs
 
 STEPS = 4
 
@@ -547,11 +547,7 @@ def test_optuna_dashboard_shows_the_sweeps_study(browser, ui_sweep, tmp_path):
         first = next(t for t in detail["trials"] if t["number"] == 0)  # the one shown
         assert f"trial_id {_tune_trial_id(first)}" in text, text[:3000]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)
         log.close()
 
 
