@@ -22,7 +22,7 @@ from sae.saelens import save_saelens
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import ConfigError, load_config
 from sweeps.results.best import best_trials
-from sweeps.results.export import get_run
+from sweeps.results.export import ARCHITECTURE_NAMES, export_run, get_run
 from tests.test_sweep import cli, overrides
 
 sparsify = pytest.importorskip("sparsify")
@@ -330,3 +330,17 @@ def test_a_sweep_over_every_architecture_hands_each_sae_to_saelens(demo_assets, 
         assert l0 == run.data.metrics["l0"] and 0 < l0
         if activation == "topk":
             assert l0 <= record.params.k
+    # export: each folder loads in SAELens; the model card names the architecture and offers
+    # sparsify for TopK only
+    for record in done:
+        folder = export_run(
+            cfg, client.get_run(record.run_id), tmp_path / "export" / record.trial_id
+        )
+        card = (folder / "README.md").read_text()
+        name = ARCHITECTURE_NAMES[record.params.activation]
+        assert card.startswith(f"# {name} SAE:"), card[:200]
+        assert ("SparseCoder" in card) == (record.params.activation == "topk")
+        theirs = sae_lens.SAE.load_from_disk(str(folder))
+        x = torch.randn(32, theirs.cfg.d_in)
+        with torch.no_grad():
+            torch.testing.assert_close(theirs.encode(x), _dense(TopKSae.load(folder), x))

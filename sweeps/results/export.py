@@ -30,11 +30,19 @@ from sweeps.tracking.records import TrialRecord, TrialRun
 #: The run artifact that a registered model version points to: `export/layers.<L>`.
 EXPORT_ARTIFACT = "export"
 
+#: How the model card names each activation.
+ARCHITECTURE_NAMES = {
+    "topk": "TopK",
+    "batchtopk": "BatchTopK",
+    "matryoshka": "Matryoshka",
+    "jumprelu": "JumpReLU",
+}
+
 #: The registered model's description (set when `register_run` creates it).
 DESCRIPTION = (
-    "TopK SAEs on CLIP vision activations. Each version is a folder that loads with "
-    "TopKSae.load, sparsify's SparseCoder.load_from_disk and sae_lens.SAE.load_from_disk; "
-    "its README.md is the model card."
+    "SAEs on CLIP vision activations. Each version is a folder that loads with "
+    "TopKSae.load and sae_lens.SAE.load_from_disk (TopK ones also with sparsify's "
+    "SparseCoder.load_from_disk); its README.md is the model card."
 )
 
 
@@ -180,10 +188,11 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "dead fraction (never fired on validation)": m.get("dead_frac"),
     }
     folder = f"layers.{layer}"
+    arch = ARCHITECTURE_NAMES[sae.cfg.activation]
     lines = [
-        f"# TopK SAE: {cfg.model.name_or_path}, layer {layer}",
+        f"# {arch} SAE: {cfg.model.name_or_path}, layer {layer}",
         "",
-        "A TopK sparse autoencoder on CLIP vision activations, trained by clip-sae-sweeps.",
+        f"A {arch} sparse autoencoder on CLIP vision activations, trained by clip-sae-sweeps.",
         "",
         f"- **CLIP checkpoint:** `{cfg.model.name_or_path}`{revision} (vision tower)",
         f"- **Layer:** {layer}, the residual stream after encoder block {layer} (0-based), "
@@ -212,8 +221,30 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "",
         "## Loading it",
         "",
-        "The encoder is `relu(topk((x - b_dec) @ W_enc + b_enc))` (`W_enc` is SAELens's name;",
-        "sparsify's `encoder.weight` is its transpose), the decoder the sum of the k active rows",
+        *_loading(sae, folder),
+    ]
+    return "\n".join(lines)
+
+
+def _loading(sae: TopKSae, folder: str) -> list[str]:
+    """The model card's encoder formula and loader snippets: sparsify only for TopK."""
+    topk = not (sae.cfg.thresholded or sae.cfg.jumprelu)
+    rule = (
+        "relu(topk((x - b_dec) @ W_enc + b_enc))"
+        if topk
+        else "pre * (pre > threshold), pre = (x - b_dec) @ W_enc + b_enc"
+    )
+    active = "the k active rows" if topk else "the rows of the latents that fire"
+    sparsify = [
+        "# EleutherAI sparsify (cfg.json and sae.safetensors)",
+        "from sparsify import SparseCoder",
+        f'sae = SparseCoder.load_from_disk("{folder}")',
+        f'saes = SparseCoder.load_many("<the folder holding {folder}>", local=True)',
+        "",
+    ]
+    return [
+        f"The encoder is `{rule}` (`W_enc` is SAELens's name;",
+        f"sparsify's `encoder.weight` is its transpose), the decoder the sum of {active}",
         "of `W_dec` plus `b_dec`. Feed it the layer's activations as described above.",
         "",
         "```python",
@@ -222,16 +253,12 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         f'sae = TopKSae.load("{folder}")',
         "out = sae(x)  # out.latent_acts, out.latent_indices, out.sae_out",
         "",
-        "# EleutherAI sparsify (cfg.json and sae.safetensors)",
-        "from sparsify import SparseCoder",
-        f'sae = SparseCoder.load_from_disk("{folder}")',
-        f'saes = SparseCoder.load_many("<the folder holding {folder}>", local=True)',
-        "",
-        "# SAELens (cfg.json and sae_weights.safetensors, architecture topk)",
+        *(sparsify if topk else []),
+        f"# SAELens (cfg.json and sae_weights.safetensors, architecture "
+        f"{'topk' if topk else 'jumprelu'})",
         "from sae_lens import SAE",
         f'sae = SAE.load_from_disk("{folder}")',
         "latents = sae.encode(x)  # dense (..., num_latents)",
         "```",
         "",
     ]
-    return "\n".join(lines)
