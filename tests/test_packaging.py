@@ -27,3 +27,35 @@ def test_the_wheel_holds_every_module_and_config(tmp_path):
     assert wanted - names == set()
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sae-sweep = sweeps.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def _requirements() -> list:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = [r for group in project["optional-dependencies"].values() for r in group]
+    return [Requirement(r) for r in [*project["dependencies"], *extras]]
+
+
+def test_every_dependency_has_a_tested_range_and_a_pin():
+    """A fresh machine gets what the suite passed with: each direct dependency stops below a
+    release it was not tested with, and constraints.txt pins a version inside its range (an
+    open `optuna>=4.0` once let a fresh install take optuna 5, which broke NSGA-II sweeps)."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    for req in _requirements():
+        ops = {spec.operator for spec in req.specifier}
+        assert ops & {"<", "==", "~="}, f"{req}: give it an upper bound"
+        name = canonicalize_name(req.name)
+        if name in ("torch", "torchvision"):  # the machine picks the build (CPU or CUDA)
+            assert name not in pins
+            continue
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name]), f"constraints.txt pins {req.name} outside {req}"

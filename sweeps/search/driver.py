@@ -15,11 +15,13 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import optuna
 from ray import tune
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
@@ -63,12 +65,22 @@ class SweepResult:
     """The RDB storage holding a copy of the Optuna study (sweep.optuna_storage), or ""."""
 
 
-def _sampler(cfg: Config):
-    import optuna
+class _NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II that pickles, as Tune pickles the searcher with the experiment: from Optuna 5 its
+    generation cache holds a thread lock, which goes out of the pickle and comes back new."""
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()  # unused before Optuna 5
+
+
+def _sampler(cfg: Config):
     seed = cfg.tune.seed
     if cfg.tune.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return _NSGAIISampler(seed=seed)
     # TPE samples at random until it has n_startup_trials results (Optuna's default: 10), which
     # would leave a small sweep all random: a quarter of the trials, 2 to 10.
     startup = min(10, max(2, cfg.tune.num_samples // 4))
