@@ -31,7 +31,6 @@ def test_the_wheel_holds_every_module_and_config(tmp_path):
 
 def _requirements() -> list:
     import tomllib
-
     from packaging.requirements import Requirement
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
