@@ -28,7 +28,8 @@ started where latents fire on k / M of the batch left 21% of the latents dead.""
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """Training diverged: the loss became NaN or infinite, or the FVU passed
+    TrainConfig.diverged_fvu. The same data, config and seed diverge again."""
 
 
 @dataclass
@@ -174,7 +175,16 @@ class Trainer:
         self.batch_size = min(cfg.batch_size, self.n_train)
         self.batches_per_epoch = self.n_train // self.batch_size
         self.total_steps = total_steps(cfg, self.n_train, self.batch_size)
-        self.input_scale = self._estimate_input_scale() if cfg.normalize_input else 1.0
+        sample_ND = self._training_sample()
+        if not bool((sample_ND - sample_ND[0]).any()):
+            raise ValueError(
+                "every training row is the same vector (all zero or constant): an SAE has "
+                "nothing to learn from it and its FVU is undefined; check the layer and model "
+                "that produced the activations"
+            )
+        self.input_scale = 1.0
+        if cfg.normalize_input:  # the training rows' mean squared norm becomes d_in
+            self.input_scale = math.sqrt(d_in / sample_ND.pow(2).sum(1).mean().item())
 
         torch.manual_seed(cfg.seed)
         self.sae = TopKSae(d_in, sae_cfg, device=self.device)
@@ -189,20 +199,18 @@ class Trainer:
             self.sae.num_latents, dtype=torch.int64, device=self.device
         )
         self.step = 0
+        self.nonfinite_step = torch.tensor(-1, device=self.device)
         self.last_stats: tuple[int, SaeStats] | None = None
         """(step, validation stats) of the latest evaluation, reused by result()."""
         self._perm: tuple[int, Tensor] | None = None
 
     # -- data --------------------------------------------------------------------------------
-    def _estimate_input_scale(self, max_rows: int = 2**16) -> float:
-        """The factor that brings the training rows' mean squared norm to d_in (so each
-        coordinate has unit RMS, as in SAELens), estimated on a fixed sample of rows."""
+    def _training_sample(self, max_rows: int = 2**16) -> Tensor:
+        """A fixed sample of training rows in float64, for the input checks and the input
+        scale (normalize_input: each coordinate gets unit RMS, as in SAELens)."""
         gen = torch.Generator().manual_seed(self.cfg.seed)
         sample = self.train_idx[torch.randperm(self.n_train, generator=gen)[:max_rows]]
-        mean_sq = self.acts[sample.sort().values].double().pow(2).sum(1).mean().item()
-        if mean_sq == 0:
-            raise ValueError("every training row is zero: normalize_input has nothing to scale")
-        return math.sqrt(self.acts.shape[1] / mean_sq)
+        return self.acts[sample.sort().values].double()
 
     def batch_rows(self, step: int) -> Tensor:
         """Training row indices of a step's batch: each epoch is its own permutation."""
@@ -243,11 +251,10 @@ class Trainer:
             out = sae(x_BD, dead_mask=dead_M, batch_topk=True, exact=cfg.exact_topk)
         loss = out.fvu + out.inner_fvu + cfg.auxk_alpha * out.auxk_loss
         loss = loss + cfg.l0_coefficient * out.l0_loss
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"loss became {loss.item()} at step {self.step}: lower lr "
-                f"({self.optimizer.param_groups[0]['lr']:.2e}) or check the activations"
-            )
+        # The first step whose loss was not finite, kept on the device and read at log points
+        # (check_diverged): the step itself never waits for the host.
+        first = (self.nonfinite_step < 0) & ~torch.isfinite(loss.detach())
+        self.nonfinite_step = torch.where(first, self.step, self.nonfinite_step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.sae_cfg.normalize_decoder:
@@ -302,10 +309,12 @@ class Trainer:
             fvu_sum, aux_sum, n_since = fvu_sum + fvu, aux_sum + aux, n_since + 1
             if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - t0
+                train_fvu = (fvu_sum / n_since).item()
+                self.check_diverged(train_fvu)
                 metrics = {
                     "step": self.step,
                     "epoch": self.step / max(self.batches_per_epoch, 1),
-                    "train/fvu": (fvu_sum / n_since).item(),
+                    "train/fvu": train_fvu,
                     "auxk_loss": (aux_sum / n_since).item(),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "acts_per_s": n_since * self.batch_size / max(elapsed, 1e-9),
@@ -329,6 +338,22 @@ class Trainer:
                 fvu_sum = aux_sum = torch.zeros((), device=self.device)
                 n_since, t0 = 0, time.perf_counter()
         return self.result(history)
+
+    def check_diverged(self, train_fvu: float) -> None:
+        """Raise DivergedError, naming the step, if a loss so far was not finite or the mean
+        training FVU since the last evaluation passed cfg.diverged_fvu."""
+        step = int(self.nonfinite_step)
+        if step < 0 and train_fvu <= self.cfg.diverged_fvu:
+            return
+        if step >= 0:
+            reason = f"diverged at step {step}: the loss became NaN or infinite"
+        else:
+            reason = (
+                f"diverged by step {self.step}: training FVU {train_fvu:.3g} "
+                f"(above diverged_fvu={self.cfg.diverged_fvu:g})"
+            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        raise DivergedError(f"{reason}; lower the learning rate (lr {lr:.2e} at that point)")
 
     def result(self, history: list[dict[str, float]]) -> TrainResult:
         fresh = self.last_stats is not None and self.last_stats[0] == self.step
@@ -451,7 +476,9 @@ def train_sae(
 
     `callback(metrics, trainer)` runs every `eval_every` steps; it may call
     `trainer.save_state(dir)` when `trainer.checkpoint_due()`. `resume_from` continues from
-    such a directory. Raises ValueError on bad input before training, DivergedError on NaN loss.
+    such a directory. Raises ValueError on bad input before training, DivergedError when the
+    loss becomes NaN or infinite or the FVU passes train_cfg.diverged_fvu (at the next
+    evaluation).
     """
     trainer = Trainer(acts, sae_cfg, train_cfg, val_acts=val_acts)
     if resume_from is not None:

@@ -174,6 +174,7 @@ def test_a_trial_that_cannot_run_fails_once_with_its_reason(ray_session, demo_as
     result = run_sweep(load_config(DEMO_CONFIG, sets))
     (row,) = result.rows
     assert row.status == "FAILED" and "CUDA is not available" in row.error
+    assert row.error.startswith(f"layer {row.layer}: ")
     assert "CUDA is not available" in format_table(result.rows, {"val/fvu": "min"})
     _, (parent,), (kid,) = sweep_runs(result.tracking_uri, "nocuda")
     assert kid.info.status == "FAILED" and "CUDA is not available" in kid.data.tags["error"]
@@ -442,9 +443,13 @@ def test_multi_objective_sweep_returns_a_pareto_set(ray_session, demo_assets, tm
     assert not list(exp_dir.glob("run_trial_*/checkpoint_*"))  # Tune holds no checkpoints
 
 
-def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
+def test_diverged_trials_fail_once_with_their_step_and_the_sweep_goes_on(
     ray_session, demo_assets, tmp_path
 ):
+    """A loss that becomes NaN (lr 1e30) and an FVU that explodes while the loss stays finite
+    (lr 1e5: once FINISHED with val/fvu 5e12 and reported as the best) both end FAILED with
+    `diverged at/by step N`, are not retried (the same seed diverges again) and are never
+    the best."""
     cfg = load_config(
         DEMO_CONFIG,
         [
@@ -452,26 +457,34 @@ def test_diverging_trial_errors_with_its_reason_and_the_sweep_goes_on(
             f"sweep.out_dir={tmp_path}",
             "sweep.name=diverge",
             "tune.data=cache",  # trials read the layer from the cache, as on several nodes
-            "tune.num_samples=2",
+            "tune.num_samples=3",
             "tune.asha=false",
-            "tune.max_failures=0",
+            "tune.max_failures=2",
             "train.epochs=2",
             "tune.verbose=0",
-            "search.lr=[0.001, 1.0e+30]",
+            "search.lr=[0.001, 1.0e+5, 1.0e+30]",
             "search.k=8",
             "search.expansion_factor=2",
             "search.layer=2",
-            "search.points_to_evaluate=[{lr: 1.0e+30}, {lr: 0.001}]",
+            "search.points_to_evaluate=[{lr: 1.0e+30}, {lr: 1.0e+5}, {lr: 0.001}]",
         ],
     )
     result = run_sweep(cfg)
     status = {r.params.lr: r for r in result.rows}
     assert status[0.001].status == "DONE"
+    assert result.rows[0].params.lr == 0.001 and result.best[0]["config"]["lr"] == 0.001
     assert status[1e30].status == "FAILED"
-    assert "loss became" in status[1e30].error
+    assert "diverged at step" in status[1e30].error
+    assert status[1e5].status == "FAILED"
+    assert re.search(r"diverged by step \d+: training FVU", status[1e5].error)
     _, _, kids = sweep_runs(result.tracking_uri, "diverge")
     failed = [k for k in kids if k.info.status == "FAILED"]
-    assert len(failed) == 1 and "loss became" in failed[0].data.tags["error"]
+    assert len(kids) == 3 and len(failed) == 2
+    assert all("diverged" in k.data.tags["error"] for k in failed)
+    assert not any("num_failures" in k.data.tags for k in kids)  # none retried
+    # No trial raised (Tune writes error.txt for each failure it retries)
+    assert list((tmp_path / "ray_results" / "diverge").glob("run_trial_*"))
+    assert not list((tmp_path / "ray_results" / "diverge").glob("run_trial_*/error.txt"))
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """train_sae: learning, AuxK, exact resume, bad input."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -123,8 +124,32 @@ def test_read_only_numpy_input_trains_without_warnings():
 
 def test_diverging_loss_raises_with_the_step():
     x = torch.randn(500, 8) * 1e19  # squares overflow float32: the loss is not finite
-    with pytest.raises(DivergedError, match="at step 0"):
+    with pytest.raises(DivergedError, match="diverged at step 0: the loss became NaN"):
         train_sae(x, SaeConfig(expansion_factor=2, k=2), TrainConfig(steps=5))
+
+
+def test_an_exploding_fvu_is_divergence_not_a_result():
+    """At lr 1e6 the loss stays finite while the FVU explodes (4e12 once came back as a
+    result): the first evaluation past diverged_fvu raises, naming its step."""
+    x = torch.randn(2000, 16)
+    cfg = TrainConfig(steps=40, eval_every=10, lr=1e6, batch_size=100, lr_warmup_steps=0)
+    with pytest.raises(
+        DivergedError, match=r"diverged by step 10: training FVU \S+ \(above diverged_fvu=100\)"
+    ):
+        train_sae(x, SaeConfig(expansion_factor=2, k=4), cfg)
+    ok = train_sae(x, SaeConfig(expansion_factor=2, k=4), dataclasses.replace(cfg, lr=1e-3))
+    assert ok.metrics["fvu"] < 1
+
+
+@pytest.mark.parametrize("rows", ["zero", "constant"])
+def test_rows_that_are_all_the_same_are_refused_before_training(rows):
+    """A layer of one constant vector once failed every retry with NaN and advice to lower
+    the lr: it is bad input, refused before the first step."""
+    x = torch.zeros(300, 8) if rows == "zero" else torch.randn(1, 8).repeat(300, 1)
+    for normalize in (False, True):
+        cfg = TrainConfig(steps=5, normalize_input=normalize)
+        with pytest.raises(ValueError, match="every training row is the same vector"):
+            train_sae(x, SaeConfig(expansion_factor=2, k=2), cfg)
 
 
 @pytest.mark.parametrize(
@@ -330,7 +355,12 @@ def test_jumprelu_constant_initial_threshold():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"steps": 0, "epochs": 0}, "set steps > 0 or epochs > 0 (got steps=0, epochs=0)"),
+        ({"steps": 0, "epochs": 0}, "epochs must be > 0 (got 0)"),
+        ({"steps": 100, "epochs": -1}, "epochs must be > 0 (got -1)"),
+        (
+            {"diverged_fvu": float("nan")},
+            "diverged_fvu must be > 1 (FVU 1 is the mean's) (got nan)",
+        ),
         ({"lr": -1e-3}, "lr must be > 0 (got -0.001)"),
         ({"device": "tpu"}, "device must be auto, cpu or cuda (got 'tpu')"),
     ],
@@ -392,25 +422,22 @@ def test_checkpoints_are_due_every_interval_and_at_the_last_step(checkpoint_ever
 
 def test_input_scale_is_estimated_on_a_fixed_sample_of_training_rows():
     """Above max_rows the scale comes from a sample that the seed fixes: the same run gets
-    the same scale (resume depends on it), and it is the sample's own mean square."""
+    the same sample (resume depends on it); below, the scale is the rows' own mean square."""
     x = torch.randn(2000, 8) * torch.linspace(0.1, 10, 2000)[:, None]  # rows of unlike norms
     trainer = _trainer(x, normalize_input=True)
-    first = trainer._estimate_input_scale(max_rows=100)
-    assert trainer._estimate_input_scale(max_rows=100) == first
-    assert _trainer(x, normalize_input=True)._estimate_input_scale(max_rows=100) == first
-    full = trainer._estimate_input_scale()
-    assert abs(first - full) > 1e-3 * full  # a sample of 100 rows, not all of them
+    first = trainer._training_sample(max_rows=100)
+    assert first.shape == (100, 8) and first.dtype == torch.float64
+    assert torch.equal(trainer._training_sample(max_rows=100), first)
+    assert torch.equal(_trainer(x, normalize_input=True)._training_sample(max_rows=100), first)
+    assert not torch.equal(_trainer(x, seed=1)._training_sample(max_rows=100), first)
     rows = trainer.train_idx
     mean_sq = x[rows].double().pow(2).sum(1).mean().item()
-    assert full == pytest.approx((8 / mean_sq) ** 0.5, rel=1e-12)
+    assert trainer.input_scale == pytest.approx((8 / mean_sq) ** 0.5, rel=1e-12)
 
 
-def test_normalize_input_refuses_all_zero_training_rows():
-    with pytest.raises(ValueError, match="every training row is zero"):
-        _trainer(torch.zeros(200, 8), normalize_input=True)
-    # one nonzero row is enough to scale
+def test_normalize_input_scales_rows_with_one_nonzero_coordinate():
     x = torch.zeros(200, 8)
-    x[:, 0] = 1.0
+    x[:, 0] = torch.tensor([1.0, -1.0]).repeat(100)
     assert _trainer(x, normalize_input=True).input_scale == pytest.approx(8**0.5)
 
 

@@ -15,7 +15,7 @@ import ray
 from ray import tune
 
 from sae import SaeConfig, TrainConfig
-from sae.trainer import Trainer
+from sae.trainer import DivergedError, Trainer
 from sweeps import storage
 from sweeps.schema import FINAL_METRICS, FREQUENCY_FILE, SAE_DIR_KEY, Hyperparams, final_sae_dir
 from sweeps.search.data import layer_arrays, layer_labels
@@ -118,11 +118,8 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: TrialSet
         if fixed.probe and probe is None:
             raise ValueError("train.probe needs a cache whose training images hold 2+ labels")
         val_labels = layer_labels(source)[1] if probe is not None else None
-    except ValueError as e:
-        # A config this trial cannot run (k above the width, no CUDA) fails the same way on
-        # every retry: end the trial once, with its reason, instead of raising for a retry.
-        nan = {key: float("nan") for key in fixed.objectives}
-        tune.report({**nan, "step": 0, "layer": point.layer, "error": str(e)})
+    except ValueError as e:  # k above the width, no CUDA, a layer of one constant vector
+        _fail(fixed, point, 0, f"layer {point.layer}: {e}")
         return
 
     # A retried or resumed trial continues from its last saved state, not from step 0.
@@ -162,4 +159,15 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: TrialSet
                 state.save(trainer)
                 last_save = time.monotonic()
 
-    trainer.fit(report)
+    try:
+        trainer.fit(report)
+    except DivergedError as e:
+        _fail(fixed, point, trainer.step, str(e))
+
+
+def _fail(fixed: TrialSettings, point: Hyperparams, step: int, reason: str) -> None:
+    """End a trial that would fail the same way on every retry (same data, config and seed):
+    one last result holding its reason, which ends it FAILED without a retry, its objectives
+    NaN so that it is never the best."""
+    nan = {key: float("nan") for key in fixed.objectives}
+    tune.report({**nan, "step": step, "layer": point.layer, "error": reason})
