@@ -39,6 +39,11 @@ DLAMI = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-
 CREATED_BY = "cluster/aws_setup.py"
 PLACEHOLDER = re.compile(r"REPLACE_ME-[\w-]+")
 WAIT_S = 300
+# The widest --ssh-cidr taken: an IPv4 /8, and an IPv6 /32 (what one ISP is given).
+WIDEST = {4: 8, 6: 32}
+# What S3 reserves at either end of a bucket name.
+PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 
 
 class SetupError(Exception):
@@ -105,7 +110,52 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise SetupError(f"--ssh-cidr {text!r} is no address range like 203.0.113.7/32") from None
     if net.prefixlen == 0:
         raise SetupError(f"--ssh-cidr {text} would admit SSH from the whole internet")
+    if net.prefixlen < WIDEST[net.version]:
+        widest = WIDEST[net.version]
+        raise SetupError(f"--ssh-cidr {text} would admit SSH from {net}, wider than a /{widest}: "
+                         "pass your own address, e.g. 203.0.113.7/32")  # fmt: skip
     return net
+
+
+def check_bucket(name: str) -> None:
+    """S3's naming rules for a general purpose bucket, checked before any AWS call."""
+    if name.startswith("s3://"):
+        why = "give the name alone, without s3://"
+    elif not 3 <= len(name) <= 63:
+        why = f"it has {len(name)} characters, not 3 to 63"
+    elif not re.fullmatch(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", name):
+        why = "use only lowercase letters, digits, dots and hyphens, and begin and end with a "
+        why += "letter or digit"
+    elif ".." in name:
+        why = "it has two dots in a row"
+    elif re.fullmatch(r"[0-9]+(\.[0-9]+){3}", name):
+        why = "it looks like an IP address"
+    elif reserved := [p for p in PREFIXES if name.startswith(p)]:
+        why = f"S3 reserves the prefix {reserved[0]}"
+    elif reserved := [s for s in SUFFIXES if name.endswith(s)]:
+        why = f"S3 reserves the suffix {reserved[0]}"
+    else:
+        return
+    raise SetupError(f"--bucket {name!r} is no S3 bucket name: {why}")
+
+
+def check_out(out: Path) -> None:
+    """--out: a new file in an existing folder, or a copy of the template not filled in yet."""
+    if out.is_dir():
+        raise SetupError(f"--out {out} is a folder: name a file, e.g. {out / 'cluster-aws.yaml'}")
+    if not out.parent.is_dir():
+        raise SetupError(f"--out {out}: there is no folder {out.parent}: create it, or pass "
+                         "another --out")  # fmt: skip
+    if not out.exists():
+        return
+    try:
+        text = out.read_text()
+    except UnicodeDecodeError:
+        raise SetupError(f"--out {out} is not a text file: pass another --out") from None
+    except OSError as e:
+        raise SetupError(f"--out {out}: {e.strerror}: pass another --out") from None
+    if not PLACEHOLDER.search(text):
+        raise SetupError(f"--out {out} is filled in already: pass another --out, or delete it")
 
 
 def policy(role: str, account: str, bucket: str, t: Template) -> str:
@@ -340,9 +390,9 @@ def fill(text: str, values: dict[str, str]) -> str:
 def setup(args: argparse.Namespace) -> int:
     t = Template(Path(args.config))
     out = Path(args.out)
-    if out.exists() and not PLACEHOLDER.search(out.read_text()):
-        raise SetupError(f"{out} is filled in already: pass another --out, or delete it first")
+    check_out(out)
     cidr = parse_cidr(args.ssh_cidr)
+    check_bucket(args.bucket)
     session = boto3.Session(region_name=t.region)
     account = session.client("sts").get_caller_identity()["Account"]
     ec2 = session.client("ec2")
@@ -397,12 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ssh-cidr", required=True,
         help="the one address range SSH is admitted from: your address, e.g. "
-        '"$(curl -s https://checkip.amazonaws.com)/32"; a rerun with a new one replaces it',
+        '"$(curl -s https://checkip.amazonaws.com)/32"; none wider than a /8 (IPv6: /32); a '
+        "rerun with a new one replaces it",
     )  # fmt: skip
     parser.add_argument(
         "--bucket", required=True,
         help="the S3 bucket for MLflow's artifacts and sweep storage: a new, globally unique "
-        "name (or a bucket of yours, which is used as it is)",
+        "name (or a bucket of yours, which is used as it is), by S3's rules: 3 to 63 lowercase "
+        "letters, digits, dots and hyphens",
     )  # fmt: skip
     parser.add_argument(
         "--ami", default=DLAMI,
@@ -416,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--out", default="cluster-aws.yaml",
-        help="where to write the filled-in copy; a file already filled in is never "
-        "overwritten (default: %(default)s)",
+        help="where to write the filled-in copy, in a folder that exists; a file already "
+        "filled in is never overwritten (default: %(default)s)",
     )  # fmt: skip
     return parser
 

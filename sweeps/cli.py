@@ -23,6 +23,7 @@ from sweeps.config import (
     load_configs,
     save_config,
 )
+from sweeps.local_ray import start_local_ray
 from sweeps.progress import progress_bar
 from sweeps.schema import check_name, leaderboard_url
 
@@ -62,14 +63,8 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
         ray.init(address=address, log_to_driver=verbose, **quiet)
         signals.catch()
         return False
-    # Loopback: a local instance needs no other interface.
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        log_to_driver=verbose,
-        _node_ip_address="127.0.0.1",
-        **quiet,
-    )
+    # Loopback only, with Ray's token: see sweeps/local_ray.py.
+    start_local_ray(log_to_driver=verbose, **quiet)
     signals.catch()
     return True
 

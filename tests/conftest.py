@@ -23,17 +23,14 @@ atexit.register(shutil.rmtree, os.environ["SAE_ARRAY_DIR"], True)
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray instance shared by every test that needs one (about 5 s to start)."""
+    """A local Ray instance shared by every test that needs one (about 5 s to start), started
+    as the CLI starts one: on loopback, with token authentication."""
     import ray
 
+    from sweeps.local_ray import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",
-        )
+        start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -241,6 +241,60 @@ def test_the_scripts_explain_every_option_and_refuse_user_errors_in_one_line(tmp
     assert filled.read_text() == "cluster_name: clip-sae\n"
 
 
+# Bucket names that break S3's naming rules, each with what the refusal says.
+BAD_BUCKETS = {
+    'clip"sae': "only lowercase letters",
+    "Clip-Sae": "only lowercase letters",
+    "clip_sae": "only lowercase letters",
+    "clip-sae-": "begin and end",
+    "s3://clip-sae": "without s3://",
+    "ab": "3 to 63",
+    "a" * 64: "3 to 63",
+    "clip..sae": "two dots",
+    "192.168.5.4": "IP address",
+    "xn--clip-sae": "prefix xn--",
+    "sthree-clip": "prefix sthree-",
+    "clip-sae-s3alias": "suffix -s3alias",
+    "clip-sae--x-s3": "suffix --x-s3",
+}
+
+
+def test_the_setup_refuses_a_bad_out_a_wide_ssh_range_or_a_bad_bucket_in_one_line(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x98 not text")
+    cases = {
+        ("--out", str(folder)): "--out ",
+        ("--out", str(binary)): "--out ",
+        ("--out", str(tmp_path / "no-such-folder" / "cluster-aws.yaml")): "--out ",
+        ("--ssh-cidr", "0.0.0.0/1"): "--ssh-cidr 0.0.0.0/1",
+        ("--ssh-cidr", "203.0.113.7/7"): "--ssh-cidr 203.0.113.7/7",
+        ("--ssh-cidr", "2000::/3"): "--ssh-cidr 2000::/3",
+        **{("--bucket", name): message for name, message in BAD_BUCKETS.items()},
+    }
+    wanted = {
+        str(folder): "is a folder",
+        str(binary): "not a text file",
+        "0.0.0.0/1": "wider than a /8",
+        "203.0.113.7/7": "wider than a /8",
+        "2000::/3": "wider than a /32",
+    }
+    for args, message in cases.items():
+        out = script("aws_setup.py", "--ssh-cidr", CIDR, "--bucket", BUCKET, *args, cwd=tmp_path)
+        # One line that names the option and what to do, before any AWS call (the endpoint
+        # is a closed port: a call would end in "Could not connect" instead).
+        assert out.returncode == 2 and out.stdout == "", (args, out)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out
+        assert out.stderr.startswith(f"aws_setup.py: error: {args[0]} "), (args, out.stderr)
+        assert message in out.stderr and wanted.get(args[1], "") in out.stderr, (args, out)
+    assert binary.read_bytes() == b"\xff\xfe\x00\x98 not text"
+    # A range no wider than the limits is taken (the run then fails at the closed port).
+    for cidr in ("10.0.0.0/8", "2001:db8::/32"):
+        out = script("aws_setup.py", "--ssh-cidr", cidr, "--bucket", BUCKET, cwd=tmp_path)
+        assert "Could not connect" in out.stderr, (cidr, out.stderr)
+
+
 # ---- what the setup makes, read back through the emulator's API ----
 
 
@@ -323,6 +377,44 @@ def test_a_rerun_changes_nothing_but_the_ssh_range(aws, made):
     assert run_setup(CIDR, made["ami"], again) == 0
     assert again.read_text() == first and inventory() == before
     assert len(ingress(ec2, made["group"])) == 2
+
+
+def test_a_bad_bucket_name_is_refused_before_any_aws_call(aws, made, monkeypatch):
+    import aws_setup
+
+    ec2, efs, iam, s3 = (aws.client(s) for s in ("ec2", "efs", "iam", "s3"))
+
+    def inventory():
+        return (
+            sorted(g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]),
+            sorted(f["FileSystemId"] for f in efs.describe_file_systems()["FileSystems"]),
+            sorted(r["RoleName"] for r in iam.list_roles()["Roles"]),
+            {
+                r["RoleName"]: iam.get_role_policy(
+                    RoleName=r["RoleName"], PolicyName=r["RoleName"]
+                )["PolicyDocument"]
+                for r in iam.list_roles()["Roles"]
+                if r["RoleName"].startswith(NAME)
+            },
+            sorted(b["Name"] for b in s3.list_buckets()["Buckets"]),
+        )
+
+    calls = []
+    session = boto3.Session
+
+    def recorded(*args, **kwargs):
+        made_session = session(*args, **kwargs)
+        made_session.events.register("before-call.*.*", lambda model, **_: calls.append(model))
+        return made_session
+
+    monkeypatch.setattr(aws_setup.boto3, "Session", recorded)
+    before = inventory()
+    for name in BAD_BUCKETS:
+        out = aws.tmp / "bad-bucket.yaml"
+        argv = ["--ssh-cidr", CIDR, "--bucket", name, "--ami", made["ami"], "--out", str(out)]
+        assert aws_setup.main(argv) == 2, name
+        assert calls == [] and not out.exists(), name
+    assert inventory() == before
 
 
 def test_the_roles_hold_the_repositorys_policies_and_nothing_more(aws, made):

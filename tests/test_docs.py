@@ -243,10 +243,13 @@ def test_the_docs_show_commands(cli):
     readme = next(d for d in DOCS if d.name == "README.md")
     readme_lines = [line for _, line in command_lines(readme)]
     assert any("pip install torch==2.13.0 -e . && sae-sweep demo" in x for x in readme_lines)
-    # The test command is .ci/run, which CI runs: it installs the dev extras and runs the suite.
+    # The test command is .ci/run, which CI runs: it installs the dev extras and runs the suite,
     assert "bash .ci/run" in [x.strip() for x in readme_lines]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert '"$python" -m pip install -q torch==2.13.0 -e ".[dev,interop]"' in ci
+    # into a fresh virtual environment, at the versions of constraints.txt by default
+    assert 'rm -rf "$venv"' in ci and '"$base" -m venv "$venv"' in ci
+    assert '"$python" -m pip install -q torch==2.13.0 -e ".[dev,interop]" "${pins[@]}"' in ci
+    assert "pinned) pins=(-c constraints.txt) ;;" in ci
     assert '"$python" -m pytest -q "$@"' in ci
     assert set(commands) <= shown, f"subcommands no doc shows: {sorted(set(commands) - shown)}"
 

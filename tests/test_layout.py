@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The shared core: the lowest modules, which every stage may import.
 CORE = {
-    f"sweeps.{m}" for m in ("config", "schema", "space", "storage", "ridge", "signals", "progress")
+    f"sweeps.{m}"
+    for m in ("config", "schema", "space", "storage", "ridge", "signals", "progress", "redact")
 }
 
 #: What each part may import from the project, besides its own modules and `sae`.
