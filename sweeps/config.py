@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,9 @@ class TuneSettings:
     """Trials to run."""
 
     max_concurrent: int = 2
-    """Trials running at once (Optuna proposes the next from the finished ones)."""
+    """Trials running at once (Optuna proposes the next from the finished ones). At 1 a seed
+    gives the same sweep on the same machine; above, the order in which trials report, which
+    Optuna and ASHA act on, depends on the machine's timing."""
 
     cpus_per_trial: float = 1.0
     """CPUs reserved per trial."""
@@ -278,7 +281,7 @@ class TuneSettings:
         return dict(o.rsplit(":", 1) for o in self.objectives)
 
     def validate(self) -> None:
-        for name in ("num_samples", "max_concurrent", "grace_period"):
+        for name in ("num_samples", "max_concurrent", "grace_period", "show_top"):
             _check(getattr(self, name) > 0, f"tune.{name}", "use a value > 0", getattr(self, name))
         _check(
             self.cpus_per_trial > 0, "tune.cpus_per_trial", "use a value > 0", self.cpus_per_trial
@@ -354,9 +357,11 @@ class SweepSettings:
 
     optuna_storage: str = ""
     """Optuna RDB storage that keeps a copy of the sweep's study (named after the sweep), for
-    optuna-dashboard: an SQLAlchemy URL such as sqlite:////abs/optuna.db or
-    postgresql://user@host/db; empty: sqlite:///<out_dir>/optuna.db, beside the default
-    MLflow store; none: no copy."""
+    optuna-dashboard: an SQLAlchemy URL such as sqlite:////abs/optuna.db (a relative
+    sqlite:///optuna.db is resolved where the command runs) or postgresql://user@host/db;
+    empty: sqlite:///<out_dir>/optuna.db, beside the default MLflow store; none: no copy. A
+    writable database of its own, not MLflow's; a sweep writes and deletes only the study it
+    created (a study of the same name made elsewhere is refused)."""
 
     register_as: str = ""
     """At the end of `sweep`, `resume` and `demo`, register the best trial's SAE in MLflow's
@@ -436,6 +441,11 @@ class Config:
         # Storage must be absolute for Ray; resolve local paths against where the command runs.
         storage = self.sweep.storage_path or str(Path(self.sweep.out_dir) / "ray_results")
         self.sweep.storage_path = storage if "://" in storage else str(Path(storage).resolve())
+        # So is the study copy's relative SQLite file (sqlite:///rel/optuna.db).
+        name, sep, query = self.sweep.optuna_storage.removeprefix("sqlite:///").partition("?")
+        relative = name and not name.startswith(("/", ":memory:", "file:"))
+        if self.sweep.optuna_storage.startswith("sqlite:///") and relative:
+            self.sweep.optuna_storage = f"sqlite:///{Path(name).resolve()}{sep}{query}"
 
     def validate(self) -> None:
         _check_placeholders(self)
@@ -510,6 +520,17 @@ class AnalyzeOptions:
 
     out: str = ""
     """Output directory (default: <sweep.out_dir>/analysis/<trial id or checkpoint name>)."""
+
+    def validate(self) -> None:
+        """Sizes and counts that make sense; the errors name the flags."""
+        for name, low, fix in (
+            ("top_latents", 0, "use 0 (every live latent) or more"),
+            ("top_images", 1, "use 1 or more"),
+            ("batch_size", 1, "use 1 or more"),
+            ("downstream_images", 0, "use 0 (skip the zero-shot check) or more"),
+        ):
+            value = getattr(self, name)
+            _check(value >= low, f"--{name.replace('_', '-')}", fix, value)
 
 
 class ConfigError(ValueError):
@@ -766,13 +787,19 @@ def load_config(
     return config
 
 
-def config_help() -> str:
-    """Every `section.field` with its default and help text, for the CLI."""
+def config_help(cfg: Config | None = None, width: int = 100) -> str:
+    """Every `section.field` with its value in `cfg` (default: the defaults) and the first
+    sentence of its help, wrapped to `width`, for the CLI; docs/configuration.md has the rest."""
+    import textwrap
+
+    cfg = cfg or Config()
     lines = []
     for name, cls in _sections().items():
         lines.append(f"{name}:")
         helps = field_help(cls)
+        section = getattr(cfg, name)
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            lines.append(f"  {name}.{f.name} = {default!r}\n      {helps.get(f.name, '')}")
+            first = re.split(r"(?<=\.)\s", helps.get(f.name, ""), maxsplit=1)[0]
+            text = f"{name}.{f.name} = {getattr(section, f.name)!r}: {first}"
+            lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="      ")
     return "\n".join(lines)

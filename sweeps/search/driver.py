@@ -216,7 +216,9 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks
         mode=mode,
         sampler=_sampler(cfg),
         points_to_evaluate=space.optuna_points() or None,
-        study_copy=StudyCopy(url, cfg.sweep.name) if url else None,
+        study_copy=StudyCopy(url, cfg.sweep.name, cfg.sweep.experiment_path(), list(objectives))
+        if url
+        else None,
     )
     scheduler = _scheduler(cfg, max_steps)
     return tune.Tuner(

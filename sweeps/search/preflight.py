@@ -9,12 +9,14 @@ import fcntl
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
 
 from sweeps import storage
 from sweeps.config import Config, ConfigError
+from sweeps.redact import redact
 from sweeps.search import study
 from sweeps.space import SearchSpace
 from sweeps.tracking import runs as tracking
@@ -108,14 +110,14 @@ def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> S
         tracking.check_experiment(cfg.sweep.resolved_tracking_uri(), cfg.sweep.experiment_name())
     except TrackingError as e:
         raise ConfigError(f"sweep.tracking_uri: {e}") from None
-    if url := cfg.sweep.resolved_optuna_storage():
-        try:
-            study.open_storage(url)
-        except ValueError as e:
-            raise ConfigError(f"sweep.optuna_storage: {e} (or set it to none)") from None
     lock = SweepLock(cfg)
     try:
         _check_sweep_records(cfg, resume, overwrite)
+        if url := cfg.sweep.resolved_optuna_storage():  # after the name: it creates nothing
+            try:
+                study.check_storage(url, cfg.sweep.name, owner=cfg.sweep.experiment_path())
+            except ValueError as e:
+                raise ConfigError(f"sweep.optuna_storage: {e} (or set it to none)") from None
     except BaseException:
         lock.release()
         raise
@@ -199,9 +201,10 @@ def _check_sweep_records(cfg: Config, resume: bool, overwrite: bool) -> None:
         )
 
 
-def delete_sweep(cfg: Config) -> list[str]:
-    """Delete a sweep's Tune state, SAEs and MLflow runs (for `sweep --overwrite`); returns
-    what was deleted, for the CLI to say."""
+def delete_sweep(cfg: Config) -> Iterator[str]:
+    """Delete a sweep's Tune state, SAEs, MLflow runs and Optuna study (for `sweep
+    --overwrite` and `demo`), yielding what it is about to delete before each deletion, for
+    the CLI to say."""
     path = cfg.sweep.experiment_path()
     uri = cfg.sweep.resolved_tracking_uri()
     # the sweep's own directory, one level below storage_path, or nothing
@@ -214,18 +217,17 @@ def delete_sweep(cfg: Config) -> list[str]:
             f"--overwrite: {path} is not a sweep directory inside sweep.storage_path "
             f"{cfg.sweep.storage_path}: nothing deleted"
         )
-    deleted = []
     if storage.exists(path):
+        yield f"Tune state and SAEs in {path}"
         storage.delete_dir(path)
-        deleted.append(path)
     parent = tracking.find_sweep_run(uri, cfg.sweep.experiment_name(), path)
     if parent is not None:
-        n = tracking.delete_sweep_runs(uri, parent)
-        deleted.append(f"{n} MLflow runs of experiment {cfg.sweep.experiment_name()!r}")
+        yield f"MLflow runs in experiment {cfg.sweep.experiment_name()!r}"
+        tracking.delete_sweep_runs(uri, parent)
     url = cfg.sweep.resolved_optuna_storage()
-    if url and study.delete_study(url, cfg.sweep.name):
-        deleted.append(f"Optuna study {cfg.sweep.name!r} in {url}")
-    return deleted
+    if url and study.owns_study(url, cfg.sweep.name, owner=path):
+        yield f"Optuna study {cfg.sweep.name!r} in {redact(url)}"
+        study.delete_study(url, cfg.sweep.name, owner=path)
 
 
 def check_resources(cfg: Config, local: bool) -> None:

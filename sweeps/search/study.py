@@ -15,52 +15,139 @@ its run KILLED) ends FAIL with the user attribute `killed_reason`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import sqlalchemy
 from optuna.storages import RDBStorage
+from optuna.study.study import _SYSTEM_ATTR_METRIC_NAMES as METRIC_NAMES_ATTR
 from optuna.trial import FrozenTrial, TrialState
+
+from sweeps.redact import redact
 
 #: The user attribute of a copied trial that holds its Tune trial id.
 TRIAL_ID_ATTR = "trial_id"
+#: The user attribute of a study this service wrote: the sweep that owns it (its Tune
+#: experiment path, as the sweep's MLflow run is tagged). A study without it is never touched.
+OWNER_ATTR = "clip_sae.sweep"
+#: Tables that make a database MLflow's: the study copy never writes beside them.
+MLFLOW_TABLES = {"experiments", "runs", "metrics", "params"}
+
+
+def _error(url: str, text: str) -> ValueError:
+    return ValueError(f"Optuna storage {redact(url)}: {redact(' '.join(str(text).split()))[:300]}")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL, None for another database; a ValueError for an in-memory
+    one, whose study would end with the driver process."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    name = (parsed.database or "").removeprefix("file:")
+    if name in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        raise _error(url, "an in-memory database ends with the driver: give a file, e.g. "
+                     "sqlite:////abs/path/optuna.db")  # fmt: skip
+    return Path(name)
+
+
+def check_storage(url: str, study_name: str, owner: str) -> None:
+    """Check, creating and writing nothing, that the sweep `owner` can keep its study copy
+    `study_name` in the storage at `url`: a reachable, writable database that is not MLflow's
+    and holds no study of that name owned by another sweep (or by no sweep of this service).
+    A ValueError names the problem."""
+    try:
+        path = sqlite_path(url)
+    except sqlalchemy.exc.ArgumentError as e:
+        raise _error(url, f"{e}: give an SQLAlchemy URL such as sqlite:////abs/optuna.db") from None
+    if path is not None and not path.exists():  # created at the sweep's start: can it be?
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise _error(url, f"cannot create {path}: {parent} is not a writable directory")
+        return
+    try:
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as connection:
+            tables = set(sqlalchemy.inspect(connection).get_table_names())
+            if MLFLOW_TABLES <= tables:
+                raise _error(url, "this is an MLflow store: give the study copy its own database")
+            connection.rollback()  # the inspection's transaction
+            write = connection.begin()  # a write, undone: refuses a read-only database
+            connection.exec_driver_sql("CREATE TABLE clip_sae_write_check (x INTEGER)")
+            connection.exec_driver_sql("DROP TABLE clip_sae_write_check")
+            write.rollback()
+        engine.dispose()
+    except ValueError:
+        raise
+    except Exception as e:  # a driver missing, a server down, a read-only file
+        raise _error(url, e) from None
+    if "studies" not in tables:
+        return
+    storage = RDBStorage(url, skip_table_creation=True)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return
+    holder = storage.get_study_user_attrs(study_id).get(OWNER_ATTR)
+    if holder != owner:
+        whose = f"sweep {holder}" if holder else "no sweep of this service"
+        raise _error(
+            url,
+            f"its study {study_name!r} belongs to {whose}, not to this sweep ({owner}); it is "
+            "never written to or deleted: use another sweep.name or sweep.optuna_storage",
+        )
 
 
 def open_storage(url: str) -> RDBStorage:
     """The RDB storage at `url`, its tables created (and an SQLite file's directory); a
     ValueError that names the URL when it cannot be opened."""
     try:
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if (path := sqlite_path(url)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return RDBStorage(url)
     except Exception as e:  # a directory it cannot make; SQLAlchemy's bad URL, driver, server
-        text = " ".join(str(e).split())[:300]
-        raise ValueError(f"cannot open the Optuna storage {url}: {text}") from None
+        raise _error(url, e) from None
 
 
-def delete_study(url: str, name: str) -> bool:
-    """Delete the study `name` from the storage at `url`, if both exist; whether it did. An
+def owns_study(url: str, name: str, owner: str) -> bool:
+    """Whether the storage at `url` holds a study `name` that the sweep `owner` wrote. An
     SQLite file that does not exist is not created."""
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
         return False
     storage = open_storage(url)
     try:
-        storage.delete_study(storage.get_study_id_from_name(name))
+        study_id = storage.get_study_id_from_name(name)
     except KeyError:
         return False
+    return storage.get_study_user_attrs(study_id).get(OWNER_ATTR) == owner
+
+
+def delete_study(url: str, name: str, owner: str) -> bool:
+    """Delete the study `name` that the sweep `owner` wrote to the storage at `url`, if both
+    exist; whether it did."""
+    if not owns_study(url, name, owner):
+        return False
+    storage = open_storage(url)
+    storage.delete_study(storage.get_study_id_from_name(name))
     return True
 
 
 class StudyCopy:
     """Writes a study's trials into the RDB storage at `url` as the study `study_name`.
 
-    It travels in the searcher's pickle as its URL and name alone; an unpickled copy connects
-    again when it is next written to."""
+    It travels in the searcher's pickle as its URL, name, owner and metric names alone; an
+    unpickled copy connects again when it is next written to."""
 
-    def __init__(self, url: str, study_name: str):
+    def __init__(self, url: str, study_name: str, owner: str, metric_names: list[str]):
         self.url = url
         self.study_name = study_name
+        self.owner = owner
+        """The sweep that writes the copy (its Tune experiment path): see OWNER_ATTR."""
+        self.metric_names = metric_names
+        """The objectives' names, which optuna-dashboard shows instead of "Objective 0"."""
         self._reset()
 
     def _reset(self) -> None:
@@ -69,7 +156,8 @@ class StudyCopy:
         self._copies: dict[str, int] = {}  # Tune's trial id -> trial id in the copy
 
     def __getstate__(self) -> dict:
-        return {"url": self.url, "study_name": self.study_name}
+        keys = ("url", "study_name", "owner", "metric_names")
+        return {key: self.__dict__[key] for key in keys}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -82,12 +170,14 @@ class StudyCopy:
         return self._storage
 
     def start(self, study, trial_ids: Mapping[int, str]) -> None:
-        """Write the copy afresh from `study` (a study of the same name in the storage is
-        replaced); trial_ids: Tune's trial id of each trial number."""
+        """Write the copy afresh from `study` (this sweep's study of the same name in the
+        storage is replaced); trial_ids: Tune's trial id of each trial number."""
         storage = self.storage
-        with contextlib.suppress(KeyError):
-            storage.delete_study(storage.get_study_id_from_name(self.study_name))
+        if delete_study(self.url, self.study_name, self.owner) is False:
+            check_storage(self.url, self.study_name, self.owner)  # another's: refused
         self._study_id = storage.create_new_study(study.directions, self.study_name)
+        storage.set_study_user_attr(self._study_id, OWNER_ATTR, self.owner)
+        storage.set_study_system_attr(self._study_id, METRIC_NAMES_ATTR, self.metric_names)
         self._copies = {}
         self._sync_all(study, trial_ids)
 
@@ -99,6 +189,7 @@ class StudyCopy:
             self._study_id = storage.get_study_id_from_name(self.study_name)
         except KeyError:
             return self.start(study, trial_ids)
+        check_storage(self.url, self.study_name, self.owner)
         self._copies = {}
         live = set(trial_ids.values())
         for trial in storage.get_all_trials(self._study_id, deepcopy=False):
