@@ -25,7 +25,7 @@ from sweeps.config import (
 )
 from sweeps.local_ray import start_local_ray
 from sweeps.progress import progress_bar
-from sweeps.schema import check_name, leaderboard_url
+from sweeps.schema import check_model_name, check_name, leaderboard_url
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -57,6 +57,9 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
         quiet = {"logging_level": logging.ERROR}
         for name in ("ray.data", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # On resume Tune warns of each trial that had not written a result yet (no
+        # result.json): expected after an interruption, and the sweep's own lines say more.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)
@@ -140,11 +143,15 @@ def _sweep(configs, args, resume: bool) -> list:
     locks = []  # one driver per sweep name, from the name check to the end of the run
     try:
         for cfg in configs:  # before Ray starts: no compute is spent on a config that cannot run
+            print(f"sweep {cfg.sweep.name}: checking the config, data and stores", flush=True)
             locks.append(check_sweep(cfg, resume=resume, overwrite=overwrite))
-        if overwrite:
+        if overwrite:  # said before each deletion
+            why = "demo: replacing the last demo" if args.command == "demo" else "--overwrite"
             for cfg in configs:
                 for what in delete_sweep(cfg):
-                    print(f"--overwrite: deleted {what}")
+                    print(f"{why}: deleting sweep {cfg.sweep.name}'s {what}", flush=True)
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        print(f"connecting to Ray at {address}" if address else "starting a local Ray", flush=True)
         local = init_ray(args.address, args.verbose)
         for cfg in configs:
             check_resources(cfg, local)
@@ -285,24 +292,29 @@ def _check_store(cfg) -> None:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from sweeps.results.best import best_trials, format_table
+    from sweeps.results.best import best_trials, format_table, sae_folder, why_no_sae
 
+    if args.top < 1:
+        raise ConfigError(f"--top (got {args.top}): list 1 or more trials")
+    if args.register is not None:  # refused before anything is read
+        check_model_name(args.register)
     for cfg in load_configs(args.config, args.set):
         _check_store(cfg)
         rows = best_trials(cfg, top=args.top)
         print(format_table(rows, cfg.tune.objective_modes(), limit=len(rows)))
         if rows:
             best = rows[0]
-            print(f"best SAE: {best.sae_dir or '(stopped early: no final SAE)'}")
+            folder = sae_folder(cfg, best.trial_id, best.layer)
+            print(f"best SAE: {best.sae_dir or 'none: ' + why_no_sae(best.status, folder)}")
             print(f"  in MLflow: {best.mlflow_uri}  (mlflow.artifacts.download_artifacts)")
             print("  load it: from sae import TopKSae; TopKSae.load(path)")
-        if args.register:
+        if args.register is not None:
             _register(cfg, args.register, run_id=None)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sweeps.results.export import export_run, get_run
+    from sweeps.results.export import export_run, get_run, record_of, sparsify_loads
 
     cfg = load_config(args.config, args.set)
     _check_store(cfg)
@@ -312,7 +324,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     folder = export_run(cfg, run, out)
     print(f"exported {folder} (model card: {folder / 'README.md'})")
     print(f"  here:     TopKSae.load({str(folder)!r})")
-    print(f"  sparsify: SparseCoder.load_many({str(folder.parent)!r}, local=True)")
+    if sparsify_loads(record_of(run).params.activation):
+        print(f"  sparsify: SparseCoder.load_many({str(folder.parent)!r}, local=True)")
     print(f"  SAELens:  SAE.load_from_disk({str(folder)!r})")
     return 0
 
@@ -364,13 +377,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _fields_epilog(cfg=None) -> str:
+    """The config fields for a subcommand's --help, with cfg's values (default: the defaults)."""
+    return (
+        "config fields (--set section.field=value; each in full in docs/configuration.md):\n"
+        + config_help(cfg)
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-sweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     extract = sub.add_parser(
         "extract",
         help="cache CLIP vision activations of a dataset",
-        epilog="config fields:\n" + config_help(),
+        epilog=_fields_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(extract)
@@ -396,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=text,
             description=text,
-            epilog="config fields:\n" + config_help(),
+            epilog=_fields_epilog(load_config(DEMO_CONFIG) if name == "demo" else None),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _common(cmd)

@@ -392,7 +392,7 @@ class SweepSettings:
         return self.optuna_storage or default_optuna_storage(self.out_dir)
 
     def validate(self) -> None:
-        from sweeps.schema import NO_OPTUNA_STORAGE, check_name
+        from sweeps.schema import NO_OPTUNA_STORAGE, check_model_name, check_name
 
         # Both become paths (the Tune experiment, the SAEs) or MLflow names: identifiers only,
         # so that no name reaches outside the sweep's own directory (`--overwrite` deletes it).
@@ -411,13 +411,11 @@ class SweepSettings:
             "give an SQLAlchemy URL such as sqlite:////abs/path/optuna.db, or none",
             url,
         )
-        _check(
-            not (set(self.register_as) & set("/:"))
-            and self.register_as == self.register_as.strip(),
-            "sweep.register_as",
-            "MLflow model names cannot hold '/' or ':' or start or end with a space",
-            self.register_as,
-        )
+        if self.register_as:  # empty: register nothing
+            try:
+                check_model_name(self.register_as, "sweep.register_as")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 @dataclass

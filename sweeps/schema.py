@@ -137,6 +137,15 @@ def check_name(value: str, where: str) -> str:
     )
 
 
+def check_model_name(name: str, where: str = "cannot register model") -> None:
+    """A ValueError, starting with `where`, unless MLflow's model registry takes `name`."""
+    if not name.strip() or name != name.strip() or set(name) & set("/:"):
+        raise ValueError(
+            f"{where} {name!r}: give a name that is not empty, holds no '/' or ':' and neither "
+            "starts nor ends with a space"
+        )
+
+
 def final_sae_dir(sae_root: str, trial_id: str, layer: int) -> str:
     """Where a trial's final SAE goes: `<sae_root>/<trial_id>/layers.<L>`, sparsify's folder
     convention, so `SparseCoder.load_many(<sae_root>/<trial_id>, local=True)` finds it."""

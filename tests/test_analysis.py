@@ -24,8 +24,8 @@ from sae import SaeConfig, TopKSae
 from sweeps.activations import cache
 from sweeps.activations.clip import Preprocessing, capture_layers
 from sweeps.activations.sources import index_source
-from sweeps.cli import DEMO_CONFIG
-from sweeps.config import load_config
+from sweeps.cli import DEMO_CONFIG, main
+from sweeps.config import AnalyzeOptions, load_config
 from sweeps.demo import make_image_folder, make_tiny_clip
 from sweeps.results import report
 from sweeps.results.analysis import (
@@ -40,7 +40,8 @@ from sweeps.results.analysis import (
     zero_shot,
     zero_shot_sample,
 )
-from sweeps.results.analyze import class_names, templates
+from sweeps.results.analyze import class_names, resolve_target, templates
+from sweeps.results.best import best_trials
 from sweeps.search.driver import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -689,3 +690,64 @@ def test_the_mlflow_copy_inlines_latents_in_order_within_its_budget(analyzed, tm
     text = small.read_text()
     assert text.count("data:image/jpeg;base64,") == len(first)
     assert "download analysis/ from the run" in text
+
+
+@pytest.fixture
+def best_folder_gone(swept):
+    """The sweep with its best trial's SAE folder moved away, as if deleted; put back after."""
+    (best,) = best_trials(swept["cfg"], top=1)
+    assert best.status == "DONE" and best.sae_dir
+    hidden = swept["root"] / "moved-away"
+    shutil.move(best.sae_dir, hidden)
+    yield best
+    shutil.move(hidden, best.sae_dir)
+
+
+def test_a_best_trial_whose_sae_folder_is_gone_is_named_and_never_replaced(
+    swept, best_folder_gone, tmp_path, capsys
+):
+    """`analyze` once analysed the next trial without a word, and `best` said ASHA had
+    stopped this one early."""
+    best, sets = best_folder_gone, [f"--set={s}" for s in swept["sets"]]
+    assert main(["best", "--config", DEMO_CONFIG, *sets]) == 0
+    out = capsys.readouterr().out
+    assert f"best SAE: none: its SAE folder {best.sae_dir} is missing (deleted or moved)" in out
+    assert "stopped early" not in out
+
+    report_dir = tmp_path / "report"
+    assert main(["analyze", "--config", DEMO_CONFIG, *sets, "--out", str(report_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"best trial {best.trial_id} " in err and best.sae_dir in err, err
+    assert f"pass --run-id {best.run_id} to analyse the copy its MLflow run keeps" in err, err
+    assert not report_dir.exists()
+    # That advice finds the same trial's SAE, downloaded from its MLflow run.
+    cfg = swept["cfg"]
+    opts = AnalyzeOptions(run_id=best.run_id)
+    target = resolve_target(cfg, opts, MlflowClient(cfg.sweep.resolved_tracking_uri()), None, [])
+    assert (target.name, target.run_id, target.layer) == (best.trial_id, best.run_id, best.layer)
+    saved = TopKSae.load(swept["root"] / "moved-away").state_dict()
+    for name, value in TopKSae.load(target.sae_dir).state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
+
+
+BEST_CASES = [
+    (["--top", "0"], "config error: --top (got 0): list 1 or more trials"),
+    (["--top", "-3"], "config error: --top (got -3): list 1 or more trials"),
+    (["--register", ""], "error: cannot register model '': give a name that is not empty"),
+    (["--register", " x"], "error: cannot register model ' x'"),
+    (["--register", "a:b"], "error: cannot register model 'a:b'"),
+]
+
+
+@pytest.mark.parametrize("flags, want", BEST_CASES, ids=[repr(c[0]) for c in BEST_CASES])
+def test_best_refuses_a_top_below_one_and_a_bad_model_name(swept, flags, want, capsys):
+    """`--top 0` once printed an empty table, `--top -3` every trial (SQLite's LIMIT -3) and
+    `--register ''` registered nothing without a word, each with exit code 0."""
+    sets = [f"--set={s}" for s in swept["sets"]]
+    assert main(["best", "--config", DEMO_CONFIG, *sets, *flags]) == 2
+    got = capsys.readouterr()
+    assert got.err.startswith(want) and got.err.count("\n") == 1, got.err
+    assert got.out == ""  # refused before anything is read
+    client = MlflowClient(swept["cfg"].sweep.resolved_tracking_uri())
+    assert client.search_registered_models() == []

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from sae import SaeConfig, TopKSae
 from sweeps import cli
@@ -263,3 +267,108 @@ def test_every_command_meets_a_broken_tracking_store_with_one_line(
     assert main([command, "--config", DEMO_CONFIG, *sets, f"--set=sweep.tracking_uri={uri}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def trial_runs(world):
+    """A TopK and a JumpReLU trial run in the world's store, as a sweep logs them (trial_id
+    tag, searched params, final metrics, the SAE under sae/): run id by activation."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    root, _ = world
+    client = MlflowClient(f"sqlite:///{root / 'out' / 'mlflow.db'}")
+    experiment = client.create_experiment("trials", artifact_location=str(root / "artifacts"))
+    runs = {}
+    for activation in ("topk", "jumprelu"):
+        run_id = client.create_run(experiment, tags={"trial_id": activation}).info.run_id
+        params = {"layer": 2, "k": 4, "expansion_factor": 2, "lr": 1e-3, "auxk_alpha": 0.03}
+        params |= {"activation": activation, "l0_coefficient": 1.0 * (activation == "jumprelu")}
+        metrics = [Metric(k, 0.5, 0, 0) for k in ("fvu", "l0", "dead_frac")]
+        client.log_batch(run_id, metrics, [Param(k, str(v)) for k, v in params.items()])
+        sae = root / f"{activation}-sae"
+        TopKSae(64, SaeConfig(expansion_factor=2, k=4, activation=activation)).save(sae)
+        client.log_artifacts(run_id, str(sae), "sae")
+        client.set_terminated(run_id)
+        runs[activation] = run_id
+    return runs
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_export_offers_sparsify_only_for_an_sae_sparsify_loads(
+    activation, world, trial_runs, tmp_path, capsys
+):
+    """A JumpReLU export once printed a sparsify loader line, though sparsify refuses it."""
+    root, sets = world
+    argv = ["export", "--config", DEMO_CONFIG, *sets, "--run-id", trial_runs[activation]]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"SAE.load_from_disk('{tmp_path / 'layers.2'}')" in out
+    assert ("SparseCoder" in out) == (activation == "topk"), out
+
+
+def test_export_over_an_earlier_export_is_refused_and_loses_nothing(
+    world, trial_runs, tmp_path, capsys
+):
+    """A second export to the same --out once overwrote the first's files with exit code 0."""
+    root, sets = world
+    argv = ["export", "--config", DEMO_CONFIG, *sets, "--out", str(tmp_path)]
+    assert main([*argv, "--run-id", trial_runs["topk"]]) == 0
+    folder = tmp_path / "layers.2"
+    (folder / "NOTES.md").write_text("a user's notes")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+    err = _one_line_error([*argv, "--run-id", trial_runs["jumprelu"]], capsys, str(folder))
+    assert "already exists" in err and "choose another --out, or delete that folder" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_export_prints_no_download_progress_bar(world, trial_runs, tmp_path):
+    """MLflow drew its download bar on stderr. In its own process: tqdm reads TQDM_DISABLE,
+    which the suite sets, when it is imported."""
+    root, sets = world
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    argv = ["export", "--config", DEMO_CONFIG, *sets, "--run-id", trial_runs["topk"]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", *argv, "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "exported" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr == ""
+
+
+# (flags after `analyze --config ... --checkpoint <a good SAE>`, what the one line must say)
+ANALYZE_CASES = [
+    (["--batch-size", "0"], "--batch-size (got 0): use 1 or more"),
+    (["--batch-size", "-8"], "--batch-size (got -8): use 1 or more"),
+    (["--top-images", "0"], "--top-images (got 0): use 1 or more"),
+    (["--top-latents", "-1"], "--top-latents (got -1): use 0 (every live latent) or more"),
+    (["--downstream-images", "-1"], "--downstream-images (got -1): use 0 (skip the zero-shot"),
+    (["--latents", "3,999"], "latents [999] do not exist: this SAE has 0..127"),
+    (["--layer", "7"], "layer 7 is not in the activation cache (layers [2, 3])"),
+]
+
+
+@pytest.mark.parametrize("flags, want", ANALYZE_CASES, ids=[" ".join(c[0]) for c in ANALYZE_CASES])
+def test_analyze_refuses_a_size_or_count_that_makes_no_sense(flags, want, world, tmp_path, capsys):
+    """`--batch-size 0` was once accepted; each is refused before the scan, naming its flag."""
+    root, sets = world
+    TopKSae(64, SaeConfig(expansion_factor=2, k=4)).save(tmp_path / "sae")
+    argv = ["analyze", "--config", DEMO_CONFIG, *sets, "--checkpoint", str(tmp_path / "sae")]
+    argv += ["--layer", "2", *flags, "--out", str(tmp_path / "report")]
+    _one_line_error(argv, capsys, want)
+    assert not (tmp_path / "report").exists()
+
+
+def test_analyze_refuses_an_sae_with_non_finite_weights(world, tmp_path, capsys):
+    """An SAE whose weights held NaN was once analysed to `fvu nan` with exit code 0."""
+    root, sets = world
+    sae = TopKSae(64, SaeConfig(expansion_factor=2, k=4))
+    with torch.no_grad():
+        sae.W_dec.fill_(float("nan"))
+    sae.save(tmp_path / "nan")
+    argv = ["analyze", "--config", DEMO_CONFIG, *sets, "--checkpoint", str(tmp_path / "nan")]
+    argv += ["--layer", "2", "--out", str(tmp_path / "report")]
+    err = _one_line_error(argv, capsys, f"SAE {tmp_path / 'nan'} holds non-finite weights")
+    assert "W_dec" in err
+    assert not (tmp_path / "report").exists()

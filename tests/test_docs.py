@@ -408,3 +408,21 @@ def test_readme_is_short():
     assert len(lines) <= README_MAX_LINES, (
         f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move detail to docs/"
     )
+
+
+@pytest.mark.parametrize(
+    "command", ["extract", "demo", "sweep", "resume", "best", "export", "analyze"]
+)
+def test_help_fits_a_terminal_and_shows_the_commands_own_defaults(command, capsys):
+    """`--help` once ran to 190 lines, some 696 characters wide, and `demo --help` showed the
+    generic defaults (data.source = 'hf'), not the demo's."""
+    from sweeps.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) < 200 and max(map(len, lines)) <= 100
+    assert "  train.lr = None: Peak Adam learning rate." in lines
+    source = "'folder'" if command == "demo" else "'hf'"
+    assert any(line.startswith(f"  data.source = {source}: ") for line in lines)

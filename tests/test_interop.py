@@ -260,7 +260,7 @@ def test_saelens_export_refuses_an_sae_it_cannot_express(tmp_path):
 
 
 def test_a_model_name_mlflow_refuses_is_a_config_error_before_any_sweep():
-    with pytest.raises(ConfigError, match="sweep.register_as .*'sweeps/best'.*cannot hold '/'"):
+    with pytest.raises(ConfigError, match="sweep.register_as 'sweeps/best': .* holds no '/'"):
         load_config(DEMO_CONFIG, ["sweep.register_as=sweeps/best"])
 
 

@@ -59,6 +59,8 @@ PROGRESS_LINE = (
 #: Every line the demo may print, as regular expressions (the whole line).
 DEMO_LINES = [
     r"(started |stopped |finished|failed  ) [0-9a-f]{8}  L\d+ k\d+ x\d+ lr\S+ aux\S+.*",
+    r"sweep e2e: checking the config, data and stores",
+    r"starting a local Ray",
     PROGRESS_LINE,
     r"extract: \d+ images done, \d+ skipped .*|extract: cache hit, no work done: .*",
     r"trial_id +status +layer .*",  # the leaderboard's header and rows
@@ -72,6 +74,12 @@ DEMO_LINES = [
     r"analyze [0-9a-f]{8} \(layer \d+\): .*report .*",
     r"next: sae-sweep best --config \S+  \(or analyze, export\)",
 ]
+
+
+def _table(log: str) -> list[list[str]]:
+    """The leaderboard's rows without their trial ids (Tune draws new ones each run)."""
+    row = r"[0-9a-f]{8} +(DONE|STOPPED|FAILED) .*"
+    return [line.split()[1:] for line in log.splitlines() if re.fullmatch(row, line)]
 
 
 def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
@@ -97,6 +105,8 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     assert "\r" not in log
     lines = log.splitlines()
     assert len(lines) < 50, log
+    # The first lines come before Ray's start, not after 20 s of silence.
+    assert lines[:2] == ["sweep e2e: checking the config, data and stores", "starting a local Ray"]
     unknown = [line for line in lines if not any(re.fullmatch(p, line) for p in DEMO_LINES)]
     assert not unknown, log
     progress = [line for line in lines if re.fullmatch(PROGRESS_LINE, line)]
@@ -130,6 +140,8 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(best_run.info.run_id, "sae")}
     assert {"sae/cfg.json", "sae/sae.safetensors", "sae/firing_frequency.png"} <= artifacts
 
+    first = log
+
     # `best` on the config the demo saved, from another directory, as its last line says.
     saved = out / "config.yaml"
     assert f"next: sae-sweep best --config {saved}" in log
@@ -153,11 +165,22 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     over = cli(["sweep", "--overwrite", "--config", DEMO_CONFIG, *smaller])
     log, _ = over.communicate(timeout=600)
     assert over.returncode == 0, log
-    assert "--overwrite: deleted" in log and "sweep e2e: 2 trials (0 failed)" in log
+    assert "--overwrite: deleting sweep e2e's Tune state and SAEs in" in log
+    assert "sweep e2e: 2 trials (0 failed)" in log
     _, parents, kids = sweep_runs(f"sqlite:///{out / 'mlflow.db'}", "e2e")
     assert len(parents) == 1 and len(kids) == 2
     assert parents[0].data.params["tune.num_samples"] == "2"
     assert parents[0].data.tags["best.run_id"] in {k.info.run_id for k in kids}
+
+    # The same seed again: the same trials, results and best (two trials at once once let
+    # timing pick another best); the last demo's records are named before they are deleted.
+    again = cli(["demo", *args])
+    log2, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, log2
+    said = [line for line in log2.splitlines() if line.startswith("demo: replacing the last")]
+    assert len(said) == 3 and "Tune state and SAEs" in said[0], log2
+    assert log2.index(said[-1]) < log2.index("started ")
+    assert _table(log2) == _table(first), log2
 
 
 def test_trial_workers_load_no_plotting_library():
@@ -522,6 +545,11 @@ def test_diverged_trials_fail_once_with_their_step_and_the_sweep_goes_on(
         (["data.path=/nonexistent/images"], "data.path: '/nonexistent/images' does not exist"),
         (["train.val_fraction=0"], "train.val_fraction=0 leaves no validation rows"),
         (["train.device=cuda"], "train.device=cuda but tune.gpus_per_trial=0"),
+        (["train.epochs=0"], "train.epochs must be > 0 (got 0.0)"),
+        (["train.epochs=-1", "train.steps=100"], "train.epochs must be > 0 (got -1.0)"),
+        (["tune.show_top=0"], "tune.show_top (got 0): use a value > 0"),
+        (["tune.show_top=-1"], "tune.show_top (got -1): use a value > 0"),
+        (["train.diverged_fvu=0.5"], "train.diverged_fvu must be > 1"),
     ],
 )
 def test_invalid_configs_fail_before_any_compute(demo_assets, tmp_path, capsys, sets, message):
@@ -621,6 +649,7 @@ def test_an_interrupted_sweep_is_killed_not_finished_and_resume_goes_on(sig, dem
     log, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, log
     assert f"sweep {name}: 3 trials (0 failed)" in log
+    assert "WARNING" not in log  # Tune's "Failed to fetch metrics" for unreported trials
     assert f"Optuna dashboard: optuna-dashboard sqlite:///{out / 'optuna.db'}" in log
     client, (parent,), kids = sweep_runs(uri, name)
     assert parent.info.status == "FINISHED" and parent.data.tags["best.trial_id"]

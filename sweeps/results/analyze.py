@@ -20,7 +20,8 @@ from sweeps.activations.extract import absolute_paths, locate_cache
 from sweeps.activations.sources import index_source
 from sweeps.config import AnalyzeOptions, Config
 from sweeps.results import analysis, plots, report
-from sweeps.results.best import best_trials, trial_sae_dir
+from sweeps.results.best import sae_folder, trial_sae_dir, why_no_sae
+from sweeps.results.export import download_sae, get_run
 from sweeps.schema import NUMERIC_PARAMS, check_name
 from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord, TrialRun
@@ -70,7 +71,6 @@ class Analysis:
 
 def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: list[int]):
     """The SAE of --checkpoint, of --run-id, or of the sweep's best trial."""
-    uri = cfg.sweep.resolved_tracking_uri()
     if opts.checkpoint:
         sae_dir = Path(opts.checkpoint)
         # A trial's SAE sits in <trial id>/layers.<L> (sparsify's folder convention).
@@ -87,30 +87,27 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
                     f"layers {layers}: pass --layer"
                 )
             layer = layers[0]
-        return Target(sae_dir, layer, name, runs[0].info.run_id if runs else None)
-    if opts.run_id:
-        run = client.get_run(opts.run_id)
-    else:
-        saved = [r for r in best_trials(cfg, top=50) if r.sae_dir]
-        if not saved:
-            raise FileNotFoundError(
-                f"no trial of sweep {cfg.sweep.name!r} saved a final SAE: pass --run-id or "
-                "--checkpoint, or rerun the sweep"
+        if layer not in layers:
+            raise ValueError(
+                f"layer {layer} is not in the activation cache (layers {layers}): pass --layer "
+                "with one of them"
             )
-        run = client.get_run(saved[0].run_id)
+        return Target(sae_dir, layer, name, runs[0].info.run_id if runs else None)
+    run = get_run(cfg, opts.run_id)  # by default the best trial that finished, as `export`'s
     record = TrialRecord.from_run(TrialRun.from_mlflow(run))
     trial_id, layer = record.trial_id or run.info.run_id, record.layer
     found = trial_sae_dir(cfg, trial_id, layer)
+    if found is None and opts.run_id is None:  # never another trial in its place
+        raise FileNotFoundError(
+            f"the best trial {trial_id} of sweep {cfg.sweep.name!r} has no SAE to analyse: "
+            f"{why_no_sae(record.status, sae_folder(cfg, trial_id, layer))}; restore it, or pass "
+            f"--run-id {run.info.run_id} to analyse the copy its MLflow run keeps (`sae-sweep "
+            "best` lists the other trials)"
+        )
     if found and Path(found, "cfg.json").is_file():
         sae_dir = Path(found)
-    else:  # not on a local path (s3://): download
-        import mlflow.artifacts
-
-        sae_dir = Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run.info.run_id, artifact_path="sae", tracking_uri=uri
-            )
-        )
+    else:  # on a URI (s3://), or a --run-id whose folder is gone: the copy in MLflow
+        sae_dir = download_sae(cfg, run)
     return Target(sae_dir, layer, trial_id, run.info.run_id)
 
 
@@ -366,6 +363,7 @@ def write_latent_table(stats, label_names, path: Path) -> Path:
 
 def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     """Run the analysis; returns the HTML report's path."""
+    opts.validate()
     client = sweep_client(cfg.sweep)
     sweep = cfg.sweep
     parent = find_sweep_run(
@@ -380,6 +378,16 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
             f"SAE {target.sae_dir} reads d_in={sae.d_in} but the cache holds "
             f"d_model={manifest['d_model']}: analyse it with the config it was trained with"
         )
+    broken = [k for k, v in sae.state_dict().items() if not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(
+            f"SAE {target.sae_dir} holds non-finite weights (NaN or inf in {', '.join(broken)}): "
+            "its training diverged; analyse another trial (--run-id, as `sae-sweep best` lists "
+            "them)"
+        )
+    bad = [m for m in opts.latents if not 0 <= m < sae.num_latents]
+    if bad:
+        raise ValueError(f"latents {bad} do not exist: this SAE has 0..{sae.num_latents - 1}")
     name = target.name if opts.out else check_name(target.name, "trial_id (or pass --out)")
     out = Path(opts.out or Path(cfg.sweep.out_dir) / "analysis" / name)
     out.mkdir(parents=True, exist_ok=True)
@@ -398,9 +406,6 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
         **downstream(cfg, target, sae, source, pre, manifest, cache_dir, opts, stats.mean_TD),
     }
     latents = opts.latents or analysis.select_latents(stats, opts.criterion, opts.top_latents)
-    bad = [m for m in latents if not 0 <= m < sae.num_latents]
-    if bad:
-        raise ValueError(f"latents {bad} do not exist: this SAE has 0..{sae.num_latents - 1}")
     label_names = manifest.get("label_names")
     thumbs = write_thumbnails(stats, latents, source, cfg.data, pre, out / "thumbs")
 

@@ -10,15 +10,29 @@ from sweeps.schema import SEARCHED_PARAMS, SUMMARY_METRICS, final_name, final_sa
 from sweeps.tracking.records import TrialRecord, finished_trial_runs
 
 
+def sae_folder(cfg: Config, trial_id: str, layer: int) -> str:
+    """Where a trial's final SAE is written: `sae/<trial_id>/layers.<L>` under the sweep's
+    results."""
+    return final_sae_dir(storage.join(cfg.sweep.experiment_path(), "sae"), trial_id, layer)
+
+
 def trial_sae_dir(cfg: Config, trial_id: str, layer: int) -> str | None:
-    """A trial's final SAE: `sae/<trial_id>/layers.<L>`, or `sae/<trial_id>` itself where
-    sweeps wrote it before they followed sparsify's folder convention; None when there is
-    none (a trial stopped early)."""
-    root = storage.join(cfg.sweep.experiment_path(), "sae")
-    for path in (final_sae_dir(root, trial_id, layer), storage.join(root, trial_id)):
+    """A trial's final SAE: its `sae_folder`, or `sae/<trial_id>` itself where sweeps wrote it
+    before they followed sparsify's folder convention; None when there is none (a trial
+    stopped early, or its folder deleted)."""
+    folder = sae_folder(cfg, trial_id, layer)
+    for path in (folder, folder.rsplit("/", 1)[0]):
         if storage.exists(storage.join(path, "cfg.json")):
             return path
     return None
+
+
+def why_no_sae(status: str, folder: str = "") -> str:
+    """Why a trial of this status has no final SAE (`folder`: where a DONE trial wrote it)."""
+    if status == "DONE":
+        return f"its SAE folder {folder + ' ' if folder else ''}is missing (deleted or moved)"
+    reasons = {"STOPPED": "ASHA stopped it early", "FAILED": "it failed"}
+    return reasons.get(status, "it has not finished")
 
 
 def best_trials(cfg: Config, top: int = 5, finished_only: bool = True) -> list[TrialRecord]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow.artifacts
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
@@ -23,7 +24,7 @@ from sae import TopKSae
 from sae.saelens import save_saelens
 from sweeps.config import Config
 from sweeps.results.best import best_trials
-from sweeps.schema import format_value
+from sweeps.schema import check_model_name, format_value
 from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord, TrialRun
 
@@ -90,24 +91,44 @@ def get_run(cfg: Config, run_id: str | None) -> Run:
     return run
 
 
-def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
-    """Write the trial's SAE to `<out>/layers.<L>` in sparsify's and SAELens's layouts, with
-    a model card README.md; returns that folder."""
-    layer = record_of(run).layer
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            src = mlflow.artifacts.download_artifacts(
+def download_sae(cfg: Config, run: Run, dst: str | None = None) -> Path:
+    """The trial run's SAE artifact, downloaded into `dst` (default: a new temporary directory)
+    without MLflow's progress bar: library code prints nothing."""
+    bar = PROGRESS_BAR.get_raw()
+    PROGRESS_BAR.set("false")
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
                 run_id=run.info.run_id,
                 artifact_path="sae",
-                dst_path=tmp,
+                dst_path=dst,
                 tracking_uri=cfg.sweep.resolved_tracking_uri(),
             )
-        except (MlflowException, OSError) as e:
-            raise FileNotFoundError(
-                f"run {run.info.run_id} has no SAE artifact ({e}): pick a trial that finished"
-            ) from None
-        sae = TopKSae.load(src)
-    folder = save_saelens(sae, Path(out) / f"layers.{layer}", saelens_metadata(cfg, layer))
+        )
+    except (MlflowException, OSError) as e:
+        raise FileNotFoundError(
+            f"run {run.info.run_id} has no SAE artifact ({e}): pick a trial that finished"
+        ) from None
+    finally:
+        if bar is None:
+            PROGRESS_BAR.unset()
+        else:
+            PROGRESS_BAR.set(bar)
+
+
+def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
+    """Write the trial's SAE to `<out>/layers.<L>` in sparsify's and SAELens's layouts, with
+    a model card README.md; returns that folder. An existing folder is never overwritten."""
+    layer = record_of(run).layer
+    folder = Path(out) / f"layers.{layer}"
+    if folder.exists():
+        raise ValueError(
+            f"{folder} already exists (an earlier export?): choose another --out, or delete "
+            "that folder first"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        sae = TopKSae.load(download_sae(cfg, run, tmp))
+    save_saelens(sae, folder, saelens_metadata(cfg, layer))
     (folder / "README.md").write_text(model_card(cfg, run, sae))
     return folder
 
@@ -115,6 +136,7 @@ def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
 def register_run(cfg: Config, run: Run, name: str) -> ModelVersion:
     """Log the exported SAE folder to the trial's run and register it as a version of the
     registered model `name` (created when new), tagged with its sweep, trial and metrics."""
+    check_model_name(name)
     client = sweep_client(cfg.sweep)
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_run(cfg, run, tmp)
@@ -226,9 +248,15 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
     return "\n".join(lines)
 
 
+def sparsify_loads(activation: str) -> bool:
+    """Whether sparsify's SparseCoder loads an SAE of this activation: TopK only (it has no
+    thresholds)."""
+    return activation == "topk"
+
+
 def _loading(sae: TopKSae, folder: str) -> list[str]:
-    """The model card's encoder formula and loader snippets: sparsify only for TopK."""
-    topk = not (sae.cfg.thresholded or sae.cfg.jumprelu)
+    """The model card's encoder formula and loader snippets: sparsify only where it loads."""
+    topk = sparsify_loads(sae.cfg.activation)
     rule = (
         "relu(topk((x - b_dec) @ W_enc + b_enc))"
         if topk

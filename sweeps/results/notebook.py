@@ -16,7 +16,7 @@ import pandas as pd
 
 from sweeps import storage
 from sweeps.config import Config, load_config
-from sweeps.results.best import best_trials
+from sweeps.results.best import best_trials, why_no_sae
 from sweeps.schema import METRIC_KEYS, SEARCHED_PARAMS
 
 #: Trial runs read at most: MLflow's own limit on one search.
@@ -47,8 +47,8 @@ def load_sae(row: Mapping, device: str = "cpu"):
     sae_dir = row.get("sae_dir")
     if not isinstance(sae_dir, str) or not sae_dir:
         raise ValueError(
-            f"trial {row.get('trial_id')} ({row.get('status')}) has no final SAE: ASHA stopped "
-            "it early, it failed, or it has not finished; pick a row whose sae_dir is set"
+            f"trial {row.get('trial_id')} ({row.get('status')}) has no final SAE: "
+            f"{why_no_sae(row.get('status'))}; pick a row whose sae_dir is set"
         )
     if storage.is_uri(sae_dir):
         local = Path(tempfile.mkdtemp(prefix="sae-")) / Path(sae_dir).name
