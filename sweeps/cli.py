@@ -25,7 +25,9 @@ from sweeps.config import (
 )
 from sweeps.local_ray import start_local_ray
 from sweeps.progress import progress_bar
+from sweeps.redact import redact
 from sweeps.schema import check_model_name, check_name, leaderboard_url
+from sweeps.tracking.store import TrackingError
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 
@@ -60,6 +62,9 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
         # On resume Tune warns of each trial that had not written a result yet (no
         # result.json): expected after an interruption, and the sweep's own lines say more.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        # Tune's "callbacks.on_trial_result operation took 7 s": MLflow's logging, said by
+        # the sweep's own lines when it matters.
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)
@@ -91,7 +96,7 @@ def describe_error(e: Exception) -> str:
     if isinstance(e, OSError) and e.errno in OS_ADVICE:
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
         return f"{e.strerror}{': ' + where if where else ''} ({OS_ADVICE[e.errno]})"
-    text = " ".join(str(getattr(e, "message", None) or e).split())  # MlflowException's own
+    text = redact(" ".join(str(getattr(e, "message", None) or e).split()))  # MlflowException's
     kind = (
         "" if isinstance(e, (FileNotFoundError, ConnectionError, ValueError)) else type(e).__name__
     )
@@ -192,7 +197,7 @@ def optuna_dashboard_hint(url: str) -> str:
     """How to open the sweep's Optuna study in optuna-dashboard."""
     import importlib.util
 
-    line = f"Optuna dashboard: optuna-dashboard {url}"
+    line = f"Optuna dashboard: optuna-dashboard {redact(url)}"
     if importlib.util.find_spec("optuna_dashboard") is None:
         line += '  (install it: pip install optuna-dashboard, or the "dashboard" extra)'
     return line + "\n  then open http://127.0.0.1:8080"
@@ -201,7 +206,7 @@ def optuna_dashboard_hint(url: str) -> str:
 def mlflow_ui_hint(result, objectives: dict[str, str]) -> str:
     """How to open the sweep's leaderboard in the MLflow UI."""
     metric, mode = next(iter(objectives.items()))
-    uri = result.tracking_uri
+    uri = redact(result.tracking_uri)
     if uri.startswith("sqlite:"):
         url = leaderboard_url("http://127.0.0.1:5000", result.experiment_id, metric, mode)
         return f"MLflow UI: mlflow ui --backend-store-uri {uri}\n  then open {url}"
@@ -224,7 +229,7 @@ def _register(cfg, name: str, run_id: str | None) -> None:
     uri = f"models:/{name}/{version.version}"
     print(f"registered {uri} (trial {version.tags.get('trial_id')}, {version.source})")
     print(
-        f"  load it: mlflow.set_tracking_uri({cfg.sweep.resolved_tracking_uri()!r}); "
+        f"  load it: mlflow.set_tracking_uri({redact(cfg.sweep.resolved_tracking_uri())!r}); "
         f"TopKSae.load(mlflow.artifacts.download_artifacts({uri!r}))"
     )
 
@@ -232,7 +237,7 @@ def _register(cfg, name: str, run_id: str | None) -> None:
 def _resume_hint(argv: list[str]) -> str:
     """The command that continues an interrupted `sweep` or `resume`: the same arguments."""
     rest = [a for a in argv[1:] if a != "--overwrite"]
-    return "resume with: " + shlex.join(["sae-sweep", "resume", *rest])
+    return "resume with: " + redact(shlex.join(["sae-sweep", "resume", *rest]))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -472,7 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if args.debug:
             raise
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    except TrackingError as e:  # the tracking server stopped answering: the sweep's state kept
+        if args.debug:
+            raise
+        hint = f"; {args.interrupted}" if args.command in ("sweep", "resume", "demo") else ""
+        print(f"error: {redact(str(e))}{hint}", file=sys.stderr)
         return 2
     except Exception as e:  # a user's mistake or the environment's fault: one line, no traceback
         if args.debug:

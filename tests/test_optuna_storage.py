@@ -4,6 +4,7 @@ with nothing created in it."""
 
 from __future__ import annotations
 
+import pickle
 import sqlite3
 
 import optuna
@@ -104,3 +105,16 @@ def test_a_relative_sqlite_file_is_resolved_and_not_created_by_a_refused_config(
 def _tables(db) -> set[str]:
     with sqlite3.connect(db) as connection:
         return {r[0] for r in connection.execute("SELECT name FROM sqlite_master")}
+
+
+def test_the_storage_password_is_never_printed_or_pickled(sets, capsys):
+    url = "postgresql://alice:SECRET@127.0.0.1:9/optuna"
+    code = main(["sweep", "--config", DEMO_CONFIG, *sets, f"--set=sweep.optuna_storage={url}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "postgresql://alice:***@127.0.0.1:9/optuna" in err, err
+    assert "SECRET" not in err
+    # Tune pickles the searcher, and with it the copy, into the sweep's storage
+    copy = StudyCopy(url, "case", "/runs/a/case", ["val/fvu"])
+    frozen = pickle.dumps(copy)
+    assert b"SECRET" not in frozen
+    assert pickle.loads(frozen).url == url  # in the process that checked the storage

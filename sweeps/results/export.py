@@ -23,6 +23,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from sae import TopKSae
 from sae.saelens import save_saelens
 from sweeps.config import Config
+from sweeps.redact import redact
 from sweeps.results.best import best_trials
 from sweeps.schema import check_model_name, format_value
 from sweeps.tracking.client import sweep_client
@@ -50,7 +51,7 @@ DESCRIPTION = (
 def saelens_metadata(cfg: Config, layer: int) -> dict:
     """SAELens's metadata fields for an SAE on layer `layer` of cfg's CLIP vision model."""
     return {
-        "model_name": cfg.model.name_or_path,
+        "model_name": redact(cfg.model.name_or_path),
         "model_class_name": "CLIPVisionModel",
         # TransformerLens's name for the residual stream after block L, as SAELens uses it,
         # and the transformers module whose output that is (hidden_states[L + 1]).
@@ -60,7 +61,7 @@ def saelens_metadata(cfg: Config, layer: int) -> dict:
         # cls mode trains on token 0 of each image only; all mode on every token.
         "seqpos_slice": [0, 1] if cfg.extract.token_mode == "cls" else [None],
         "prepend_bos": False,
-        "dataset_path": cfg.data.path,
+        "dataset_path": redact(cfg.data.path),
     }
 
 
@@ -245,7 +246,7 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "",
         *_loading(sae, folder),
     ]
-    return "\n".join(lines)
+    return redact("\n".join(lines))  # a dataset or model given as a URI with a password
 
 
 def sparsify_loads(activation: str) -> bool:

@@ -32,6 +32,7 @@ from sae.trainer import total_steps
 from sweeps import signals, storage
 from sweeps.activations.extract import ExtractResult, extract
 from sweeps.config import Config, fixed_fields
+from sweeps.redact import redact
 from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, is_num
 from sweeps.search.data import layer_sources
 from sweeps.search.mlflow_callback import MlflowTrialCallback
@@ -42,6 +43,7 @@ from sweeps.space import SearchSpace
 from sweeps.tracking import runs as tracking
 from sweeps.tracking.client import mlflow_client
 from sweeps.tracking.records import TrialRecord
+from sweeps.tracking.store import TrackingError
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ class _OptunaSearch(OptunaSearch):
         try:
             write()
         except Exception as e:
-            logger.warning("Optuna storage %s: %s", self.study_copy.url, e)
+            logger.warning("Optuna storage %s: %s", redact(self.study_copy.url), redact(str(e)))
 
 
 def _scheduler(cfg: Config, max_steps: int) -> ASHAScheduler | None:
@@ -305,7 +307,12 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     # A resumed sweep whose driver died before Tune saved any state starts its trials afresh.
     restore = resume and tune.Tuner.can_restore(path)
     tuner = _tuner(cfg, space, _trainable(cfg, sources, fixed), max_steps, callbacks, restore)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except tune.TuneError as e:  # Tune hands on a callback's error as its traceback's text
+        if isinstance(e.__context__, TrackingError):
+            raise e.__context__ from None
+        raise
     for result in grid:  # finished or stopped early: no resume needs their training state
         if result.error is None and result.metrics.get("trial_id"):
             TrialState(storage.join(fixed.state_root, result.metrics["trial_id"])).delete()

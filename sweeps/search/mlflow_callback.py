@@ -4,6 +4,7 @@ and reopened instead of duplicated."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -12,16 +13,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import requests
 from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from ray import tune
 
 from sweeps import storage
+from sweeps.redact import hide, redact
 from sweeps.schema import METRIC_KEYS, child_filter, final_name, is_num, trial_label
 from sweeps.search.callback_state import LocalState
-from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.client import mlflow_client, tracking_failure
 from sweeps.tracking.runs import as_params, check_quotable, flatten, log_batch
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,11 @@ class MlflowTrialCallback(LocalState, tune.Callback):
     Each result's metrics are sent when Tune hands it over, so a driver that dies loses none
     that Tune recorded. A reopened run (retry, resume) skips points at steps it already holds:
     a trial that continues from an older checkpoint logs each step once.
+
+    A store that fails (a tracking server that stopped answering: MLflow's client gives up
+    within seconds to a minute, see tracking.client) ends the sweep: the hook raises a one-line
+    TrackingError, Tune stops, and its trials' state is kept for `resume`, which logs from
+    where they go on. Going on without MLflow would leave trials no record can be made of.
     """
 
     def __init__(
@@ -62,7 +71,7 @@ class MlflowTrialCallback(LocalState, tune.Callback):
     ):
         self.fixed_params = dict(fixed_params or {})
         self.plots = plots
-        self.tracking_uri = tracking_uri
+        self.tracking_uri = hide(tracking_uri)  # pickled into tuner.pkl: no password
         self.parent_run_id = parent_run_id
         self.metric_keys = tuple(metric_keys)
         self.step_key = step_key
@@ -70,6 +79,7 @@ class MlflowTrialCallback(LocalState, tune.Callback):
         self._reset()
 
     def _reset(self) -> None:
+        self._failed: Exception | None = None  # the store's failure, which ended the sweep
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._runs: dict[str, str] = {}  # trial_id -> run id of trials whose run is open
@@ -83,18 +93,36 @@ class MlflowTrialCallback(LocalState, tune.Callback):
             self._experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
         return self._client
 
+    @contextlib.contextmanager
+    def _tracking(self, doing: str):
+        """Around a hook's MLflow calls: a failure of the store becomes one TrackingError that
+        ends the sweep; a hook called after it raises it again at once."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            yield
+        except (MlflowException, requests.RequestException) as e:
+            self._failed = tracking_failure(self.tracking_uri, e, doing)
+            raise self._failed from None
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._open(trial)
+        with self._tracking(f"opening trial {trial.trial_id}'s run"):
+            self._open(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get(self.step_key, result["training_iteration"]))
-        self._log(trial, {k: result.get(k) for k in self.metric_keys}, step)
+        with self._tracking(f"logging trial {trial.trial_id}'s metrics"):
+            self._log(trial, {k: result.get(k) for k in self.metric_keys}, step)
         # Tune marks a result done only when a scheduler or stopper decided to stop the trial;
         # a trainable that returns on its own ends without such a result.
         if result.get("done"):
             self._stopped.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        with self._tracking(f"closing trial {trial.trial_id}'s run"):
+            self._complete(trial)
+
+    def _complete(self, trial) -> None:
         run_id = self._open(trial)
         last = trial.last_result
         step = int(last.get(self.step_key, last.get("training_iteration", 0)))
@@ -103,30 +131,36 @@ class MlflowTrialCallback(LocalState, tune.Callback):
         if trial.trial_id in self._stopped and not last.get(self.sae_dir_key):
             tags.append(RunTag("stopped_early", "true"))
         if last.get("error"):  # a trial that cannot run ends itself with its reason
-            tags.append(RunTag("error", str(last["error"])[:MAX_TAG_VAL_LENGTH]))
+            tags.append(RunTag("error", redact(str(last["error"]))[:MAX_TAG_VAL_LENGTH]))
         log_batch(self.client, run_id, tags=tags)
         self._log_sae_dir(trial, run_id)
         self._close(trial, "FAILED" if last.get("error") else "FINISHED")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # The trial restarts from its last checkpoint and keeps this run.
-        run_id = self._open(trial)
-        self.client.set_tag(run_id, "num_failures", str(trial.num_failures))
+        with self._tracking(f"reopening trial {trial.trial_id}'s run"):
+            run_id = self._open(trial)
+            self.client.set_tag(run_id, "num_failures", str(trial.num_failures))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._open(trial)
-        text = _read_error(trial)
+        text = redact(_read_error(trial))
         lines = text.strip().splitlines() or ["unknown error"]
-        self.client.log_text(run_id, text, "error.txt")
-        self.client.set_tag(run_id, "error", lines[-1][:MAX_TAG_VAL_LENGTH])
-        self._close(trial, "FAILED")
+        with self._tracking(f"closing failed trial {trial.trial_id}'s run"):
+            run_id = self._open(trial)
+            self.client.log_text(run_id, text, "error.txt")
+            self.client.set_tag(run_id, "error", lines[-1][:MAX_TAG_VAL_LENGTH])
+            self._close(trial, "FAILED")
 
     def on_experiment_end(self, trials, **info):
         # Trials still open here did not finish (Ctrl-C, a stopper's stop_all, a time budget).
         # KILLED, so no run stays RUNNING with nothing behind it; Tuner.restore reopens them.
-        for trial in trials:
-            if trial.trial_id in self._runs:
-                self._close(trial, "KILLED")
+        # Not after the store failed: the sweep ends on that error, and `resume` reopens them.
+        if self._failed is not None:
+            return
+        with self._tracking("closing the unfinished trials' runs"):
+            for trial in trials:
+                if trial.trial_id in self._runs:
+                    self._close(trial, "KILLED")
 
     def _open(self, trial) -> str:
         """The trial's run id: cached, found under the parent and reopened, or created."""

@@ -25,7 +25,7 @@ from optuna.storages import RDBStorage
 from optuna.study.study import _SYSTEM_ATTR_METRIC_NAMES as METRIC_NAMES_ATTR
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeps.redact import redact
+from sweeps.redact import hide, redact, unhide
 
 #: The user attribute of a copied trial that holds its Tune trial id.
 TRIAL_ID_ATTR = "trial_id"
@@ -58,6 +58,7 @@ def check_storage(url: str, study_name: str, owner: str) -> None:
     `study_name` in the storage at `url`: a reachable, writable database that is not MLflow's
     and holds no study of that name owned by another sweep (or by no sweep of this service).
     A ValueError names the problem."""
+    hide(url)  # so that a StudyCopy restored from Tune's pickle in this process finds it
     try:
         path = sqlite_path(url)
     except sqlalchemy.exc.ArgumentError as e:
@@ -156,11 +157,13 @@ class StudyCopy:
         self._copies: dict[str, int] = {}  # Tune's trial id -> trial id in the copy
 
     def __getstate__(self) -> dict:
-        keys = ("url", "study_name", "owner", "metric_names")
-        return {key: self.__dict__[key] for key in keys}
+        keys = ("study_name", "owner", "metric_names")
+        # Pickled into the sweep's storage with Tune's searcher: the URL without its password.
+        return {"url": hide(self.url)} | {key: self.__dict__[key] for key in keys}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.url = unhide(self.url)  # the driver checked (hid) the real URL before a resume
         self._reset()
 
     @property

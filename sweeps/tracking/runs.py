@@ -3,6 +3,10 @@
 The parent is found again on resume by its `sweep_id` tag, and a trial's run by its `trial_id`
 tag under the parent, so retries (FailureConfig) and Tuner.restore reopen runs instead of
 opening new ones.
+
+Params and tags are written with the passwords of the URIs in them hidden (sweeps.redact):
+`sweep.optuna_storage` or `sweep.tracking_uri` may hold credentials, and MLflow shows every
+param to everyone who can open the UI.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from sweeps.redact import redact, redact_values
 from sweeps.schema import (
     EVAL_KEYS,
     METRIC_KEYS,
@@ -37,7 +42,7 @@ from sweeps.schema import (
     pareto_front,
     trial_label,
 )
-from sweeps.tracking.client import mlflow_client
+from sweeps.tracking.client import mlflow_client, server_answers, server_lost
 from sweeps.tracking.store import TrackingError
 
 logger = logging.getLogger(__name__)
@@ -54,15 +59,16 @@ def start_sweep_run(
     """Create the sweep's parent run, or reopen the one tagged `sweep_id`; return its run id.
 
     `sweep_id` must stay the same across resumes (e.g. the Tune experiment's storage path).
-    Params are the flattened `config` plus `search_space.*`; logged only when the run is new,
-    since MLflow params cannot change. With a SQLite store, artifacts default to
-    `mlartifacts/` beside the database rather than the driver's working directory.
+    Params are the flattened `config` plus `search_space.*`, passwords hidden; logged only
+    when the run is new, since MLflow params cannot change. With a SQLite store, artifacts
+    default to `mlartifacts/` beside the database rather than the driver's working directory.
     """
     client = mlflow_client(tracking_uri)
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
     experiment_id = _experiment_id(client, experiment, artifact_location)
+    server_answers(tracking_uri)
     found = find_sweep_run(tracking_uri, experiment, sweep_id)
     if found:
         client.update_run(found.info.run_id, status="RUNNING")
@@ -119,16 +125,19 @@ def delete_sweep_runs(tracking_uri: str, parent) -> int:
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
+    """A short hash of `config` without its passwords: the tag must not let anyone who knows
+    the other params try passwords against it, and a new password is no new config."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    text = json.dumps(redact_values(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_changes(parent, config: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
     """The flattened config fields whose values differ from those the parent run recorded."""
     if parent.data.tags.get("config_hash") == config_hash(config):
         return []
-    recorded = parent.data.params
+    recorded = {k: redact(v) for k, v in parent.data.params.items()}  # logged in clear once
     now = {p.key: p.value for p in as_params(flatten(config))}
     keys = (set(now) | {k for k in recorded if not k.startswith("search_space.")}) - set(ignore)
     return sorted(k for k in keys if recorded.get(k) != now.get(k))
@@ -137,10 +146,17 @@ def config_changes(parent, config: Mapping[str, Any], ignore: Iterable[str] = ()
 def finish_sweep_run(
     tracking_uri: str, parent_run_id: str, status: str = "FINISHED", error: str = ""
 ) -> None:
-    """Close the parent run with `status` (FINISHED, FAILED or KILLED), tagging the error."""
+    """Close the parent run with `status` (FINISHED, FAILED or KILLED), tagging the error.
+
+    When the tracking server stopped answering, raises at once the TrackingError that says so
+    (tracking.client.server_lost), instead of waiting for the server again: the sweep ends on
+    it, and `resume` reopens the run. (Tune hands a callback's error on as a TuneError holding
+    its traceback's text; the driver's error path, which closes the run, raises this one.)"""
+    if (lost := server_lost(tracking_uri)) is not None:
+        raise lost
     client = mlflow_client(tracking_uri)
     if error:
-        client.set_tag(parent_run_id, "error", error[:MAX_TAG_VAL_LENGTH])
+        client.set_tag(parent_run_id, "error", redact(error)[:MAX_TAG_VAL_LENGTH])
     client.set_terminated(parent_run_id, status)
 
 
@@ -169,7 +185,10 @@ def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iter
 
 def close_open_trial_runs(tracking_uri: str, parent_run_id: str, reason: str) -> int:
     """Mark KILLED, with `reason` as their killed_reason tag, the trial runs still RUNNING
-    when the driver stops (interrupted); returns how many."""
+    when the driver stops (interrupted); returns how many. None when the tracking server
+    stopped answering (`resume` reopens them)."""
+    if server_lost(tracking_uri) is not None:
+        return 0
     client = mlflow_client(tracking_uri)
     running = child_runs(client, client.get_run(parent_run_id), "status = 'RUNNING'")
     for run in running:
@@ -228,7 +247,8 @@ def log_sweep_summary(
         }
         for t in front
     ]
-    client.log_text(parent_run_id, json.dumps(summary, indent=2, default=str), "pareto_front.json")
+    text = redact(json.dumps(summary, indent=2, default=str))
+    client.log_text(parent_run_id, text, "pareto_front.json")
     tags = {"pareto.size": len(front), "pareto.trial_ids": ",".join(t["trial_id"] for t in front)}
     log_batch(client, parent_run_id, tags=as_tags(tags))
     for t in front:
@@ -313,8 +333,9 @@ def _refuse_deleted(experiment, tracking_uri: str) -> None:
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {experiment.name!r} is deleted: restore it with "
-            f"`MLFLOW_TRACKING_URI={tracking_uri} mlflow experiments restore --experiment-id "
-            f"{experiment.experiment_id}`, or give the sweep another name (sweep.experiment)"
+            f"`MLFLOW_TRACKING_URI={redact(tracking_uri)} mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}`, or give the sweep another name "
+            "(sweep.experiment)"
         )
 
 
@@ -339,11 +360,13 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def as_params(d: Mapping[str, Any]) -> list[Param]:
-    return [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in d.items()]
+    """MLflow params of `d`'s values as strings, the passwords of the URIs in them hidden."""
+    return [Param(k, redact(str(v))[:MAX_PARAM_VAL_LENGTH]) for k, v in d.items()]
 
 
 def as_tags(d: Mapping[str, Any]) -> list[RunTag]:
-    return [RunTag(k, str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in d.items()]
+    """MLflow tags of `d`'s values as strings, the passwords of the URIs in them hidden."""
+    return [RunTag(k, redact(str(v))[:MAX_TAG_VAL_LENGTH]) for k, v in d.items()]
 
 
 def check_quotable(value: str) -> None:

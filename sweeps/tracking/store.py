@@ -8,9 +8,11 @@ import base64
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from sweeps.redact import redact
 from sweeps.schema import default_tracking_uri
 
 
@@ -24,8 +26,10 @@ def check_tracking_uri(uri: str, timeout_s: float = 30.0) -> None:
     Checks that an http(s) server answers MLflow's API (a refused connection fails at once;
     the timeout is for a server that is slow, as a loaded one queried through its database
     is, not for one that is down) and that a SQLite file's directory can be created;
-    other database and hosted schemes are left to MLflow.
+    other database and hosted schemes are left to MLflow. Messages show `uri` without its
+    password.
     """
+    shown = redact(uri)
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
         # MLflow's REST API itself, not any answer: another server on the port once passed.
@@ -48,25 +52,25 @@ def check_tracking_uri(uri: str, timeout_s: float = 30.0) -> None:
             answer = None
         if not isinstance(answer, dict):
             raise TrackingError(
-                f"{uri} answered MLflow's API with something other than MLflow's JSON: it is "
+                f"{shown} answered MLflow's API with something other than MLflow's JSON: it is "
                 "not an MLflow tracking server; fix sweep.tracking_uri"
             )
     elif scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
         if path == uri or path in ("", ":memory:"):
             raise TrackingError(
-                f"SQLite tracking URI {uri} names no database file: use sqlite:///<path>/mlflow.db"
+                f"SQLite tracking URI {shown} names no database file: use sqlite:///<path>/mlflow.db"
             )
         if Path(path).is_dir():
             raise TrackingError(
-                f"SQLite tracking URI {uri} names a directory, not a database file: use "
+                f"SQLite tracking URI {shown} names a directory, not a database file: use "
                 f"sqlite:///{Path(path) / 'mlflow.db'}"
             )
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TrackingError(
-                f"Cannot create the directory of the MLflow SQLite store {uri} ({e}). "
+                f"Cannot create the directory of the MLflow SQLite store {shown} ({e}). "
                 "Choose a writable output directory or another tracking URI."
             ) from None
     elif scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in (
@@ -74,7 +78,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 30.0) -> None:
         "1",
     ):
         raise TrackingError(
-            f"Tracking URI {uri} is a file store, which MLflow 3 refuses unless "
+            f"Tracking URI {shown} is a file store, which MLflow 3 refuses unless "
             "MLFLOW_ALLOW_FILE_STORE=true. Use a SQLite store instead, e.g. "
             f"{default_tracking_uri('.')}."
         )
@@ -83,18 +87,24 @@ def check_tracking_uri(uri: str, timeout_s: float = 30.0) -> None:
 def rest_call(
     uri: str, endpoint: str, body: dict | None = None, timeout_s: float = 30
 ) -> dict | None:
-    """One request to the tracking server's REST API, with MLflow's credentials from the
-    environment where they are set; None when what it asks for does not exist."""
+    """One request to the tracking server's REST API, with MLflow's credentials: the URI's own
+    (http://user:password@host, which MLflow's client sends as basic auth), else those of the
+    environment where they are set; None when what it asks for does not exist. Errors show the
+    URI without its password."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]  # urllib would read user:password@host as a host
     request = urllib.request.Request(
-        f"{uri.rstrip('/')}/api/2.0/mlflow/{endpoint}",
+        f"{parts._replace(netloc=host).geturl().rstrip('/')}/api/2.0/mlflow/{endpoint}",
         data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
-    user, password = (
-        os.environ.get("MLFLOW_TRACKING_USERNAME"),
-        os.environ.get("MLFLOW_TRACKING_PASSWORD"),
-    )
-    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if parts.username is not None:  # the URI's own, which win in MLflow's client too
+        user, password, token = parts.username, parts.password or "", None
+        user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
+    if token:
         request.add_header("Authorization", f"Bearer {token}")
     elif user and password:
         basic = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -107,11 +117,13 @@ def rest_call(
         if e.code == 404 and "RESOURCE_DOES_NOT_EXIST" in text:
             return None
         raise ConnectionError(
-            f"MLflow tracking server {uri} answered HTTP {e.code} to {endpoint}: {text[:300]}"
+            f"MLflow tracking server {redact(uri)} answered HTTP {e.code} to {endpoint}: "
+            f"{redact(text)[:300]}"
         ) from None
     except OSError as e:  # refused, unknown host, timed out
         raise ConnectionError(
-            f"MLflow tracking server {uri} is not reachable ({getattr(e, 'reason', e)}): start "
+            f"MLflow tracking server {redact(uri)} is not reachable "
+            f"({redact(str(getattr(e, 'reason', e)))}): start "
             "it, or point sweep.tracking_uri (or MLFLOW_TRACKING_URI) at the sweep's store"
         ) from None
 
