@@ -23,7 +23,7 @@ from sweeps.config import (
     load_configs,
     save_config,
 )
-from sweeps.local_ray import start_local_ray
+from sweeps.local_ray import join_ray, start_local_ray
 from sweeps.progress import progress_bar
 from sweeps.redact import redact
 from sweeps.schema import check_model_name, check_name, leaderboard_url
@@ -52,8 +52,6 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     whether it started one. Ray's INFO logs reach the console only with --verbose."""
     import logging
 
-    import ray
-
     quiet = {}
     if not verbose:
         quiet = {"logging_level": logging.ERROR}
@@ -68,7 +66,7 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)
-        ray.init(address=address, log_to_driver=verbose, **quiet)
+        join_ray(address, log_to_driver=verbose, **quiet)
         signals.catch()
         return False
     # Loopback only, with Ray's token: see sweeps/local_ray.py.
