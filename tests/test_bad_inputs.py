@@ -138,7 +138,7 @@ SET_CASES = [
     ("bad register name", ["sweep.register_as=a/b"], "sweep.register_as"),
     ("optuna storage not a URL", ["sweep.optuna_storage=optuna.db"], "sweep.optuna_storage"),
     ("optuna storage under a file", ["sweep.optuna_storage=sqlite:///{root}/afile/o.db"],
-     "sweep.optuna_storage: cannot open the Optuna storage"),
+     "sweep.optuna_storage: Optuna storage sqlite:///"),
     ("unknown optuna database", ["sweep.optuna_storage=nodb://x/y"], "sweep.optuna_storage"),
 ]  # fmt: skip
 

@@ -110,14 +110,14 @@ def check_sweep(cfg: Config, resume: bool = False, overwrite: bool = False) -> S
         tracking.check_experiment(cfg.sweep.resolved_tracking_uri(), cfg.sweep.experiment_name())
     except TrackingError as e:
         raise ConfigError(f"sweep.tracking_uri: {e}") from None
+    if url := cfg.sweep.resolved_optuna_storage():  # creating nothing
+        try:
+            study.check_storage(url, cfg.sweep.name, owner=cfg.sweep.experiment_path())
+        except ValueError as e:
+            raise ConfigError(f"sweep.optuna_storage: {e} (or set it to none)") from None
     lock = SweepLock(cfg)
     try:
         _check_sweep_records(cfg, resume, overwrite)
-        if url := cfg.sweep.resolved_optuna_storage():  # after the name: it creates nothing
-            try:
-                study.check_storage(url, cfg.sweep.name, owner=cfg.sweep.experiment_path())
-            except ValueError as e:
-                raise ConfigError(f"sweep.optuna_storage: {e} (or set it to none)") from None
     except BaseException:
         lock.release()
         raise
