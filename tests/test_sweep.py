@@ -76,6 +76,47 @@ DEMO_LINES = [
 ]
 
 
+class Listeners:
+    """Every listening socket of a process and its descendants, polled until `stop`."""
+
+    def __init__(self, pid: int):
+        self.names: set[str] = set()
+        self.off_loopback: set[str] = set()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(pid,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, pid: int) -> None:
+        import ipaddress
+
+        import psutil
+
+        while not self._done.is_set():
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for p in procs:
+                try:
+                    conns, name = p.net_connections(kind="inet"), p.name()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                for c in conns:
+                    if c.status != psutil.CONN_LISTEN:
+                        continue
+                    ip = ipaddress.ip_address(c.laddr.ip)
+                    ip = getattr(ip, "ipv4_mapped", None) or ip
+                    self.names.add(name)
+                    if not ip.is_loopback:
+                        self.off_loopback.add(f"{c.laddr.ip}:{c.laddr.port} {name}")
+            self._done.wait(0.5)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def _table(log: str) -> list[list[str]]:
     """The leaderboard's rows without their trial ids (Tune draws new ones each run)."""
     row = r"[0-9a-f]{8} +(DONE|STOPPED|FAILED) .*"
@@ -94,9 +135,14 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
         "tune.grace_period=40",
     )
     proc = cli(["demo", *args], bars=True)
+    listeners = Listeners(proc.pid)
     log, _ = proc.communicate(timeout=600)
+    listeners.stop()
     assert proc.returncode == 0, log
     assert "sweep e2e: 4 trials (0 failed)" in log
+    # Its local Ray (GCS, raylet, agents, the trials' workers) listened on loopback only.
+    assert {"gcs_server", "raylet"} <= listeners.names, listeners.names
+    assert not listeners.off_loopback, listeners.off_loopback
     assert "auxk_alpha" in log and "l0_coefficient" not in log  # no JumpReLU trial: no column
     assert "mlflow ui --backend-store-uri sqlite:///" in log
     assert f"Optuna dashboard: optuna-dashboard sqlite:///{out / 'optuna.db'}" in log
