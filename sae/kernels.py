@@ -1,10 +1,16 @@
-"""Fused TopK encoder and sparse decoder with hand-written backward passes.
+"""The training step's sparse kernels: a latent selection held as a fixed-size sparse matrix,
+an encoder and a decoder with hand-written backward passes over it.
 
 The one dense product a training step cannot avoid is the encoder matmul. Everything after it
-touches only the k (plus k_aux) selected latents of each row: the encoder's weight gradient is
-a sparse (M, B) x dense (B, d) product, the decoder is an embedding bag. Stock autograd would
-instead materialise dense (B, M) gradients, and sparsify's fused encoder builds a (B*k, d)
-tensor of per-row contributions; both cost more than the matmul we keep.
+touches only the selected latents: the encoder's weight gradient is a sparse (M, B) x dense
+(B, d) product, the decoder is an embedding bag. Stock autograd would instead materialise dense
+(B, M) gradients, and sparsify's fused encoder builds a (B*k, d) tensor of per-row
+contributions; both cost more than the matmul we keep.
+
+A training step never waits for the host: every selection has a size known before the data
+(k per row; k*B per batch; k_aux per row for AuxK, dead or not), nothing reads a tensor's
+value on the host, and the two sparse products are custom operators, opaque to
+torch.compile (which cannot trace sparse tensors) and capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import math
 import re
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,37 +31,82 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-def _scatter_t_mm(idx_BK: Tensor, vals_BK: Tensor, dense_BD: Tensor, num_latents: int) -> Tensor:
-    """S.T @ dense for the sparse (B, M) matrix S holding `vals_BK` at columns `idx_BK`.
+class Selection(NamedTuple):
+    """The selected latents of a batch: a sparse (B, M) matrix in CSR order (rows ascending,
+    latents ascending within each row)."""
 
-    Built as CSR over latents (rows of S.T), which multiplies faster than COO on CPU.
-    """
+    acts_N: Tensor
+    """Activation of each selected (row, latent); 0 where a selected latent is not positive."""
+    latents_N: Tensor
+    """Its latent."""
+    rows_N: Tensor
+    """Its row of the batch."""
+    offsets_B1: Tensor
+    """Where each row's entries start, then N: (B + 1,)."""
+
+
+def per_row(acts_BK: Tensor, idx_BK: Tensor) -> Selection:
+    """The selection of K latents in each row (padding zeros at distinct latents allowed)."""
     B, K = idx_BK.shape
-    flat = idx_BK.reshape(-1)
-    order = flat.argsort()
-    crow = torch.zeros(num_latents + 1, dtype=torch.int64, device=flat.device)
-    crow[1:] = torch.bincount(flat, minlength=num_latents).cumsum(0)
-    rows = torch.arange(B, device=flat.device).repeat_interleave(K)
+    idx_BK, order_BK = idx_BK.sort(dim=1)
+    rows_N = torch.arange(B, device=idx_BK.device).repeat_interleave(K)
+    offsets = torch.arange(0, B * K + 1, K, device=idx_BK.device)
+    return Selection(acts_BK.gather(1, order_BK).reshape(-1), idx_BK.reshape(-1), rows_N, offsets)
+
+
+def batch_top(pre_BM: Tensor, n: int) -> Selection:
+    """The n largest entries of the whole (B, M) matrix (BatchTopK's training rule)."""
+    B, M = pre_BM.shape
+    vals_N, flat_N = pre_BM.reshape(-1).topk(min(n, pre_BM.numel()), sorted=False)
+    flat_N, order_N = flat_N.sort()
+    rows_N = flat_N.div(M, rounding_mode="floor")
+    # Row starts by counting, not bincount: bincount's output size waits for the device.
+    counts = torch.zeros(B + 1, dtype=torch.int64, device=pre_BM.device)
+    counts.index_add_(0, rows_N + 1, torch.ones_like(rows_N))
+    return Selection(vals_N[order_N], flat_N - rows_N * M, rows_N, counts.cumsum(0))
+
+
+@torch.library.custom_op("clip_sae::transposed_mm", mutates_args=())
+def transposed_mm(
+    rows_N: Tensor, latents_N: Tensor, vals_N: Tensor, dense_BD: Tensor, num_latents: int
+) -> Tensor:
+    """S.T @ dense for the sparse (B, M) matrix S holding vals at (rows, latents): (M, d).
+
+    Built as CSR over latents (rows of S.T), which multiplies faster than COO on CPU."""
+    order_N = latents_N.argsort()
+    crow = torch.zeros(num_latents + 1, dtype=torch.int64, device=latents_N.device)
+    crow.index_add_(0, latents_N + 1, torch.ones_like(latents_N))
     S_t = torch.sparse_csr_tensor(
-        crow, rows[order], vals_BK.reshape(-1)[order], (num_latents, B), check_invariants=False
+        crow.cumsum(0),
+        rows_N[order_N],
+        vals_N[order_N],
+        (num_latents, dense_BD.shape[0]),
+        check_invariants=False,
     )
     return S_t @ dense_BD
 
 
-def _sampled_dots(idx_BK: Tensor, a_BD: Tensor, W_MD: Tensor) -> Tensor:
-    """<a_b, W[idx_bj]> for every selected (b, j), without gathering (B, K, D) rows."""
-    B, K = idx_BK.shape
-    sorted_BK, perm_BK = idx_BK.sort(dim=1)  # CSR wants sorted columns within a row
-    crow = torch.arange(0, B * K + 1, K, device=idx_BK.device)
+@transposed_mm.register_fake
+def _(rows_N, latents_N, vals_N, dense_BD, num_latents):
+    return dense_BD.new_empty(num_latents, dense_BD.shape[1])
+
+
+@torch.library.custom_op("clip_sae::sampled_dots", mutates_args=())
+def sampled_dots(offsets_B1: Tensor, latents_N: Tensor, a_BD: Tensor, W_MD: Tensor) -> Tensor:
+    """<a[row], W[latent]> for each entry of a CSR pattern, without gathering (N, d) rows."""
     pattern = torch.sparse_csr_tensor(
-        crow,
-        sorted_BK.reshape(-1),
-        a_BD.new_zeros(B * K),
-        (B, W_MD.shape[0]),
+        offsets_B1,
+        latents_N,
+        a_BD.new_zeros(len(latents_N)),
+        (a_BD.shape[0], W_MD.shape[0]),
         check_invariants=False,
     )
-    dots = torch.sparse.sampled_addmm(pattern, a_BD, W_MD.t(), beta=0.0).values().view(B, K)
-    return torch.empty_like(dots).scatter_(1, perm_BK, dots)
+    return torch.sparse.sampled_addmm(pattern, a_BD, W_MD.t(), beta=0.0).values()
+
+
+@sampled_dots.register_fake
+def _(offsets_B1, latents_N, a_BD, W_MD):
+    return a_BD.new_empty(len(latents_N))
 
 
 PREFILTER_MIN_MACS = 2**28
@@ -115,7 +167,8 @@ def bf16_matmul_faster(B: int, D: int, M: int) -> bool:
 def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor, exact: bool = False) -> bool:
     """Whether to pick TopK candidates with a bf16 matmul: where bf16 matmuls are faster than
     fp32 (see bf16_matmul_faster), since the encoder matmul is most of a CPU training step;
-    never when `exact` (TrainConfig.exact_topk).
+    never when `exact` (TrainConfig.exact_topk). Decided from shapes, dtypes and the device,
+    never from values.
 
     Only the choice of candidates (2k per row) uses bf16; their values, the activations and all
     gradients are exact fp32. A true top-k latent outside the bf16 top 2k would need a bf16
@@ -135,123 +188,92 @@ def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor, exact: bool = False) -> bool
     )
 
 
-class TopKEncode(torch.autograd.Function):
-    """relu(TopK((x - b_dec) @ W_enc.T + b_enc)), plus the AuxK selection among dead latents.
+def exact_pre(xc_BD: Tensor, W_enc_MD: Tensor, b_enc_M: Tensor, idx_BC: Tensor) -> Tensor:
+    """Exact fp32 pre-activations of the latents idx_BC (sorted within rows) of each row."""
+    sel = per_row(idx_BC.to(xc_BD.dtype), idx_BC)
+    dots = sampled_dots(sel.offsets_B1, sel.latents_N, xc_BD, W_enc_MD)
+    return dots.view(idx_BC.shape) + b_enc_M[idx_BC]
 
-    Returns (acts_BK, indices_BK, aux_acts_BA, aux_indices_BA). The AuxK outputs are empty
-    when `dead_M` is None. Gradients from both selections flow to W_enc, b_enc and b_dec:
-    sparsify's fused encoder drops the AuxK part (its backward ignores the pre-activations'
-    gradient), which leaves dead latents' encoder rows frozen.
-    """
 
-    @staticmethod
-    def forward(
-        ctx, x_BD, W_enc_MD, b_enc_M, b_dec_D, k: int, dead_M, k_aux: int, rule, threshold, exact
-    ):
-        xc_BD = x_BD - b_dec_D
-        # The batch and threshold rules need every pre-activation exactly: no prefilter.
-        prefilter = rule == "topk" and bf16_prefilter(xc_BD, W_enc_MD, exact)
-        if prefilter:
-            W_enc_lo = W_enc_MD.bfloat16()
-            pre_BM = torch.addmm(b_enc_M.bfloat16(), xc_BD.bfloat16(), W_enc_lo.t())
-        else:
-            pre_BM = torch.addmm(b_enc_M, xc_BD, W_enc_MD.t())
-
-        def select(cols, n):
-            """Top n of pre_BM (restricted to `cols`), as exact (values, latent indices)."""
-            scores = pre_BM if cols is None else pre_BM.index_select(1, cols)
-            if not prefilter:
-                vals, local = scores.topk(n, dim=1, sorted=False)
-                return vals, local if cols is None else cols[local]
-            # bf16 scores only choose candidates: twice as many as needed, rescored exactly.
-            cand = scores.topk(min(2 * n, scores.shape[1]), dim=1, sorted=False).indices
-            cand = cand if cols is None else cols[cand]
-            exact = _sampled_dots(cand, xc_BD, W_enc_MD) + b_enc_M[cand]
-            vals, local = exact.topk(n, dim=1, sorted=False)
-            return vals, cand.gather(1, local)
-
-        if rule == "topk":
-            # TopK then ReLU selects the same values as ReLU then TopK, on k instead of M columns.
-            acts_BK, idx_BK = select(None, k)
-        else:
-            # A cut over the whole matrix: the k*B-th largest value (batchtopk) or a fixed
-            # threshold. Rows keep different counts, padded to the widest row with zeros at
-            # real (distinct) latents, which decode to nothing and get no gradient.
-            if rule == "batchtopk":
-                n = min(k * pre_BM.shape[0], pre_BM.numel())
-                threshold = pre_BM.reshape(-1).topk(n, sorted=False).values.min()
-                keep_BM = pre_BM >= threshold
-            else:
-                keep_BM = pre_BM > threshold
-            width = max(int(keep_BM.sum(1).max()), 1)
-            # Per-latent thresholds keep latents that need not be a row's largest values.
-            kept_BM = pre_BM.masked_fill(~keep_BM, -math.inf)
-            _, idx_BK = kept_BM.topk(width, dim=1, sorted=False)
-            acts_BK = torch.where(keep_BM.gather(1, idx_BK), pre_BM.gather(1, idx_BK), 0)
-        acts_BK = acts_BK.relu_()
-        if dead_M is not None and k_aux > 0 and not prefilter and xc_BD.device.type != "cpu":
-            # On a GPU, nonzero() would wait for the device; masking the live latents does
-            # not. The caller keeps k_aux <= the dead count, so every pick is a dead latent.
-            live = pre_BM.masked_fill(~dead_M, -math.inf)
-            aux_acts_BA, aux_idx_BA = live.topk(k_aux, dim=1, sorted=False)
-            aux_acts_BA = aux_acts_BA.relu_()
-        elif dead_M is not None and k_aux > 0:
-            aux_acts_BA, aux_idx_BA = select(dead_M.nonzero().squeeze(1), k_aux)
-            aux_acts_BA = aux_acts_BA.relu_()
-        else:
-            aux_acts_BA = xc_BD.new_empty(x_BD.shape[0], 0)
-            aux_idx_BA = idx_BK.new_empty(x_BD.shape[0], 0)
-        ctx.save_for_backward(xc_BD, W_enc_MD, idx_BK, acts_BK, aux_idx_BA, aux_acts_BA)
-        ctx.mark_non_differentiable(idx_BK, aux_idx_BA)
-        return acts_BK, idx_BK, aux_acts_BA, aux_idx_BA
+class Encode(torch.autograd.Function):
+    """The selected pre-activations (given, computed without autograd), with their gradient
+    to x, W_enc, b_enc and b_dec: pre = (x - b_dec) @ W_enc.T + b_enc at each selected
+    (row, latent). Only positive activations pass a gradient (the ReLU)."""
 
     @staticmethod
-    def backward(ctx, g_acts_BK, _g_idx, g_aux_BA, _g_aux_idx):
-        xc_BD, W_enc_MD, idx_BK, acts_BK, aux_idx_BA, aux_acts_BA = ctx.saved_tensors
-        # Gradient w.r.t. the pre-activations, only where something was selected and positive.
-        g_BK = g_acts_BK * (acts_BK > 0)
-        if aux_idx_BA.shape[1] > 0 and g_aux_BA is not None:
-            g_BK = torch.cat([g_BK, g_aux_BA * (aux_acts_BA > 0)], dim=1)
-            idx_BK = torch.cat([idx_BK, aux_idx_BA], dim=1)
-        g_BK = g_BK.to(W_enc_MD.dtype)
+    def forward(ctx, acts_N, x_BD, W_enc_MD, b_enc_M, b_dec_D, latents_N, rows_N, offsets_B1):
+        ctx.save_for_backward(acts_N, x_BD, W_enc_MD, b_dec_D, latents_N, rows_N, offsets_B1)
+        return acts_N.clone()
+
+    @staticmethod
+    def backward(ctx, g_N):
+        acts_N, x_BD, W_enc_MD, b_dec_D, latents_N, rows_N, offsets_B1 = ctx.saved_tensors
+        g_N = (g_N * (acts_N > 0)).to(W_enc_MD.dtype)
         M = W_enc_MD.shape[0]
         g_x = g_W = g_b_enc = g_b_dec = None
-        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
+        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[1:5]
         if need_W:
-            g_W = _scatter_t_mm(idx_BK, g_BK, xc_BD.to(W_enc_MD.dtype), M)
+            xc_BD = (x_BD - b_dec_D).to(W_enc_MD.dtype)
+            g_W = transposed_mm(rows_N, latents_N, g_N, xc_BD, M)
         if need_b_enc or need_b_dec:
-            g_pre_M = torch.zeros(M, dtype=g_BK.dtype, device=g_BK.device)
-            g_pre_M.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+            g_pre_M = torch.zeros(M, dtype=g_N.dtype, device=g_N.device)
+            g_pre_M.index_add_(0, latents_N, g_N)
             g_b_enc = g_pre_M if need_b_enc else None
             # d/d b_dec of sum_bj g_bj W_enc[j] . (x_b - b_dec) = -(sum_b g_b) @ W_enc
             g_b_dec = -(g_pre_M @ W_enc_MD) if need_b_dec else None
         if need_x:
-            g_x = F.embedding_bag(idx_BK, W_enc_MD, per_sample_weights=g_BK, mode="sum")
-        return g_x, g_W, g_b_enc, g_b_dec, None, None, None, None, None, None
+            g_x = F.embedding_bag(
+                latents_N,
+                W_enc_MD,
+                offsets_B1,
+                mode="sum",
+                per_sample_weights=g_N,
+                include_last_offset=True,
+            )
+        return None, g_x, g_W, g_b_enc, g_b_dec, None, None, None
 
 
-class SparseDecode(torch.autograd.Function):
-    """sum_j acts[b, j] * W_dec[indices[b, j]]: an embedding bag with a sparse backward."""
+def encode(sel: Selection, x_BD, W_enc_MD, b_enc_M, b_dec_D) -> Tensor:
+    """sel.acts_N with gradients to the encoder's inputs and parameters."""
+    return Encode.apply(
+        sel.acts_N, x_BD, W_enc_MD, b_enc_M, b_dec_D, sel.latents_N, sel.rows_N, sel.offsets_B1
+    )
+
+
+class Decode(torch.autograd.Function):
+    """Row b of the output: sum of acts * W_dec[latent] over the row's entries (an embedding
+    bag), with a sparse backward."""
 
     @staticmethod
-    def forward(ctx, acts_BK, idx_BK, W_dec_MD):
-        ctx.save_for_backward(acts_BK, idx_BK, W_dec_MD)
+    def forward(ctx, acts_N, W_dec_MD, latents_N, rows_N, offsets_B1):
+        ctx.save_for_backward(acts_N, W_dec_MD, latents_N, rows_N, offsets_B1)
         return F.embedding_bag(
-            idx_BK, W_dec_MD, per_sample_weights=acts_BK.to(W_dec_MD.dtype), mode="sum"
+            latents_N,
+            W_dec_MD,
+            offsets_B1,
+            mode="sum",
+            per_sample_weights=acts_N.to(W_dec_MD.dtype),
+            include_last_offset=True,
         )
 
     @staticmethod
     def backward(ctx, g_out_BD):
-        acts_BK, idx_BK, W_dec_MD = ctx.saved_tensors
+        acts_N, W_dec_MD, latents_N, rows_N, offsets_B1 = ctx.saved_tensors
+        g_out_BD = g_out_BD.to(W_dec_MD.dtype)
         g_acts = g_W = None
         if ctx.needs_input_grad[0]:
-            g_acts = _sampled_dots(idx_BK, g_out_BD.to(W_dec_MD.dtype), W_dec_MD)
-            g_acts = g_acts.to(acts_BK.dtype)
-        if ctx.needs_input_grad[2]:
-            g_W = _scatter_t_mm(
-                idx_BK, acts_BK.to(W_dec_MD.dtype), g_out_BD.to(W_dec_MD.dtype), W_dec_MD.shape[0]
+            g_acts = sampled_dots(offsets_B1, latents_N, g_out_BD, W_dec_MD).to(acts_N.dtype)
+        if ctx.needs_input_grad[1]:
+            g_W = transposed_mm(
+                rows_N, latents_N, acts_N.to(W_dec_MD.dtype), g_out_BD, W_dec_MD.shape[0]
             )
-        return g_acts, None, g_W
+        return g_acts, g_W, None, None, None
+
+
+def decode(sel: Selection, W_dec_MD: Tensor, acts_N: Tensor | None = None) -> Tensor:
+    """(B, d) reconstruction from the selection (or from other activations at its entries)."""
+    acts_N = sel.acts_N if acts_N is None else acts_N
+    return Decode.apply(acts_N, W_dec_MD, sel.latents_N, sel.rows_N, sel.offsets_B1)
 
 
 class JumpReLU(torch.autograd.Function):
@@ -289,28 +311,3 @@ class JumpReLU(torch.autograd.Function):
 def jumprelu(pre_BM, threshold_M, bandwidth):
     """(acts_BM, fires_BM) of JumpReLU with straight-through threshold gradients."""
     return JumpReLU.apply(pre_BM, threshold_M, bandwidth)
-
-
-def topk_encode(
-    x_BD,
-    W_enc_MD,
-    b_enc_M,
-    b_dec_D,
-    k,
-    dead_M=None,
-    k_aux=0,
-    rule="topk",
-    threshold=0.0,
-    exact=False,
-):
-    """rule: "topk" (k per row), "batchtopk" (k * B over the batch) or "threshold" (every
-    pre-activation above `threshold`, a number or one per latent, (M,)). The last two return
-    rows padded with zeros.
-    `exact`: select from the fp32 matmul even where bf16_prefilter would pick candidates."""
-    return TopKEncode.apply(
-        x_BD, W_enc_MD, b_enc_M, b_dec_D, k, dead_M, k_aux, rule, threshold, exact
-    )
-
-
-def sparse_decode(acts_BK, idx_BK, W_dec_MD):
-    return SparseDecode.apply(acts_BK, idx_BK, W_dec_MD)

@@ -9,6 +9,7 @@ pre-activation exceeds it. A JumpReLU SAE's `threshold` holds one learnt thresho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -18,8 +19,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import kernels
 from .config import SaeConfig, from_dict
-from .kernels import jumprelu, sparse_decode, topk_encode
+from .kernels import (
+    Selection,
+    batch_top,
+    decode,
+    encode,
+    exact_pre,
+    jumprelu,
+    per_row,
+)
 
 THRESHOLD_LR = 0.01
 """BatchTopK: weight of each training batch in the running average of the inference
@@ -36,9 +46,11 @@ class ForwardOutput(NamedTuple):
     sae_out: Tensor
     """Reconstruction of the input."""
     latent_acts: Tensor
-    """Activations of the selected latents, (B, k); BatchTopK: (B, widest row), zero-padded."""
+    """Activations of the selected latents: (B, k) for TopK; (B, widest row), zero-padded,
+    for a threshold; the batch rule (training BatchTopK) selects k*B over the whole batch:
+    flat, (k*B,), rows in latent_rows; JumpReLU in training: dense, (B, M)."""
     latent_indices: Tensor
-    """Indices of the selected latents, same shape."""
+    """Indices of the selected latents, the same shape."""
     fvu: Tensor
     """Fraction of variance unexplained on this batch."""
     auxk_loss: Tensor
@@ -49,6 +61,50 @@ class ForwardOutput(NamedTuple):
     l0_loss: Tensor
     """JumpReLU: (L0 / k - 1)^2 with the batch's mean L0 counted straight-through, which
     TrainConfig.l0_coefficient weighs in the loss (0 for the other activations)."""
+    fired_M: Tensor
+    """Which latents fired (a positive activation) on some row of the batch, (M,) bool."""
+    latent_rows: Tensor | None = None
+    """The batch rule: the row of each selected latent; None for the other layouts."""
+
+    def dense_latents(self, num_latents: int) -> Tensor:
+        """The activations as a dense (B, M) matrix, whatever the layout."""
+        out_BM = self.latent_acts.new_zeros(len(self.sae_out), num_latents)
+        if self.latent_rows is None:
+            return out_BM.scatter_(1, self.latent_indices, self.latent_acts)
+        return out_BM.index_put_((self.latent_rows, self.latent_indices), self.latent_acts)
+
+
+def _top_per_row(pre_BM: Tensor, n: int, mask_M: Tensor | None = None, rescore=None) -> Selection:
+    """The n largest pre-activations of each row (among the latents of mask_M), ReLU applied:
+    latents masked out that fill a row get 0. `rescore(idx_BC)` gives exact values where
+    pre_BM is a bf16 estimate: its top 2n are the candidates."""
+    scores_BM = pre_BM if mask_M is None else pre_BM.masked_fill(~mask_M, -math.inf)
+    if rescore is None:
+        vals_BK, idx_BK = scores_BM.topk(n, dim=1, sorted=False)
+    else:
+        cand_BC = scores_BM.topk(min(2 * n, pre_BM.shape[1]), dim=1, sorted=False).indices
+        cand_BC = cand_BC.sort(dim=1).values
+        exact_BC = rescore(cand_BC)
+        if mask_M is not None:
+            exact_BC = exact_BC.masked_fill(~mask_M[cand_BC], -math.inf)
+        vals_BK, local_BK = exact_BC.topk(n, dim=1, sorted=False)
+        idx_BK = cand_BC.gather(1, local_BK)
+    return per_row(vals_BK.relu(), idx_BK)
+
+
+def _over_threshold(pre_BM: Tensor, keep_BM: Tensor) -> Selection:
+    """The kept pre-activations, rows padded to the widest with zeros at real, distinct
+    latents (which decode to nothing). Its width is read on the host: inference only."""
+    width = max(int(keep_BM.sum(1).max()), 1)
+    # Per-latent thresholds keep latents that need not be a row's largest values.
+    _, idx_BK = pre_BM.masked_fill(~keep_BM, -math.inf).topk(width, dim=1, sorted=False)
+    acts_BK = torch.where(keep_BM.gather(1, idx_BK), pre_BM.gather(1, idx_BK), 0)
+    return per_row(acts_BK.relu(), idx_BK)
+
+
+def _fired(sel: Selection, num_latents: int) -> Tensor:
+    hits_M = torch.zeros(num_latents, device=sel.acts_N.device)
+    return hits_M.index_add_(0, sel.latents_N, (sel.acts_N > 0).float()) > 0
 
 
 class TopKSae(nn.Module):
@@ -77,45 +133,76 @@ class TopKSae(nn.Module):
     def device(self) -> torch.device:
         return self.encoder.weight.device
 
+    @property
+    def k_aux(self) -> int:
+        """Latents the AuxK loss selects per row, dead or not (Gao et al. appendix B.1: d/2).
+        Fixed, so the step's shapes do not depend on how many latents are dead."""
+        return min(self.d_in // 2, self.num_latents)
+
     def _check_width(self, x_BD: Tensor) -> None:
         if x_BD.shape[-1] != self.d_in:
             raise ValueError(
                 f"input has d_in={x_BD.shape[-1]} but this SAE was built for d_in={self.d_in}"
             )
 
-    def _rule(self, batch_topk: bool) -> tuple[str, float | Tensor]:
-        if self.cfg.jumprelu:
-            return "threshold", self.threshold.detach()
-        if not self.cfg.thresholded:
-            return "topk", 0.0
-        return ("batchtopk", 0.0) if batch_topk else ("threshold", float(self.threshold))
-
     def pre_activations(self, x_BD: Tensor) -> Tensor:
         """(x - b_dec) @ W_enc.T + b_enc for every latent, (B, M): dense, with autograd."""
         return torch.addmm(self.encoder.bias, x_BD - self.b_dec, self.encoder.weight.t())
 
+    @torch.no_grad()
+    def _select(
+        self, x_BD: Tensor, batch_topk: bool, exact: bool, dead_M: Tensor | None
+    ) -> tuple[Selection, Selection | None]:
+        """The latents the rule selects, and the AuxK selection among dead_M, without
+        autograd. TopK may pick candidates with a bf16 matmul (kernels.bf16_prefilter)."""
+        W_MD, b_M = self.encoder.weight, self.encoder.bias
+        xc_BD = x_BD - self.b_dec
+        B = len(x_BD)
+        cfg = self.cfg
+        rule = "batch" if cfg.thresholded and batch_topk else "topk"
+        if cfg.jumprelu or (cfg.thresholded and not batch_topk):
+            rule = "threshold"
+        rescore = None
+        if rule == "topk" and kernels.bf16_prefilter(xc_BD, W_MD, exact):
+            pre_BM = torch.addmm(b_M.bfloat16(), xc_BD.bfloat16(), W_MD.bfloat16().t())
+            rescore = functools.partial(exact_pre, xc_BD, W_MD, b_M)
+        else:
+            pre_BM = torch.addmm(b_M, xc_BD, W_MD.t())
+        if rule == "topk":
+            sel = _top_per_row(pre_BM, cfg.k, rescore=rescore)
+        elif rule == "batch":
+            sel = batch_top(pre_BM, cfg.k * B)
+            sel = sel._replace(acts_N=sel.acts_N.relu())
+        else:
+            sel = _over_threshold(pre_BM, pre_BM > self.threshold)
+        aux = None
+        if dead_M is not None:
+            aux = _top_per_row(pre_BM, self.k_aux, mask_M=dead_M, rescore=rescore)
+        return sel, aux
+
     def encode(
         self, x_BD: Tensor, *, batch_topk: bool = False, exact: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """Activations and indices of the selected latents, each (B, k) for TopK.
-        BatchTopK selects by its threshold, or with batch_topk=True the top k*B of the batch.
+        """Activations and indices of the selected latents, each (B, k) for TopK; with a
+        threshold (BatchTopK at inference, JumpReLU) rows are padded to the widest with zeros.
+        With batch_topk=True BatchTopK selects the top k*B of the batch (padded alike).
         `exact`: never pick candidates with a bf16 matmul (TrainConfig.exact_topk)."""
         self._check_width(x_BD)
-        rule, threshold = self._rule(batch_topk)
-        acts_BK, idx_BK, _, _ = topk_encode(
-            x_BD,
-            self.encoder.weight,
-            self.encoder.bias,
-            self.b_dec,
-            self.cfg.k,
-            rule=rule,
-            threshold=threshold,
-            exact=exact,
-        )
-        return acts_BK, idx_BK
+        if batch_topk and self.cfg.thresholded:
+            with torch.no_grad():
+                pre_BM = self.pre_activations(x_BD)
+                cut = batch_top(pre_BM, self.cfg.k * len(x_BD)).acts_N.min()
+                sel = _over_threshold(pre_BM, pre_BM >= cut)
+        else:
+            sel, _ = self._select(x_BD, batch_topk=False, exact=exact, dead_M=None)
+        acts_N = encode(sel, x_BD, self.encoder.weight, self.encoder.bias, self.b_dec)
+        width = len(sel.acts_N) // len(x_BD)
+        return acts_N.view(len(x_BD), width), sel.latents_N.view(len(x_BD), width)
 
     def decode(self, acts_BK: Tensor, idx_BK: Tensor) -> Tensor:
-        return sparse_decode(acts_BK, idx_BK, self.W_dec) + self.b_dec
+        """The reconstruction from K latents per row (as `encode` gives them)."""
+        sel = per_row(acts_BK, idx_BK)
+        return decode(sel, self.W_dec) + self.b_dec
 
     def forward(
         self,
@@ -128,72 +215,70 @@ class TopKSae(nn.Module):
     ) -> ForwardOutput:
         """Encode, decode and score x. `dead_mask` (M,) bool turns on the AuxK loss;
         `batch_topk` selects BatchTopK's training rule (top k*B of the batch); `exact` as in
-        `encode`."""
+        `encode`. With the TopK or batch rule nothing here waits for the device."""
         self._check_width(x_BD)
-        rule, threshold = self._rule(batch_topk)
-        num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
-        # Gao et al. appendix B.1: k_aux = d/2, capped at the dead count; loss scaled down
-        # when there are few dead latents.
-        k_aux = min(self.d_in // 2, num_dead)
+        M = self.num_latents
+        params = (self.encoder.weight, self.encoder.bias, self.b_dec)
         if self.cfg.jumprelu:
             # Dense: the thresholds' gradient needs the pre-activations near them, which a
             # sparse selection would not keep.
             pre_BM = self.pre_activations(x_BD)
             acts_BM, fires_BM = jumprelu(pre_BM, self.threshold, self.cfg.jumprelu_bandwidth)
             sae_out = acts_BM @ self.W_dec + self.b_dec
-            width = max(int(fires_BM.sum(1).max()), 1)
-            acts_BK, idx_BK = acts_BM.detach().topk(width, dim=1, sorted=False)
             l0_loss = (fires_BM.sum(1).mean() / self.cfg.k - 1).pow(2)
-            if k_aux > 0:
-                aux_acts, aux_idx = pre_BM.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=1)
-                aux_acts = aux_acts.relu()
+            latent_acts, latent_indices = acts_BM.detach(), torch.arange(M, device=x_BD.device)
+            latent_indices, rows = latent_indices.expand(len(x_BD), M), None
+            fired_M = fires_BM.detach().any(0)
+            aux = None
+            if dead_mask is not None:
+                aux = _top_per_row(pre_BM.detach(), self.k_aux, mask_M=dead_mask)
+                picked_N = pre_BM[aux.rows_N, aux.latents_N]
+                aux = aux._replace(acts_N=torch.where(aux.acts_N > 0, picked_N, 0))
         else:
-            acts_BK, idx_BK, aux_acts, aux_idx = topk_encode(
-                x_BD,
-                self.encoder.weight,
-                self.encoder.bias,
-                self.b_dec,
-                self.cfg.k,
-                dead_mask if k_aux > 0 else None,
-                k_aux,
-                rule,
-                threshold,
-                exact,
-            )
-            sae_out = self.decode(acts_BK, idx_BK)
+            sel, aux = self._select(x_BD, batch_topk, exact, dead_mask)
+            sel = sel._replace(acts_N=encode(sel, x_BD, *params[:2], self.b_dec))
+            if aux is not None:
+                aux = aux._replace(acts_N=encode(aux, x_BD, *params[:2], self.b_dec))
+            sae_out = decode(sel, self.W_dec) + self.b_dec
             l0_loss = sae_out.new_zeros(())
+            fired_M = _fired(sel, M)
+            flat = self.cfg.thresholded and batch_topk
+            rows = sel.rows_N if flat else None
+            shape = (-1,) if flat else (len(x_BD), -1)
+            latent_acts, latent_indices = sel.acts_N.view(shape), sel.latents_N.view(shape)
         e_BD = x_BD - sae_out
         if total_variance is None:
             total_variance = (x_BD - x_BD.mean(0)).pow(2).sum()
         fvu = e_BD.pow(2).sum() / total_variance
-        if k_aux > 0:
+        if aux is not None:
             # Dead latents learn to predict the main reconstruction's residual (no b_dec:
-            # the residual already accounts for it).
-            e_hat = sparse_decode(aux_acts, aux_idx, self.W_dec)
-            scale = min(num_dead / (self.d_in // 2), 1.0)
+            # the residual already accounts for it). Gao et al.: the loss is scaled down
+            # when fewer than d/2 latents are dead, and is 0 when none is.
+            e_hat = decode(aux, self.W_dec)
+            scale = (dead_mask.sum() / (self.d_in // 2)).clamp(max=1)
             auxk_loss = scale * (e_hat - e_BD.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu.new_zeros(())
         inner_fvu = fvu.new_zeros(())
-        for width in self.cfg.matryoshka_widths(self.num_latents):
+        for width in self.cfg.matryoshka_widths(M):
             # the level's own latents: the first `width`, their activations as the batch chose
-            inner_BK = torch.where(idx_BK < width, acts_BK, 0)
-            e_inner = x_BD - self.decode(inner_BK, idx_BK)
+            inner_N = torch.where(sel.latents_N < width, sel.acts_N, 0)
+            e_inner = x_BD - (decode(sel, self.W_dec, inner_N) + self.b_dec)
             inner_fvu = inner_fvu + e_inner.pow(2).sum() / total_variance
-        return ForwardOutput(sae_out, acts_BK, idx_BK, fvu, auxk_loss, inner_fvu, l0_loss)
+        return ForwardOutput(
+            sae_out, latent_acts, latent_indices, fvu, auxk_loss, inner_fvu, l0_loss, fired_M, rows
+        )
 
     @torch.no_grad()
-    def update_threshold(self, acts_BK: Tensor) -> None:
+    def update_threshold(self, acts: Tensor) -> None:
         """BatchTopK: move the inference threshold towards the smallest positive activation
-        the batch rule kept (Bussmann et al.); the first batch sets it."""
-        positive = acts_BK[acts_BK > 0]
-        if len(positive) == 0:
-            return
-        smallest = positive.min().to(self.threshold.dtype)
-        if self.threshold == 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.lerp_(smallest, THRESHOLD_LR)
+        the batch rule kept (Bussmann et al.); the first batch sets it. On the device: no
+        value is read on the host."""
+        smallest = torch.where(acts > 0, acts, math.inf).min().to(self.threshold.dtype)
+        moved = torch.where(
+            self.threshold == 0, smallest, self.threshold.lerp(smallest, THRESHOLD_LR)
+        )
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
 
     @torch.no_grad()
     def input_scale_folded(self, scale: float) -> TopKSae:

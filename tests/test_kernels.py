@@ -37,7 +37,7 @@ def test_forward_and_gradients_match_dense_reference():
     out = sae(x)
     ref_loss, ref_fvu, _, z = dense_forward(x, *params, k=4)
     torch.testing.assert_close(out.fvu, ref_fvu)
-    dense_z = torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts)
+    dense_z = out.dense_latents(z.shape[1])
     torch.testing.assert_close(dense_z, z)
     for ours, ref in zip(_grads(out.fvu, params), _grads(ref_loss, params)):
         torch.testing.assert_close(ours, ref)
@@ -115,7 +115,7 @@ def test_float32_cpu_selection_matches_dense_reference(prefilter_spy, exact):
     params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec]
     out = sae(x, dead_mask=dead, exact=exact)
     ref_loss, ref_fvu, ref_aux, z = dense_forward(x, *params, k=8, dead_mask=dead, auxk_alpha=0.5)
-    dense_z = torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts)
+    dense_z = out.dense_latents(z.shape[1])
     torch.testing.assert_close(dense_z, z)
     torch.testing.assert_close(out.auxk_loss, ref_aux)
     ours = _grads(out.fvu + 0.5 * out.auxk_loss, params)
@@ -167,7 +167,7 @@ def test_batchtopk_training_rule_matches_dense_reference():
     ref_loss, ref_fvu, ref_aux, z = dense_forward(
         x, *params, k=4, dead_mask=dead, auxk_alpha=0.5, batch_topk=True
     )
-    dense_z = torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts)
+    dense_z = out.dense_latents(z.shape[1])
     torch.testing.assert_close(dense_z, z)
     per_row = (z > 0).sum(1)
     assert per_row.sum() == 4 * 40 and per_row.max() > 4 and per_row.min() < 4
@@ -191,7 +191,7 @@ def test_matryoshka_loss_and_gradients_match_a_dense_reference():
     ref_loss, ref_fvu, ref_inner, z = dense_matryoshka_forward(x, *params, 4, [0.1, 0.5])
     assert sae.cfg.matryoshka_widths(64) == [6, 32]
     torch.testing.assert_close(
-        torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts), z
+        out.dense_latents(z.shape[1]), z
     )
     torch.testing.assert_close(out.fvu, ref_fvu)
     torch.testing.assert_close(out.inner_fvu, ref_inner)
@@ -225,7 +225,7 @@ def test_jumprelu_loss_and_gradients_match_a_dense_reference():
         x, *params, k=6, bandwidth=0.5, l0_coefficient=0.7, dead_mask=dead, auxk_alpha=0.5
     )
     torch.testing.assert_close(
-        torch.zeros_like(z).scatter(1, out.latent_indices, out.latent_acts), z.detach()
+        out.dense_latents(z.shape[1]), z.detach()
     )
     torch.testing.assert_close(out.fvu, ref_fvu)
     torch.testing.assert_close(out.auxk_loss, ref_aux)
@@ -264,7 +264,7 @@ def test_jumprelu_inference_keeps_each_latent_above_its_own_threshold():
     # the training forward's latents are the same ones
     out = sae(x)
     torch.testing.assert_close(
-        torch.zeros_like(pre).scatter(1, out.latent_indices, out.latent_acts), expected
+        out.dense_latents(pre.shape[1]), expected
     )
 
 
@@ -332,16 +332,16 @@ def test_batchtopk_forward_selects_by_the_threshold_unless_asked_for_the_batch_r
     sae.threshold.fill_(0.05)  # low: far more than k per row pass it
     x = torch.randn(30, 16)
     pre = torch.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias).detach()
-    dense = lambda out: torch.zeros_like(pre).scatter(1, out.latent_indices, out.latent_acts)
+    dense = lambda out: out.dense_latents(pre.shape[1])
     torch.testing.assert_close(dense(sae(x)), torch.where(pre > 0.05, pre, 0))
     batch = dense(sae(x, batch_topk=True))
     assert (batch > 0).sum() == 4 * 30  # the batch rule: k * B
 
 
-def test_topk_encode_picks_candidates_with_the_prefilter_unless_exact(prefilter_spy):
+def test_encode_picks_candidates_with_the_prefilter_unless_exact(prefilter_spy):
     torch.manual_seed(0)
     sae = TopKSae(64, SaeConfig(num_latents=512, k=8))
-    args = (torch.randn(64, 64), sae.encoder.weight, sae.encoder.bias, sae.b_dec, 8)
-    kernels.topk_encode(*args)
-    kernels.topk_encode(*args, exact=True)
+    x = torch.randn(64, 64)
+    sae.encode(x)
+    sae.encode(x, exact=True)
     assert prefilter_spy == [True, False]
