@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from sae import TrainConfig
-from sae.trainer import _lr_lambda
+from sae.trainer import lr_factor
 
 
 def saelens_sae(activation: str, d_in: int, width: int, k: int):
@@ -48,7 +48,8 @@ def train_saelens(sae, x, *, steps: int, lr: float, batch: int, seed: int, dead_
     with torch.no_grad():
         sae.b_dec.copy_(x[:batch].mean(0))
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(TrainConfig(), steps))
+    schedule = lambda s: lr_factor(TrainConfig(), steps, torch.tensor(s)).item()  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     coefficients = {
         name: c if isinstance(c, float) else c.value for name, c in sae.get_coefficients().items()
     }

@@ -49,7 +49,8 @@ def per_row(acts_BK: Tensor, idx_BK: Tensor) -> Selection:
     """The selection of K latents in each row (padding zeros at distinct latents allowed)."""
     B, K = idx_BK.shape
     idx_BK, order_BK = idx_BK.sort(dim=1)
-    rows_N = torch.arange(B, device=idx_BK.device).repeat_interleave(K)
+    # (repeat_interleave would read its output size on the host)
+    rows_N = torch.arange(B, device=idx_BK.device)[:, None].expand(B, K).reshape(-1)
     offsets = torch.arange(0, B * K + 1, K, device=idx_BK.device)
     return Selection(acts_BK.gather(1, order_BK).reshape(-1), idx_BK.reshape(-1), rows_N, offsets)
 
@@ -66,8 +67,7 @@ def batch_top(pre_BM: Tensor, n: int) -> Selection:
     return Selection(vals_N[order_N], flat_N - rows_N * M, rows_N, counts.cumsum(0))
 
 
-@torch.library.custom_op("clip_sae::transposed_mm", mutates_args=())
-def transposed_mm(
+def _transposed_mm(
     rows_N: Tensor, latents_N: Tensor, vals_N: Tensor, dense_BD: Tensor, num_latents: int
 ) -> Tensor:
     """S.T @ dense for the sparse (B, M) matrix S holding vals at (rows, latents): (M, d).
@@ -86,13 +86,15 @@ def transposed_mm(
     return S_t @ dense_BD
 
 
+transposed_mm = torch.library.custom_op("clip_sae::transposed_mm", _transposed_mm, mutates_args=())
+
+
 @transposed_mm.register_fake
 def _(rows_N, latents_N, vals_N, dense_BD, num_latents):
     return dense_BD.new_empty(num_latents, dense_BD.shape[1])
 
 
-@torch.library.custom_op("clip_sae::sampled_dots", mutates_args=())
-def sampled_dots(offsets_B1: Tensor, latents_N: Tensor, a_BD: Tensor, W_MD: Tensor) -> Tensor:
+def _sampled_dots(offsets_B1: Tensor, latents_N: Tensor, a_BD: Tensor, W_MD: Tensor) -> Tensor:
     """<a[row], W[latent]> for each entry of a CSR pattern, without gathering (N, d) rows."""
     pattern = torch.sparse_csr_tensor(
         offsets_B1,
@@ -102,6 +104,9 @@ def sampled_dots(offsets_B1: Tensor, latents_N: Tensor, a_BD: Tensor, W_MD: Tens
         check_invariants=False,
     )
     return torch.sparse.sampled_addmm(pattern, a_BD, W_MD.t(), beta=0.0).values()
+
+
+sampled_dots = torch.library.custom_op("clip_sae::sampled_dots", _sampled_dots, mutates_args=())
 
 
 @sampled_dots.register_fake

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
 
 from .config import SaeConfig, TrainConfig
 from .metrics import SaeStats, evaluate
@@ -25,6 +26,11 @@ JUMPRELU_INIT_FIRING = 1 / 3
 TrainConfig.jumprelu_init_threshold is unset. A low start, as Rajamanoharan et al.'s, that
 the L0 loss raises; in the data's own units. Ground truth (docs/performance.md): thresholds
 started where latents fire on k / M of the batch left 21% of the latents dead."""
+
+
+CAPTURE_AFTER = 3
+"""Eager steps on a GPU before the step is captured: the first ones allocate the workspaces
+and caches a capture must find in place."""
 
 
 class DivergedError(RuntimeError):
@@ -48,6 +54,47 @@ class TrainResult:
     """Per latent, its largest validation activation, (M,)."""
     history: list[dict[str, float]] = field(default_factory=list)
     """The metrics passed to the callback at each evaluation."""
+
+
+class CapturedStep:
+    """A training step captured in one CUDA graph: forward, AuxK, backward, gradient
+    projection, Adam, lr schedule, renormalisation and bookkeeping, replayed on a static
+    input buffer. Its batches must have the captured shape; others run eagerly."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, x_BD: Tensor):
+        self.graph, self.x_BD = graph, x_BD
+
+    @classmethod
+    def capture(
+        cls, step: Callable[[Tensor], None], x_BD: Tensor, optimizer
+    ) -> CapturedStep | None:
+        """Capture step(x) for batches like x_BD, or warn once why not and return None."""
+        static_BD = x_BD.clone()
+        graph = torch.cuda.CUDAGraph()
+        # Gradients are made inside the graph, in its memory pool, and reused by every replay.
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(graph):
+                step(static_BD)
+        except Exception as e:  # what CUDA refused during capture: its reason, once
+            torch.cuda.synchronize()
+            optimizer.zero_grad(set_to_none=True)
+            warnings.warn(
+                f"training eagerly: the step could not be captured in a CUDA graph ({e})",
+                stacklevel=3,
+            )
+            return None
+        return cls(graph, static_BD)
+
+    def fits(self, x_BD: Tensor) -> bool:
+        return x_BD.shape == self.x_BD.shape
+
+    def replay(self, x_BD: Tensor) -> None:
+        """One step on x_BD: copied into the static buffer (from pinned memory without
+        waiting), then the graph."""
+        self.x_BD.copy_(x_BD, non_blocking=True)
+        self.graph.replay()
 
 
 def as_acts_tensor(acts, name: str = "acts") -> Tensor:
@@ -111,20 +158,19 @@ def total_steps(cfg: TrainConfig, n_train: int, batch_size: int) -> int:
     return cfg.steps or max(1, math.ceil(cfg.epochs * n_train / batch_size))
 
 
-def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+def lr_factor(cfg: TrainConfig, total_steps: int, step: Tensor) -> Tensor:
+    """The learning rate at `step` (a tensor, so the step computes it on the device) as a
+    fraction of the peak: a linear warmup, then cfg.lr_schedule's decay over the rest."""
     warmup = min(cfg.lr_warmup_steps, max(total_steps - 1, 0))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        if cfg.lr_schedule == "linear":
-            return max(1.0 - progress, 0.0)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+    s = step.to(torch.float64)
+    progress = ((s - warmup) / max(total_steps - warmup, 1)).clamp(0, 1)
+    if cfg.lr_schedule == "constant":
+        decay = torch.ones_like(s)
+    elif cfg.lr_schedule == "linear":
+        decay = 1 - progress
+    else:
+        decay = 0.5 * (1 + torch.cos(math.pi * progress))
+    return torch.where(s < warmup, (s + 1) / (warmup + 1), decay)
 
 
 class Trainer:
@@ -190,19 +236,24 @@ class Trainer:
         self.sae = TopKSae(d_in, sae_cfg, device=self.device)
         with torch.no_grad():
             self.sae.encoder.weight.copy_(self.sae.W_dec * cfg.encoder_init_norm)
-        lr = cfg.lr or 2e-4 / math.sqrt(self.sae.num_latents / 2**14)
-        self.optimizer = _adam(list(self.sae.parameters()), lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg, self.total_steps)
-        )
+        self.peak_lr = cfg.lr or 2e-4 / math.sqrt(self.sae.num_latents / 2**14)
+        self.step = 0
+        self.step_T = torch.zeros((), dtype=torch.int64, device=self.device)
+        """The step on the device, which the captured step reads and advances."""
+        self.lr_T = (self.peak_lr * lr_factor(cfg, self.total_steps, self.step_T)).float()
+        self.optimizer = _adam(list(self.sae.parameters()), self.lr_T)
         self.since_fired_M = torch.zeros(
             self.sae.num_latents, dtype=torch.int64, device=self.device
         )
-        self.step = 0
         self.nonfinite_step = torch.tensor(-1, device=self.device)
+        """The first step whose loss was not finite (-1: none), read at log points."""
+        self.loss_sums = torch.zeros(2, device=self.device)
+        """Sums of the training FVU and AuxK loss since the last evaluation."""
         self.last_stats: tuple[int, SaeStats] | None = None
         """(step, validation stats) of the latest evaluation, reused by result()."""
         self._perm: tuple[int, Tensor] | None = None
+        self._graph: CapturedStep | None = None
+        self._capture = self.device.type == "cuda" and cfg.cuda_graph
 
     # -- data --------------------------------------------------------------------------------
     def _training_sample(self, max_rows: int = 2**16) -> Tensor:
@@ -221,8 +272,10 @@ class Trainer:
         return self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size]
 
     def _batch(self, step: int) -> Tensor:
-        x = self.acts[self.batch_rows(step)].to(self.device, torch.float32, non_blocking=True)
-        return x.mul_(self.input_scale) if self.input_scale != 1 else x
+        """A step's rows as stored (any float dtype), on the host; pinned for a GPU, so its
+        copy to the device does not wait."""
+        rows = self.acts[self.batch_rows(step)]
+        return rows.pin_memory() if self.device.type == "cuda" else rows
 
     def _read_ahead(self):
         """Batches from self.step on, each read in a thread while the one before trains: rows
@@ -237,30 +290,49 @@ class Trainer:
                 yield batch
 
     # -- training ----------------------------------------------------------------------------
-    def train_step(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimizer step; returns (fvu, auxk_loss) as tensors."""
-        sae, cfg = self.sae, self.cfg
+    def train_step(self, x_BD: Tensor) -> None:
+        """One optimizer step on raw rows x_BD (any float dtype, on the host or the device).
+
+        On a GPU (TrainConfig.cuda_graph) the first CAPTURE_AFTER steps run eagerly, then the
+        step is captured in a CUDA graph and replayed for every batch of the same shape."""
         if self.step == 0:
-            with torch.no_grad():
-                init = x_BD.mean(0) if cfg.b_dec_init == "mean" else geometric_median(x_BD)
-                sae.b_dec.copy_(init)
-                if self.sae_cfg.jumprelu:
-                    sae.threshold.copy_(self._initial_thresholds(x_BD))
+            self._initialise(self._scaled(x_BD.to(self.device)))
+        if self._capture and self._graph is None and self.step >= CAPTURE_AFTER:
+            self._graph = CapturedStep.capture(self._step, x_BD.to(self.device), self.optimizer)
+            self._capture = self._graph is not None
+        if self._graph is not None and self._graph.fits(x_BD):
+            self._graph.replay(x_BD)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step(x_BD.to(self.device, non_blocking=True))
+        self.step += 1
+
+    def _scaled(self, x_BD: Tensor) -> Tensor:
+        x_BD = x_BD.float()
+        return x_BD * self.input_scale if self.input_scale != 1 else x_BD
+
+    def _step(self, x_BD: Tensor) -> None:
+        """The step itself, on a batch on the device: nothing in it reads a value on the host
+        or depends on one, so a CUDA graph can capture it and torch.compile trace it whole.
+        The gradients must be None when it starts."""
+        sae, cfg = self.sae, self.cfg
+        x_BD = self._scaled(x_BD)
         dead_M = self.since_fired_M >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        cuda = self.device.type == "cuda"
+        # No autocast cache: a CUDA graph cannot hold it.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
             out = sae(x_BD, dead_mask=dead_M, batch_topk=True, exact=cfg.exact_topk)
         loss = out.fvu + out.inner_fvu + cfg.auxk_alpha * out.auxk_loss
         loss = loss + cfg.l0_coefficient * out.l0_loss
-        # The first step whose loss was not finite, kept on the device and read at log points
-        # (check_diverged): the step itself never waits for the host.
+        # The first step whose loss was not finite, read at log points (check_diverged).
         first = (self.nonfinite_step < 0) & ~torch.isfinite(loss.detach())
-        self.nonfinite_step = torch.where(first, self.step, self.nonfinite_step)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_step.copy_(torch.where(first, self.step_T, self.nonfinite_step))
+        self.loss_sums.add_(torch.stack([out.fvu.detach(), out.auxk_loss.detach()]))
         loss.backward()
         if self.sae_cfg.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
-        self.optimizer.step()
-        self.scheduler.step()
+        self.lr_T.copy_(self.peak_lr * lr_factor(cfg, self.total_steps, self.step_T))
+        _adam_step(self.optimizer)
         if self.sae_cfg.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()
         if self.sae_cfg.jumprelu:
@@ -268,10 +340,16 @@ class Trainer:
                 sae.threshold.clamp_(min=0)
         if self.sae_cfg.thresholded:
             sae.update_threshold(out.latent_acts)
-        self.since_fired_M += len(x_BD)
-        self.since_fired_M[out.latent_indices[out.latent_acts > 0]] = 0
-        self.step += 1
-        return out.fvu.detach(), out.auxk_loss.detach()
+        self.since_fired_M.add_(len(x_BD)).masked_fill_(out.fired_M, 0)
+        self.step_T.add_(1)
+
+    @torch.no_grad()
+    def _initialise(self, x_BD: Tensor) -> None:
+        """From the first batch: b_dec at its mean or geometric median, JumpReLU's thresholds."""
+        init = x_BD.mean(0) if self.cfg.b_dec_init == "mean" else geometric_median(x_BD)
+        self.sae.b_dec.copy_(init)
+        if self.sae_cfg.jumprelu:
+            self.sae.threshold.copy_(self._initial_thresholds(x_BD))
 
     @torch.no_grad()
     def _initial_thresholds(self, x_BD: Tensor) -> Tensor:
@@ -300,23 +378,23 @@ class Trainer:
     def fit(self, callback: Callable[[dict, Trainer], None] | None = None) -> TrainResult:
         cfg = self.cfg
         history: list[dict[str, float]] = []
-        fvu_sum = aux_sum = torch.zeros((), device=self.device)
         n_since, t0 = 0, time.perf_counter()
         metrics: dict[str, float] = {}
         batches = self._read_ahead()
         while self.step < self.total_steps:
-            fvu, aux = self.train_step(next(batches))
-            fvu_sum, aux_sum, n_since = fvu_sum + fvu, aux_sum + aux, n_since + 1
+            self.train_step(next(batches))
+            n_since += 1
             if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - t0
-                train_fvu = (fvu_sum / n_since).item()
+                train_fvu, auxk_loss = (self.loss_sums / n_since).tolist()
+                self.loss_sums.zero_()
                 self.check_diverged(train_fvu)
                 metrics = {
                     "step": self.step,
                     "epoch": self.step / max(self.batches_per_epoch, 1),
                     "train/fvu": train_fvu,
-                    "auxk_loss": (aux_sum / n_since).item(),
-                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "auxk_loss": auxk_loss,
+                    "lr": self.lr_T.item(),
                     "acts_per_s": n_since * self.batch_size / max(elapsed, 1e-9),
                     "dead_frac": self.dead_fraction(),
                 }
@@ -335,7 +413,6 @@ class Trainer:
                 history.append(metrics)
                 if callback is not None:
                     callback(metrics, self)
-                fvu_sum = aux_sum = torch.zeros((), device=self.device)
                 n_since, t0 = 0, time.perf_counter()
         return self.result(history)
 
@@ -352,8 +429,9 @@ class Trainer:
                 f"diverged by step {self.step}: training FVU {train_fvu:.3g} "
                 f"(above diverged_fvu={self.cfg.diverged_fvu:g})"
             )
-        lr = self.optimizer.param_groups[0]["lr"]
-        raise DivergedError(f"{reason}; lower the learning rate (lr {lr:.2e} at that point)")
+        raise DivergedError(
+            f"{reason}; lower the learning rate (lr {self.lr_T.item():.2e} at that point)"
+        )
 
     def result(self, history: list[dict[str, float]]) -> TrainResult:
         fresh = self.last_stats is not None and self.last_stats[0] == self.step
@@ -413,7 +491,6 @@ class Trainer:
             },
             "input_scale": self.input_scale,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "since_fired": self.since_fired_M.cpu(),
             "step": self.step,
             "seed": self.cfg.seed,
@@ -450,17 +527,57 @@ class Trainer:
             for name, tensor in state.get("train_space", {}).items():
                 self.sae.state_dict()[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The step computes the lr into this tensor; a loaded state holds its own copy.
+        self.optimizer.param_groups[0]["lr"] = self.lr_T
         self.since_fired_M.copy_(state["since_fired"])
         self.step = state["step"]
+        self.step_T.fill_(self.step)
 
 
-def _adam(params, lr: float) -> torch.optim.Adam:
-    # The fused kernel is several times faster than foreach on CPU, and exists on CUDA too.
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr)
+def _adam(params: list[Tensor], lr_T: Tensor) -> torch.optim.Adam:
+    """Adam reading its lr from the device tensor lr_T, its state made now (not at the first
+    step) so the step can be captured: fused where the device has the kernel (several times
+    faster than foreach on CPU; capturable on CUDA)."""
+    device = params[0].device
+    optimizer = torch.optim.Adam(params, lr=lr_T, fused=True, capturable=True)
+    for p in params:
+        # Adam's own layout: a float32 step on the parameter's device (capturable or fused).
+        optimizer.state[p] = {
+            "step": torch.zeros((), dtype=torch.float32, device=device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+    return optimizer
+
+
+def _adam_step(optimizer: torch.optim.Adam) -> None:
+    """optimizer.step() through torch.optim's functional Adam: the method breaks torch.compile
+    graphs on purpose, the function computes the same update. torch.compile does not trace the
+    fused kernel (one kernel already): a compiled step runs Adam's foreach form."""
+    group = optimizer.param_groups[0]
+    params = [p for p in group["params"] if p.grad is not None]
+    state = [optimizer.state[p] for p in params]
+    beta1, beta2 = group["betas"]
+    fused = group["fused"] and not torch.compiler.is_compiling()
+    with torch.no_grad():
+        adam(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in state],
+            [s["exp_avg_sq"] for s in state],
+            [],
+            [s["step"] for s in state],
+            foreach=not fused,
+            capturable=group["capturable"],
+            fused=fused,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
 
 def train_sae(

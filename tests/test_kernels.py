@@ -190,9 +190,7 @@ def test_matryoshka_loss_and_gradients_match_a_dense_reference():
     out = sae(x, batch_topk=True)
     ref_loss, ref_fvu, ref_inner, z = dense_matryoshka_forward(x, *params, 4, [0.1, 0.5])
     assert sae.cfg.matryoshka_widths(64) == [6, 32]
-    torch.testing.assert_close(
-        out.dense_latents(z.shape[1]), z
-    )
+    torch.testing.assert_close(out.dense_latents(z.shape[1]), z)
     torch.testing.assert_close(out.fvu, ref_fvu)
     torch.testing.assert_close(out.inner_fvu, ref_inner)
     assert ref_inner > 2 * ref_fvu  # the inner levels reconstruct worse: a real term
@@ -224,9 +222,7 @@ def test_jumprelu_loss_and_gradients_match_a_dense_reference():
     ref_loss, ref_fvu, ref_aux, ref_l0, z = dense_jumprelu_forward(
         x, *params, k=6, bandwidth=0.5, l0_coefficient=0.7, dead_mask=dead, auxk_alpha=0.5
     )
-    torch.testing.assert_close(
-        out.dense_latents(z.shape[1]), z.detach()
-    )
+    torch.testing.assert_close(out.dense_latents(z.shape[1]), z.detach())
     torch.testing.assert_close(out.fvu, ref_fvu)
     torch.testing.assert_close(out.auxk_loss, ref_aux)
     torch.testing.assert_close(out.l0_loss, ref_l0)
@@ -263,9 +259,7 @@ def test_jumprelu_inference_keeps_each_latent_above_its_own_threshold():
     torch.testing.assert_close(torch.zeros_like(pre).scatter(1, idx, acts), expected)
     # the training forward's latents are the same ones
     out = sae(x)
-    torch.testing.assert_close(
-        out.dense_latents(pre.shape[1]), expected
-    )
+    torch.testing.assert_close(out.dense_latents(pre.shape[1]), expected)
 
 
 def test_batchtopk_inference_keeps_latents_above_the_threshold():

@@ -222,7 +222,7 @@ def test_default_lr_scales_with_width_as_in_sparsify():
     x = torch.randn(200, 8)
     for num_latents, lr in ((4096, 4e-4), (65536, 1e-4)):
         trainer = Trainer(x, SaeConfig(num_latents=num_latents, k=2), TrainConfig(steps=1))
-        assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(lr)
+        assert trainer.peak_lr == pytest.approx(lr)
 
 
 def test_decoder_rows_stay_unit_norm_through_training():
@@ -385,25 +385,30 @@ def test_lr_rises_linearly_over_the_warmup_then_follows_the_schedule_to_zero(
 ):
     """10 steps, 4 of warmup: (s + 1) / 5 for s < 4, then the decay over the 6 steps left;
     past the last step linear and cosine stay at 0."""
-    from sae.trainer import _lr_lambda
+    from sae.trainer import lr_factor
 
-    factor = _lr_lambda(TrainConfig(steps=10, lr_warmup_steps=4, lr_schedule=schedule), 10)
+    def factor(s, steps=10, warmup=4):
+        cfg = TrainConfig(steps=steps, lr_warmup_steps=warmup, lr_schedule=schedule)
+        return lr_factor(cfg, steps, torch.tensor(s)).item()
+
     got = [factor(s) for s in range(10)]
     assert got == pytest.approx([0.2, 0.4, 0.6, 0.8, *after_warmup], abs=1e-7)
     assert factor(13) == pytest.approx(1.0 if schedule == "constant" else 0.0, abs=1e-12)
     # A warmup longer than the run ends one step before its end: the last step is at full lr.
-    short = _lr_lambda(TrainConfig(steps=3, lr_warmup_steps=100, lr_schedule=schedule), 3)
-    assert [short(s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    short = [factor(s, steps=3, warmup=100) for s in range(3)]
+    assert short == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
-def test_the_scheduler_gives_the_optimizer_the_scheduled_lr():
+def test_each_step_gives_adam_the_scheduled_lr():
+    """The step computes its lr on the device; Adam's update is the one at that lr."""
     x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(lr=0.01, steps=6, lr_warmup_steps=2, batch_size=50, val_fraction=0)
     trainer = Trainer(x, SaeConfig(expansion_factor=2, k=2), cfg)
     seen = []
     for step in range(6):
-        seen.append(trainer.optimizer.param_groups[0]["lr"])
         trainer.train_step(trainer._batch(step))
+        assert trainer.optimizer.param_groups[0]["lr"] is trainer.lr_T
+        seen.append(trainer.lr_T.item())
     assert seen == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.0075, 0.005, 0.0025])
 
 
