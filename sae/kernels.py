@@ -195,8 +195,9 @@ def bf16_prefilter(xc_BD: Tensor, W_enc_MD: Tensor, exact: bool = False) -> bool
 
 def exact_pre(xc_BD: Tensor, W_enc_MD: Tensor, b_enc_M: Tensor, idx_BC: Tensor) -> Tensor:
     """Exact fp32 pre-activations of the latents idx_BC (sorted within rows) of each row."""
-    sel = per_row(idx_BC.to(xc_BD.dtype), idx_BC)
-    dots = sampled_dots(sel.offsets_B1, sel.latents_N, xc_BD, W_enc_MD)
+    B, C = idx_BC.shape
+    offsets_B1 = torch.arange(0, B * C + 1, C, device=idx_BC.device)
+    dots = sampled_dots(offsets_B1, idx_BC.reshape(-1), xc_BD, W_enc_MD)
     return dots.view(idx_BC.shape) + b_enc_M[idx_BC]
 
 

@@ -135,9 +135,15 @@ class TopKSae(nn.Module):
 
     @property
     def k_aux(self) -> int:
-        """Latents the AuxK loss selects per row, dead or not (Gao et al. appendix B.1: d/2).
-        Fixed, so the step's shapes do not depend on how many latents are dead."""
+        """Latents the AuxK loss selects per row at most (Gao et al. appendix B.1: d/2)."""
         return min(self.d_in // 2, self.num_latents)
+
+    def aux_width(self, dead_M: Tensor, host_free: bool) -> int:
+        """Latents the AuxK loss selects per row: k_aux, dead or not, when the step must not
+        read the host (its shapes then never depend on how many latents are dead; the live
+        ones it picks get 0); else min(dead, k_aux), read on the host, 0 when none is dead.
+        Both give the same loss; the second skips AuxK's work while few latents are dead."""
+        return self.k_aux if host_free else min(int(dead_M.sum()), self.k_aux)
 
     def _check_width(self, x_BD: Tensor) -> None:
         if x_BD.shape[-1] != self.d_in:
@@ -151,10 +157,11 @@ class TopKSae(nn.Module):
 
     @torch.no_grad()
     def _select(
-        self, x_BD: Tensor, batch_topk: bool, exact: bool, dead_M: Tensor | None
+        self, x_BD: Tensor, batch_topk: bool, exact: bool, aux_width: int, dead_M: Tensor | None
     ) -> tuple[Selection, Selection | None]:
-        """The latents the rule selects, and the AuxK selection among dead_M, without
-        autograd. TopK may pick candidates with a bf16 matmul (kernels.bf16_prefilter)."""
+        """The latents the rule selects, and the AuxK selection of aux_width latents per row
+        among dead_M, without autograd. TopK may pick candidates with a bf16 matmul
+        (kernels.bf16_prefilter)."""
         W_MD, b_M = self.encoder.weight, self.encoder.bias
         xc_BD = x_BD - self.b_dec
         B = len(x_BD)
@@ -176,8 +183,8 @@ class TopKSae(nn.Module):
         else:
             sel = _over_threshold(pre_BM, pre_BM > self.threshold)
         aux = None
-        if dead_M is not None:
-            aux = _top_per_row(pre_BM, self.k_aux, mask_M=dead_M, rescore=rescore)
+        if aux_width:
+            aux = _top_per_row(pre_BM, aux_width, mask_M=dead_M, rescore=rescore)
         return sel, aux
 
     def encode(
@@ -194,7 +201,7 @@ class TopKSae(nn.Module):
                 cut = batch_top(pre_BM, self.cfg.k * len(x_BD)).acts_N.min()
                 sel = _over_threshold(pre_BM, pre_BM >= cut)
         else:
-            sel, _ = self._select(x_BD, batch_topk=False, exact=exact, dead_M=None)
+            sel, _ = self._select(x_BD, batch_topk=False, exact=exact, aux_width=0, dead_M=None)
         acts_N = encode(sel, x_BD, self.encoder.weight, self.encoder.bias, self.b_dec)
         width = len(sel.acts_N) // len(x_BD)
         return acts_N.view(len(x_BD), width), sel.latents_N.view(len(x_BD), width)
@@ -212,12 +219,15 @@ class TopKSae(nn.Module):
         total_variance: Tensor | None = None,
         batch_topk: bool = False,
         exact: bool = False,
+        host_free: bool = True,
     ) -> ForwardOutput:
         """Encode, decode and score x. `dead_mask` (M,) bool turns on the AuxK loss;
         `batch_topk` selects BatchTopK's training rule (top k*B of the batch); `exact` as in
-        `encode`. With the TopK or batch rule nothing here waits for the device."""
+        `encode`. With the TopK or batch rule nothing here waits for the device, unless
+        host_free=False lets AuxK size itself by the dead count (see aux_width)."""
         self._check_width(x_BD)
         M = self.num_latents
+        aux_width = 0 if dead_mask is None else self.aux_width(dead_mask, host_free)
         params = (self.encoder.weight, self.encoder.bias, self.b_dec)
         if self.cfg.jumprelu:
             # Dense: the thresholds' gradient needs the pre-activations near them, which a
@@ -230,12 +240,12 @@ class TopKSae(nn.Module):
             latent_indices, rows = latent_indices.expand(len(x_BD), M), None
             fired_M = fires_BM.detach().any(0)
             aux = None
-            if dead_mask is not None:
-                aux = _top_per_row(pre_BM.detach(), self.k_aux, mask_M=dead_mask)
+            if aux_width:
+                aux = _top_per_row(pre_BM.detach(), aux_width, mask_M=dead_mask)
                 picked_N = pre_BM[aux.rows_N, aux.latents_N]
                 aux = aux._replace(acts_N=torch.where(aux.acts_N > 0, picked_N, 0))
         else:
-            sel, aux = self._select(x_BD, batch_topk, exact, dead_mask)
+            sel, aux = self._select(x_BD, batch_topk, exact, aux_width, dead_mask)
             sel = sel._replace(acts_N=encode(sel, x_BD, *params[:2], self.b_dec))
             if aux is not None:
                 aux = aux._replace(acts_N=encode(aux, x_BD, *params[:2], self.b_dec))

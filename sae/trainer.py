@@ -254,6 +254,9 @@ class Trainer:
         self._perm: tuple[int, Tensor] | None = None
         self._graph: CapturedStep | None = None
         self._capture = self.device.type == "cuda" and cfg.cuda_graph
+        self.host_free = self.device.type != "cpu"
+        """Whether the step never reads a value on the host. On the CPU a read costs nothing,
+        and AuxK sizes itself by the dead count instead (TopKSae.aux_width)."""
 
     # -- data --------------------------------------------------------------------------------
     def _training_sample(self, max_rows: int = 2**16) -> Tensor:
@@ -312,8 +315,9 @@ class Trainer:
         return x_BD * self.input_scale if self.input_scale != 1 else x_BD
 
     def _step(self, x_BD: Tensor) -> None:
-        """The step itself, on a batch on the device: nothing in it reads a value on the host
-        or depends on one, so a CUDA graph can capture it and torch.compile trace it whole.
+        """The step itself, on a batch on the device: with host_free nothing in it reads a value
+        on the host or depends on one, so a CUDA graph can capture it and torch.compile trace
+        it whole.
         The gradients must be None when it starts."""
         sae, cfg = self.sae, self.cfg
         x_BD = self._scaled(x_BD)
@@ -321,7 +325,13 @@ class Trainer:
         cuda = self.device.type == "cuda"
         # No autocast cache: a CUDA graph cannot hold it.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
-            out = sae(x_BD, dead_mask=dead_M, batch_topk=True, exact=cfg.exact_topk)
+            out = sae(
+                x_BD,
+                dead_mask=dead_M,
+                batch_topk=True,
+                exact=cfg.exact_topk,
+                host_free=self.host_free,
+            )
         loss = out.fvu + out.inner_fvu + cfg.auxk_alpha * out.auxk_loss
         loss = loss + cfg.l0_coefficient * out.l0_loss
         # The first step whose loss was not finite, read at log points (check_diverged).

@@ -61,13 +61,37 @@ class HostReads(TorchDispatchMode):
 
 
 def _trainer(activation: str, **train_kw) -> Trainer:
-    """A small trainer whose latents die within a step or two (AuxK runs in full whether or
-    not any latent is dead: its shapes are fixed)."""
+    """A small trainer whose latents die within a step or two, with the GPU's host-free step
+    (AuxK runs in full whether or not any latent is dead: its shapes are fixed)."""
     x = torch.randn(1024, 16, generator=torch.Generator().manual_seed(0)) * 3
     cfg = TrainConfig(
         batch_size=64, steps=40, val_fraction=0, dead_feature_threshold=64, lr=3e-3, **train_kw
     )
-    return Trainer(x, SaeConfig(num_latents=256, k=2, activation=activation), cfg)
+    trainer = Trainer(x, SaeConfig(num_latents=256, k=2, activation=activation), cfg)
+    trainer.host_free = True
+    return trainer
+
+
+@pytest.mark.parametrize("activation", ARCHITECTURES)
+def test_the_cpu_step_sized_by_the_dead_count_trains_as_the_host_free_one(activation):
+    """On the CPU AuxK selects only as many latents as are dead (read on the host): the same
+    losses and parameters as the GPU's fixed-width AuxK, while some latents are dead and
+    while none is."""
+    runs, dead = [], []
+    # JumpReLU's latents die when they start above every pre-activation
+    kw = {"jumprelu_init_threshold": 4.0} if activation == "jumprelu" else {}
+    for host_free in (True, False):
+        trainer = _trainer(activation, **kw)
+        trainer.host_free = host_free
+        for step in range(12):
+            dead.append(trainer.dead_fraction())
+            trainer.train_step(trainer._batch(step))
+        runs.append(trainer)
+    fixed, sized = runs
+    assert dead[0] == 0 and max(dead) > 0  # steps with and without dead latents
+    torch.testing.assert_close(sized.loss_sums, fixed.loss_sums)
+    for name, p in fixed.sae.state_dict().items():
+        torch.testing.assert_close(sized.sae.state_dict()[name], p, msg=name)
 
 
 def test_the_detector_sees_what_makes_a_gpu_wait():
