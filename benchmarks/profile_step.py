@@ -6,6 +6,7 @@ python benchmarks/profile_step.py [--device cuda] [--batch 500] [--latents 3072]
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,13 +33,22 @@ def main():
     if trainer.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
         torch.cuda.synchronize()
+    steps = 10
     with profile(activities=activities) as prof:
-        for _ in range(10):
+        t0 = time.perf_counter()
+        for _ in range(steps):
             trainer.train_step(x)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    events = prof.key_averages()
+    line = f"one step: {wall_ms:.2f} ms of wall time (under the profiler)"
+    if trainer.device.type == "cuda":
+        kernels_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps
+        line += f", {kernels_ms:.2f} ms of GPU kernels ({kernels_ms / wall_ms:.0%} busy)"
+    print(line)
     sort = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+    print(events.table(sort_by=sort, row_limit=25))
 
 
 if __name__ == "__main__":
