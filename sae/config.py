@@ -185,9 +185,9 @@ class TrainConfig:
     """Where to train: cuda when available under auto."""
 
     cuda_graph: bool = True
-    """On a GPU, capture the whole training step in one CUDA graph after a few eager steps
-    and replay it, so the host only launches it. Off: every step runs eagerly. Where capture
-    fails, training goes on eagerly and says why once."""
+    """On a GPU, capture the training step in one CUDA graph. After a few eager steps the whole
+    step is captured and replayed, so the host only launches it; off, every step runs eagerly.
+    Where capture fails, training goes on eagerly and says why once."""
 
     def validate(self) -> None:
         # (the field, whether its rule holds, what to do); the error shows the field's value
