@@ -133,9 +133,9 @@ class TrainConfig:
     sparsify's 10M counts text tokens and would never fire on a CLS dataset of 10^4..10^6."""
 
     normalize_input: bool = False
-    """Scale the activations so their mean squared norm is d_in (the scale is estimated on
-    training rows) and fold the scale back into the saved weights, which then read raw
-    activations. Layers whose norms differ then share one lr range. On in sweeps."""
+    """Scale the activations to a mean squared norm of d_in, folded back into the saved
+    weights. The scale is estimated on training rows; the saved weights read raw activations,
+    and layers whose norms differ share one lr range. On in sweeps."""
 
     encoder_init_norm: float = 0.1
     """Norm of each encoder row at the start: the decoder's unit row scaled down (the encoder
