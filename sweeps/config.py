@@ -158,6 +158,11 @@ class ExtractConfig:
     """Torch threads per model on CPU; 0: this machine's cores / num_actors on Ray Data, all of
     them in the calling process."""
 
+    decode: Literal["auto", "device", "cpu"] = "auto"
+    """Where images are decoded. device: on each model's GPU (nvJPEG through torchvision, other
+    files on the CPU); cpu: in CPU processes (tasks ahead of GPU models); auto: device where
+    the models get GPUs and torchvision imports, else cpu."""
+
     max_bad_fraction: float = 0.01
     """Fail when more than this fraction of images is unusable (they are skipped below it)."""
 
@@ -179,6 +184,12 @@ class ExtractConfig:
             "extract.token_mode",
             "use cls or all",
             self.token_mode,
+        )
+        _check(
+            self.decode in ("auto", "device", "cpu"),
+            "extract.decode",
+            "use auto, device or cpu",
+            self.decode,
         )
         _check(
             self.cache_dtype in ("float16", "float32"),

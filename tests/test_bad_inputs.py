@@ -109,6 +109,7 @@ SET_CASES = [
     ("all validation", ["train.val_fraction=1"], "val_fraction"),
     ("cuda without gpus", ["train.device=cuda"], "tune.gpus_per_trial"),
     ("cache_dir is a file", ["extract.cache_dir={root}/afile"], "is a file, not a directory"),
+    ("unknown decoder", ["extract.decode=gpu"], "extract.decode"),
     ("out_dir is a file", ["sweep.out_dir={root}/afile"], "sweep.out_dir"),
     ("out_dir under a file", ["sweep.out_dir={root}/afile/x"], "is a file, not a directory"),
     ("storage is a file", ["sweep.storage_path={root}/afile"], "sweep.storage_path"),

@@ -148,3 +148,57 @@ def test_cuda_a_step_that_cannot_be_captured_runs_eagerly_and_says_why(monkeypat
         trainer = _trained("topk", cuda_graph=True)
     assert trainer._graph is None and trainer.step_T.item() == CAPTURE_AFTER + 4
     assert torch.isfinite(trainer.sae.W_dec).all()
+
+
+def test_cuda_every_awkward_file_through_nvjpeg(tmp_path):
+    """PNG, grayscale, CMYK, progressive, truncated...: nvJPEG or the CPU decoder, the CPU
+    path's reasons and (within tests/test_device_decode.py's tolerance) its pixels."""
+    from tests.test_device_decode import check_corpus_on
+
+    check_corpus_on("cuda", tmp_path)
+
+
+def test_cuda_an_encoder_decoding_on_its_gpu_caches_what_the_cpu_path_caches(tmp_path):
+    """The same JPEGs through an Encoder decoding with nvJPEG and one given CPU-decoded
+    pixels: the cached CLS activations agree within 5% relative error per row."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from sweeps.activations.clip import Preprocessing
+    from sweeps.activations.extract import Encoder
+    from sweeps.activations.sources import decode_batch
+    from sweeps.config import DataConfig
+    from sweeps.demo import make_tiny_clip
+    from tests.test_device_decode import jpeg, smooth_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    names = []
+    for i, hw in enumerate([(375, 500), (500, 375), (224, 300), (120, 90)] * 4):
+        names.append(f"{i:02d}.jpg")
+        (images / names[-1]).write_bytes(jpeg(smooth_image(*hw, seed=i)))
+    checkpoint = make_tiny_clip(tmp_path / "clip", image_size=224, patch_size=32)
+    pre = Preprocessing.from_pretrained(checkpoint)
+    data = DataConfig(source="folder", path=str(images))
+    index = {
+        "row_id": np.arange(len(names)),
+        "path": np.array([str(images / n) for n in names], object),
+        "label": np.full(len(names), -1),
+    }
+    decode = {"data": data, "pre": pre, "max_pixels": 10**8}
+    acts = {}
+    for on_device in (True, False):
+        run_dir = tmp_path / f"run-{on_device}"
+        run_dir.mkdir()
+        encoder = Encoder(
+            checkpoint, None, "float32", [2], "cls", "float32", pre, str(run_dir), 4,
+            decode=decode if on_device else None, on_device=on_device, node="here",
+        )  # fmt: skip
+        out = encoder(index if on_device else decode_batch(index, **decode))
+        assert (out["reason"] == "").all()
+        assert out["cpu_decoded"].sum() == (0 if on_device else len(names))
+        (part,) = run_dir.glob("part-*.parquet")
+        column = pq.read_table(part)["layer_2"].combine_chunks()
+        acts[on_device] = column.to_numpy_ndarray()
+    error = np.linalg.norm(acts[True] - acts[False], axis=1) / np.linalg.norm(acts[False], axis=1)
+    assert error.max() < 0.05, error

@@ -171,6 +171,10 @@ def test_in_process_and_ray_data_write_the_same_bytes(ray_session, built, tiny, 
     here, there = built["cls"].cache_dir, ray_data.cache_dir
     assert there.name == here.name  # the same key
     assert ray_data.manifest["run"]["nodes"] == [ray_session.get_runtime_context().get_node_id()]
+    # no GPU: every image decoded on CPUs, in both
+    rows = built["cls"].manifest["rows"]
+    assert ray_data.manifest["run"]["cpu_decoded"] == built["cls"].manifest["run"]["cpu_decoded"]
+    assert built["cls"].manifest["run"]["cpu_decoded"] == rows
     parts = ray_data.manifest["parts"]
     assert parts == built["cls"].manifest["parts"] and len(parts) == 3  # batches of 8
     for part in parts:
@@ -239,6 +243,31 @@ def test_bad_images_are_counted_and_good_rows_kept(ray_session, tiny, tmp_path):
     assert kept == want
     acts = cache.load_layer(result.cache_dir, 0, "all")
     assert np.isfinite(acts).all() and len(acts) == len(want)
+
+
+def test_decoding_in_processes_gives_what_one_process_gives(tmp_path):
+    """The CPU decoder's worker processes: the same pixels and reasons, row for row, on
+    every awkward file."""
+    from sweeps.activations.sources import decode_batch
+    from sweeps.config import DataConfig
+
+    make_bad_images(tmp_path, huge_side=2000)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    index = {
+        "row_id": np.arange(len(names)),
+        "path": np.array([str(tmp_path / n) for n in names], object),
+        "label": np.full(len(names), -1),
+    }
+    args = (index, DataConfig(source="folder", path=str(tmp_path)), Preprocessing(), 10**8)
+    one, three = decode_batch(*args), decode_batch(*args, processes=3)
+    assert list(three["reason"]) == list(one["reason"])
+    np.testing.assert_array_equal(three["pixels"], one["pixels"])
+
+
+def test_decoding_on_a_device_where_there_is_none_is_refused(tiny, folder, tmp_path):
+    with pytest.raises(ValueError, match="extract.decode=device: extraction runs in this"):
+        extract(from_mapping(config(tiny, folder, tmp_path / "cache", decode="device")))
+    assert not (tmp_path / "cache").exists()  # refused before anything was written
 
 
 def test_too_many_bad_images_fail_clearly_and_leave_nothing(ray_session, tiny, tmp_path):

@@ -157,17 +157,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def center_crop(pixels_CHW: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
-    """Center crop, zero-padding images smaller than the crop (transformers' rule)."""
-    _, h, w = pixels_CHW.shape
+def center_crop(pixels_CHW, crop_hw: tuple[int, int]):
+    """Center crop of the last two axes, zero-padding images smaller than the crop
+    (transformers' rule: the odd padding row or column goes first); numpy or torch."""
+    h, w = pixels_CHW.shape[-2:]
     ch, cw = crop_hw
-    if h < ch or w < cw:
-        padded = np.zeros((pixels_CHW.shape[0], max(h, ch), max(w, cw)), pixels_CHW.dtype)
-        top, left = -(-(padded.shape[1] - h) // 2), -(-(padded.shape[2] - w) // 2)
-        padded[:, top : top + h, left : left + w] = pixels_CHW
-        pixels_CHW, h, w = padded, padded.shape[1], padded.shape[2]
+    ph, pw = max(ch - h, 0), max(cw - w, 0)
+    if ph or pw:
+        top, bottom, left, right = -(-ph // 2), ph // 2, -(-pw // 2), pw // 2
+        if isinstance(pixels_CHW, np.ndarray):
+            lead = [(0, 0)] * (pixels_CHW.ndim - 2)
+            pixels_CHW = np.pad(pixels_CHW, [*lead, (top, bottom), (left, right)])
+        else:
+            pixels_CHW = torch.nn.functional.pad(pixels_CHW, (left, right, top, bottom))
+        h, w = h + ph, w + pw
     top, left = (h - ch) // 2, (w - cw) // 2
-    return np.ascontiguousarray(pixels_CHW[:, top : top + ch, left : left + cw])
+    out = pixels_CHW[..., top : top + ch, left : left + cw]
+    return np.ascontiguousarray(out) if isinstance(out, np.ndarray) else out.contiguous()
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ per-row outcomes come back to the driver, never activations.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shutil
 import socket
@@ -48,9 +49,9 @@ class Encoder:
     in the driver (`_run_here`).
 
     It gets only the values it needs, not the config: constructor arguments travel to every
-    actor. On CPU it also decodes its batches (`decode`: decode_batch's keyword arguments):
-    decoding in separate tasks would only take cores from the forward, and each thread it
-    adds to the forward's threads makes both slower than taking turns."""
+    actor. `decode` (decode_batch's keyword arguments) makes it decode its batches itself: on
+    its GPU with `on_device` (device_decode), else in cpu_threads worker processes, taking
+    turns with the forward (each thread added to the forward's makes both slower)."""
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class Encoder:
         run_dir: str,
         cpu_threads: int,
         decode: dict | None = None,
+        on_device: bool = False,
         node: str | None = None,
     ):
         import torch
@@ -72,6 +74,14 @@ class Encoder:
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if on_device:
+            from sweeps.activations.device_decode import device_decoder_problem
+
+            problem = device_decoder_problem(pre, self.device)
+            if problem:
+                raise RuntimeError(
+                    f"extract.decode=device: {problem}; set extract.decode=cpu to decode on CPUs"
+                )
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads)  # Ray sets OMP_NUM_THREADS=1 in workers
             self.dtype = torch.float32  # fp16/bf16 matmuls are slow or missing on CPU
@@ -86,18 +96,29 @@ class Encoder:
 
             node = ray.get_runtime_context().get_node_id()
         self.node = node
-        self.decode = None if decode is None else {**decode, "threads": cpu_threads}
+        self.decode, self.on_device = decode, on_device
+        if decode is not None and not on_device:
+            self.decode = {**decode, "processes": cpu_threads}
+
+    def _decoded(self, batch: dict) -> dict:
+        if self.on_device:
+            from sweeps.activations.device_decode import decode_on_device
+
+            return decode_on_device(batch, **self.decode, device=self.device)
+        if self.decode is not None:
+            batch = decode_batch(batch, **self.decode)
+        return {**batch, "cpu_decoded": np.count_nonzero(batch["reason"] == "")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from sweeps.activations.clip import capture_layers
 
-        if self.decode is not None:
-            batch = decode_batch(batch, **self.decode)
+        batch = self._decoded(batch)
         reasons = batch["reason"].copy()
         ok = reasons == ""
         if ok.any():
             with self.torch.inference_mode():
-                pixels = self.torch.from_numpy(batch["pixels"][ok]).to(self.device)
+                pixels = self.torch.as_tensor(batch["pixels"], device=self.device)
+                pixels = pixels[self.torch.from_numpy(ok).to(self.device)]
                 acts = capture_layers(
                     self.model, self.pre.normalize(pixels, self.dtype), self.layers, self.token_mode
                 )
@@ -113,11 +134,15 @@ class Encoder:
             else:  # the driver raises; a part with NaNs must never exist
                 reasons[np.flatnonzero(ok)[~finite]] = "nonfinite"
         n = len(reasons)
+        # per row for Ray Data's batches; the batch's count on its first row
+        cpu_decoded = np.zeros(n, np.int64)
+        cpu_decoded[:1] = batch["cpu_decoded"]
         return {
             "row_id": batch["row_id"],
             "reason": reasons,
             "node": np.array([self.node] * n, dtype=object),
             "device": np.array([f"{self.device}/{str(self.dtype)[6:]}"] * n, dtype=object),
+            "cpu_decoded": cpu_decoded,
         }
 
 
@@ -187,6 +212,11 @@ def extract(
         )
     pre = Preprocessing.from_pretrained(model.name_or_path, model.revision)
     here = runs_here(cfg) if in_process is None else in_process
+    if here and ex.decode == "device":
+        raise ValueError(
+            "extract.decode=device: extraction runs in this process, on CPUs (no GPU here); "
+            "use auto or cpu"
+        )
     if not here and start_ray is not None:
         start_ray()
     run_dir = cache.start_run(ex.cache_dir, key)
@@ -270,14 +300,16 @@ def _batches(index: pa.Table, size: int) -> list[pa.Table]:
 
 
 def _run_here(cfg, pre, source, run_dir, progress) -> dict:
-    """The Encoder in this process; the next batch decodes in a thread while this one runs
-    its forward (PIL and torch release the GIL)."""
+    """The Encoder in this process; the next batch decodes (in worker processes) while this
+    one runs its forward."""
     import torch
 
     ex = cfg.extract
     threads = torch.get_num_threads()
     cpu_threads = ex.cpu_threads or os.cpu_count() or 1
+    # half the cores decode the next batch in processes while the forward runs
     decode = {"data": cfg.data, "pre": pre, "max_pixels": ex.max_image_pixels}
+    decode["processes"] = max(1, cpu_threads // 2)
     tally = _Tally(len(source.index), ex.max_bad_fraction, progress)
     blocks = [
         {
@@ -313,7 +345,20 @@ def _run_pipeline(cfg, pre, source, run_dir, progress) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the caller's bar counts images instead
     decode = {"data": cfg.data, "pre": pre, "max_pixels": ex.max_image_pixels}
-    if num_gpus > 0:
+    if num_gpus == 0 and ex.decode == "device":
+        raise ValueError(
+            "extract.decode=device: the models run on CPUs (extract.num_gpus_per_actor=0 or "
+            "no GPU in the cluster); use auto or cpu"
+        )
+    on_device = num_gpus > 0 and (
+        ex.decode == "device"
+        or (ex.decode == "auto" and importlib.util.find_spec("torchvision") is not None)
+    )
+    if on_device:
+        # Encoded bytes travel; each GPU actor decodes its batches with nvJPEG.
+        ds = ray.data.from_arrow(_batches(source.index, ex.batch_size))
+        batch_size = None
+    elif num_gpus > 0:
         # A GPU actor must not wait for decoding: CPU tasks decode ahead of it.
         ds = ray.data.from_arrow(_batches(source.index, ex.rows_per_task))
         ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", fn_kwargs=decode)
@@ -330,11 +375,12 @@ def _run_pipeline(cfg, pre, source, run_dir, progress) -> dict:
         num_gpus=num_gpus,
         # a GPU actor mostly waits on its device; and remote args unlike the decode tasks'
         # keep Ray from fusing decoding into it, which would serialise them. A CPU actor
-        # decodes itself and sizes its threads by cpu_threads.
+        # decodes itself, in cpu_threads processes.
         num_cpus=0.5,
         fn_constructor_kwargs={
             **_encoder_args(cfg, pre, run_dir, cpu_threads),
-            "decode": None if num_gpus > 0 else decode,
+            "decode": None if num_gpus > 0 and not on_device else decode,
+            "on_device": on_device,
         },
     )
     tally = _Tally(len(source.index), ex.max_bad_fraction, progress)
@@ -349,6 +395,7 @@ class _Tally:
     def __init__(self, total: int, max_bad_fraction: float, progress):
         self.total, self.max_bad_fraction, self.progress = total, max_bad_fraction, progress
         self.skipped, self.done, self.nodes, self.devices = Counter(), [], set(), set()
+        self.cpu_decoded = 0
         self.start = time.perf_counter()
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
@@ -363,6 +410,7 @@ class _Tally:
         self.done.append(batch["row_id"][reasons == ""])
         self.nodes.update(batch["node"].tolist())
         self.devices.update(batch["device"].tolist())
+        self.cpu_decoded += int(batch["cpu_decoded"].sum())
         if self.progress is not None:
             self.progress.update(len(reasons))
         bad = sum(self.skipped.values())
@@ -384,6 +432,7 @@ class _Tally:
                 "images_per_s": round(len(done) / seconds, 2),
                 "nodes": sorted(self.nodes),
                 "devices": sorted(self.devices),
+                "cpu_decoded": self.cpu_decoded,
             },
         }
 

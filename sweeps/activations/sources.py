@@ -8,9 +8,10 @@ import dataclasses
 import functools
 import glob
 import io
+import multiprocessing
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,7 +169,7 @@ def _columns(data: DataConfig) -> list[str]:
 # ---- decode + preprocess (CPU tasks) ----
 
 
-def _fetch(index: dict[str, np.ndarray], data: DataConfig) -> tuple[list, np.ndarray]:
+def fetch_images(index: dict[str, np.ndarray], data: DataConfig) -> tuple[list, np.ndarray]:
     """Raw image values (bytes, HF dicts or paths) and labels for a block of index rows."""
     if data.source == "folder":
         return list(index["path"]), index["label"]  # read by decode_image: a row-level error
@@ -215,7 +216,7 @@ def _labels(values, n: int) -> np.ndarray:
     return np.array([-1 if v is None else int(v) for v in values], np.int64)
 
 
-def _raw_bytes(value) -> bytes | None:
+def raw_bytes(value) -> bytes | None:
     """Bytes of an image value: bytes, an HF {"bytes", "path"} dict, or a file path."""
     if isinstance(value, dict):
         if value.get("bytes") is not None:
@@ -231,7 +232,7 @@ def decode_image(value, pre: Preprocessing, max_pixels: int) -> tuple[np.ndarray
     from PIL import Image, UnidentifiedImageError
 
     try:
-        raw = _raw_bytes(value)
+        raw = raw_bytes(value)
     except OSError:
         return None, "missing"
     if raw is None:
@@ -266,24 +267,26 @@ def decode_batch(
     data: DataConfig,
     pre: Preprocessing,
     max_pixels: int,
-    threads: int = 1,
+    processes: int = 1,
 ) -> dict[str, np.ndarray]:
     """Fetch, decode and preprocess a block; bad rows keep their row id and get a reason.
 
-    With threads > 1, images decode in parallel: PIL releases the GIL to decode and resize."""
-    images, labels = _fetch(index, data)
+    With processes > 1 the images decode in that many worker processes (one pool per
+    process, kept): threads stop scaling at a few cores, since PIL holds the GIL between its
+    decode and resize calls."""
+    images, labels = fetch_images(index, data)
     crop_h, crop_w = pre.crop_hw or pre.size_hw
     pixels_BCHW = np.zeros((len(images), 3, crop_h, crop_w), np.uint8)
-    reasons = []
-
-    def decode(value):
-        return decode_image(value, pre, max_pixels)
-
-    if threads > 1 and len(images) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            decoded = list(pool.map(decode, images))
+    if processes > 1 and len(images) > 1:
+        chunks = [images[i::processes] for i in range(processes)]
+        n = len(chunks)
+        done = _pool(processes).map(_decode_all, chunks, [pre] * n, [max_pixels] * n)
+        decoded = [None] * len(images)
+        for i, chunk in enumerate(done):
+            decoded[i::processes] = chunk
     else:
-        decoded = map(decode, images)
+        decoded = _decode_all(images, pre, max_pixels)
+    reasons = []
     for i, (pixels, reason) in enumerate(decoded):
         if pixels is not None:
             pixels_BCHW[i] = pixels
@@ -294,3 +297,13 @@ def decode_batch(
         "pixels": pixels_BCHW,
         "reason": np.array(reasons, dtype=object),
     }
+
+
+def _decode_all(values: list, pre: Preprocessing, max_pixels: int) -> list:
+    return [decode_image(value, pre, max_pixels) for value in values]
+
+
+@functools.cache
+def _pool(processes: int) -> ProcessPoolExecutor:
+    # spawn: this process may hold torch's threads or be a Ray worker, neither safe to fork
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
