@@ -6,13 +6,14 @@ fresh cache: in this process (what `sae-sweep extract` does on one machine witho
 Ray at all), and with --ray-data through Ray Data too (actor start and model load included;
 `ray.init`, once, is printed apart). All load the same ViT-B/32-shaped checkpoint (random
 weights) and read the same JPEG files; they alternate, --runs times, and the table gives
-medians. A second table
-isolates the forward: 12 blocks against stopping after the layer. Where CUDA exists, a third
-times the GPU actor's inner loop without Ray (decode + preprocess on this machine's cores,
-float16 forward stopped after the layer) at batch 256.
+medians. A second table isolates the forward: 12 blocks against stopping after the layer.
+A third times a model actor's loop without Ray on 500x375 JPEGs at batch 256 (`inner_loop`):
+the CPU decoders (threads as before, processes) and nvJPEG where it runs, each alone and then
+with the forward (float16 on a GPU), against the plain HF loop; `--inner-only` prints only it
+(no Ray needed: the GPU check runs it).
 
     python benchmarks/bench_extract.py [--images 1024] [--batch-size 64] [--layer 9] [--runs 3]
-        [--ray-data]
+        [--ray-data] [--device cpu|cuda] [--inner-batch 256] [--inner-only]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -96,15 +98,38 @@ def pipeline(
     return time.perf_counter() - start
 
 
-def cuda_inner_loop(checkpoint: str, paths: list[Path], layer: int, batch: int = 256):
-    """Images/s of the GPU actor's work per batch without Ray: decode + preprocess on all
-    cores, then the float16 forward stopped after `layer`; and each half alone."""
+def make_photo_jpegs(directory: Path, n: int) -> list[Path]:
+    """n ImageNet-like JPEGs: 500x375, quality 90, smooth content with fine detail."""
+    rng = np.random.default_rng(1)
+    directory.mkdir()
+    paths = []
+    for i in range(n):
+        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC))
+        detail = rng.normal(0, 12, base.shape)
+        pixels = np.clip(base + detail, 0, 255).astype(np.uint8)
+        paths.append(directory / f"{i:05d}.jpg")
+        Image.fromarray(pixels).save(paths[-1], quality=90)
+    return paths
+
+
+def inner_loop(checkpoint: str, paths: list[Path], layer: int, device: str, batch: int = 256):
+    """Images/s of a model actor's work on one batch, without Ray: each decoder alone (CPU
+    threads, as before; CPU processes; nvJPEG on the device where it runs), the forward
+    stopped after `layer` alone (float16 on a GPU), each decoder then the forward, and the
+    plain HF loop (processor, then the full model) on the same batch. Medians of 3."""
+    from transformers import CLIPImageProcessor
+
     from sweeps.activations.clip import Preprocessing
-    from sweeps.activations.sources import decode_batch
+    from sweeps.activations.device_decode import decode_on_device, device_decoder_problem
+    from sweeps.activations.sources import decode_batch, decode_image
     from sweeps.config import DataConfig
 
+    cuda = device == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
     pre = Preprocessing.from_pretrained(checkpoint)
-    model = load_vision_model(checkpoint, dtype=torch.float16).cuda()
+    model = load_vision_model(checkpoint, dtype=dtype).to(device)
+    processor = CLIPImageProcessor.from_pretrained(checkpoint)
     data = DataConfig(source="folder", path=str(paths[0].parent))
     paths = (paths * (batch // len(paths) + 1))[:batch]
     index = {
@@ -112,31 +137,54 @@ def cuda_inner_loop(checkpoint: str, paths: list[Path], layer: int, batch: int =
         "path": np.array([str(p) for p in paths], object),
         "label": np.full(batch, -1),
     }
-    threads = os.cpu_count() or 1
+    cores = os.cpu_count() or 1
 
-    def decode():
-        return decode_batch(index, data, pre, 10**9, threads=threads)["pixels"]
+    def threads():  # the decoder before this change: PIL in a thread pool
+        with ThreadPoolExecutor(cores) as pool:
+            decoded = list(pool.map(lambda p: decode_image(str(p), pre, 10**9)[0], paths))
+        return torch.from_numpy(np.stack(decoded))
+
+    def processes():
+        return torch.from_numpy(decode_batch(index, data, pre, 10**9, processes=cores)["pixels"])
+
+    def on_device():
+        return decode_on_device(index, data, pre, 10**9, device)["pixels"]
 
     def forward(pixels):
-        x = pre.normalize(torch.from_numpy(pixels).cuda(non_blocking=True), torch.float16)
-        out = capture_layers(model, x, [layer])[layer].float().cpu()
-        return out
+        x = pre.normalize(pixels.to(device, non_blocking=True), dtype)
+        return capture_layers(model, x, [layer])[layer].float().cpu()
 
-    pixels = decode()
-    forward(pixels)  # warm-up: cuBLAS handles, allocator
-    torch.cuda.synchronize()
-    times = {"decode": [], "forward": [], "both": []}
-    for _ in range(3):
-        t = time.perf_counter()
-        decode()
-        times["decode"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        forward(pixels)
-        times["forward"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        forward(decode())
-        times["both"].append(time.perf_counter() - t)
-    return {k: batch / statistics.median(v) for k, v in times.items()}, torch.cuda.get_device_name()
+    def plain():
+        images = [Image.open(p) for p in paths]
+        x = processor(images=images, return_tensors="pt")["pixel_values"].to(device, dtype)
+        model(pixel_values=x, output_hidden_states=True).hidden_states[layer + 1][:, 0].cpu()
+
+    decoders = {f"CPU, {cores} threads (before)": threads, f"CPU, {cores} processes": processes}
+    problem = device_decoder_problem(pre, device)
+    if problem is None:
+        decoders["nvJPEG on the device"] = on_device
+    pixels = processes()
+    forward(pixels)  # warm-up: cuBLAS handles, allocator, the process pool
+    cases = {f"decode: {name}": fn for name, fn in decoders.items()}
+    cases["forward alone, stopped after the layer"] = lambda: forward(pixels)
+    cases |= {
+        f"decode then forward: {name}": (lambda f=fn: forward(f())) for name, fn in decoders.items()
+    }
+    cases["plain HF loop: processor, full model"] = plain
+    rates = {}
+    with torch.inference_mode():
+        for name, fn in cases.items():
+            fn()
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            rates[name] = batch / statistics.median(times)
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    return rates, name, problem
 
 
 def forward_only(checkpoint: str, batch_size: int, layer: int, repeats: int = 3):
@@ -177,7 +225,20 @@ def main() -> None:
     parser.add_argument(
         "--ray-data", action="store_true", help="also time extract() through Ray Data"
     )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--inner-batch", type=int, default=256, help="batch of the model actor's loop table"
+    )
+    parser.add_argument("--inner-only", action="store_true", help="only the actor's loop table")
     args = parser.parse_args()
+    if args.inner_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = make_checkpoint(Path(tmp) / "vit-b-32")
+            photos = make_photo_jpegs(Path(tmp) / "photos", min(args.inner_batch, 512))
+            print_inner(
+                args, inner_loop(checkpoint, photos, args.layer, args.device, args.inner_batch)
+            )
+        return
 
     import ray
 
@@ -207,7 +268,8 @@ def main() -> None:
             ray_data.append(pipeline(common[0], common[1], tmp / f"ray{run}", *common[2:], False))
         t_full, t_stop = forward_only(checkpoint, args.batch_size, args.layer)
         t_decode = decode_only(checkpoint, paths[:128])
-        cuda = cuda_inner_loop(checkpoint, paths, args.layer) if torch.cuda.is_available() else None
+        photos = make_photo_jpegs(tmp / "photos", min(args.inner_batch, 512))
+        inner = inner_loop(checkpoint, photos, args.layer, args.device, args.inner_batch)
     if ray.is_initialized():
         ray.shutdown()
 
@@ -242,15 +304,21 @@ def main() -> None:
         f"rest of extract() in this process, {t_here - n * per_image:.1f} s of {t_here:.1f} s, "
         "is start-up (indexing, weight hash, model load) and what decoding adds to the forward"
     )
-    if cuda is None:
-        print("\nno CUDA device: the GPU inner-loop table is skipped")
-    else:
-        rates, device = cuda
-        print(f"\n| GPU actor inner loop, batch 256, {device}, {os.cpu_count()} CPUs | images/s |")
-        print("|---|---:|")
-        print(f"| decode + preprocess ({os.cpu_count()} threads) | {rates['decode']:,.0f} |")
-        print(f"| float16 forward stopped after layer {args.layer} | {rates['forward']:,.0f} |")
-        print(f"| both, one after the other (the actor's loop) | {rates['both']:,.0f} |")
+    print_inner(args, inner)
+
+
+def print_inner(args, inner) -> None:
+    rates, where, problem = inner
+    print(
+        f"\n| a model actor's loop, batch {args.inner_batch}, 500x375 JPEGs, {where}, "
+        f"{os.cpu_count()} CPUs | images/s | vs plain HF loop |"
+    )
+    print("|---|---:|---:|")
+    plain = rates["plain HF loop: processor, full model"]
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:,.0f} | {rate / plain:.2f}x |")
+    if problem:
+        print(f"(no nvJPEG rows: {problem})")
 
 
 if __name__ == "__main__":

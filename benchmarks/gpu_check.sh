@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the training step, in one run (at most ~6 minutes on one H100/H200):
+# The GPU check of training and extraction, in one run (at most ~6 minutes on one H100/H200):
 #
 #   benchmarks/gpu_check.sh OUTDIR [--device cpu] [--quick]
 #
@@ -12,6 +12,9 @@
 #                      and ours for each of the four architectures
 #   e2e.md             train_sae end to end at batch 500 and 4096, and 1/2/4/8 trials sharing
 #   profile.txt        where a step's time goes (torch.profiler, B=500)
+#   extract.md         a model actor's loop at batch 256 on 500x375 JPEGs: nvJPEG on the GPU
+#                      against CPU threads and processes, and the plain HF loop
+#   extract_ray.md     extract through Ray Data with one GPU actor, where Ray imports
 #   timings.log        each part's command and seconds
 #   summary.md         everything above but the logs, in one file
 # Rehearse on a machine without a GPU with `--device cpu --quick` (small shapes, few steps).
@@ -72,6 +75,17 @@ run step step.md "$py" benchmarks/bench_sae_step.py --device "$device" --shapes 
     --architectures "${quick[@]}"
 run e2e e2e.md "$py" benchmarks/bench_train_e2e.py --device "$device" "${quick[@]}"
 run profile profile.txt "$py" benchmarks/profile_step.py --device "$device" --batch 500
+inner=256
+[ ${#quick[@]} -gt 0 ] && inner=32
+run extract extract.md "$py" benchmarks/bench_extract.py --inner-only --device "$device" \
+    --inner-batch "$inner"
+if "$py" -c "import ray, mlflow" 2>/dev/null; then
+    run extract_ray extract_ray.md "$py" benchmarks/bench_extract.py --device "$device" \
+        --images 4096 --runs 1 --ray-data --inner-batch "$inner"
+else
+    echo "Ray is not importable here: extraction through Ray Data is not measured" \
+        | tee "$out/extract_ray.md"
+fi
 
 {
     echo "# GPU check, $(date -u +%F)"
@@ -81,6 +95,8 @@ run profile profile.txt "$py" benchmarks/profile_step.py --device "$device" --ba
     echo; echo "## End to end and trials sharing the device"; echo; cat "$out/e2e.md"
     echo; echo "## Where a step's time goes (B=500)"; echo; echo '```'
     head -n 30 "$out/profile.txt"; echo '```'
+    echo; echo "## Extraction: a model actor's loop"; echo; cat "$out/extract.md"
+    echo; cat "$out/extract_ray.md"
     echo; echo "## Seconds per part"; echo; echo '```'; cat "$out/timings.log"; echo '```'
 } >"$out/summary.md"
 if [ ${#failed[@]} -gt 0 ]; then

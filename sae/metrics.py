@@ -52,6 +52,8 @@ class SaeStats:
         self.x = _Moments(device)
         self.residual = _Moments(device)
         self.active = torch.zeros((), dtype=torch.float64, device=device)
+        self.xhat_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self.x_dot_xhat = torch.zeros((), dtype=torch.float64, device=device)
         self.fired_M = torch.zeros(num_latents, dtype=torch.int64, device=device)
         self.act_sum_M = torch.zeros(num_latents, dtype=torch.float64, device=device)
         self.max_act_M = torch.zeros(num_latents, device=device)
@@ -61,8 +63,11 @@ class SaeStats:
         x = x_BD.double()
         if x.shape[0] == 0:
             return
-        r = x - x_hat_BD.double()
+        x_hat = x_hat_BD.double()
+        r = x - x_hat
         self.sq_err += r.pow(2).sum()
+        self.xhat_sq += x_hat.pow(2).sum()
+        self.x_dot_xhat += (x * x_hat).sum()
         self.x.update(x)
         self.residual.update(r)
         self.n += x.shape[0]
@@ -86,7 +91,10 @@ class SaeStats:
     def result(self) -> dict[str, float]:
         """fvu; explained_variance = 1 - sum Var(x - x_hat) / sum Var(x) (unlike 1 - fvu it
         forgives a constant offset); l0; never_fired_frac and dense_frac (see the module
-        doc); mean_act (mean over latents that fired of their mean activation) and max_act."""
+        doc); mean_act (mean over latents that fired of their mean activation) and max_act;
+        shrinkage, SAEBench's relative reconstruction bias sum ||x_hat||^2 / sum <x, x_hat>
+        (Rajamanoharan et al. 2024, eq. 10): 1 when x_hat is not scaled down, below 1 when
+        the sparsity penalty shrinks it; 1 / shrinkage is the best rescaling of x_hat."""
         if self.n == 0:
             raise ValueError("no rows were evaluated")
         freq = self.firing_frequency()
@@ -100,7 +108,53 @@ class SaeStats:
             "dense_frac": (freq > DENSE_FREQUENCY).double().mean().item(),
             "mean_act": self.mean_activation()[fired].mean().item() if fired.any() else 0.0,
             "max_act": self.max_act_M.max().item(),
+            "shrinkage": (self.xhat_sq / self.x_dot_xhat).item()
+            if self.x_dot_xhat > 0
+            else float("nan"),
         }
+
+
+DENSITY_DECADES = tuple(range(-6, 0))
+"""log10 firing frequencies that bound the bins of density_histogram."""
+
+
+def density_histogram(frequency_M: Tensor) -> dict[str, int]:
+    """How many latents fire at each decade of frequency (SAEBench's feature density): keys
+    "never", "below_1e-6", "1e-6" (for [1e-6, 1e-5)), ..., "1e-1" (for [0.1, 1])."""
+    freq = frequency_M.double()
+    counts = {
+        "never": int((freq == 0).sum()),
+        "below_1e-6": int(((freq > 0) & (freq < 1e-6)).sum()),
+    }
+    for low in DENSITY_DECADES:
+        above = freq >= 10.0**low
+        counts[f"1e{low}"] = int((above & (freq < 10.0 ** (low + 1) if low < -1 else above)).sum())
+    return counts
+
+
+@torch.no_grad()
+def decoder_similarity(W_dec_MD: Tensor, threshold: float = 0.9, block: int = 4096):
+    """(largest cosine similarity between two distinct decoder rows, pairs of rows above
+    `threshold`): near-duplicate latents. In blocks of rows, never a whole (M, M) matrix."""
+    W = torch.nn.functional.normalize(W_dec_MD.float(), dim=1)
+    M = len(W)
+    best, pairs = -1.0, 0
+    for start in range(0, M, block):
+        cos_BM = W[start : start + block] @ W.T
+        rows = torch.arange(start, min(start + block, M), device=W.device)
+        cos_BM[rows - start, rows] = -2.0  # a row with itself
+        best = max(best, cos_BM.max().item())
+        pairs += int((cos_BM > threshold).sum())
+    return best, pairs // 2
+
+
+def dictionary_metrics(W_dec_MD: Tensor, frequency_M: Tensor) -> dict[str, float]:
+    """What a trained SAE's dictionary looks like, SAEBench's way: decoder/max_cos and
+    decoder/pairs_over_0.9 (decoder_similarity), and density/<bin> (density_histogram of the
+    firing frequencies measured on validation rows)."""
+    max_cos, pairs = decoder_similarity(W_dec_MD)
+    out = {"decoder/max_cos": max_cos, "decoder/pairs_over_0.9": float(pairs)}
+    return out | {f"density/{k}": float(v) for k, v in density_histogram(frequency_M).items()}
 
 
 @torch.no_grad()

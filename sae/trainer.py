@@ -417,6 +417,7 @@ class Trainer:
                             "val/fvu": val["fvu"],
                             "val/l0": val["l0"],
                             "val/never_fired_frac": val["never_fired_frac"],
+                            "val/shrinkage": val["shrinkage"],
                             "dense_frac": val["dense_frac"],
                         }
                     )

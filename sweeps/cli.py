@@ -176,11 +176,12 @@ def _sweep(configs, args, resume: bool) -> list:
 
 
 def _print_summary(cfg, result) -> None:
-    from sweeps.results.best import format_table
+    from sweeps.results.best import format_table, pick_note
 
     print(describe_extract(result.extraction))
     objectives = cfg.tune.objective_modes()
     print(format_table(result.rows, objectives, limit=cfg.tune.show_top))
+    print(pick_note(cfg, result.rows))
     n_failed = sum(r.status == "FAILED" for r in result.rows)
     print(
         f"sweep {cfg.sweep.name}: {len(result.rows)} trials ({n_failed} failed) in "
@@ -295,7 +296,14 @@ def _check_store(cfg) -> None:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from sweeps.results.best import best_trials, format_table, sae_folder, why_no_sae
+    from sweeps.results.best import (
+        MAX_RANKED,
+        best_trials,
+        format_table,
+        pick_note,
+        sae_folder,
+        why_no_sae,
+    )
 
     if args.top < 1:
         raise ConfigError(f"--top (got {args.top}): list 1 or more trials")
@@ -303,9 +311,10 @@ def cmd_best(args: argparse.Namespace) -> int:
         check_model_name(args.register)
     for cfg in load_configs(args.config, args.set):
         _check_store(cfg)
-        rows = best_trials(cfg, top=args.top)
-        print(format_table(rows, cfg.tune.objective_modes(), limit=len(rows)))
+        rows = best_trials(cfg, top=MAX_RANKED)  # the pick is chosen among all of them
+        print(format_table(rows, cfg.tune.objective_modes(), limit=args.top))
         if rows:
+            print(pick_note(cfg, rows))
             best = rows[0]
             folder = sae_folder(cfg, best.trial_id, best.layer)
             print(f"best SAE: {best.sae_dir or 'none: ' + why_no_sae(best.status, folder)}")

@@ -252,11 +252,21 @@ class TuneSettings:
     sampler: Literal["tpe", "nsga2"] = "tpe"
     """Optuna sampler: tpe (multivariate; multi-objective too) or nsga2."""
 
-    objectives: list[str] = field(default_factory=lambda: ["val/fvu:min"])
-    """metric:mode pairs; several give a Pareto front, e.g. [val/fvu:min, val/l0:min]."""
+    objectives: list[str] = field(default_factory=lambda: ["val/fvu:min", "val/l0:min"])
+    """metric:mode pairs; several give a Pareto front. The default, reconstruction against
+    sparsity, cannot be won by width or k alone."""
 
-    asha: bool = True
-    """Stop trials early with ASHA on the objective (single objective only)."""
+    max_dead_frac: float = 0.2
+    """Largest share of latents never fired on validation rows (1: any). Above it a trial is
+    infeasible: a constraint for Optuna's sampler, never the pick."""
+
+    pick_l0: list[float] = field(default_factory=list)
+    """[low, high]: pick the lowest val/fvu with val/l0 in it; []: the knee of the front.
+    The rule is in docs/sweeps.md, 'The pick'."""
+
+    asha: bool = False
+    """Stop trials early with ASHA (one objective only, e.g. [val/fvu:min]). With several,
+    ASHA would cut the sparse trials of the front."""
 
     grace_period: int = 100
     """ASHA: optimizer steps every trial runs before it can be stopped."""
@@ -268,17 +278,18 @@ class TuneSettings:
     """Retries of a failed trial, each from its last checkpoint."""
 
     checkpoint_interval_s: float = 60.0
-    """Least seconds between saves of a trial's training state (SAE and Adam's state, at an
-    eval, see train.checkpoint_every) to <storage_path>/<name>/trial_state: a retried or
-    resumed trial goes on from there and redoes at most this much work. 0: at every eval."""
+    """Least seconds between saves of a trial's training state. The SAE and Adam's state are
+    saved at an eval (see train.checkpoint_every) to <storage_path>/<name>/trial_state: a
+    retried or resumed trial goes on from there and redoes at most this much work. 0: at
+    every eval."""
 
     data: Literal["auto", "object_store", "cache"] = "auto"
-    """How trials get activations: object_store (the driver loads each layer once and shares
-    it), cache (trials read batches from an uncompressed copy of the layer that each node
-    writes once from extract.cache_dir, which must be shared storage; $SAE_ARRAY_DIR or the
-    temp directory holds it), or auto (cache for all-token layers, which can outgrow memory,
-    and when extract.cache_dir is on a network file system such as a cluster's NFS/EFS; else
-    object_store. Never from which nodes happen to be up)."""
+    """How trials get activations: object_store, cache or auto. object_store: the driver
+    loads each layer once and shares it. cache: trials read batches from an uncompressed copy
+    of the layer that each node writes once from extract.cache_dir, which must be shared
+    storage ($SAE_ARRAY_DIR or the temp directory holds it). auto: cache for all-token layers,
+    which can outgrow memory, and when extract.cache_dir is on a network file system such as
+    a cluster's NFS/EFS; else object_store. Never from which nodes happen to be up."""
 
     show_top: int = 10
     """Trials in the summary table."""
@@ -335,6 +346,19 @@ class TuneSettings:
                 o,
             )
         _check(bool(self.objectives), "tune.objectives", "give at least one metric:mode pair")
+        _check(
+            0 < self.max_dead_frac <= 1,
+            "tune.max_dead_frac",
+            "use a fraction in (0, 1]; 1 puts no bound on dead latents",
+            self.max_dead_frac,
+        )
+        band = self.pick_l0
+        _check(
+            band == [] or (len(band) == 2 and 0 <= band[0] < band[1]),
+            "tune.pick_l0",
+            "give [low, high] with 0 <= low < high (e.g. [20, 200]), or [] for the front's knee",
+            band,
+        )
         _check(
             not (self.asha and len(self.objectives) > 1),
             "tune.asha",

@@ -5,10 +5,9 @@ Every other module of the service reads these names from here. No Ray, no MLflow
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,11 +76,23 @@ EVAL_KEYS = (
     "dense_frac",
     "val/probe_acc",
     "val/probe_acc_orig",
+    "val/shrinkage",
+)
+
+#: Result keys of the final result only: the dictionary's shape, as
+#: sae.metrics.dictionary_metrics names them (spelt out: this module loads no torch).
+DICTIONARY_KEYS = (
+    "decoder/max_cos",
+    "decoder/pairs_over_0.9",
+    *(
+        f"density/{b}"
+        for b in ("never", "below_1e-6", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")
+    ),
 )
 
 #: Result keys logged as step metrics when a trial reports them; at the end of a trial also as
 #: final metrics named by `final_name` ("val/fvu" -> "fvu").
-METRIC_KEYS = (*EVAL_KEYS, "auxk_loss", "lr", "acts_per_s")
+METRIC_KEYS = (*EVAL_KEYS, *DICTIONARY_KEYS, "auxk_loss", "lr", "acts_per_s")
 
 #: The metrics every summary of trials shows (the console, `best`, the MLflow leaderboard)
 #: beside the objectives, with their short labels.
@@ -206,29 +217,6 @@ def trial_label(config: Mapping[str, Any]) -> str:
 def final_name(key: str) -> str:
     """Final metric name of a result key: "val/fvu" -> "fvu", "train/fvu" -> "train_fvu"."""
     return key.removeprefix("val/").replace("/", "_")
-
-
-def pareto_front(points: Sequence[Mapping[str, Any]], objectives: Mapping[str, str]) -> list[int]:
-    """Indices of the points no other point dominates, best first by the first objective.
-
-    `objectives` maps a metric to "min" or "max". Points missing an objective or holding NaN
-    are left out. With one objective this is the best point (and its ties).
-    """
-    bad = {m for m in objectives.values() if m not in ("min", "max")}
-    if bad:
-        raise ValueError(f"Objective modes must be 'min' or 'max', got {sorted(bad)}")
-    sign = [1.0 if mode == "min" else -1.0 for mode in objectives.values()]
-    costs = {
-        i: tuple(s * float(p[k]) for s, k in zip(sign, objectives, strict=True))
-        for i, p in enumerate(points)
-        if all(is_num(p.get(k)) and not math.isnan(p[k]) for k in objectives)
-    }
-
-    def dominates(a: tuple, b: tuple) -> bool:
-        return a != b and all(x <= y for x, y in zip(a, b, strict=True))
-
-    front = [i for i, c in costs.items() if not any(dominates(o, c) for o in costs.values())]
-    return sorted(front, key=lambda i: costs[i])
 
 
 def is_num(v: Any) -> bool:

@@ -185,3 +185,54 @@ def test_streaming_stats_over_unlike_batches_equal_one_float64_pass():
     torch.testing.assert_close(stats.mean_activation(), dense.sum(0) / fired.clamp(min=1))
     assert got["max_act"] == pytest.approx(dense.max().item(), rel=1e-6)
     assert got["never_fired_frac"] == pytest.approx((fired == 0).double().mean().item())
+
+
+def test_shrinkage_is_saebench_relative_reconstruction_bias():
+    """SAELens's evals.py formula on one batch: mean ||x_hat||^2 / mean <x, x_hat>; a
+    reconstruction scaled by 0.8 reads 0.8."""
+    from sae.metrics import SaeStats
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=gen)
+    for x_hat in (0.8 * x, x + 0.3 * torch.randn(500, 16, generator=gen)):
+        stats = SaeStats(4)
+        idx = torch.zeros(500, 1, dtype=torch.long)
+        for rows in (slice(0, 123), slice(123, 500)):  # accumulated over batches
+            stats.update(x[rows], x_hat[rows], torch.ones(len(x[rows]), 1), idx[rows])
+        xd, x_hatd = x.double(), x_hat.double()
+        reference = (x_hatd.norm(dim=-1) ** 2).mean() / (xd * x_hatd).sum(-1).mean()
+        assert stats.result()["shrinkage"] == pytest.approx(reference.item(), rel=1e-9)
+    assert stats.result()["shrinkage"] != pytest.approx(0.8)  # the second is not scaled
+
+
+def test_decoder_similarity_against_the_whole_cosine_matrix():
+    from sae.metrics import decoder_similarity
+
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(300, 64, generator=gen)
+    W[250] = W[3] * 5 + 0.05 * torch.randn(64, generator=gen)  # a near-duplicate, other block
+    W[17] = -W[40]  # opposite directions are not duplicates
+    cos = torch.nn.functional.normalize(W, dim=1) @ torch.nn.functional.normalize(W, dim=1).T
+    cos.fill_diagonal_(-2)
+    for threshold in (0.9, 0.3):
+        best, pairs = decoder_similarity(W, threshold=threshold, block=64)
+        assert best == pytest.approx(cos.max().item(), abs=1e-6)
+        assert pairs == int((cos > threshold).sum()) // 2
+    assert decoder_similarity(W, block=64)[1] == 1
+
+
+def test_density_histogram_bins_by_decade_and_names_the_swept_keys():
+    from sae.metrics import density_histogram, dictionary_metrics
+    from sweeps.schema import DICTIONARY_KEYS
+
+    freq = torch.tensor(
+        [0.0, 0, 3e-7, 1e-6, 2e-5, 9.9e-5, 1e-3, 0.05, 0.1, 0.7], dtype=torch.float64
+    )
+    counts = density_histogram(freq)
+    numpy_bins = np.histogram(
+        np.log10(freq[freq > 0].numpy()), bins=[-99, -6, -5, -4, -3, -2, -1, 0.01]
+    )[0]
+    assert counts["never"] == 2
+    assert list(counts.values())[1:] == numpy_bins.tolist()
+    assert sum(counts.values()) == len(freq)
+    assert tuple(dictionary_metrics(torch.randn(10, 4), freq)) == DICTIONARY_KEYS

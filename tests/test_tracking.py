@@ -24,12 +24,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.ranking import PickRule
 from sweeps.results.plots import trial_plots
 from sweeps.schema import (
     FREQUENCY_FILE,
     RUNS_PAGE_COLUMNS,
     default_tracking_uri,
-    pareto_front,
 )
 from sweeps.search.console import SweepDisplay
 from sweeps.search.mlflow_callback import MlflowTrialCallback
@@ -156,7 +156,7 @@ def test_sweep_logs_parent_children_metrics_artifacts(ray_session, tmp_path, tra
     error_txt = Path(client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path)))
     assert "RuntimeError" in error_txt.read_text()
 
-    best = log_sweep_summary(tracking_uri, parent, grid, {"val/fvu": "min"})
+    best = log_sweep_summary(tracking_uri, parent, grid, PickRule({"val/fvu": "min"}))
     assert best[0]["run_id"] == done.info.run_id
     summary = client.get_run(parent).data
     assert summary.tags["best.run_id"] == done.info.run_id
@@ -255,22 +255,6 @@ def test_callbacks_pickle_without_their_driver_state(tmp_path):
     assert display_copy.num_samples == 3
 
 
-def test_pareto_front():
-    points = [
-        {"fvu": 0.1, "l0": 64},
-        {"fvu": 0.2, "l0": 32},
-        {"fvu": 0.3, "l0": 64},  # dominated by the first
-        {"fvu": 0.1, "l0": 64},  # a tie stays on the front
-        {"fvu": float("nan"), "l0": 1},
-        {"l0": 1},
-    ]
-    assert pareto_front(points, {"fvu": "min", "l0": "min"}) == [0, 3, 1]
-    assert pareto_front(points, {"fvu": "min"}) == [0, 3]
-    assert pareto_front(points, {"l0": "max"}) == [0, 2, 3]
-    with pytest.raises(ValueError, match="'min' or 'max'"):
-        pareto_front(points, {"fvu": "minimize"})
-
-
 def test_pareto_summary_on_parent(tmp_path):
     uri = default_tracking_uri(tmp_path)
     parent = start_sweep_run(uri, "pareto", "p1", {}, {})
@@ -280,11 +264,14 @@ def test_pareto_summary_on_parent(tmp_path):
         {"trial_id": "c", "config": {"k": 8}, "metrics": {"val/fvu": 0.3, "val/l0": 64}},
         {"trial_id": "d", "config": {"k": 2}, "metrics": {"val/fvu": 0.0}, "error": "diverged"},
     ]
-    front = log_sweep_summary(uri, parent, trials, {"val/fvu": "min", "val/l0": "min"})
-    assert [t["trial_id"] for t in front] == ["a", "b"]
+    rule = PickRule({"val/fvu": "min", "val/l0": "min"})
+    front = log_sweep_summary(uri, parent, trials, rule)
+    assert [t["trial_id"] for t in front] == ["a", "b"]  # the pick, then the rest of the front
     client = MlflowClient(uri)
     tags = client.get_run(parent).data.tags
     assert tags["pareto.trial_ids"] == "a,b" and tags["pareto.size"] == "2"
+    assert tags["best.trial_id"] == "a" and "lowest val/fvu of the front" in tags["best.rule"]
+    assert tags["mlflow.note.content"].splitlines()[4].startswith("| pick: **")
     saved = json.loads(
         Path(client.download_artifacts(parent, "pareto_front.json", str(tmp_path))).read_text()
     )
@@ -292,6 +279,7 @@ def test_pareto_summary_on_parent(tmp_path):
         {"val/fvu": 0.1, "val/l0": 64},
         {"val/fvu": 0.2, "val/l0": 32},
     ]
+    assert [t["pick"] for t in saved] == [True, False]
 
 
 def test_runs_of_trials_tune_lost_are_closed_killed_whatever_their_status(tmp_path):
@@ -427,6 +415,7 @@ def ui_sweep(ray_session, demo_assets, mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("ui")
     sets = [*demo_assets, f"sweep.out_dir={out}", "sweep.name=ui", "tune.num_samples=3"]
     sets += [f"sweep.tracking_uri={mlflow_server}", "tune.asha=false", "train.epochs=2"]
+    sets += ["tune.objectives=[val/fvu:min]"]  # one objective: Optuna keeps its curves
     return run_sweep(load_config(DEMO_CONFIG, sets)), out
 
 
@@ -469,13 +458,14 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
     assert "Training runs" in runs
     shown = [n for n in names if n in runs]
     assert len(shown) == 3, runs[:3000]
-    order = sorted(shown, key=runs.index)  # best first, as the leaderboard ranks them
-    assert order[0] == trial_label(result.rows[0].params.as_dict())
+    order = sorted(shown, key=runs.index)  # sorted by val/fvu, as the URL asks
+    lowest = min(result.rows, key=lambda r: r.metrics["val/fvu"])
+    assert order[0] == trial_label(lowest.params.as_dict())
     assert sweep_run_name("ui") in runs  # the way from the runs page to the leaderboard
 
     page = f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
     text = text_of(page, "mlflow_parent.png")
-    assert "3 trials" in text and "best first by" in text, text[:3000]
+    assert "3 trials" in text and "The pick (first row) is" in text, text[:3000]
     assert trial_label(result.rows[0].params.as_dict()) in text
 
 

@@ -6,8 +6,12 @@ from collections.abc import Sequence
 
 from sweeps import storage
 from sweeps.config import Config
+from sweeps.ranking import PickRule, pareto_front, pick, rank
 from sweeps.schema import SEARCHED_PARAMS, SUMMARY_METRICS, final_name, final_sae_dir, format_value
 from sweeps.tracking.records import TrialRecord, finished_trial_runs
+
+MAX_RANKED = 100_000
+"""Trials read back to rank: all of any sweep's."""
 
 
 def sae_folder(cfg: Config, trial_id: str, layer: int) -> str:
@@ -37,17 +41,18 @@ def why_no_sae(status: str, folder: str = "") -> str:
 
 def best_trials(cfg: Config, top: int = 5, finished_only: bool = True) -> list[TrialRecord]:
     """Finished trials of the sweep (with `finished_only=False`, its trials of any status:
-    failed, killed, running), best first by the first objective."""
+    failed, killed, running), the pick first, then as sweeps.ranking.rank orders them."""
     sweep = cfg.sweep
     uri = sweep.resolved_tracking_uri()
-    metric, mode = next(iter(cfg.tune.objective_modes().items()))
+    rule = PickRule.from_tune(cfg.tune)
+    metric, mode = next(iter(rule.objectives.items()))
     runs = finished_trial_runs(
         uri,
         sweep.experiment_name(),
         sweep.experiment_path(),
         final_name(metric),
         ascending=mode == "min",
-        top=top,
+        top=MAX_RANKED,
         finished_only=finished_only,
     )
     if runs is None:
@@ -56,6 +61,7 @@ def best_trials(cfg: Config, top: int = 5, finished_only: bool = True) -> list[T
             f"store {uri}: run `sae-sweep sweep` with this config first"
         )
     records = [TrialRecord.from_run(run) for run in runs]
+    records = [records[i] for i in rank([r.metrics for r in records], rule)][:top]
     for r in records:
         r.sae_dir = trial_sae_dir(cfg, r.trial_id, r.layer)
     return records
@@ -73,6 +79,11 @@ def format_table(
     if any(r.error for r in shown):
         cols.append("error")
     cells = [[format_value(r.value(c)) for c in cols] for r in shown]
+    if len(objectives) > 1:  # which trials are on the Pareto front
+        front = set(pareto_front([r.metrics for r in records], objectives))
+        cols.insert(1, "front")
+        for i, row in enumerate(cells):
+            row.insert(1, "*" if i in front else "")
     widths = [
         max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
     ]
@@ -81,3 +92,14 @@ def format_table(
     if len(records) > limit:
         lines.append(f"... {len(records) - limit} more trials (sae-sweep best --top N)")
     return "\n".join(lines)
+
+
+def pick_note(cfg: Config, records: Sequence[TrialRecord]) -> str:
+    """The line under a table of the sweep's trials: the pick and the rule that chose it."""
+    chosen, why = pick([r.metrics for r in records], PickRule.from_tune(cfg.tune))
+    if chosen is None:
+        return f"pick: none ({why})"
+    return (
+        f"pick: {records[chosen].trial_id}, {why} (another rule: tune.pick_l0, "
+        "tune.max_dead_frac, tune.objectives)"
+    )

@@ -11,7 +11,8 @@ matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sweeps.schema import FREQUENCY_FILE, NUMERIC_PARAMS, pareto_front  # noqa: E402
+from sweeps.ranking import pareto_front  # noqa: E402
+from sweeps.schema import FREQUENCY_FILE, NUMERIC_PARAMS  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

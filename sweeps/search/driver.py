@@ -32,6 +32,7 @@ from sae.trainer import total_steps
 from sweeps import signals, storage
 from sweeps.activations.extract import ExtractResult, extract
 from sweeps.config import Config, fixed_fields
+from sweeps.ranking import DEAD_METRIC, PickRule, rank
 from sweeps.redact import redact
 from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, is_num
 from sweeps.search.data import layer_sources
@@ -59,7 +60,7 @@ class SweepResult:
     rows: list[TrialRecord]
     """One record per trial, best first."""
     best: list[dict[str, Any]]
-    """The best trial, or the Pareto front with several objectives."""
+    """The pick (sweeps.ranking), then the rest of the Pareto front."""
     extraction: ExtractResult
     """What building (or finding) the activation cache did."""
     elapsed_s: float = 0.0
@@ -118,9 +119,13 @@ class _OptunaSearch(OptunaSearch):
     but before saving comes back with the sampler's old random state, and would propose that
     lost trial's configuration again."""
 
-    def __init__(self, *args, study_copy: StudyCopy | None = None, **kwargs):
+    def __init__(
+        self, *args, study_copy: StudyCopy | None = None, max_dead_frac: float = 1.0, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.study_copy = study_copy
+        self.max_dead_frac = max_dead_frac
+        """tune.max_dead_frac: a trial above it is infeasible (Optuna's constraint)."""
         if study_copy is not None:
             study_copy.start(self._ot_study, {})
 
@@ -152,6 +157,9 @@ class _OptunaSearch(OptunaSearch):
             # the trial's end (a trial ending itself, or one ASHA stops): it is an evaluation
             # too, which the curve keeps as MLflow's does.
             ot_trial = self._ot_trials[trial_id]
+            dead = (result or {}).get(DEAD_METRIC)
+            if is_num(dead) and not math.isnan(dead):  # Optuna's samplers read it at the tell
+                ot_trial.set_constraint("dead_frac", float(dead) - self.max_dead_frac)
             step = (result or {}).get("step")
             metric = self.metric if isinstance(self.metric, str) else None
             if metric and is_num((result or {}).get(metric)) and is_num(step):
@@ -217,6 +225,7 @@ def _tuner(cfg: Config, space: SearchSpace, trainable, max_steps: int, callbacks
         metric=metric,
         mode=mode,
         sampler=_sampler(cfg),
+        max_dead_frac=cfg.tune.max_dead_frac,
         points_to_evaluate=space.optuna_points() or None,
         study_copy=StudyCopy(url, cfg.sweep.name, cfg.sweep.experiment_path(), list(objectives))
         if url
@@ -316,10 +325,10 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     for result in grid:  # finished or stopped early: no resume needs their training state
         if result.error is None and result.metrics.get("trial_id"):
             TrialState(storage.join(fixed.state_root, result.metrics["trial_id"])).delete()
-    objectives = cfg.tune.objective_modes()
-    rows = _records(grid, objectives)
+    rule = PickRule.from_tune(cfg.tune)
+    rows = _records(grid, rule)
     tracking.close_lost_trial_runs(uri, parent, [r.trial_id for r in rows])
-    best = tracking.log_sweep_summary(uri, parent, grid, objectives)
+    best = tracking.log_sweep_summary(uri, parent, grid, rule)
     experiment_id = mlflow_client(uri).get_run(parent).info.experiment_id
     return SweepResult(
         path,
@@ -334,8 +343,10 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     )
 
 
-def _records(grid, objectives: dict[str, str]) -> list[TrialRecord]:
-    """Tune's results as trial records, failed ones last, the rest best first."""
+def _records(grid, rule: PickRule) -> list[TrialRecord]:
+    """Tune's results as trial records, failed ones last, the rest best first (the pick
+    first: sweeps.ranking.rank)."""
+    objectives = rule.objectives
     records = []
     for r in grid:
         m = r.metrics or {}
@@ -351,12 +362,5 @@ def _records(grid, objectives: dict[str, str]) -> list[TrialRecord]:
                 step=m.get("step"),
             )
         )
-    first, mode = next(iter(objectives.items()))
-    sign = 1 if mode == "min" else -1
-
-    def key(record: TrialRecord):
-        v = record.metrics.get(first)
-        ok = v is not None and math.isfinite(v)
-        return (record.status == "FAILED", not ok, sign * v if ok else 0.0)
-
-    return sorted(records, key=key)
+    order = rank([r.metrics for r in records], rule)
+    return sorted((records[i] for i in order), key=lambda r: r.status == "FAILED")

@@ -15,6 +15,7 @@ import ray
 from ray import tune
 
 from sae import SaeConfig, TrainConfig
+from sae.metrics import dictionary_metrics
 from sae.trainer import DivergedError, Trainer
 from sweeps import storage
 from sweeps.schema import FINAL_METRICS, FREQUENCY_FILE, SAE_DIR_KEY, Hyperparams, final_sae_dir
@@ -139,7 +140,9 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: TrialSet
         if final:
             # The final SAE and its plot's data go to the sweep's storage (shared on a cluster),
             # where the driver logs them to MLflow and `best` finds them.
-            frequency_M = trainer.last_stats[1].firing_frequency().cpu().numpy()
+            frequency_M = trainer.last_stats[1].firing_frequency().cpu()
+            metrics |= dictionary_metrics(trainer.sae.W_dec, frequency_M)
+            frequency_M = frequency_M.numpy()
 
             metrics[SAE_DIR_KEY] = sae_dir
             metrics["states_saved"] = state.saved

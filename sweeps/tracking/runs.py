@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +29,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from sweeps.ranking import PickRule, pareto_front, pick, rank
 from sweeps.redact import redact, redact_values
 from sweeps.schema import (
     EVAL_KEYS,
@@ -39,7 +39,6 @@ from sweeps.schema import (
     child_filter,
     final_name,
     is_num,
-    pareto_front,
     trial_label,
 )
 from sweeps.tracking.client import mlflow_client, server_answers, server_lost
@@ -201,90 +200,105 @@ def log_sweep_summary(
     tracking_uri: str,
     parent_run_id: str,
     results: Iterable,
-    objectives: Mapping[str, str],
+    rule: PickRule,
     metric_keys: Sequence[str] = METRIC_KEYS,
 ) -> list[dict]:
-    """Log the best trial (one objective) or the Pareto front (several) to the parent run.
+    """Log the pick (sweeps.ranking) and, with several objectives, the Pareto front to the
+    parent run.
 
     `results` is a ray.tune.ResultGrid or dicts with trial_id, config and metrics; errored
-    trials are left out. One objective: tags best.trial_id, best.run_id, best.params.<key> and
-    metrics best/<name>. Several: artifact pareto_front.json, tags pareto.size and
-    pareto.trial_ids, and tag pareto_front=true on the front's child runs. Tags rather than
-    params, so that a resumed sweep can log its summary again. Returns the chosen trials.
+    trials are left out. The pick: tags best.trial_id, best.run_id, best.rule (why it is the
+    pick), best.params.<key> and metrics best/<name>. Several objectives: also the artifact
+    pareto_front.json, tags pareto.size and pareto.trial_ids, and tag pareto_front=true on
+    the front's child runs. Tags rather than params, so that a resumed sweep can log its
+    summary again. Returns the pick, then the rest of the front.
     """
     trials = [_trial_dict(r) for r in results]
     trials = [t for t in trials if t is not None]
     client = mlflow_client(tracking_uri)
     children = child_runs(client, client.get_run(parent_run_id))
     run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
-    front = [trials[i] for i in pareto_front([t["metrics"] for t in trials], objectives)]
-    for t in front:
-        t["run_id"] = run_ids.get(t["trial_id"])
-    if not front:
-        logger.warning("No finished trial reported %s: nothing to summarise.", list(objectives))
+    points = [t["metrics"] for t in trials]
+    chosen, why = pick(points, rule)
+    if chosen is None:
+        logger.warning(
+            "No finished trial reported %s: nothing to summarise.", list(rule.objectives)
+        )
         return []
-    note = leaderboard(trials, objectives, run_ids, front)
+    front = [trials[i] for i in pareto_front(points, rule.objectives)]
+    best = trials[chosen]
+    for t in [best, *front]:
+        t["run_id"] = run_ids.get(t["trial_id"])
+    note = leaderboard(trials, rule, run_ids, front, chosen, why)
     log_batch(client, parent_run_id, tags=as_tags({"mlflow.note.content": note}))
-    if len(objectives) == 1:
-        best = front[0]
-        # The best trial's final evaluation; the schedule's lr and throughput are no result.
-        keys = dict.fromkeys([*objectives, *(k for k in metric_keys if k in EVAL_KEYS)])
-        metrics = [
-            Metric(f"best/{final_name(k)}", float(best["metrics"][k]), int(time.time() * 1000), 0)
-            for k in keys
-            if is_num(best["metrics"].get(k))
-        ]
-        tags = {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"] or ""}
-        tags |= {f"best.params.{k}": v for k, v in flatten(best["config"]).items()}
-        log_batch(client, parent_run_id, metrics=metrics, tags=as_tags(tags))
-        return [best]
-    summary = [
-        {
-            "trial_id": t["trial_id"],
-            "run_id": t["run_id"],
-            "config": t["config"],
-            "metrics": {k: t["metrics"][k] for k in objectives},
-        }
-        for t in front
+    # The pick's final evaluation; the schedule's lr and throughput are no result.
+    keys = dict.fromkeys([*rule.objectives, *(k for k in metric_keys if k in EVAL_KEYS)])
+    metrics = [
+        Metric(f"best/{final_name(k)}", float(best["metrics"][k]), int(time.time() * 1000), 0)
+        for k in keys
+        if is_num(best["metrics"].get(k))
     ]
-    text = redact(json.dumps(summary, indent=2, default=str))
-    client.log_text(parent_run_id, text, "pareto_front.json")
-    tags = {"pareto.size": len(front), "pareto.trial_ids": ",".join(t["trial_id"] for t in front)}
-    log_batch(client, parent_run_id, tags=as_tags(tags))
-    for t in front:
-        if t["run_id"]:
-            client.set_tag(t["run_id"], "pareto_front", "true")
-    return front
+    tags = {
+        "best.trial_id": best["trial_id"],
+        "best.run_id": best["run_id"] or "",
+        "best.rule": why,
+    }
+    tags |= {f"best.params.{k}": v for k, v in flatten(best["config"]).items()}
+    log_batch(client, parent_run_id, metrics=metrics, tags=as_tags(tags))
+    if len(rule.objectives) > 1:
+        summary = [
+            {
+                "trial_id": t["trial_id"],
+                "run_id": t["run_id"],
+                "config": t["config"],
+                "metrics": {k: t["metrics"][k] for k in rule.objectives},
+                "pick": t is best,
+            }
+            for t in front
+        ]
+        text = redact(json.dumps(summary, indent=2, default=str))
+        client.log_text(parent_run_id, text, "pareto_front.json")
+        ids = ",".join(t["trial_id"] for t in front)
+        log_batch(
+            client,
+            parent_run_id,
+            tags=as_tags({"pareto.size": len(front), "pareto.trial_ids": ids}),
+        )
+        for t in front:
+            if t["run_id"]:
+                client.set_tag(t["run_id"], "pareto_front", "true")
+    return [best, *(t for t in front if t is not best)]
 
 
 def leaderboard(
     trials: Sequence[Mapping[str, Any]],
-    objectives: Mapping[str, str],
+    rule: PickRule,
     run_ids: Mapping[str, str],
     front: Sequence[Mapping[str, Any]],
+    chosen: int | None,
+    why: str,
     top: int = 20,
 ) -> str:
-    """The sweep's trials as a Markdown table, best first: the parent run's description."""
-    metric, mode = next(iter(objectives.items()))
-    sign = 1.0 if mode == "min" else -1.0
-
-    def key(t):
-        v = t["metrics"].get(metric)
-        return (not is_num(v) or math.isnan(v), sign * v if is_num(v) else 0.0)
-
-    cols = list(dict.fromkeys([*objectives, *SUMMARY_METRICS]))
+    """The sweep's trials as a Markdown table, the pick first (sweeps.ranking.rank): the
+    parent run's description."""
+    cols = list(dict.fromkeys([*rule.objectives, *SUMMARY_METRICS]))
     on_front = {t["trial_id"] for t in front}
+    several = len(rule.objectives) > 1
     lines = [
-        f"**{len(trials)} trials**, best first by `{metric}` ({mode}); "
-        f"{'the Pareto front' if len(objectives) > 1 else 'the best'} in bold.",
+        f"**{len(trials)} trials**. The pick (first row) is {why}."
+        + (" The Pareto front in bold." if several else ""),
         "",
         "| trial | run | " + " | ".join(f"`{c}`" for c in cols) + " |",
         "|---|---|" + "---:|" * len(cols),
     ]
-    for t in sorted(trials, key=key)[:top]:
+    order = rank([t["metrics"] for t in trials], rule)
+    for i in order[:top]:
+        t = trials[i]
         label = trial_label(t["config"]) or t["trial_id"]
-        if t["trial_id"] in on_front:
+        if several and t["trial_id"] in on_front:
             label = f"**{label}**"
+        if i == chosen:
+            label = f"pick: {label}"
         values = [t["metrics"].get(c) for c in cols]
         cells = [f"{v:.4g}" if is_num(v) else "-" for v in values]
         lines.append(f"| {label} | {run_ids.get(t['trial_id'], '')[:8]} | {' | '.join(cells)} |")

@@ -1,0 +1,108 @@
+"""The pick (sweeps/ranking.py): the rule that names a sweep's best SAE, and the dead-latent
+constraint Optuna's samplers get."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+
+from sweeps.ranking import DEAD_METRIC, PickRule, pareto_front, pick, rank
+from sweeps.search.driver import _OptunaSearch
+
+BOTH = {"val/fvu": "min", "val/l0": "min"}
+
+
+def point(fvu, l0, dead=0.0):
+    return {"val/fvu": fvu, "val/l0": l0, DEAD_METRIC: dead}
+
+
+def test_pareto_front():
+    points = [
+        {"fvu": 0.1, "l0": 30},
+        {"fvu": 0.3, "l0": 10},
+        {"fvu": 0.2, "l0": 40},  # dominated by the first
+        {"fvu": 0.1, "l0": 20},
+        {"fvu": float("nan"), "l0": 5},  # no value: never on the front
+        {"l0": 1},
+    ]
+    assert pareto_front(points, {"fvu": "min", "l0": "min"}) == [3, 1]
+    assert pareto_front(points, {"fvu": "min"}) == [0, 3]
+    assert pareto_front(points, {"l0": "max"}) == [2]
+    with pytest.raises(ValueError, match="'min' or 'max'"):
+        pareto_front(points, {"fvu": "minimize"})
+
+
+def test_the_widest_densest_sae_is_not_the_pick_when_its_latents_are_dead():
+    """The demo's old best: lowest FVU, most latents never fired. Infeasible, so never the
+    pick, and ranked below every feasible trial."""
+    points = [point(0.05, 16, dead=0.86), point(0.12, 8), point(0.2, 4), point(0.3, 2)]
+    rule = PickRule(BOTH, max_dead_frac=0.2)
+    chosen, why = pick(points, rule)
+    assert chosen != 0 and "knee" in why
+    assert rank(points, rule)[-1] == 0
+    assert pick(points, PickRule(BOTH, max_dead_frac=1.0))[0] != 0  # still a knee, not fvu
+
+
+def test_the_knee_is_the_front_point_nearest_the_ideal_corner():
+    """log10 L0 and FVU scaled to [0, 1] over the front: (L0 8, FVU 0.12) is 1/3 + 0.18 from
+    the corner; the extremes are 1 away."""
+    points = [point(0.05, 64), point(0.12, 8), point(0.5, 1), point(0.6, 64)]
+    chosen, _ = pick(points, PickRule(BOTH, max_dead_frac=0.5))
+    assert chosen == 1
+    # brute force over the front, independently
+    front = pareto_front(points, BOTH)
+    lo = {k: min(points[i][k] for i in front) for k in BOTH}
+    hi = {k: max(points[i][k] for i in front) for k in BOTH}
+
+    def distance(i):
+        x = (math.log10(points[i]["val/l0"]) - math.log10(lo["val/l0"])) / (
+            math.log10(hi["val/l0"]) - math.log10(lo["val/l0"])
+        )
+        y = (points[i]["val/fvu"] - lo["val/fvu"]) / (hi["val/fvu"] - lo["val/fvu"])
+        return x + y
+
+    assert chosen == min(front, key=distance)
+
+
+def test_an_l0_band_picks_the_lowest_fvu_inside_it():
+    points = [point(0.05, 64), point(0.12, 30), point(0.1, 25, dead=0.5), point(0.3, 5)]
+    chosen, why = pick(points, PickRule(BOTH, max_dead_frac=0.2, l0_band=(20, 40)))
+    assert chosen == 1 and "[20, 40]" in why
+
+
+def test_with_no_feasible_trial_the_least_dead_one_is_picked_and_the_reason_says_so():
+    points = [point(0.05, 64, dead=0.9), point(0.1, 8, dead=0.5), point(0.2, 4, dead=0.7)]
+    chosen, why = pick(points, PickRule(BOTH, max_dead_frac=0.2))
+    assert chosen == 1 and "least dead" in why
+
+
+def test_one_objective_picks_its_best_feasible_trial():
+    points = [point(0.05, 64, dead=0.9), point(0.1, 8), point(0.2, 4)]
+    assert pick(points, PickRule({"val/fvu": "min"}, max_dead_frac=0.2))[0] == 1
+    assert pick([{"val/fvu": float("nan")}], PickRule({"val/fvu": "min"}))[0] is None
+
+
+def test_the_searcher_hands_optuna_the_dead_bound_as_a_constraint():
+    """The sweep's searcher, on its own: a trial over tune.max_dead_frac ends infeasible, so
+    Optuna's best trials (and its samplers) leave it out."""
+    space = lambda trial: {"x": trial.suggest_float("x", 0, 1)}  # noqa: E731
+    searcher = _OptunaSearch(
+        space=space,
+        metric=["val/fvu", "val/l0"],
+        mode=["min", "min"],
+        sampler=optuna.samplers.TPESampler(seed=0),
+        max_dead_frac=0.2,
+    )
+    for i, (fvu, l0, dead) in enumerate([(0.05, 16, 0.86), (0.12, 8, 0.1), (0.3, 4, 0.0)]):
+        searcher.suggest(f"t{i}")
+        result = {"val/fvu": fvu, "val/l0": l0, DEAD_METRIC: dead, "step": 10}
+        searcher.on_trial_complete(f"t{i}", result)
+    trials = searcher._ot_study.get_trials()
+    assert [t.constraints for t in trials] == [
+        {"dead_frac": pytest.approx(0.66)},
+        {"dead_frac": pytest.approx(-0.1)},
+        {"dead_frac": pytest.approx(-0.2)},
+    ]
+    assert sorted(t.values[0] for t in searcher._ot_study.best_trials) == [0.12, 0.3]
