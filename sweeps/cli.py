@@ -25,6 +25,7 @@ from sweeps.config import (
 )
 from sweeps.local_ray import join_ray, start_local_ray
 from sweeps.progress import progress_bar
+from sweeps.ranking import PickRule
 from sweeps.redact import redact
 from sweeps.schema import check_model_name, check_name, leaderboard_url
 from sweeps.tracking.store import TrackingError
@@ -180,7 +181,7 @@ def _print_summary(cfg, result) -> None:
 
     print(describe_extract(result.extraction))
     objectives = cfg.tune.objective_modes()
-    print(format_table(result.rows, objectives, limit=cfg.tune.show_top))
+    print(format_table(result.rows, PickRule.from_tune(cfg.tune), limit=cfg.tune.show_top))
     print(pick_note(cfg, result.rows))
     n_failed = sum(r.status == "FAILED" for r in result.rows)
     print(
@@ -312,7 +313,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     for cfg in load_configs(args.config, args.set):
         _check_store(cfg)
         rows = best_trials(cfg, top=MAX_RANKED)  # the pick is chosen among all of them
-        print(format_table(rows, cfg.tune.objective_modes(), limit=args.top))
+        print(format_table(rows, PickRule.from_tune(cfg.tune), limit=args.top))
         if rows:
             print(pick_note(cfg, rows))
             best = rows[0]

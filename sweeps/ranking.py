@@ -74,6 +74,13 @@ def pareto_front(points: Sequence[Mapping[str, Any]], objectives: Mapping[str, s
     return sorted(front, key=lambda i: costs[i])
 
 
+def feasible_front(points: Sequence[Mapping[str, Any]], rule: PickRule) -> list[int]:
+    """The Pareto front of the feasible points (indices into `points`), best first by the
+    first objective: the constrained front Optuna's best_trials gives, and the pick's pool."""
+    feasible = [i for i, p in enumerate(points) if rule.feasible(p)]
+    return [feasible[j] for j in pareto_front([points[i] for i in feasible], rule.objectives)]
+
+
 def _knee(points: Sequence[Mapping[str, Any]], front: list[int]) -> int:
     fvu = {i: _value(points[i], "val/fvu") for i in front}
     log_l0 = {i: math.log10(max(_value(points[i], "val/l0"), 1e-12)) for i in front}
@@ -97,7 +104,6 @@ def pick(points: Sequence[Mapping[str, Any]], rule: PickRule) -> tuple[int | Non
             f"no trial has {DEAD_METRIC} <= tune.max_dead_frac={rule.max_dead_frac:g}: the "
             "least dead one"
         )
-    sub = [points[i] for i in feasible]
     if rule.l0_band is not None:
         low, high = rule.l0_band
         band = [
@@ -112,7 +118,7 @@ def pick(points: Sequence[Mapping[str, Any]], rule: PickRule) -> tuple[int | Non
                 f"the lowest val/fvu with val/l0 in [{low:g}, {high:g}] and {DEAD_METRIC} <= "
                 f"{rule.max_dead_frac:g}"
             )
-    front = [feasible[j] for j in pareto_front(sub, rule.objectives)]
+    front = feasible_front(points, rule)
     if not front:
         return None, "no feasible trial reported the objectives"
     dead = f"{DEAD_METRIC} <= {rule.max_dead_frac:g}"
@@ -133,8 +139,7 @@ def rank(points: Sequence[Mapping[str, Any]], rule: PickRule) -> list[int]:
     first, mode = next(iter(rule.objectives.items()))
     sign = 1.0 if mode == "min" else -1.0
     chosen, _ = pick(points, rule)
-    feasible = [i for i, p in enumerate(points) if rule.feasible(p)]
-    front = {feasible[j] for j in pareto_front([points[i] for i in feasible], rule.objectives)}
+    front = set(feasible_front(points, rule))
 
     def key(i: int):
         v = _value(points[i], first)

@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from sae import TopKSae
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import ConfigError, load_config
+from sweeps.ranking import PickRule
 from sweeps.results.best import format_table
 from sweeps.search.driver import run_sweep
 from tests.helpers import sweep_runs
@@ -244,7 +245,7 @@ def test_a_trial_that_cannot_run_fails_once_with_its_reason(ray_session, demo_as
     (row,) = result.rows
     assert row.status == "FAILED" and "CUDA is not available" in row.error
     assert row.error.startswith(f"layer {row.layer}: ")
-    assert "CUDA is not available" in format_table(result.rows, {"val/fvu": "min"})
+    assert "CUDA is not available" in format_table(result.rows, PickRule({"val/fvu": "min"}))
     _, (parent,), (kid,) = sweep_runs(result.tracking_uri, "nocuda")
     assert kid.info.status == "FAILED" and "CUDA is not available" in kid.data.tags["error"]
     assert "num_failures" not in kid.data.tags  # failed once, not retried

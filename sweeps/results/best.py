@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from sweeps import storage
 from sweeps.config import Config
-from sweeps.ranking import PickRule, pareto_front, pick, rank
+from sweeps.ranking import DEAD_METRIC, PickRule, feasible_front, pick, rank
 from sweeps.schema import SEARCHED_PARAMS, SUMMARY_METRICS, final_name, final_sae_dir, format_value
 from sweeps.tracking.records import TrialRecord, finished_trial_runs
 
@@ -67,20 +67,21 @@ def best_trials(cfg: Config, top: int = 5, finished_only: bool = True) -> list[T
     return records
 
 
-def format_table(
-    records: Sequence[TrialRecord], objectives: dict[str, str], limit: int = 10
-) -> str:
-    """The trials as a text table, one line each: the console's summary and `best`."""
+def format_table(records: Sequence[TrialRecord], rule: PickRule, limit: int = 10) -> str:
+    """The trials as a text table, one line each: the console's summary and `best`. With
+    several objectives a `front` column marks the feasible Pareto front."""
+    objectives = rule.objectives
     shown = records[:limit]
     # JumpReLU's weight is 0 in every other trial: a column of zeros says nothing
     jumprelu = any(r.params is not None and r.params.activation == "jumprelu" for r in shown)
     params = [p for p in SEARCHED_PARAMS if jumprelu or p != "l0_coefficient"]
-    cols = ["trial_id", "status", *params, *dict.fromkeys([*SUMMARY_METRICS, *objectives])]
+    metrics = [*SUMMARY_METRICS, *objectives, DEAD_METRIC]
+    cols = ["trial_id", "status", *params, *dict.fromkeys(metrics)]
     if any(r.error for r in shown):
         cols.append("error")
     cells = [[format_value(r.value(c)) for c in cols] for r in shown]
     if len(objectives) > 1:  # which trials are on the Pareto front
-        front = set(pareto_front([r.metrics for r in records], objectives))
+        front = set(feasible_front([r.metrics for r in records], rule))
         cols.insert(1, "front")
         for i, row in enumerate(cells):
             row.insert(1, "*" if i in front else "")

@@ -29,7 +29,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from sweeps.ranking import PickRule, pareto_front, pick, rank
+from sweeps.ranking import PickRule, feasible_front, pick, rank
 from sweeps.redact import redact, redact_values
 from sweeps.schema import (
     EVAL_KEYS,
@@ -210,8 +210,9 @@ def log_sweep_summary(
     trials are left out. The pick: tags best.trial_id, best.run_id, best.rule (why it is the
     pick), best.params.<key> and metrics best/<name>. Several objectives: also the artifact
     pareto_front.json, tags pareto.size and pareto.trial_ids, and tag pareto_front=true on
-    the front's child runs. Tags rather than params, so that a resumed sweep can log its
-    summary again. Returns the pick, then the rest of the front.
+    the front's child runs (the front of the feasible trials: ranking.feasible_front). Tags
+    rather than params, so that a resumed sweep can log its summary again. Returns the pick,
+    then the rest of the front.
     """
     trials = [_trial_dict(r) for r in results]
     trials = [t for t in trials if t is not None]
@@ -225,7 +226,7 @@ def log_sweep_summary(
             "No finished trial reported %s: nothing to summarise.", list(rule.objectives)
         )
         return []
-    front = [trials[i] for i in pareto_front(points, rule.objectives)]
+    front = [trials[i] for i in feasible_front(points, rule)]
     best = trials[chosen]
     for t in [best, *front]:
         t["run_id"] = run_ids.get(t["trial_id"])
