@@ -184,6 +184,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: cuda when available under auto."""
 
+    freeze_decoder: bool = False
+    """Keep the decoder at its random start and train the rest: a control, what an encoder
+    alone reaches with a dictionary that learned nothing."""
+
     cuda_graph: bool = True
     """On a GPU, capture the training step in one CUDA graph. After a few eager steps the whole
     step is captured and replayed, so the host only launches it; off, every step runs eagerly.

@@ -241,7 +241,10 @@ class Trainer:
         self.step_T = torch.zeros((), dtype=torch.int64, device=self.device)
         """The step on the device, which the captured step reads and advances."""
         self.lr_T = (self.peak_lr * lr_factor(cfg, self.total_steps, self.step_T)).float()
-        self.optimizer = _adam(list(self.sae.parameters()), self.lr_T)
+        if cfg.freeze_decoder:
+            self.sae.W_dec.requires_grad_(False)
+        trained = [p for p in self.sae.parameters() if p.requires_grad]
+        self.optimizer = _adam(trained, self.lr_T)
         self.since_fired_M = torch.zeros(
             self.sae.num_latents, dtype=torch.int64, device=self.device
         )
@@ -339,11 +342,12 @@ class Trainer:
         self.nonfinite_step.copy_(torch.where(first, self.step_T, self.nonfinite_step))
         self.loss_sums.add_(torch.stack([out.fvu.detach(), out.auxk_loss.detach()]))
         loss.backward()
-        if self.sae_cfg.normalize_decoder:
+        renormalise = self.sae_cfg.normalize_decoder and not cfg.freeze_decoder
+        if renormalise:
             sae.remove_gradient_parallel_to_decoder_directions()
         self.lr_T.copy_(self.peak_lr * lr_factor(cfg, self.total_steps, self.step_T))
         _adam_step(self.optimizer)
-        if self.sae_cfg.normalize_decoder:
+        if renormalise:
             sae.set_decoder_norm_to_unit_norm()
         if self.sae_cfg.jumprelu:
             with torch.no_grad():

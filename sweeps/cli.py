@@ -183,6 +183,13 @@ def _print_summary(cfg, result) -> None:
     objectives = cfg.tune.objective_modes()
     print(format_table(result.rows, PickRule.from_tune(cfg.tune), limit=cfg.tune.show_top))
     print(pick_note(cfg, result.rows))
+    n_controls = sum("control/fvu" in r.metrics for r in result.rows)
+    if n_controls:
+        share = n_controls / (n_controls + len(result.rows))
+        print(
+            f"controls: {n_controls} (tune.controls), each one trial's training: {share:.0%} "
+            "of this sweep's training"
+        )
     n_failed = sum(r.status == "FAILED" for r in result.rows)
     print(
         f"sweep {cfg.sweep.name}: {len(result.rows)} trials ({n_failed} failed) in "

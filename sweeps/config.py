@@ -264,6 +264,10 @@ class TuneSettings:
     """[low, high]: pick the lowest val/fvu with val/l0 in it; []: the knee of the front.
     The rule is in docs/sweeps.md, 'The pick'."""
 
+    controls: int = 1
+    """Trials of the feasible front, the pick first, that get a control after the sweep: an
+    SAE trained alike with its decoder frozen at random (each costs one trial; 0: none)."""
+
     asha: bool = False
     """Stop trials early with ASHA (one objective only, e.g. [val/fvu:min]). With several,
     ASHA would cut the sparse trials of the front."""
@@ -321,6 +325,7 @@ class TuneSettings:
             self.reduction_factor,
         )
         _check(self.max_failures >= 0, "tune.max_failures", "use 0 or more", self.max_failures)
+        _check(self.controls >= 0, "tune.controls", "use 0 (none) or more", self.controls)
         _check(
             self.checkpoint_interval_s >= 0,
             "tune.checkpoint_interval_s",

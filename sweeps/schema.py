@@ -92,7 +92,12 @@ DICTIONARY_KEYS = (
 
 #: Result keys logged as step metrics when a trial reports them; at the end of a trial also as
 #: final metrics named by `final_name` ("val/fvu" -> "fvu").
-METRIC_KEYS = (*EVAL_KEYS, *DICTIONARY_KEYS, "auxk_loss", "lr", "acts_per_s")
+#: A trial's margin over its control (an SAE trained alike with its decoder frozen at random),
+#: logged to the trial's run after the sweep: control/fvu - val/fvu, val/probe_acc -
+#: control/probe_acc. Positive: the trial learned more than an encoder alone can.
+CONTROL_KEYS = ("control/fvu", "control/margin_fvu", "control/probe_acc", "control/margin_probe")
+
+METRIC_KEYS = (*EVAL_KEYS, *DICTIONARY_KEYS, *CONTROL_KEYS, "auxk_loss", "lr", "acts_per_s")
 
 #: The metrics every summary of trials shows (the console, `best`, the MLflow leaderboard)
 #: beside the objectives, with their short labels.

@@ -64,8 +64,11 @@ DEMO_LINES = [
     r"starting a local Ray",
     PROGRESS_LINE,
     r"extract: \d+ images done, \d+ skipped .*|extract: cache hit, no work done: .*",
-    r"trial_id +status +layer .*",  # the leaderboard's header and rows
-    r"[0-9a-f]{8} +(DONE|STOPPED|FAILED) .*",
+    r"trial_id +front +status +layer .*",  # the leaderboard's header and rows
+    r"[0-9a-f]{8} +\*? +(DONE|STOPPED|FAILED) .*",
+    r"pick: [0-9a-f]{8}, .* \(another rule: .*\)",
+    r"  its control \(decoder frozen at random, trained alike\): fvu \S+, margin [+-]\S+",
+    r"controls: 1 \(tune.controls\), each one trial's training: \d+% of this sweep's training",
     r"sweep e2e: \d+ trials \(\d+ failed\) in \d+s; results .*",
     r"MLflow UI: mlflow ui --backend-store-uri sqlite:///\S+",
     r"Optuna dashboard: optuna-dashboard sqlite:///\S+",
@@ -160,7 +163,11 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     assert len(progress) <= 6, log  # one at most every 30 s of a run of well under 3 minutes
     assert sum(line.startswith("started ") for line in lines) == 4, log
     assert sum(line.startswith(("finished ", "stopped ")) for line in lines) == 4, log
-    assert any(line.split()[:2] == ["trial_id", "status"] for line in lines)
+    assert any(line.split()[:3] == ["trial_id", "front", "status"] for line in lines)
+    # the pick, by its rule, with its control's margin (the control is no trial of its own)
+    pick = next(line for line in lines if line.startswith("pick: "))
+    assert "val/never_fired_frac <= " in pick or "the least dead one" in pick, log
+    assert sum(line.startswith("  its control (decoder frozen") for line in lines) == 1, log
     noise_lines = ("Trial status", "Configuration for experiment", "INFO", "TensorBoard")
     for noise in (*noise_lines, "snapshotting"):
         assert noise not in log
@@ -184,6 +191,13 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
         assert "fvu" in kid.data.metrics and "l0" in kid.data.metrics
 
     best_run = client.get_run(parent.data.tags["best.run_id"])
+    assert best_run.data.tags["trial_id"] == pick.split()[1].rstrip(",")
+    assert parent.data.tags["best.rule"] in pick
+    # the pick's control: its metrics on the pick's run, tagged; the margin is their gap
+    assert best_run.data.tags["control"] == "frozen_random_decoder"
+    control = best_run.data.metrics
+    assert control["control_margin_fvu"] == pytest.approx(control["control_fvu"] - control["fvu"])
+    assert {"decoder_max_cos", "density_never", "shrinkage"} <= set(control)
     artifacts = {a.path for a in client.list_artifacts(best_run.info.run_id, "sae")}
     assert {"sae/cfg.json", "sae/sae.safetensors", "sae/firing_frequency.png"} <= artifacts
 
@@ -491,6 +505,8 @@ def test_multi_objective_sweep_returns_a_pareto_set(ray_session, demo_assets, tm
             "tune.checkpoint_interval_s=3600",
             "tune.verbose=0",
             "tune.objectives=[val/fvu:min, val/l0:min]",
+            "tune.max_dead_frac=1",  # the plain front: every trial feasible
+            "tune.controls=0",
             "search.activation=[topk, batchtopk]",
             "search.points_to_evaluate=[{activation: batchtopk}]",
         ],

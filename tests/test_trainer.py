@@ -37,6 +37,23 @@ def test_learns_back_a_known_sparse_dictionary():
     assert result.metrics["l0"] == 3.0
 
 
+def test_a_frozen_decoder_control_keeps_its_random_dictionary_and_reconstructs_worse():
+    """TrainConfig.freeze_decoder: the decoder stays at its random start (bit for bit), the
+    encoder and biases train, and the known dictionary beats it by a wide FVU margin."""
+    x, _ = sparse_dictionary_data(0, d=32, n_atoms=64, n=8_000, active=3)
+    sae_cfg = SaeConfig(expansion_factor=4, k=3)
+    fvu = {}
+    for freeze in (False, True):
+        cfg = TrainConfig(batch_size=256, epochs=4, lr=3e-3, freeze_decoder=freeze)
+        trainer = Trainer(x, sae_cfg, cfg)
+        start = {k: v.clone() for k, v in trainer.sae.state_dict().items()}
+        fvu[freeze] = trainer.fit().metrics["fvu"]
+        end = trainer.sae.state_dict()
+        assert torch.equal(end["W_dec"], start["W_dec"]) == freeze
+        assert not torch.equal(end["encoder.weight"], start["encoder.weight"])
+    assert fvu[True] > fvu[False] + 0.2, fvu
+
+
 def test_auxk_leaves_fewer_dead_latents():
     # More atoms than latents, and a high lr that kills latents without AuxK.
     x, _ = sparse_dictionary_data(0, d=32, n_atoms=512, n=16_000, active=4)

@@ -76,6 +76,8 @@ def format_table(records: Sequence[TrialRecord], rule: PickRule, limit: int = 10
     jumprelu = any(r.params is not None and r.params.activation == "jumprelu" for r in shown)
     params = [p for p in SEARCHED_PARAMS if jumprelu or p != "l0_coefficient"]
     metrics = [*SUMMARY_METRICS, *objectives, DEAD_METRIC]
+    if any("control/margin_fvu" in r.metrics for r in shown):
+        metrics.append("control/margin_fvu")
     cols = ["trial_id", "status", *params, *dict.fromkeys(metrics)]
     if any(r.error for r in shown):
         cols.append("error")
@@ -100,7 +102,15 @@ def pick_note(cfg: Config, records: Sequence[TrialRecord]) -> str:
     chosen, why = pick([r.metrics for r in records], PickRule.from_tune(cfg.tune))
     if chosen is None:
         return f"pick: none ({why})"
-    return (
+    line = (
         f"pick: {records[chosen].trial_id}, {why} (another rule: tune.pick_l0, "
         "tune.max_dead_frac, tune.objectives)"
     )
+    margin = records[chosen].metrics.get("control/margin_fvu")
+    if margin is not None:
+        control = records[chosen].metrics["control/fvu"]
+        line += (
+            f"\n  its control (decoder frozen at random, trained alike): fvu {control:.4g}, "
+            f"margin {margin:+.4g}"
+        )
+    return line

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import ray
 from ray import tune
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
@@ -32,14 +33,14 @@ from sae.trainer import total_steps
 from sweeps import signals, storage
 from sweeps.activations.extract import ExtractResult, extract
 from sweeps.config import Config, fixed_fields
-from sweeps.ranking import DEAD_METRIC, PickRule, rank
+from sweeps.ranking import DEAD_METRIC, PickRule, feasible_front, rank
 from sweeps.redact import redact
 from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, is_num
 from sweeps.search.data import layer_sources
 from sweeps.search.mlflow_callback import MlflowTrialCallback
 from sweeps.search.snapshots import set_aside_torn_snapshot
 from sweeps.search.study import StudyCopy
-from sweeps.search.trial import TrialSettings, TrialState, run_trial
+from sweeps.search.trial import TrialSettings, TrialState, run_trial, train_control
 from sweeps.space import SearchSpace
 from sweeps.tracking import runs as tracking
 from sweeps.tracking.client import mlflow_client
@@ -328,7 +329,11 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     rule = PickRule.from_tune(cfg.tune)
     rows = _records(grid, rule)
     tracking.close_lost_trial_runs(uri, parent, [r.trial_id for r in rows])
-    best = tracking.log_sweep_summary(uri, parent, grid, rule)
+    controls = _controls(cfg, rows, rule, fixed, sources)
+    tracking.log_controls(uri, parent, controls)
+    for row in rows:
+        row.metrics |= controls.get(row.trial_id, {})
+    best = tracking.log_sweep_summary(uri, parent, grid, rule, controls=controls)
     experiment_id = mlflow_client(uri).get_run(parent).info.experiment_id
     return SweepResult(
         path,
@@ -341,6 +346,31 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
         ex,
         optuna_storage=cfg.sweep.resolved_optuna_storage(),
     )
+
+
+def _controls(cfg: Config, rows, rule: PickRule, fixed: TrialSettings, sources) -> dict:
+    """Train the controls of the pick (rows[0]) and the rest of the feasible front, the first
+    tune.controls of them, as Ray tasks with a trial's resources; {trial_id: control metrics
+    and margins}."""
+    front = {0, *feasible_front([r.metrics for r in rows], rule)}
+    chosen = [r for i, r in enumerate(rows) if i in front and r.status == "DONE"]
+    chosen = chosen[: cfg.tune.controls]
+    if not chosen:
+        return {}
+    task = ray.remote(train_control).options(
+        num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial
+    )
+    refs = [task.remote(r.params, fixed, sources[r.layer]) for r in chosen]
+    out = {}
+    for row, control in zip(chosen, ray.get(refs)):
+        if "control/fvu" in control:
+            control["control/margin_fvu"] = control["control/fvu"] - row.metrics["val/fvu"]
+        if "control/probe_acc" in control and "val/probe_acc" in row.metrics:
+            control["control/margin_probe"] = (
+                row.metrics["val/probe_acc"] - control["control/probe_acc"]
+            )
+        out[row.trial_id] = control
+    return out
 
 
 def _records(grid, rule: PickRule) -> list[TrialRecord]:

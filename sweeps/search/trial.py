@@ -174,3 +174,24 @@ def _fail(fixed: TrialSettings, point: Hyperparams, step: int, reason: str) -> N
     NaN so that it is never the best."""
     nan = {key: float("nan") for key in fixed.objectives}
     tune.report({**nan, "step": step, "layer": point.layer, "error": reason})
+
+
+def train_control(point: Hyperparams, fixed: TrialSettings, source) -> dict[str, float]:
+    """A trial's control: its layer, architecture, k, width, lr and steps with the decoder
+    frozen at its random start (TrainConfig.freeze_decoder). Its final control/fvu, and
+    control/probe_acc with train.probe; {} when it diverged."""
+    sae_cfg, train_cfg = trial_configs(point, fixed)
+    acts, val_acts = layer_arrays(source)
+    control = dataclasses.replace(train_cfg, freeze_decoder=True)
+    trainer = Trainer(acts, sae_cfg, control, val_acts=val_acts)
+    try:
+        final = trainer.fit().metrics
+    except DivergedError:
+        return {}
+    out = {"control/fvu": final["fvu"]}
+    probe = fit_probe(source, fixed.tokens_per_image) if fixed.probe else None
+    if probe is not None:
+        labels = layer_labels(source)[1]
+        accuracy = probe_metrics(trainer, probe, labels, fixed.tokens_per_image)
+        out["control/probe_acc"] = accuracy["val/probe_acc"]
+    return out

@@ -182,6 +182,25 @@ def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iter
     return len(lost)
 
 
+def log_controls(
+    tracking_uri: str, parent_run_id: str, controls: Mapping[str, Mapping[str, float]]
+) -> None:
+    """Log each trial's control metrics (schema.CONTROL_KEYS, under their final names) to the
+    trial's run, with tag control=frozen_random_decoder."""
+    client = mlflow_client(tracking_uri)
+    runs = {
+        r.data.tags.get("trial_id"): r for r in child_runs(client, client.get_run(parent_run_id))
+    }
+    now = int(time.time() * 1000)
+    for trial_id, metrics in controls.items():
+        run = runs.get(trial_id)
+        if run is None or not metrics:
+            continue
+        values = [Metric(final_name(k), float(v), now, 0) for k, v in metrics.items()]
+        log_batch(client, run.info.run_id, metrics=values)
+        client.set_tag(run.info.run_id, "control", "frozen_random_decoder")
+
+
 def close_open_trial_runs(tracking_uri: str, parent_run_id: str, reason: str) -> int:
     """Mark KILLED, with `reason` as their killed_reason tag, the trial runs still RUNNING
     when the driver stops (interrupted); returns how many. None when the tracking server
@@ -202,6 +221,7 @@ def log_sweep_summary(
     results: Iterable,
     rule: PickRule,
     metric_keys: Sequence[str] = METRIC_KEYS,
+    controls: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[dict]:
     """Log the pick (sweeps.ranking) and, with several objectives, the Pareto front to the
     parent run.
@@ -216,6 +236,8 @@ def log_sweep_summary(
     """
     trials = [_trial_dict(r) for r in results]
     trials = [t for t in trials if t is not None]
+    for t in trials:  # `controls`: each trial's control metrics (log_controls), shown too
+        t["metrics"] = {**t["metrics"], **(controls or {}).get(t["trial_id"], {})}
     client = mlflow_client(tracking_uri)
     children = child_runs(client, client.get_run(parent_run_id))
     run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
@@ -283,6 +305,8 @@ def leaderboard(
     """The sweep's trials as a Markdown table, the pick first (sweeps.ranking.rank): the
     parent run's description."""
     cols = list(dict.fromkeys([*rule.objectives, *SUMMARY_METRICS]))
+    if any("control/margin_fvu" in t["metrics"] for t in trials):
+        cols.append("control/margin_fvu")
     on_front = {t["trial_id"] for t in front}
     several = len(rule.objectives) > 1
     lines = [
