@@ -138,9 +138,7 @@ class Scored(torch.nn.Module):
 def train_ours(arch, x, val, *, width, k, lr, batch, seed, **overrides):
     """Our SAE, trained with train_sae on x (one epoch) and wrapped for SAELens's evaluator.
     `overrides`: TrainConfig fields other than the defaults."""
-    cfg = TrainConfig(
-        lr=lr, batch_size=batch, epochs=1.0, eval_every=10**9, seed=seed, **overrides
-    )
+    cfg = TrainConfig(lr=lr, batch_size=batch, epochs=1.0, eval_every=10**9, seed=seed, **overrides)
     sae = train_sae(x, SaeConfig(num_latents=width, k=k, activation=arch), cfg, val_acts=val).sae
 
     @torch.no_grad()
@@ -259,7 +257,8 @@ def main() -> None:
                 mean["spread"] = max(r["mcc"] for r in runs) - min(r["mcc"] for r in runs)
                 table[(arch, lr, lib)] = mean
     print()
-    print("| architecture | lr | library | MCC (seed spread) | L0 | EV | dead | F1 | ours - SAELens |")
+    cols = "architecture | lr | library | MCC (seed spread) | L0 | EV | dead | F1 | ours - SAELens"
+    print(f"| {cols} |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for (arch, lr, lib), m in table.items():
         peer = table.get((arch, lr, "SAELens"))

@@ -346,7 +346,16 @@ class Trainer:
         if renormalise:
             sae.remove_gradient_parallel_to_decoder_directions()
         self.lr_T.copy_(self.peak_lr * lr_factor(cfg, self.total_steps, self.step_T))
+        scaled = cfg.decoder_lr_scale != 1 and sae.W_dec.requires_grad
+        if scaled:
+            W_dec_before = sae.W_dec.detach().clone()
         _adam_step(self.optimizer)
+        if scaled:
+            # Adam's step is proportional to its lr (no weight decay): W_dec's step times
+            # decoder_lr_scale is Adam's step at lr * decoder_lr_scale for the decoder alone,
+            # with one optimizer and one lr as before (checkpoints and capture unchanged).
+            with torch.no_grad():
+                sae.W_dec.lerp_(W_dec_before, 1 - cfg.decoder_lr_scale)
         if renormalise:
             sae.set_decoder_norm_to_unit_norm()
         if self.sae_cfg.jumprelu:

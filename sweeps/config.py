@@ -268,6 +268,11 @@ class TuneSettings:
     """Trials of the feasible front, the pick first, that get a control after the sweep: an
     SAE trained alike with its decoder frozen at random (each costs one trial; 0: none)."""
 
+    stability_seeds: int = 0
+    """Other seeds to retrain the pick with after the sweep (0: none). The front too, as far
+    as tune.controls reaches; stability/decoder_mcc, the Hungarian-matched decoder cosine
+    between seeds, goes to each one's run."""
+
     asha: bool = False
     """Stop trials early with ASHA (one objective only, e.g. [val/fvu:min]). With several,
     ASHA would cut the sparse trials of the front."""
@@ -326,6 +331,12 @@ class TuneSettings:
         )
         _check(self.max_failures >= 0, "tune.max_failures", "use 0 or more", self.max_failures)
         _check(self.controls >= 0, "tune.controls", "use 0 (none) or more", self.controls)
+        _check(
+            self.stability_seeds >= 0,
+            "tune.stability_seeds",
+            "use 0 (none) or more",
+            self.stability_seeds,
+        )
         _check(
             self.checkpoint_interval_s >= 0,
             "tune.checkpoint_interval_s",
@@ -396,8 +407,8 @@ class SweepSettings:
     """MLflow experiment; empty: the sweep name."""
 
     optuna_storage: str = ""
-    """Optuna RDB storage that keeps a copy of the sweep's study (named after the sweep), for
-    optuna-dashboard: an SQLAlchemy URL such as sqlite:////abs/optuna.db (a relative
+    """Optuna RDB storage for a copy of the sweep's study, which optuna-dashboard opens. An
+    SQLAlchemy URL such as sqlite:////abs/optuna.db (a relative
     sqlite:///optuna.db is resolved where the command runs) or postgresql://user@host/db;
     empty: sqlite:///<out_dir>/optuna.db, beside the default MLflow store; none: no copy. A
     writable database of its own, not MLflow's; a sweep writes and deletes only the study it

@@ -97,7 +97,19 @@ DICTIONARY_KEYS = (
 #: control/probe_acc. Positive: the trial learned more than an encoder alone can.
 CONTROL_KEYS = ("control/fvu", "control/margin_fvu", "control/probe_acc", "control/margin_probe")
 
-METRIC_KEYS = (*EVAL_KEYS, *DICTIONARY_KEYS, *CONTROL_KEYS, "auxk_loss", "lr", "acts_per_s")
+#: How alike a trial's decoder comes out with other seeds (tune.stability_seeds): the mean
+#: over seeds of the Hungarian-matched cosine between decoder rows, in [0, 1].
+STABILITY_KEYS = ("stability/decoder_mcc",)
+
+METRIC_KEYS = (
+    *EVAL_KEYS,
+    *DICTIONARY_KEYS,
+    *CONTROL_KEYS,
+    *STABILITY_KEYS,
+    "auxk_loss",
+    "lr",
+    "acts_per_s",
+)
 
 #: The metrics every summary of trials shows (the console, `best`, the MLflow leaderboard)
 #: beside the objectives, with their short labels.

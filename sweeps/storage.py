@@ -53,6 +53,16 @@ def download_dir(src: str, dest: str | Path) -> None:
     pafs.copy_files(src, str(dest))
 
 
+def local_dir(path: str) -> str:
+    """A directory on this machine holding `path`'s files: `path` itself, or for a URI a
+    temporary copy (left for the caller's lifetime)."""
+    if not is_uri(path):
+        return path
+    local = Path(tempfile.mkdtemp(prefix="sweeps-")) / Path(path).name
+    download_dir(path, local)
+    return str(local)
+
+
 def read_text(path: str) -> str | None:
     """A file's text, or None when it does not exist."""
     fs, inner = _filesystem(path)

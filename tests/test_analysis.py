@@ -651,8 +651,11 @@ def test_load_sweep_reads_every_trial_into_a_dataframe_without_ray(swept, tmp_pa
         assert row["dead_frac"] == pytest.approx(run.data.metrics["dead_frac"])
         if row["status"] == "DONE":
             assert Path(row["sae_dir"], "cfg.json").is_file()
-    fvus = [r["val/fvu"] for r in rows]
-    assert fvus == sorted(fvus)  # best first by the objective
+    from sweeps.config import load_config
+    from sweeps.ranking import PickRule, pick
+
+    rule = PickRule.from_tune(load_config(DEMO_CONFIG, swept["sets"]).tune)
+    assert pick(rows, rule)[0] == 0  # the pick first
     best = rows[0]
     assert (got["k"], got["latents"]) == (best["k"], best["expansion_factor"] * got["d_in"])
 

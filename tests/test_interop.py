@@ -212,7 +212,7 @@ def test_saelens_loads_a_batchtopk_sae_as_jumprelu_with_equal_latents(tmp_path, 
     and reconstruction."""
     sae_lens = pytest.importorskip("sae_lens")
     x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(batch_size=100, steps=60, lr=3e-3, eval_every=60, normalize_input=True)
+    cfg = TrainConfig(batch_size=100, steps=200, lr=3e-3, eval_every=200, normalize_input=True)
     ours = train_sae(3 * x, SaeConfig(num_latents=64, k=4, activation=activation), cfg).sae
     assert (ours.threshold > 0).all()
     if activation == "jumprelu":  # one threshold per latent, learnt apart

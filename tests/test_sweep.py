@@ -69,6 +69,7 @@ DEMO_LINES = [
     r"pick: [0-9a-f]{8}, .* \(another rule: .*\)",
     r"  its control \(decoder frozen at random, trained alike\): fvu \S+, margin [+-]\S+",
     r"controls: 1 \(tune.controls\), each one trial's training: \d+% of this sweep's training",
+    r"  its seed stability \(matched decoder cosine across seeds\): 0\.\d+",
     r"sweep e2e: \d+ trials \(\d+ failed\) in \d+s; results .*",
     r"MLflow UI: mlflow ui --backend-store-uri sqlite:///\S+",
     r"Optuna dashboard: optuna-dashboard sqlite:///\S+",
@@ -137,6 +138,7 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
         "train.epochs=6",
         "train.eval_every=20",
         "tune.grace_period=40",
+        "tune.stability_seeds=1",
     )
     proc = cli(["demo", *args], bars=True)
     listeners = Listeners(proc.pid)
@@ -198,6 +200,8 @@ def test_demo_sweep_end_to_end_through_the_cli(demo_assets, tmp_path):
     control = best_run.data.metrics
     assert control["control_margin_fvu"] == pytest.approx(control["control_fvu"] - control["fvu"])
     assert {"decoder_max_cos", "density_never", "shrinkage"} <= set(control)
+    # retrained with another seed: its decoder matched to the pick's, row for row
+    assert 0.1 < control["stability_decoder_mcc"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(best_run.info.run_id, "sae")}
     assert {"sae/cfg.json", "sae/sae.safetensors", "sae/firing_frequency.png"} <= artifacts
 

@@ -76,8 +76,9 @@ def format_table(records: Sequence[TrialRecord], rule: PickRule, limit: int = 10
     jumprelu = any(r.params is not None and r.params.activation == "jumprelu" for r in shown)
     params = [p for p in SEARCHED_PARAMS if jumprelu or p != "l0_coefficient"]
     metrics = [*SUMMARY_METRICS, *objectives, DEAD_METRIC]
-    if any("control/margin_fvu" in r.metrics for r in shown):
-        metrics.append("control/margin_fvu")
+    for key in ("control/margin_fvu", "stability/decoder_mcc"):
+        if any(key in r.metrics for r in shown):
+            metrics.append(key)
     cols = ["trial_id", "status", *params, *dict.fromkeys(metrics)]
     if any(r.error for r in shown):
         cols.append("error")
@@ -113,4 +114,7 @@ def pick_note(cfg: Config, records: Sequence[TrialRecord]) -> str:
             f"\n  its control (decoder frozen at random, trained alike): fvu {control:.4g}, "
             f"margin {margin:+.4g}"
         )
+    stability = records[chosen].metrics.get("stability/decoder_mcc")
+    if stability is not None:
+        line += f"\n  its seed stability (matched decoder cosine across seeds): {stability:.3f}"
     return line

@@ -8,7 +8,6 @@ MLflow store (through `best`'s readers) without starting Ray.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -50,8 +49,4 @@ def load_sae(row: Mapping, device: str = "cpu"):
             f"trial {row.get('trial_id')} ({row.get('status')}) has no final SAE: "
             f"{why_no_sae(row.get('status'))}; pick a row whose sae_dir is set"
         )
-    if storage.is_uri(sae_dir):
-        local = Path(tempfile.mkdtemp(prefix="sae-")) / Path(sae_dir).name
-        storage.download_dir(sae_dir, local)
-        sae_dir = str(local)
-    return TopKSae.load(sae_dir, device=device)
+    return TopKSae.load(storage.local_dir(sae_dir), device=device)

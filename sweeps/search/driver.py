@@ -21,14 +21,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 import ray
+import torch
 from ray import tune
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from sae import TopKSae
+from sae.ground_truth import feature_recovery
 from sae.trainer import total_steps
 from sweeps import signals, storage
 from sweeps.activations.extract import ExtractResult, extract
@@ -40,7 +44,7 @@ from sweeps.search.data import layer_sources
 from sweeps.search.mlflow_callback import MlflowTrialCallback
 from sweeps.search.snapshots import set_aside_torn_snapshot
 from sweeps.search.study import StudyCopy
-from sweeps.search.trial import TrialSettings, TrialState, run_trial, train_control
+from sweeps.search.trial import TrialSettings, TrialState, retrain, run_trial
 from sweeps.space import SearchSpace
 from sweeps.tracking import runs as tracking
 from sweeps.tracking.client import mlflow_client
@@ -329,7 +333,7 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     rule = PickRule.from_tune(cfg.tune)
     rows = _records(grid, rule)
     tracking.close_lost_trial_runs(uri, parent, [r.trial_id for r in rows])
-    controls = _controls(cfg, rows, rule, fixed, sources)
+    controls = _followups(cfg, rows, rule, fixed, sources)
     tracking.log_controls(uri, parent, controls)
     for row in rows:
         row.metrics |= controls.get(row.trial_id, {})
@@ -348,28 +352,46 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     )
 
 
-def _controls(cfg: Config, rows, rule: PickRule, fixed: TrialSettings, sources) -> dict:
-    """Train the controls of the pick (rows[0]) and the rest of the feasible front, the first
-    tune.controls of them, as Ray tasks with a trial's resources; {trial_id: control metrics
-    and margins}."""
-    front = {0, *feasible_front([r.metrics for r in rows], rule)}
-    chosen = [r for i, r in enumerate(rows) if i in front and r.status == "DONE"]
-    chosen = chosen[: cfg.tune.controls]
-    if not chosen:
+def _followups(cfg: Config, rows, rule: PickRule, fixed: TrialSettings, sources) -> dict:
+    """After the trials: the pick (rows[0]) and the rest of the feasible front, the first
+    max(tune.controls, 1) of them, each retrained as Ray tasks with a trial's resources, as
+    its control (tune.controls) and with tune.stability_seeds other seeds. {trial_id: its
+    control metrics and margins, and stability/decoder_mcc: the mean Hungarian-matched
+    cosine between its decoder and each other seed's (sae.ground_truth.feature_recovery)}."""
+    tune_cfg = cfg.tune
+    if not (tune_cfg.controls or tune_cfg.stability_seeds):
         return {}
-    task = ray.remote(train_control).options(
-        num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial
+    front = {0, *feasible_front([r.metrics for r in rows], rule)}
+    chosen = [r for i, r in enumerate(rows) if i in front and r.status == "DONE" and r.sae_dir]
+    chosen = chosen[: max(tune_cfg.controls, 1)]
+    task = ray.remote(retrain).options(
+        num_cpus=tune_cfg.cpus_per_trial, num_gpus=tune_cfg.gpus_per_trial
     )
-    refs = [task.remote(r.params, fixed, sources[r.layer]) for r in chosen]
+    controls = {r.trial_id: task.remote(r.params, fixed, sources[r.layer], control=True)
+                for r in chosen[: tune_cfg.controls]}  # fmt: skip
+    seeds = {
+        r.trial_id: [
+            task.remote(r.params, fixed, sources[r.layer], seed=fixed.train.seed + i)
+            for i in range(1, tune_cfg.stability_seeds + 1)
+        ]
+        for r in chosen
+    }
     out = {}
-    for row, control in zip(chosen, ray.get(refs)):
-        if "control/fvu" in control:
-            control["control/margin_fvu"] = control["control/fvu"] - row.metrics["val/fvu"]
-        if "control/probe_acc" in control and "val/probe_acc" in row.metrics:
-            control["control/margin_probe"] = (
-                row.metrics["val/probe_acc"] - control["control/probe_acc"]
-            )
-        out[row.trial_id] = control
+    for row in chosen:
+        metrics = {}
+        if row.trial_id in controls:
+            metrics, _ = ray.get(controls[row.trial_id])
+        if "control/fvu" in metrics:
+            metrics["control/margin_fvu"] = metrics["control/fvu"] - row.metrics["val/fvu"]
+        if "control/probe_acc" in metrics and "val/probe_acc" in row.metrics:
+            trial_acc = row.metrics["val/probe_acc"]
+            metrics["control/margin_probe"] = trial_acc - metrics["control/probe_acc"]
+        decoders = [W for _, W in ray.get(seeds[row.trial_id]) if W is not None]
+        if decoders:
+            own = TopKSae.load(storage.local_dir(row.sae_dir)).W_dec
+            matched = [feature_recovery(own, torch.tensor(W))["mcc"] for W in decoders]
+            metrics["stability/decoder_mcc"] = float(np.mean(matched))
+        out[row.trial_id] = metrics
     return out
 
 

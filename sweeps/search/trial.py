@@ -176,22 +176,31 @@ def _fail(fixed: TrialSettings, point: Hyperparams, step: int, reason: str) -> N
     tune.report({**nan, "step": step, "layer": point.layer, "error": reason})
 
 
-def train_control(point: Hyperparams, fixed: TrialSettings, source) -> dict[str, float]:
-    """A trial's control: its layer, architecture, k, width, lr and steps with the decoder
-    frozen at its random start (TrainConfig.freeze_decoder). Its final control/fvu, and
-    control/probe_acc with train.probe; {} when it diverged."""
+def retrain(
+    point: Hyperparams, fixed: TrialSettings, source, *, seed: int | None = None, control=False
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Train a trial's point again after the sweep: with another `seed` (seed stability), or
+    as its `control`, the decoder frozen at its random start (TrainConfig.freeze_decoder).
+    (control/fvu, and control/probe_acc with train.probe, for a control; the decoder's rows
+    as trained, for a seed); ({}, None) when it diverged."""
     sae_cfg, train_cfg = trial_configs(point, fixed)
+    train_cfg = dataclasses.replace(
+        train_cfg,
+        freeze_decoder=control,
+        seed=train_cfg.seed if seed is None else seed,
+    )
     acts, val_acts = layer_arrays(source)
-    control = dataclasses.replace(train_cfg, freeze_decoder=True)
-    trainer = Trainer(acts, sae_cfg, control, val_acts=val_acts)
+    trainer = Trainer(acts, sae_cfg, train_cfg, val_acts=val_acts)
     try:
-        final = trainer.fit().metrics
+        result = trainer.fit()
     except DivergedError:
-        return {}
-    out = {"control/fvu": final["fvu"]}
+        return {}, None
+    if not control:
+        return {}, result.sae.W_dec.detach().cpu().numpy()
+    out = {"control/fvu": result.metrics["fvu"]}
     probe = fit_probe(source, fixed.tokens_per_image) if fixed.probe else None
     if probe is not None:
         labels = layer_labels(source)[1]
         accuracy = probe_metrics(trainer, probe, labels, fixed.tokens_per_image)
         out["control/probe_acc"] = accuracy["val/probe_acc"]
-    return out
+    return out, None

@@ -185,8 +185,9 @@ def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iter
 def log_controls(
     tracking_uri: str, parent_run_id: str, controls: Mapping[str, Mapping[str, float]]
 ) -> None:
-    """Log each trial's control metrics (schema.CONTROL_KEYS, under their final names) to the
-    trial's run, with tag control=frozen_random_decoder."""
+    """Log each trial's metrics from after the sweep (schema.CONTROL_KEYS and STABILITY_KEYS,
+    under their final names) to the trial's run; tag control=frozen_random_decoder where a
+    control ran."""
     client = mlflow_client(tracking_uri)
     runs = {
         r.data.tags.get("trial_id"): r for r in child_runs(client, client.get_run(parent_run_id))
@@ -198,7 +199,8 @@ def log_controls(
             continue
         values = [Metric(final_name(k), float(v), now, 0) for k, v in metrics.items()]
         log_batch(client, run.info.run_id, metrics=values)
-        client.set_tag(run.info.run_id, "control", "frozen_random_decoder")
+        if "control/fvu" in metrics:
+            client.set_tag(run.info.run_id, "control", "frozen_random_decoder")
 
 
 def close_open_trial_runs(tracking_uri: str, parent_run_id: str, reason: str) -> int:
