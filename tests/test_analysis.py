@@ -343,7 +343,14 @@ def test_analyze_through_the_cli_writes_files_and_mlflow_artifacts(swept, analyz
     assert not (out / "top_images.png").exists()  # the browser shows the top images once
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 240
+    # SAEBench's metrics on the whole dataset, and the sweep's control margin of this trial
+    # (analyze takes the pick, which got the sweep's one control)
+    assert 0 < summary["shrinkage"] < 1.5 and -1 <= summary["decoder/max_cos"] <= 1
+    assert summary["control/fvu"] > 0 and "control/margin_fvu" in summary
+    assert "control/margin_fvu" in (out / "report.html").read_text()
     table = read_latents_csv(out)
+    # the density histogram counts every latent once
+    assert sum(v for k, v in summary.items() if k.startswith("density/")) == len(table)
     live = [int(r["latent"]) for r in table if float(r["frequency"]) > 0]
     assert sorted(summary["latents"]) == live  # every live latent gets its top images
     # Each top image once, as a JPEG file beside the report, not inlined.

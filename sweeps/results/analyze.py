@@ -14,6 +14,7 @@ import torch
 from mlflow.entities import Metric
 
 from sae import TopKSae
+from sae.metrics import dictionary_metrics
 from sweeps.activations import cache
 from sweeps.activations.clip import Preprocessing
 from sweeps.activations.extract import absolute_paths, locate_cache
@@ -22,7 +23,7 @@ from sweeps.config import AnalyzeOptions, Config
 from sweeps.results import analysis, plots, report
 from sweeps.results.best import sae_folder, trial_sae_dir, why_no_sae
 from sweeps.results.export import download_sae, get_run
-from sweeps.schema import NUMERIC_PARAMS, check_name
+from sweeps.schema import CONTROL_KEYS, NUMERIC_PARAMS, STABILITY_KEYS, check_name, final_name
 from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord, TrialRun
 from sweeps.tracking.runs import check_quotable, child_runs, find_sweep_run
@@ -417,6 +418,11 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     }
     summary = {"sae": str(target.sae_dir), "layer": target.layer, **stats.summary}
     summary |= {"token_mode": manifest["token_mode"], "thumbnails": thumbs}
+    summary |= dictionary_metrics(sae.W_dec, torch.from_numpy(stats.frequency_M))
+    if target.run_id:  # what the sweep measured after its trials: control margin, stability
+        logged = client.get_run(target.run_id).data.metrics
+        after = (*CONTROL_KEYS, *STABILITY_KEYS)
+        summary |= {k: logged[final_name(k)] for k in after if final_name(k) in logged}
     (out / "summary.json").write_text(
         json.dumps({**summary, "downstream": checks, "latents": latents}, indent=2)
     )
