@@ -25,9 +25,24 @@ their thresholds), explained variance, F1 of each latent as a detector of its be
 feature. The table has one row per library, architecture and lr (mean over seeds), and the
 difference ours - SAELens in MCC at that lr.
 
+--pick asks whether the sweep service's pick finds true features: our SAEs only (TopK unless
+--archs says otherwise), over the grid a sweep would search, k in --pick-ks (4, 8, 16, 32) x
+width in --pick-widths (256, 512) at each lr of --lrs (1e-2 here) and one sweep per seed of
+--seeds. Each SAE gets the sweep's validation metrics on the held-out rows
+(`sae.metrics.evaluate`: val/fvu, val/l0, val/never_fired_frac) and SAELens's evaluator's
+scores. The pick is `sweeps.ranking.pick` with objectives val/fvu and val/l0 (min, min) and
+val/never_fired_frac <= --max-dead-frac (0.2): the knee of the feasible (FVU, L0) front. The
+table has one row per grid point, marking the pick and the lowest val/fvu, with MCC, the
+evaluator's uniqueness as a count (true features that some latent matches best: uniqueness x
+width) and the true features recovered (some decoder row at |cosine| >= 0.9 with it; not one
+of the evaluator's numbers). MCC matches min(width, 512) pairs, so a width-256 SAE's MCC is
+over its 256 best matches and not comparable with a width-512 one's; the counts are. A last
+line per sweep compares the pick with the lowest FVU.
+
     python benchmarks/bench_synthetic.py                      # 60k + 10k rows, a few minutes
     python benchmarks/bench_synthetic.py --rows 300000 --eval-rows 20000 \\
         --lrs 3e-3,1e-2,3e-2 --archs topk,batchtopk,matryoshka   # the issue's setting
+    python benchmarks/bench_synthetic.py --pick --rows 300000 --eval-rows 20000 --seeds 0,1,2
 
 On a shared machine: OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_synthetic.py.
 """
@@ -46,6 +61,8 @@ from peers import saelens_acts, saelens_sae, train_saelens
 from sae import SaeConfig, TrainConfig, train_sae
 
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu")
+RECOVERED_COS = 0.9
+"""A true feature counts as recovered when some decoder row has |cosine| >= this with it."""
 
 
 def synthetic_model(seed: int = 42, num_features: int = 512, hidden_dim: int = 128):
@@ -135,11 +152,20 @@ class Scored(torch.nn.Module):
         return self._decode(acts)
 
 
-def train_ours(arch, x, val, *, width, k, lr, batch, seed, **overrides):
-    """Our SAE, trained with train_sae on x (one epoch) and wrapped for SAELens's evaluator.
-    `overrides`: TrainConfig fields other than the defaults."""
+def fit_ours(arch, x, val, *, width, k, lr, batch, seed, **overrides):
+    """Our SAE, trained with train_sae on x (one epoch). `overrides`: TrainConfig fields other
+    than the defaults."""
     cfg = TrainConfig(lr=lr, batch_size=batch, epochs=1.0, eval_every=10**9, seed=seed, **overrides)
-    sae = train_sae(x, SaeConfig(num_latents=width, k=k, activation=arch), cfg, val_acts=val).sae
+    return train_sae(x, SaeConfig(num_latents=width, k=k, activation=arch), cfg, val_acts=val).sae
+
+
+def train_ours(arch, x, val, **kwargs):
+    """Our SAE (fit_ours), wrapped for SAELens's evaluator."""
+    return wrap_ours(fit_ours(arch, x, val, **kwargs))
+
+
+def wrap_ours(sae):
+    """Our trained SAE as SAELens's evaluator reads it."""
 
     @torch.no_grad()
     def encode(v):
@@ -190,7 +216,92 @@ def score(scored, model, features_NF) -> dict[str, float]:
         "dead": r.dead_latents,
         "f1": r.classification.f1_score,
         "uniqueness": r.uniqueness,
+        # the evaluator's uniqueness as a count: true features some latent matches best
+        "unique": round(r.uniqueness * scored.W_dec.shape[0]),
+        "recovered": recovered(scored.W_dec, model.feature_dict.feature_vectors),
     }
+
+
+def recovered(W_dec, features_FD, threshold: float = RECOVERED_COS) -> int:
+    """True features that some decoder row matches with |cosine| >= threshold."""
+    from sae_lens.util import cosine_similarities
+
+    cos = cosine_similarities(W_dec.detach().float(), features_FD.float()).abs()
+    return int((cos.max(0).values >= threshold).sum())
+
+
+def run_pick(args, model, x, val, val_features, archs, lrs, seeds) -> None:
+    """--pick: our SAEs over the sweep grid (--pick-ks x --pick-widths x lrs), one sweep per
+    architecture and seed; the sweep's pick (sweeps.ranking.pick) beside its lowest val/fvu."""
+    from sae.metrics import evaluate
+    from sweeps.ranking import DEAD_METRIC, PickRule, pick
+
+    rule = PickRule({"val/fvu": "min", "val/l0": "min"}, max_dead_frac=args.max_dead_frac)
+    ks = [int(v) for v in args.pick_ks.split(",")]
+    widths = [int(v) for v in args.pick_widths.split(",")]
+    outcomes = []
+    for arch in archs:
+        for seed in seeds:
+            rows = []
+            for lr in lrs:
+                for width in widths:
+                    for k in ks:
+                        t1 = time.perf_counter()
+                        with contextlib.redirect_stderr(io.StringIO()):
+                            sae = fit_ours(
+                                arch, x, val, width=width, k=k, lr=lr, batch=args.batch, seed=seed
+                            )
+                        with torch.no_grad():
+                            stats = evaluate(sae, val).result()
+                        m = score(wrap_ours(sae), model, val_features)
+                        point = {
+                            "val/fvu": stats["fvu"],
+                            "val/l0": stats["l0"],
+                            DEAD_METRIC: stats["never_fired_frac"],
+                        }
+                        rows.append({"lr": lr, "width": width, "k": k, "point": point, **m})
+                        print(
+                            f"  {arch} seed {seed} lr {lr:g} width {width} k {k}: fvu "
+                            f"{stats['fvu']:.4f}, MCC {m['mcc']:.3f}, recovered "
+                            f"{m['recovered']} ({time.perf_counter() - t1:.0f} s)",
+                            flush=True,
+                        )
+            points = [r["point"] for r in rows]
+            chosen, why = pick(points, rule)
+            lowest = min(range(len(rows)), key=lambda i: points[i]["val/fvu"])
+            print(f"\n{arch}, seed {seed}: pick = {why}; lowest FVU = min val/fvu, unconstrained\n")
+            print(
+                f"| lr | width | k | val/fvu | val/l0 | never fired | MCC | unique true "
+                f"features (evaluator) | recovered (cos >= {RECOVERED_COS:g}) | choice |"
+            )
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            for i, r in enumerate(rows):
+                p = r["point"]
+                marks = [name for name, j in (("pick", chosen), ("lowest FVU", lowest)) if i == j]
+                print(
+                    f"| {r['lr']:g} | {r['width']} | {r['k']} | {p['val/fvu']:.4f} | "
+                    f"{p['val/l0']:.2f} | {p[DEAD_METRIC]:.3f} | {r['mcc']:.3f} | {r['unique']} "
+                    f"({r['unique'] / model.cfg.num_features:.3f}) | {r['recovered']} "
+                    f"({r['recovered'] / model.cfg.num_features:.3f}) | {', '.join(marks)} |"
+                )
+            if chosen is None:
+                print("no pick: " + why)
+                continue
+            a, b = rows[chosen], rows[lowest]
+            verdict = "at least as many" if a["recovered"] >= b["recovered"] else "fewer"
+            print(
+                f"\n{arch}, seed {seed}: pick (width {a['width']}, k {a['k']}) MCC {a['mcc']:.3f}, "
+                f"{a['unique']} unique, {a['recovered']} recovered vs lowest FVU (width "
+                f"{b['width']}, k {b['k']}) MCC {b['mcc']:.3f}, {b['unique']} unique, "
+                f"{b['recovered']} recovered: MCC {a['mcc'] - b['mcc']:+.3f}, recovered "
+                f"{a['recovered'] - b['recovered']:+d}: the pick recovers {verdict} true features",
+                flush=True,
+            )
+            outcomes.append(a["recovered"] >= b["recovered"])
+    print(
+        f"\npick recovers at least as many true features (cos >= {RECOVERED_COS:g}) as the lowest "
+        f"FVU in {sum(outcomes)} of {len(outcomes)} sweeps"
+    )
 
 
 def main() -> None:
@@ -203,17 +314,41 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256, help="latents of every SAE")
     ap.add_argument("--k", type=int, default=8, help="L0 target (TopK's k; JumpReLU's aim)")
     ap.add_argument("--batch", type=int, default=256, help="rows per optimizer step")
-    ap.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="the lr grid, comma-separated")
+    ap.add_argument(
+        "--lrs",
+        default=argparse.SUPPRESS,  # resolved below: it depends on --pick
+        help="the lr grid, comma-separated (default 3e-3,1e-2,3e-2; --pick: 1e-2)",
+    )
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     ap.add_argument("--libs", default="ours,SAELens", help="libraries, comma-separated")
-    ap.add_argument("--archs", default=",".join(ARCHS), help="architectures, comma-separated")
+    ap.add_argument(
+        "--archs",
+        default=argparse.SUPPRESS,  # resolved below: it depends on --pick
+        help=f"architectures, comma-separated (default {','.join(ARCHS)}; --pick: topk)",
+    )
     ap.add_argument("--data-seed", type=int, default=42, help="seed of the synthetic model")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument(
+        "--pick",
+        action="store_true",
+        help="our SAEs only, over --pick-ks x --pick-widths: the sweep's pick "
+        "(sweeps.ranking.pick) beside the lowest val/fvu (see the module doc)",
+    )
+    ap.add_argument("--pick-ks", default="4,8,16,32", help="--pick: the k grid")
+    ap.add_argument("--pick-widths", default="256,512", help="--pick: the width grid")
+    ap.add_argument(
+        "--max-dead-frac",
+        type=float,
+        default=0.2,
+        help="--pick: the pick's bound on val/never_fired_frac",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lrs = [float(v) for v in args.lrs.split(",")]
+    lr_grid = getattr(args, "lrs", None) or ("1e-2" if args.pick else "3e-3,1e-2,3e-2")
+    lrs = [float(v) for v in lr_grid.split(",")]
     seeds = [int(v) for v in args.seeds.split(",")]
-    libs, archs = args.libs.split(","), args.archs.split(",")
+    libs = args.libs.split(",")
+    archs = (getattr(args, "archs", None) or ("topk" if args.pick else ",".join(ARCHS))).split(",")
     for name in libs:
         if name not in TRAINERS:
             ap.error(f"unknown library {name!r}: choose from {', '.join(TRAINERS)}")
@@ -226,14 +361,23 @@ def main() -> None:
     x, _ = sample(model, args.rows, seed=args.data_seed + 1)
     val, val_features = sample(model, args.eval_rows, seed=args.data_seed + 2)
     in_trees = len(model.hierarchy.feature_indices_used) if model.hierarchy else 0
+    grid = (
+        f"widths {args.pick_widths}, ks {args.pick_ks}, archs {archs}"
+        if args.pick
+        else f"{args.width} latents, k={args.k}"
+    )
     print(
         f"synthetic: {model.cfg.num_features} features ({in_trees} in hierarchy trees) in "
         f"d={model.cfg.hidden_dim}, {(val_features > 0).sum(1).float().mean():.2f} active per "
         f"row; {args.rows} training rows, {args.eval_rows} held out ({time.perf_counter() - t0:.0f}"
-        f" s); {args.width} latents, k={args.k}, batches of {args.batch}, one epoch "
-        f"({args.rows // args.batch} steps), lrs {lrs}, seeds {seeds}",
+        f" s); {grid}, batches of {args.batch}, one epoch ({args.rows // args.batch} steps), "
+        f"lrs {lrs}, seeds {seeds}",
         flush=True,
     )
+    if args.pick:
+        run_pick(args, model, x, val, val_features, archs, lrs, seeds)
+        print(f"({time.perf_counter() - t0:.0f} s)")
+        return
     table = {}
     for arch in archs:
         for lr in lrs:

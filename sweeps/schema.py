@@ -194,11 +194,6 @@ def default_optuna_storage(out_dir: str | Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'optuna.db'}"
 
 
-def child_filter(parent_run_id: str) -> str:
-    """The MLflow search filter of a sweep's trial runs."""
-    return f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
-
-
 def leaderboard_url(server: str, experiment_id: str, metric: str, mode: str) -> str:
     """The MLflow UI's runs page of an experiment sorted by `metric`: sorted by a metric, it
     lists the trial runs flat, best first, instead of folding them under the sweep's run."""

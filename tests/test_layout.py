@@ -21,7 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The shared core: the lowest modules, which every stage may import.
 CORE = {
     f"sweeps.{m}"
-    for m in ("config", "schema", "space", "storage", "ridge", "signals", "progress", "redact")
+    for m in (
+        "config",
+        "schema",
+        "ranking",
+        "space",
+        "storage",
+        "ridge",
+        "signals",
+        "progress",
+        "redact",
+    )
 }
 
 #: What each part may import from the project, besides its own modules and `sae`.
@@ -168,3 +178,38 @@ def test_hyperparams_read_back_from_mlflow_text_are_typed():
     assert isinstance(point.layer, int) and isinstance(point.lr, float)
     with pytest.raises(ValueError, match="lack layer"):
         Hyperparams.from_values({"k": "32", "expansion_factor": "8", "lr": "1e-3"})
+
+
+def _runtime_imports(path: Path) -> list[tuple[str, int]]:
+    """(module, line) of every import a file runs (not those under `if TYPE_CHECKING:`)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If)
+        and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for stmt in node.body
+        for n in ast.walk(stmt)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+    return found
+
+
+def test_only_the_tracking_package_imports_mlflow():
+    """MLflow stays behind sweeps/tracking/: every other module reaches the store through
+    it (the Tune callback through tracking.trial_runs, export through tracking.registry)."""
+    outside = [p for p in SWEEPS if "tracking" not in p.relative_to(ROOT).parts]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} imports {m}"
+        for p in [*outside, *sorted((ROOT / "sae").rglob("*.py"))]
+        for m, line in _runtime_imports(p)
+        if m.split(".")[0] == "mlflow"
+    ]
+    assert not bad, bad

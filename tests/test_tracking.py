@@ -244,12 +244,12 @@ def test_resume_goes_on_from_the_snapshot_before_one_a_kill_cut_short(ray_sessio
 def test_callbacks_pickle_without_their_driver_state(tmp_path):
     """Tuner pickles callbacks into tuner.pkl: clients, consoles and caches stay behind."""
     callback = MlflowTrialCallback(default_tracking_uri(tmp_path), "parent-run")
-    callback._runs["t1"] = "run-1"
+    callback._runs.open_runs["t1"] = "run-1"
     display = SweepDisplay(3)
     display._counts["running"] = 1
     assert display.bar is not None
     callback_copy, display_copy = pickle.loads(pickle.dumps((callback, display)))
-    assert callback_copy._runs == {} and callback_copy._client is None
+    assert callback_copy._runs.open_runs == {} and callback_copy._runs._client is None
     assert callback_copy.parent_run_id == "parent-run"
     assert display_copy._bar is None and display_copy._counts["running"] == 0
     assert display_copy.num_samples == 3

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from mlflow.entities import Metric
 
 from sae import TopKSae
 from sae.metrics import dictionary_metrics
@@ -26,7 +24,13 @@ from sweeps.results.export import download_sae, get_run
 from sweeps.schema import CONTROL_KEYS, NUMERIC_PARAMS, STABILITY_KEYS, check_name, final_name
 from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord, TrialRun
-from sweeps.tracking.runs import check_quotable, child_runs, find_sweep_run
+from sweeps.tracking.runs import (
+    as_metrics,
+    check_quotable,
+    child_runs,
+    find_sweep_run,
+    log_batch,
+)
 
 
 @dataclass
@@ -438,13 +442,8 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
         numbers = {**stats.summary, **checks}
         metrics = {f"analysis/{k}": v for k, v in numbers.items() if isinstance(v, (int, float))}
         client.log_artifacts(target.run_id, str(out), "analysis")
-        client.log_batch(target.run_id, metrics=_metrics(metrics))
+        log_batch(client, target.run_id, metrics=as_metrics(metrics))
     if parent and sweep_figs:
         for path in sweep_figs.values():
             client.log_artifact(parent.info.run_id, str(path), "analysis")
     return Analysis(html, target, stats.summary, checks, sae.num_latents)
-
-
-def _metrics(values: dict[str, float]) -> list[Metric]:
-    ts = int(time.time() * 1000)
-    return [Metric(k, float(v), ts, 0) for k, v in values.items()]

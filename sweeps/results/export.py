@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-
-import mlflow.artifacts
-from mlflow.entities import Run
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as PROGRESS_BAR
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from typing import TYPE_CHECKING
 
 from sae import TopKSae
 from sae.saelens import save_saelens
@@ -28,6 +22,11 @@ from sweeps.results.best import best_trials
 from sweeps.schema import check_model_name, format_value
 from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord, TrialRun
+from sweeps.tracking.registry import download_artifacts, register_folder, trial_run
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
 
 #: The run artifact that a registered model version points to: `export/layers.<L>`.
 EXPORT_ARTIFACT = "export"
@@ -80,41 +79,13 @@ def get_run(cfg: Config, run_id: str | None) -> Run:
     """The trial run `run_id`, or the sweep's best one when it is None."""
     if run_id is None:
         return best_run(cfg)
-    try:
-        run = sweep_client(cfg.sweep).get_run(run_id)
-    except MlflowException as e:
-        raise ValueError(f"MLflow run {run_id}: {e.message}") from None
-    if "trial_id" not in run.data.tags or "layer" not in run.data.params:
-        raise ValueError(
-            f"MLflow run {run_id} is not a trial of a sweep (no trial_id tag or layer param): "
-            "pass the run id of a trial, as `best` lists them"
-        )
-    return run
+    return trial_run(cfg.sweep.resolved_tracking_uri(), run_id)
 
 
 def download_sae(cfg: Config, run: Run, dst: str | None = None) -> Path:
-    """The trial run's SAE artifact, downloaded into `dst` (default: a new temporary directory)
-    without MLflow's progress bar: library code prints nothing."""
-    bar = PROGRESS_BAR.get_raw()
-    PROGRESS_BAR.set("false")
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run.info.run_id,
-                artifact_path="sae",
-                dst_path=dst,
-                tracking_uri=cfg.sweep.resolved_tracking_uri(),
-            )
-        )
-    except (MlflowException, OSError) as e:
-        raise FileNotFoundError(
-            f"run {run.info.run_id} has no SAE artifact ({e}): pick a trial that finished"
-        ) from None
-    finally:
-        if bar is None:
-            PROGRESS_BAR.unset()
-        else:
-            PROGRESS_BAR.set(bar)
+    """The trial run's SAE artifact, downloaded into `dst` (default: a new temporary
+    directory)."""
+    return download_artifacts(cfg.sweep.resolved_tracking_uri(), run.info.run_id, "sae", dst)
 
 
 def export_run(cfg: Config, run: Run, out: str | Path) -> Path:
@@ -138,23 +109,18 @@ def register_run(cfg: Config, run: Run, name: str) -> ModelVersion:
     """Log the exported SAE folder to the trial's run and register it as a version of the
     registered model `name` (created when new), tagged with its sweep, trial and metrics."""
     check_model_name(name)
-    client = sweep_client(cfg.sweep)
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_run(cfg, run, tmp)
-        path = f"{EXPORT_ARTIFACT}/{folder.name}"
-        client.log_artifacts(run.info.run_id, str(folder), path)
-    try:
-        client.create_registered_model(name, description=DESCRIPTION)
-    except MlflowException as e:
-        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise ValueError(f"cannot register model {name!r}: {e.message}") from None
-    return client.create_model_version(
-        name,
-        f"runs:/{run.info.run_id}/{path}",
-        run_id=run.info.run_id,
-        tags=version_tags(cfg, run),
-        description=f"Sweep {cfg.sweep.name}, trial {run.data.tags.get('trial_id')}",
-    )
+        return register_folder(
+            cfg.sweep.resolved_tracking_uri(),
+            run.info.run_id,
+            folder,
+            f"{EXPORT_ARTIFACT}/{folder.name}",
+            name,
+            DESCRIPTION,
+            f"Sweep {cfg.sweep.name}, trial {run.data.tags.get('trial_id')}",
+            version_tags(cfg, run),
+        )
 
 
 def version_tags(cfg: Config, run: Run) -> dict[str, str]:

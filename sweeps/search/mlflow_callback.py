@@ -4,29 +4,20 @@ and reopened instead of duplicated."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import requests
-from mlflow.entities import Metric, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from ray import tune
 
 from sweeps import storage
 from sweeps.redact import hide, redact
-from sweeps.schema import METRIC_KEYS, child_filter, final_name, is_num, trial_label
+from sweeps.schema import METRIC_KEYS, final_name, trial_label
 from sweeps.search.callback_state import LocalState
-from sweeps.tracking.client import mlflow_client, tracking_failure
-from sweeps.tracking.runs import as_params, check_quotable, flatten, log_batch
+from sweeps.tracking.trial_runs import TrialRuns
 
 logger = logging.getLogger(__name__)
 
@@ -79,138 +70,71 @@ class MlflowTrialCallback(LocalState, tune.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._failed: Exception | None = None  # the store's failure, which ended the sweep
-        self._client: MlflowClient | None = None
-        self._experiment_id: str | None = None
-        self._runs: dict[str, str] = {}  # trial_id -> run id of trials whose run is open
-        self._logged: dict[str, dict[str, int]] = {}  # trial_id -> metric -> last logged step
+        self._runs = TrialRuns(self.tracking_uri, self.parent_run_id, self.fixed_params)
         self._stopped: set[str] = set()
 
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = mlflow_client(self.tracking_uri)
-            self._experiment_id = self._client.get_run(self.parent_run_id).info.experiment_id
-        return self._client
-
-    @contextlib.contextmanager
-    def _tracking(self, doing: str):
-        """Around a hook's MLflow calls: a failure of the store becomes one TrackingError that
-        ends the sweep; a hook called after it raises it again at once."""
-        if self._failed is not None:
-            raise self._failed
-        try:
-            yield
-        except (MlflowException, requests.RequestException) as e:
-            self._failed = tracking_failure(self.tracking_uri, e, doing)
-            raise self._failed from None
+    def _open(self, trial) -> str:
+        return self._runs.open(
+            trial.trial_id, trial_label(trial.config) or str(trial), trial.config
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        with self._tracking(f"opening trial {trial.trial_id}'s run"):
+        with self._runs.tracking(f"opening trial {trial.trial_id}'s run"):
             self._open(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get(self.step_key, result["training_iteration"]))
-        with self._tracking(f"logging trial {trial.trial_id}'s metrics"):
-            self._log(trial, {k: result.get(k) for k in self.metric_keys}, step)
+        with self._runs.tracking(f"logging trial {trial.trial_id}'s metrics"):
+            values = {k: result.get(k) for k in self.metric_keys}
+            self._runs.log(self._open(trial), trial.trial_id, values, step)
         # Tune marks a result done only when a scheduler or stopper decided to stop the trial;
         # a trainable that returns on its own ends without such a result.
         if result.get("done"):
             self._stopped.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        with self._tracking(f"closing trial {trial.trial_id}'s run"):
-            self._complete(trial)
-
-    def _complete(self, trial) -> None:
-        run_id = self._open(trial)
-        last = trial.last_result
-        step = int(last.get(self.step_key, last.get("training_iteration", 0)))
-        self._log(trial, {final_name(k): last.get(k) for k in self.metric_keys}, step)
-        tags = []
-        if trial.trial_id in self._stopped and not last.get(self.sae_dir_key):
-            tags.append(RunTag("stopped_early", "true"))
-        if last.get("error"):  # a trial that cannot run ends itself with its reason
-            tags.append(RunTag("error", redact(str(last["error"]))[:MAX_TAG_VAL_LENGTH]))
-        log_batch(self.client, run_id, tags=tags)
-        self._log_sae_dir(trial, run_id)
-        self._close(trial, "FAILED" if last.get("error") else "FINISHED")
+        with self._runs.tracking(f"closing trial {trial.trial_id}'s run"):
+            run_id = self._open(trial)
+            last = trial.last_result
+            step = int(last.get(self.step_key, last.get("training_iteration", 0)))
+            values = {final_name(k): last.get(k) for k in self.metric_keys}
+            self._runs.log(run_id, trial.trial_id, values, step)
+            tags = {}
+            if trial.trial_id in self._stopped and not last.get(self.sae_dir_key):
+                tags["stopped_early"] = "true"
+            if last.get("error"):  # a trial that cannot run ends itself with its reason
+                tags["error"] = str(last["error"])
+            self._runs.tag(run_id, tags)
+            self._log_sae_dir(trial, run_id)
+            self._close(trial, "FAILED" if last.get("error") else "FINISHED")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # The trial restarts from its last checkpoint and keeps this run.
-        with self._tracking(f"reopening trial {trial.trial_id}'s run"):
-            run_id = self._open(trial)
-            self.client.set_tag(run_id, "num_failures", str(trial.num_failures))
+        with self._runs.tracking(f"reopening trial {trial.trial_id}'s run"):
+            self._runs.tag(self._open(trial), {"num_failures": str(trial.num_failures)})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         text = redact(_read_error(trial))
         lines = text.strip().splitlines() or ["unknown error"]
-        with self._tracking(f"closing failed trial {trial.trial_id}'s run"):
+        with self._runs.tracking(f"closing failed trial {trial.trial_id}'s run"):
             run_id = self._open(trial)
-            self.client.log_text(run_id, text, "error.txt")
-            self.client.set_tag(run_id, "error", lines[-1][:MAX_TAG_VAL_LENGTH])
+            self._runs.log_text(run_id, text, "error.txt")
+            self._runs.tag(run_id, {"error": lines[-1]})
             self._close(trial, "FAILED")
 
     def on_experiment_end(self, trials, **info):
         # Trials still open here did not finish (Ctrl-C, a stopper's stop_all, a time budget).
         # KILLED, so no run stays RUNNING with nothing behind it; Tuner.restore reopens them.
         # Not after the store failed: the sweep ends on that error, and `resume` reopens them.
-        if self._failed is not None:
+        if self._runs.failed is not None:
             return
-        with self._tracking("closing the unfinished trials' runs"):
+        with self._runs.tracking("closing the unfinished trials' runs"):
             for trial in trials:
-                if trial.trial_id in self._runs:
+                if trial.trial_id in self._runs.open_runs:
                     self._close(trial, "KILLED")
 
-    def _open(self, trial) -> str:
-        """The trial's run id: cached, found under the parent and reopened, or created."""
-        trial_id = trial.trial_id
-        if trial_id in self._runs:
-            return self._runs[trial_id]
-        check_quotable(trial_id)
-        client = self.client  # connects and sets self._experiment_id
-        found = client.search_runs(
-            [self._experiment_id],
-            f"{child_filter(self.parent_run_id)} and tags.trial_id = '{trial_id}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-            for tag in ("error", "killed_reason"):  # resumed after either: error.txt keeps one
-                if tag in found[0].data.tags:
-                    client.delete_tag(run_id, tag)
-            self._logged[trial_id] = {
-                key: max(m.step for m in client.get_metric_history(run_id, key))
-                for key in found[0].data.metrics
-            }
-        else:
-            tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial_id}
-            name = trial_label(trial.config) or str(trial)
-            run = client.create_run(self._experiment_id, tags=tags, run_name=name)
-            run_id = run.info.run_id
-            params = flatten(self.fixed_params) | flatten(trial.config)
-            log_batch(client, run_id, params=as_params(params))
-            self._logged[trial_id] = {}
-        self._runs[trial_id] = run_id
-        return run_id
-
-    def _log(self, trial, values: Mapping[str, Any], step: int) -> None:
-        """Log the numeric values at `step`, skipping metrics the run already has there."""
-        run_id = self._open(trial)
-        logged = self._logged[trial.trial_id]
-        ts = int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(v), ts, step)
-            for k, v in values.items()
-            if is_num(v) and step > logged.get(k, -1)
-        ]
-        log_batch(self.client, run_id, metrics=metrics)
-        logged.update({m.key: step for m in metrics})
-
     def _close(self, trial, status: str) -> None:
-        self.client.set_terminated(self._runs.pop(trial.trial_id), status)
-        self._logged.pop(trial.trial_id, None)
+        self._runs.close(trial.trial_id, status)
         self._stopped.discard(trial.trial_id)
 
     def _log_sae_dir(self, trial, run_id: str) -> None:
@@ -222,14 +146,14 @@ class MlflowTrialCallback(LocalState, tune.Callback):
             with tempfile.TemporaryDirectory() as tmp:
                 storage.download_dir(reported, tmp)
                 plots = self.plots(Path(tmp)) if self.plots else []
-                self.client.log_artifacts(run_id, tmp, "sae")
+                self._runs.log_artifacts(run_id, Path(tmp), "sae")
                 storage.write_dir(reported, lambda d: [shutil.copy(p, d) for p in plots])
             return
         path = Path(trial.local_path or "", reported)  # an absolute path stays as it is
         if path.is_dir():
             if self.plots:
                 self.plots(path)
-            self.client.log_artifacts(run_id, str(path), "sae")
+            self._runs.log_artifacts(run_id, path, "sae")
         else:
             logger.warning(
                 "Trial %s reported %s=%s, which is not a directory on the driver: its SAE is not "

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeps.schema import METRIC_KEYS, Hyperparams, child_filter, final_name
+from sweeps.schema import METRIC_KEYS, Hyperparams, final_name
 from sweeps.tracking.store import rest_call
 
 
@@ -234,6 +234,11 @@ def _sqlite_runs(
         return [TrialRun(i, params[i], metrics[i], tags[i], found_runs[i]) for i in ids]
     finally:
         db.close()
+
+
+def child_filter(parent_run_id: str) -> str:
+    """The MLflow search filter of a sweep's trial runs."""
+    return f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
 
 
 def _child_filter(parent_run_id: str, finished_only: bool = True) -> str:

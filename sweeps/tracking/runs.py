@@ -36,12 +36,12 @@ from sweeps.schema import (
     METRIC_KEYS,
     RUNS_PAGE_COLUMNS,
     SUMMARY_METRICS,
-    child_filter,
     final_name,
     is_num,
     trial_label,
 )
 from sweeps.tracking.client import mlflow_client, server_answers, server_lost
+from sweeps.tracking.records import child_filter
 from sweeps.tracking.store import TrackingError
 
 logger = logging.getLogger(__name__)
@@ -192,12 +192,11 @@ def log_controls(
     runs = {
         r.data.tags.get("trial_id"): r for r in child_runs(client, client.get_run(parent_run_id))
     }
-    now = int(time.time() * 1000)
     for trial_id, metrics in controls.items():
         run = runs.get(trial_id)
         if run is None or not metrics:
             continue
-        values = [Metric(final_name(k), float(v), now, 0) for k, v in metrics.items()]
+        values = as_metrics({final_name(k): v for k, v in metrics.items()})
         log_batch(client, run.info.run_id, metrics=values)
         if "control/fvu" in metrics:
             client.set_tag(run.info.run_id, "control", "frozen_random_decoder")
@@ -398,6 +397,12 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def as_metrics(values: Mapping[str, float], step: int = 0) -> list[Metric]:
+    """MLflow metrics of `values` at `step`, stamped now."""
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()]
 
 
 def as_params(d: Mapping[str, Any]) -> list[Param]:

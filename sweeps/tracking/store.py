@@ -126,8 +126,3 @@ def rest_call(
             f"({redact(str(getattr(e, 'reason', e)))}): start "
             "it, or point sweep.tracking_uri (or MLFLOW_TRACKING_URI) at the sweep's store"
         ) from None
-
-
-def _file_store_allowed() -> bool:
-    # MLflow's MLFLOW_ALLOW_FILE_STORE, read as MLflow reads a boolean variable
-    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1")
