@@ -31,7 +31,7 @@ width in --pick-widths (256, 512) at each lr of --lrs (1e-2 here) and one sweep 
 --seeds. Each SAE gets the sweep's validation metrics on the held-out rows
 (`sae.metrics.evaluate`: val/fvu, val/l0, val/never_fired_frac) and SAELens's evaluator's
 scores. The pick is `sweeps.ranking.pick` with objectives val/fvu and val/l0 (min, min) and
-val/never_fired_frac <= --max-dead-frac (0.2): the knee of the feasible (FVU, L0) front. The
+val/never_fired_frac <= --max-dead-frac (0.2): the lowest FVU among feasible SAEs. The
 table has one row per grid point, marking the pick and the lowest val/fvu, with MCC, the
 evaluator's uniqueness as a count (true features that some latent matches best: uniqueness x
 width) and the true features recovered (some decoder row at |cosine| >= 0.9 with it; not one

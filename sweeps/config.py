@@ -261,7 +261,7 @@ class TuneSettings:
     infeasible: a constraint for Optuna's sampler, never the pick."""
 
     pick_l0: list[float] = field(default_factory=list)
-    """[low, high]: pick the lowest val/fvu with val/l0 in it; []: the knee of the front.
+    """[low, high]: pick the lowest val/fvu with val/l0 in it; []: of all feasible trials.
     The rule is in docs/sweeps.md, 'The pick'."""
 
     controls: int = 1
@@ -372,7 +372,7 @@ class TuneSettings:
         _check(
             band == [] or (len(band) == 2 and 0 <= band[0] < band[1]),
             "tune.pick_l0",
-            "give [low, high] with 0 <= low < high (e.g. [20, 200]), or [] for the front's knee",
+            "give [low, high] with 0 <= low < high (e.g. [20, 200]), or [] for no band",
             band,
         )
         _check(

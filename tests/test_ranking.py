@@ -3,8 +3,6 @@ constraint Optuna's samplers get."""
 
 from __future__ import annotations
 
-import math
-
 import optuna
 import pytest
 
@@ -36,34 +34,32 @@ def test_pareto_front():
 
 def test_the_widest_densest_sae_is_not_the_pick_when_its_latents_are_dead():
     """The demo's old best: lowest FVU, most latents never fired. Infeasible, so never the
-    pick, and ranked below every feasible trial."""
+    pick, and ranked below every feasible trial; the pick is the lowest feasible FVU."""
     points = [point(0.05, 16, dead=0.86), point(0.12, 8), point(0.2, 4), point(0.3, 2)]
     rule = PickRule(BOTH, max_dead_frac=0.2)
     chosen, why = pick(points, rule)
-    assert chosen != 0 and "knee" in why
-    assert rank(points, rule)[-1] == 0
-    assert pick(points, PickRule(BOTH, max_dead_frac=1.0))[0] != 0  # still a knee, not fvu
+    assert chosen == 1 and why == "the lowest val/fvu among trials with val/never_fired_frac <= 0.2"
+    assert rank(points, rule) == [1, 2, 3, 0]
+    assert pick(points, PickRule(BOTH, max_dead_frac=1.0))[0] == 0  # no bound: FVU alone
 
 
-def test_the_knee_is_the_front_point_nearest_the_ideal_corner():
-    """log10 L0 and FVU scaled to [0, 1] over the front: (L0 8, FVU 0.12) is 1/3 + 0.18 from
-    the corner; the extremes are 1 away."""
-    points = [point(0.05, 64), point(0.12, 8), point(0.5, 1), point(0.6, 64)]
-    chosen, _ = pick(points, PickRule(BOTH, max_dead_frac=0.5))
-    assert chosen == 1
-    # brute force over the front, independently
-    front = pareto_front(points, BOTH)
-    lo = {k: min(points[i][k] for i in front) for k in BOTH}
-    hi = {k: max(points[i][k] for i in front) for k in BOTH}
+def test_the_pick_is_the_lowest_fvu_of_the_feasible_front_by_brute_force():
+    """Against a direct search: among points with never-fired <= the bound, the lowest FVU
+    (the front's lowest FVU is the lowest of all feasible points)."""
+    import random
 
-    def distance(i):
-        x = (math.log10(points[i]["val/l0"]) - math.log10(lo["val/l0"])) / (
-            math.log10(hi["val/l0"]) - math.log10(lo["val/l0"])
-        )
-        y = (points[i]["val/fvu"] - lo["val/fvu"]) / (hi["val/fvu"] - lo["val/fvu"])
-        return x + y
-
-    assert chosen == min(front, key=distance)
+    rng = random.Random(0)
+    for _ in range(200):
+        points = [
+            point(rng.random(), rng.choice([2, 4, 8, 16, 32]), dead=rng.random() * 0.5)
+            for _ in range(rng.randint(1, 9))
+        ]
+        feasible = [i for i, p in enumerate(points) if p[DEAD_METRIC] <= 0.2]
+        chosen, _ = pick(points, PickRule(BOTH, max_dead_frac=0.2))
+        if feasible:
+            assert chosen == min(feasible, key=lambda i: points[i]["val/fvu"])
+        else:
+            assert chosen == min(range(len(points)), key=lambda i: points[i][DEAD_METRIC])
 
 
 def test_an_l0_band_picks_the_lowest_fvu_inside_it():

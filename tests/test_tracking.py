@@ -270,7 +270,7 @@ def test_pareto_summary_on_parent(tmp_path):
     client = MlflowClient(uri)
     tags = client.get_run(parent).data.tags
     assert tags["pareto.trial_ids"] == "a,b" and tags["pareto.size"] == "2"
-    assert tags["best.trial_id"] == "a" and "lowest val/fvu of the front" in tags["best.rule"]
+    assert tags["best.trial_id"] == "a" and "the lowest val/fvu among trials" in tags["best.rule"]
     assert tags["mlflow.note.content"].splitlines()[4].startswith("| pick: **")
     saved = json.loads(
         Path(client.download_artifacts(parent, "pareto_front.json", str(tmp_path))).read_text()
