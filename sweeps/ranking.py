@@ -86,11 +86,14 @@ def feasible_front(points: Sequence[Mapping[str, Any]], rule: PickRule) -> list[
 def pick(points: Sequence[Mapping[str, Any]], rule: PickRule) -> tuple[int | None, str]:
     """The index of the pick among `points` (metric dicts) and why, in words; (None, why)
     when no point has the objectives."""
-    if not pareto_front(points, rule.objectives):
+    scored = [
+        i for i, p in enumerate(points) if all(_value(p, k) is not None for k in rule.objectives)
+    ]
+    if not scored:
         return None, "no trial reported the objectives"
-    feasible = [i for i, p in enumerate(points) if rule.feasible(p)]
-    if not feasible:  # then every point has a dead fraction, above the bound
-        least = min(range(len(points)), key=lambda i: points[i][DEAD_METRIC])
+    feasible = [i for i in scored if rule.feasible(points[i])]
+    if not feasible:  # then each scored point has a dead fraction, above the bound
+        least = min(scored, key=lambda i: points[i][DEAD_METRIC])
         return least, (
             f"no trial has {DEAD_METRIC} <= tune.max_dead_frac={rule.max_dead_frac:g}: the "
             "least dead one"

@@ -140,7 +140,7 @@ def test_probe_metric_scores_the_reconstruction_against_the_activations(
         pred = probe.predict(inputs.view(len(y), tokens, -1).mean(1))
         assert got[key] == pytest.approx((pred == y).double().mean().item())
     assert got["val/probe_acc_orig"] > 0.8  # the classes are separable...
-    assert got["val/probe_acc"] < got["val/probe_acc_orig"]  # ...less so through one latent
+    assert got["val/probe_acc"] <= got["val/probe_acc_orig"]  # ...no better through one latent
 
 
 def test_probe_needs_two_labels_in_the_training_images(tmp_path, monkeypatch):

@@ -74,6 +74,16 @@ def test_with_no_feasible_trial_the_least_dead_one_is_picked_and_the_reason_says
     assert chosen == 1 and "least dead" in why
 
 
+def test_trials_without_results_never_hide_the_pick():
+    """Diverged trials (NaN objectives, no dead fraction) count as neither feasible nor
+    infeasible: with the one scored trial over the bound, it is still the pick."""
+    nan = float("nan")
+    points = [{"val/fvu": nan, "val/l0": nan}, point(0.1, 8, dead=0.5), {"val/fvu": nan}]
+    chosen, why = pick(points, PickRule(BOTH, max_dead_frac=0.2))
+    assert chosen == 1 and "least dead" in why
+    assert rank(points, PickRule(BOTH, max_dead_frac=0.2))[0] == 1
+
+
 def test_one_objective_picks_its_best_feasible_trial():
     points = [point(0.05, 64, dead=0.9), point(0.1, 8), point(0.2, 4)]
     assert pick(points, PickRule({"val/fvu": "min"}, max_dead_frac=0.2))[0] == 1

@@ -298,7 +298,8 @@ def test_resources_no_node_can_supply_fail_at_once(demo_assets, tmp_path):
 def test_asha_stops_on_the_objective(demo_assets):
     from sweeps.search.driver import _scheduler
 
-    cfg = load_config(DEMO_CONFIG, [*demo_assets, "tune.objectives=[dead_frac:min]"])
+    sets = ["tune.objectives=[dead_frac:min]", "tune.asha=true"]
+    cfg = load_config(DEMO_CONFIG, [*demo_assets, *sets])
     scheduler = _scheduler(cfg, max_steps=1000)
     assert (scheduler._metric, scheduler._mode) == ("dead_frac", "min")
 
@@ -377,6 +378,7 @@ def test_killed_driver_at_any_moment_then_resume_keeps_records_exact(demo_assets
         "tune.num_samples=6",
         "tune.max_concurrent=2",
         "tune.asha=true",
+        "tune.objectives=[val/fvu:min]",  # ASHA: one objective
         "tune.grace_period=80",
         "train.epochs=8",
         f"train.eval_every={eval_every}",
@@ -683,9 +685,9 @@ def test_an_interrupted_sweep_is_killed_not_finished_and_resume_goes_on(sig, dem
     trials and the sweep end KILLED with no best trial chosen, the console says how to resume,
     the exit code is 128 + the signal, and `resume` finishes the sweep."""
     out, name = tmp_path / "out", f"interrupt-{sig.name.lower()}"
-    args = overrides(
-        demo_assets, out, name, "tune.num_samples=3", "tune.max_concurrent=1", "train.epochs=30"
-    )
+    # one objective: the Optuna copy keeps each trial's curve, which resume must go on
+    sets = ["tune.num_samples=3", "tune.max_concurrent=1", "train.epochs=30"]
+    args = overrides(demo_assets, out, name, *sets, "tune.objectives=[val/fvu:min]")
     uri = f"sqlite:///{out / 'mlflow.db'}"
 
     def mid_trial():

@@ -10,8 +10,8 @@ from sweeps.ranking import DEAD_METRIC, PickRule, feasible_front, pick, rank
 from sweeps.schema import SEARCHED_PARAMS, SUMMARY_METRICS, final_name, final_sae_dir, format_value
 from sweeps.tracking.records import TrialRecord, finished_trial_runs
 
-MAX_RANKED = 100_000
-"""Trials read back to rank: all of any sweep's."""
+MAX_RANKED = 50_000
+"""Trials read back to rank: all of any sweep's (MLflow's most runs per search)."""
 
 
 def sae_folder(cfg: Config, trial_id: str, layer: int) -> str:
