@@ -53,16 +53,22 @@ def make_checkpoint(directory: Path) -> str:
     return str(directory)
 
 
-def make_images(directory: Path, n: int) -> list[Path]:
-    """n distinct 400x300 JPEGs: smooth noise, like photos in size and decode cost."""
-    rng = np.random.default_rng(0)
+def make_images(
+    directory: Path, n: int, size=(400, 300), grid=(8, 8), detail=0.0, quality=75, seed=0
+) -> list[Path]:
+    """n distinct JPEGs of `size` (width, height): smooth noise (a random `grid` of colours,
+    resized bicubic), plus Gaussian `detail` of that standard deviation, like photos in size
+    and decode cost."""
+    rng = np.random.default_rng(seed)
     directory.mkdir()
     paths = []
     for i in range(n):
-        coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-        path = directory / f"{i:05d}.jpg"
-        Image.fromarray(coarse).resize((400, 300), Image.Resampling.BICUBIC).save(path)
-        paths.append(path)
+        coarse = rng.integers(0, 256, size=(*grid, 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC))
+        if detail:
+            pixels = np.clip(pixels + rng.normal(0, detail, pixels.shape), 0, 255)
+        paths.append(directory / f"{i:05d}.jpg")
+        Image.fromarray(pixels.astype(np.uint8)).save(paths[-1], quality=quality)
     return paths
 
 
@@ -100,17 +106,7 @@ def pipeline(
 
 def make_photo_jpegs(directory: Path, n: int) -> list[Path]:
     """n ImageNet-like JPEGs: 500x375, quality 90, smooth content with fine detail."""
-    rng = np.random.default_rng(1)
-    directory.mkdir()
-    paths = []
-    for i in range(n):
-        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
-        base = np.asarray(Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC))
-        detail = rng.normal(0, 12, base.shape)
-        pixels = np.clip(base + detail, 0, 255).astype(np.uint8)
-        paths.append(directory / f"{i:05d}.jpg")
-        Image.fromarray(pixels).save(paths[-1], quality=90)
-    return paths
+    return make_images(directory, n, (500, 375), (12, 16), detail=12.0, quality=90, seed=1)
 
 
 def inner_loop(checkpoint: str, paths: list[Path], layer: int, device: str, batch: int = 256):

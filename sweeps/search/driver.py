@@ -333,11 +333,11 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     rule = PickRule.from_tune(cfg.tune)
     rows = _records(grid, rule)
     tracking.close_lost_trial_runs(uri, parent, [r.trial_id for r in rows])
-    controls = _followups(cfg, rows, rule, fixed, sources)
-    tracking.log_controls(uri, parent, controls)
+    followups = _followups(cfg, rows, rule, fixed, sources)
+    tracking.log_followups(uri, parent, followups)
     for row in rows:
-        row.metrics |= controls.get(row.trial_id, {})
-    best = tracking.log_sweep_summary(uri, parent, grid, rule, controls=controls)
+        row.metrics |= followups.get(row.trial_id, {})
+    best = tracking.log_sweep_summary(uri, parent, grid, rule, followups=followups)
     experiment_id = mlflow_client(uri).get_run(parent).info.experiment_id
     return SweepResult(
         path,

@@ -182,8 +182,8 @@ def close_lost_trial_runs(tracking_uri: str, parent_run_id: str, trial_ids: Iter
     return len(lost)
 
 
-def log_controls(
-    tracking_uri: str, parent_run_id: str, controls: Mapping[str, Mapping[str, float]]
+def log_followups(
+    tracking_uri: str, parent_run_id: str, followups: Mapping[str, Mapping[str, float]]
 ) -> None:
     """Log each trial's metrics from after the sweep (schema.CONTROL_KEYS and STABILITY_KEYS,
     under their final names) to the trial's run; tag control=frozen_random_decoder where a
@@ -192,7 +192,7 @@ def log_controls(
     runs = {
         r.data.tags.get("trial_id"): r for r in child_runs(client, client.get_run(parent_run_id))
     }
-    for trial_id, metrics in controls.items():
+    for trial_id, metrics in followups.items():
         run = runs.get(trial_id)
         if run is None or not metrics:
             continue
@@ -222,7 +222,7 @@ def log_sweep_summary(
     results: Iterable,
     rule: PickRule,
     metric_keys: Sequence[str] = METRIC_KEYS,
-    controls: Mapping[str, Mapping[str, float]] | None = None,
+    followups: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[dict]:
     """Log the pick (sweeps.ranking) and, with several objectives, the Pareto front to the
     parent run.
@@ -237,8 +237,8 @@ def log_sweep_summary(
     """
     trials = [_trial_dict(r) for r in results]
     trials = [t for t in trials if t is not None]
-    for t in trials:  # `controls`: each trial's control metrics (log_controls), shown too
-        t["metrics"] = {**t["metrics"], **(controls or {}).get(t["trial_id"], {})}
+    for t in trials:  # `followups`: each trial's control and stability metrics, shown too
+        t["metrics"] = {**t["metrics"], **(followups or {}).get(t["trial_id"], {})}
     client = mlflow_client(tracking_uri)
     children = child_runs(client, client.get_run(parent_run_id))
     run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
