@@ -67,6 +67,34 @@ def batch_top(pre_BM: Tensor, n: int) -> Selection:
     return Selection(vals_N[order_N], flat_N - rows_N * M, rows_N, counts.cumsum(0))
 
 
+def top_per_row(pre_BM: Tensor, n: int, mask_M: Tensor | None = None, rescore=None) -> Selection:
+    """The n largest pre-activations of each row (among the latents of mask_M), ReLU applied:
+    latents masked out that fill a row get 0. `rescore(idx_BC)` gives exact values where
+    pre_BM is a bf16 estimate: its top 2n are the candidates."""
+    scores_BM = pre_BM if mask_M is None else pre_BM.masked_fill(~mask_M, -math.inf)
+    if rescore is None:
+        vals_BK, idx_BK = scores_BM.topk(n, dim=1, sorted=False)
+    else:
+        cand_BC = scores_BM.topk(min(2 * n, pre_BM.shape[1]), dim=1, sorted=False).indices
+        cand_BC = cand_BC.sort(dim=1).values
+        exact_BC = rescore(cand_BC)
+        if mask_M is not None:
+            exact_BC = exact_BC.masked_fill(~mask_M[cand_BC], -math.inf)
+        vals_BK, local_BK = exact_BC.topk(n, dim=1, sorted=False)
+        idx_BK = cand_BC.gather(1, local_BK)
+    return per_row(vals_BK.relu(), idx_BK)
+
+
+def over_threshold(pre_BM: Tensor, keep_BM: Tensor) -> Selection:
+    """The kept pre-activations, rows padded to the widest with zeros at real, distinct
+    latents (which decode to nothing). Its width is read on the host: inference only."""
+    width = max(int(keep_BM.sum(1).max()), 1)
+    # Per-latent thresholds keep latents that need not be a row's largest values.
+    _, idx_BK = pre_BM.masked_fill(~keep_BM, -math.inf).topk(width, dim=1, sorted=False)
+    acts_BK = torch.where(keep_BM.gather(1, idx_BK), pre_BM.gather(1, idx_BK), 0)
+    return per_row(acts_BK.relu(), idx_BK)
+
+
 def _transposed_mm(
     rows_N: Tensor, latents_N: Tensor, vals_N: Tensor, dense_BD: Tensor, num_latents: int
 ) -> Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,21 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import kernels
+from . import architectures, kernels
 from .config import SaeConfig, from_dict
-from .kernels import (
-    Selection,
-    batch_top,
-    decode,
-    encode,
-    exact_pre,
-    jumprelu,
-    per_row,
-)
-
-THRESHOLD_LR = 0.01
-"""BatchTopK: weight of each training batch in the running average of the inference
-threshold (SAELens's topk_threshold_lr)."""
+from .kernels import Selection, decode, encode, exact_pre, over_threshold, per_row, top_per_row
 
 #: sparsify cfg.json keys for models this class cannot run: loading them would ignore weights.
 UNSUPPORTED = {"transcode": "a transcoder", "skip_connection": "a skip connection"}
@@ -74,34 +61,6 @@ class ForwardOutput(NamedTuple):
         return out_BM.index_put_((self.latent_rows, self.latent_indices), self.latent_acts)
 
 
-def _top_per_row(pre_BM: Tensor, n: int, mask_M: Tensor | None = None, rescore=None) -> Selection:
-    """The n largest pre-activations of each row (among the latents of mask_M), ReLU applied:
-    latents masked out that fill a row get 0. `rescore(idx_BC)` gives exact values where
-    pre_BM is a bf16 estimate: its top 2n are the candidates."""
-    scores_BM = pre_BM if mask_M is None else pre_BM.masked_fill(~mask_M, -math.inf)
-    if rescore is None:
-        vals_BK, idx_BK = scores_BM.topk(n, dim=1, sorted=False)
-    else:
-        cand_BC = scores_BM.topk(min(2 * n, pre_BM.shape[1]), dim=1, sorted=False).indices
-        cand_BC = cand_BC.sort(dim=1).values
-        exact_BC = rescore(cand_BC)
-        if mask_M is not None:
-            exact_BC = exact_BC.masked_fill(~mask_M[cand_BC], -math.inf)
-        vals_BK, local_BK = exact_BC.topk(n, dim=1, sorted=False)
-        idx_BK = cand_BC.gather(1, local_BK)
-    return per_row(vals_BK.relu(), idx_BK)
-
-
-def _over_threshold(pre_BM: Tensor, keep_BM: Tensor) -> Selection:
-    """The kept pre-activations, rows padded to the widest with zeros at real, distinct
-    latents (which decode to nothing). Its width is read on the host: inference only."""
-    width = max(int(keep_BM.sum(1).max()), 1)
-    # Per-latent thresholds keep latents that need not be a row's largest values.
-    _, idx_BK = pre_BM.masked_fill(~keep_BM, -math.inf).topk(width, dim=1, sorted=False)
-    acts_BK = torch.where(keep_BM.gather(1, idx_BK), pre_BM.gather(1, idx_BK), 0)
-    return per_row(acts_BK.relu(), idx_BK)
-
-
 def _fired(sel: Selection, num_latents: int) -> Tensor:
     hits_M = torch.zeros(num_latents, device=sel.acts_N.device)
     return hits_M.index_add_(0, sel.latents_N, (sel.acts_N > 0).float()) > 0
@@ -122,12 +81,9 @@ class TopKSae(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         # Unit-norm rows from the start, as Gao et al. prescribe for every SAE.
         self.set_decoder_norm_to_unit_norm()
-        if cfg.thresholded:
-            self.register_buffer("threshold", torch.zeros((), device=device, dtype=dtype))
-        if cfg.jumprelu:
-            # Learnt, and kept >= 0 by the trainer (a negative one would pass negative
-            # pre-activations); the trainer sets its start from the first batch.
-            self.threshold = nn.Parameter(torch.zeros(self.num_latents, device=device, dtype=dtype))
+        self.architecture = architectures.get(cfg.activation)(cfg)
+        """What differs between architectures: selection, extra losses and state."""
+        self.architecture.add_state(self)
 
     @property
     def device(self) -> torch.device:
@@ -157,34 +113,23 @@ class TopKSae(nn.Module):
 
     @torch.no_grad()
     def _select(
-        self, x_BD: Tensor, batch_topk: bool, exact: bool, aux_width: int, dead_M: Tensor | None
+        self, x_BD: Tensor, training: bool, exact: bool, aux_width: int, dead_M: Tensor | None
     ) -> tuple[Selection, Selection | None]:
-        """The latents the rule selects, and the AuxK selection of aux_width latents per row
-        among dead_M, without autograd. TopK may pick candidates with a bf16 matmul
-        (kernels.bf16_prefilter)."""
+        """The latents the architecture's rule selects (in training or at inference), and the
+        AuxK selection of aux_width latents per row among dead_M, without autograd. A per-row
+        TopK may pick candidates with a bf16 matmul (kernels.bf16_prefilter)."""
         W_MD, b_M = self.encoder.weight, self.encoder.bias
         xc_BD = x_BD - self.b_dec
-        B = len(x_BD)
-        cfg = self.cfg
-        rule = "batch" if cfg.thresholded and batch_topk else "topk"
-        if cfg.jumprelu or (cfg.thresholded and not batch_topk):
-            rule = "threshold"
         rescore = None
-        if rule == "topk" and kernels.bf16_prefilter(xc_BD, W_MD, exact):
+        if self.architecture.prefilter and kernels.bf16_prefilter(xc_BD, W_MD, exact):
             pre_BM = torch.addmm(b_M.bfloat16(), xc_BD.bfloat16(), W_MD.bfloat16().t())
             rescore = functools.partial(exact_pre, xc_BD, W_MD, b_M)
         else:
             pre_BM = torch.addmm(b_M, xc_BD, W_MD.t())
-        if rule == "topk":
-            sel = _top_per_row(pre_BM, cfg.k, rescore=rescore)
-        elif rule == "batch":
-            sel = batch_top(pre_BM, cfg.k * B)
-            sel = sel._replace(acts_N=sel.acts_N.relu())
-        else:
-            sel = _over_threshold(pre_BM, pre_BM > self.threshold)
+        sel = self.architecture.select(self, pre_BM, training, rescore=rescore)
         aux = None
         if aux_width:
-            aux = _top_per_row(pre_BM, aux_width, mask_M=dead_M, rescore=rescore)
+            aux = top_per_row(pre_BM, aux_width, mask_M=dead_M, rescore=rescore)
         return sel, aux
 
     def encode(
@@ -192,16 +137,19 @@ class TopKSae(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Activations and indices of the selected latents, each (B, k) for TopK; with a
         threshold (BatchTopK at inference, JumpReLU) rows are padded to the widest with zeros.
-        With batch_topk=True BatchTopK selects the top k*B of the batch (padded alike).
+        With batch_topk=True an architecture whose training rule selects over the batch
+        (BatchTopK's top k*B) selects by it (padded alike).
         `exact`: never pick candidates with a bf16 matmul (TrainConfig.exact_topk)."""
         self._check_width(x_BD)
-        if batch_topk and self.cfg.thresholded:
+        if batch_topk and self.architecture.flat:
             with torch.no_grad():
                 pre_BM = self.pre_activations(x_BD)
-                cut = batch_top(pre_BM, self.cfg.k * len(x_BD)).acts_N.min()
-                sel = _over_threshold(pre_BM, pre_BM >= cut)
+                flat = self.architecture.select(self, pre_BM, training=True)
+                keep_BM = torch.zeros_like(pre_BM, dtype=torch.bool)
+                keep_BM[flat.rows_N, flat.latents_N] = True
+                sel = over_threshold(pre_BM, keep_BM)
         else:
-            sel, _ = self._select(x_BD, batch_topk=False, exact=exact, aux_width=0, dead_M=None)
+            sel, _ = self._select(x_BD, training=False, exact=exact, aux_width=0, dead_M=None)
         acts_N = encode(sel, x_BD, self.encoder.weight, self.encoder.bias, self.b_dec)
         width = len(sel.acts_N) // len(x_BD)
         return acts_N.view(len(x_BD), width), sel.latents_N.view(len(x_BD), width)
@@ -222,26 +170,26 @@ class TopKSae(nn.Module):
         host_free: bool = True,
     ) -> ForwardOutput:
         """Encode, decode and score x. `dead_mask` (M,) bool turns on the AuxK loss;
-        `batch_topk` selects BatchTopK's training rule (top k*B of the batch); `exact` as in
-        `encode`. With the TopK or batch rule nothing here waits for the device, unless
-        host_free=False lets AuxK size itself by the dead count (see aux_width)."""
+        `batch_topk` selects the architecture's training rule (BatchTopK's top k*B of the
+        batch); `exact` as in `encode`. With the TopK or batch rule nothing here waits for
+        the device, unless host_free=False lets AuxK size itself by the dead count (see
+        aux_width)."""
         self._check_width(x_BD)
         M = self.num_latents
         aux_width = 0 if dead_mask is None else self.aux_width(dead_mask, host_free)
         params = (self.encoder.weight, self.encoder.bias, self.b_dec)
-        if self.cfg.jumprelu:
-            # Dense: the thresholds' gradient needs the pre-activations near them, which a
-            # sparse selection would not keep.
+        arch = self.architecture
+        sel = None
+        if arch.dense:
             pre_BM = self.pre_activations(x_BD)
-            acts_BM, fires_BM = jumprelu(pre_BM, self.threshold, self.cfg.jumprelu_bandwidth)
+            acts_BM, fires_BM, l0_loss = arch.dense_forward(self, pre_BM)
             sae_out = acts_BM @ self.W_dec + self.b_dec
-            l0_loss = (fires_BM.sum(1).mean() / self.cfg.k - 1).pow(2)
             latent_acts, latent_indices = acts_BM.detach(), torch.arange(M, device=x_BD.device)
             latent_indices, rows = latent_indices.expand(len(x_BD), M), None
             fired_M = fires_BM.detach().any(0)
             aux = None
             if aux_width:
-                aux = _top_per_row(pre_BM.detach(), aux_width, mask_M=dead_mask)
+                aux = top_per_row(pre_BM.detach(), aux_width, mask_M=dead_mask)
                 picked_N = pre_BM[aux.rows_N, aux.latents_N]
                 aux = aux._replace(acts_N=torch.where(aux.acts_N > 0, picked_N, 0))
         else:
@@ -252,7 +200,7 @@ class TopKSae(nn.Module):
             sae_out = decode(sel, self.W_dec) + self.b_dec
             l0_loss = sae_out.new_zeros(())
             fired_M = _fired(sel, M)
-            flat = self.cfg.thresholded and batch_topk
+            flat = arch.flat and batch_topk
             rows = sel.rows_N if flat else None
             shape = (-1,) if flat else (len(x_BD), -1)
             latent_acts, latent_indices = sel.acts_N.view(shape), sel.latents_N.view(shape)
@@ -269,26 +217,12 @@ class TopKSae(nn.Module):
             auxk_loss = scale * (e_hat - e_BD.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu.new_zeros(())
-        inner_fvu = fvu.new_zeros(())
-        for width in self.cfg.matryoshka_widths(M):
-            # the level's own latents: the first `width`, their activations as the batch chose
-            inner_N = torch.where(sel.latents_N < width, sel.acts_N, 0)
-            e_inner = x_BD - (decode(sel, self.W_dec, inner_N) + self.b_dec)
-            inner_fvu = inner_fvu + e_inner.pow(2).sum() / total_variance
+        inner_fvu = (
+            fvu.new_zeros(()) if sel is None else arch.inner_fvu(self, x_BD, sel, total_variance)
+        )
         return ForwardOutput(
             sae_out, latent_acts, latent_indices, fvu, auxk_loss, inner_fvu, l0_loss, fired_M, rows
         )
-
-    @torch.no_grad()
-    def update_threshold(self, acts: Tensor) -> None:
-        """BatchTopK: move the inference threshold towards the smallest positive activation
-        the batch rule kept (Bussmann et al.); the first batch sets it. On the device: no
-        value is read on the host."""
-        smallest = torch.where(acts > 0, acts, math.inf).min().to(self.threshold.dtype)
-        moved = torch.where(
-            self.threshold == 0, smallest, self.threshold.lerp(smallest, THRESHOLD_LR)
-        )
-        self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
 
     @torch.no_grad()
     def input_scale_folded(self, scale: float) -> TopKSae:

@@ -37,7 +37,6 @@ FORMAT_VERSION = "6.0.0"
 _EXPRESSED = {"expansion_factor", "num_latents", "k", "normalize_decoder", "activation"}
 _EXPRESSED |= {"matryoshka_fractions", "jumprelu_bandwidth"}  # training only
 _TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
-_BATCHTOPK_TENSORS = _TENSORS | {"threshold"}
 
 
 def save_saelens(
@@ -55,7 +54,7 @@ def save_saelens(
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
-    jumprelu = sae.cfg.thresholded or sae.cfg.jumprelu  # batchtopk, matryoshka: as a JumpReLU
+    jumprelu = sae.architecture.saelens == "jumprelu"  # batchtopk, matryoshka: as a JumpReLU
     if jumprelu:
         tensors["threshold"] = sae.threshold.expand(sae.num_latents)
     save_file(
@@ -64,7 +63,7 @@ def save_saelens(
     )
     cfg = json.loads((directory / "cfg.json").read_text())
     cfg |= {
-        "architecture": "jumprelu" if jumprelu else "topk",
+        "architecture": sae.architecture.saelens,
         "d_in": sae.d_in,
         "d_sae": sae.num_latents,
         "k": sae.cfg.k,
@@ -85,7 +84,7 @@ def save_saelens(
 
 
 def _check_expressible(sae: TopKSae) -> None:
-    allowed = _BATCHTOPK_TENSORS if sae.cfg.thresholded or sae.cfg.jumprelu else _TENSORS
+    allowed = _TENSORS | ({"threshold"} if sae.architecture.saelens == "jumprelu" else set())
     extra = sorted(set(sae.state_dict()) - allowed)
     changed = [
         f"{f.name}={getattr(sae.cfg, f.name)!r}"

@@ -21,13 +21,6 @@ from .model import TopKSae
 
 STATE_FILE = "trainer_state.pt"
 
-JUMPRELU_INIT_FIRING = 1 / 3
-"""JumpReLU: the share of the first batch each latent fires on at the start, when
-TrainConfig.jumprelu_init_threshold is unset. A low start, as Rajamanoharan et al.'s, that
-the L0 loss raises; in the data's own units. Ground truth (docs/performance.md): thresholds
-started where latents fire on k / M of the batch left 21% of the latents dead."""
-
-
 CAPTURE_AFTER = 3
 """Eager steps on a GPU before the step is captured: the first ones allocate the workspaces
 and caches a capture must find in place."""
@@ -335,8 +328,7 @@ class Trainer:
                 exact=cfg.exact_topk,
                 host_free=self.host_free,
             )
-        loss = out.fvu + out.inner_fvu + cfg.auxk_alpha * out.auxk_loss
-        loss = loss + cfg.l0_coefficient * out.l0_loss
+        loss = out.fvu + cfg.auxk_alpha * out.auxk_loss + sae.architecture.loss(out, cfg)
         # The first step whose loss was not finite, read at log points (check_diverged).
         first = (self.nonfinite_step < 0) & ~torch.isfinite(loss.detach())
         self.nonfinite_step.copy_(torch.where(first, self.step_T, self.nonfinite_step))
@@ -358,33 +350,17 @@ class Trainer:
                 sae.W_dec.lerp_(W_dec_before, 1 - cfg.decoder_lr_scale)
         if renormalise:
             sae.set_decoder_norm_to_unit_norm()
-        if self.sae_cfg.jumprelu:
-            with torch.no_grad():
-                sae.threshold.clamp_(min=0)
-        if self.sae_cfg.thresholded:
-            sae.update_threshold(out.latent_acts)
+        sae.architecture.after_step(sae, out)
         self.since_fired_M.add_(len(x_BD)).masked_fill_(out.fired_M, 0)
         self.step_T.add_(1)
 
     @torch.no_grad()
     def _initialise(self, x_BD: Tensor) -> None:
-        """From the first batch: b_dec at its mean or geometric median, JumpReLU's thresholds."""
+        """From the first batch: b_dec at its mean or geometric median, then the
+        architecture's state (JumpReLU's thresholds)."""
         init = x_BD.mean(0) if self.cfg.b_dec_init == "mean" else geometric_median(x_BD)
         self.sae.b_dec.copy_(init)
-        if self.sae_cfg.jumprelu:
-            self.sae.threshold.copy_(self._initial_thresholds(x_BD))
-
-    @torch.no_grad()
-    def _initial_thresholds(self, x_BD: Tensor) -> Tensor:
-        """JumpReLU's starting thresholds: jumprelu_init_threshold, or per latent the
-        pre-activation it exceeds on JUMPRELU_INIT_FIRING of this batch's rows."""
-        if self.cfg.jumprelu_init_threshold is not None:
-            return torch.full(
-                (self.sae.num_latents,), self.cfg.jumprelu_init_threshold, device=x_BD.device
-            )
-        pre_BM = self.sae.pre_activations(x_BD)
-        below = max(round(len(x_BD) * (1 - JUMPRELU_INIT_FIRING)), 1)
-        return pre_BM.kthvalue(below, dim=0).values.clamp(min=0)
+        self.sae.architecture.initialise(self.sae, x_BD, self.cfg)
 
     def validate(self) -> SaeStats | None:
         if self.val is None:

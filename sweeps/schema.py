@@ -12,23 +12,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sae import architectures
+from sae.architectures import Architecture
 from sweeps import storage
 
 
-@dataclass(frozen=True)
+def _searched(section: str, *, log=False, low=0.0, exclusive=False, default=dataclasses.MISSING):
+    """A searched hyperparameter: the config section its value goes to ("" for the layer);
+    for a number, whether a range of it is log-scaled by default, and its lower bound."""
+    meta = {"section": section, "log": log, "low": low, "exclusive": exclusive}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Hyperparams:
     """One trial's searched hyperparameters, typed: from Optuna's sample, Tune's config or
-    MLflow's params (which are text) alike, through `from_values`."""
+    MLflow's params (which are text) alike, through `from_values`.
 
-    layer: int
-    k: int
-    expansion_factor: int
-    lr: float
-    auxk_alpha: float = 0.0
+    The one declaration of what a sweep searches, in the order tables show it: the search
+    space's dimensions and bounds (`sweeps.space`), the fields a config may not fix
+    (`sweeps.config.SEARCHED`), a trial's SAE and training configs and the leaderboard's
+    columns derive from these fields. `search.<name>` gives each one's values."""
+
+    layer: int = _searched("")
+    activation: str = _searched("sae", default="topk")
+    """The architecture's name (sae.architectures)."""
+    k: int = _searched("sae", low=1)
+    expansion_factor: int = _searched("sae", low=1)
+    lr: float = _searched("train", log=True, exclusive=True)
+    auxk_alpha: float = _searched("train", default=0.0)
     """0 where the search turned AuxK off (`search.auxk`)."""
-    activation: str = "topk"
-    l0_coefficient: float = 0.0
-    """0 in trials that are not JumpReLU (`search.l0_coefficient`)."""
+    l0_coefficient: float = _searched("train", log=True, exclusive=True, default=0.0)
+    """0 in trials of architectures that do not search it (JumpReLU does)."""
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Hyperparams:
@@ -51,20 +66,25 @@ class Hyperparams:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def section(self, name: str) -> dict[str, Any]:
+        """The values that go to the config section `name` (sae or train)."""
+        return {f.name: getattr(self, f.name) for f in searched_fields(name)}
+
+
+def searched_fields(section: str | None = None) -> tuple[dataclasses.Field, ...]:
+    """The searched hyperparameters' fields, of one config section or all."""
+    return tuple(
+        f
+        for f in dataclasses.fields(Hyperparams)
+        if section is None or f.metadata["section"] == section
+    )
+
 
 #: Hyperparameters chosen per trial, in the order the summary table and `best` show them.
-SEARCHED_PARAMS = (
-    "layer",
-    "activation",
-    "k",
-    "expansion_factor",
-    "lr",
-    "auxk_alpha",
-    "l0_coefficient",
-)
+SEARCHED_PARAMS = tuple(f.name for f in searched_fields())
 
 #: The searched parameters whose values are numbers (the others are named choices).
-NUMERIC_PARAMS = tuple(p for p in SEARCHED_PARAMS if p != "activation")
+NUMERIC_PARAMS = tuple(f.name for f in searched_fields() if f.type != "str")
 
 #: Result keys that come from evaluating the SAE (not the optimiser's state or the clock).
 EVAL_KEYS = (
@@ -219,10 +239,11 @@ def trial_label(config: Mapping[str, Any]) -> str:
         parts.append(f"lr{float(config['lr']):.1e}")
     if "auxk_alpha" in config:
         parts.append(f"aux{float(config['auxk_alpha']):.2g}")
-    if config.get("activation", "topk") != "topk":  # the architecture, where not the default
-        parts.insert(0, str(config["activation"]))
-    if config.get("activation") == "jumprelu" and "l0_coefficient" in config:
-        parts.append(f"l0c{float(config['l0_coefficient']):.2g}")
+    activation = str(config.get("activation", "topk"))
+    if activation != "topk":  # the architecture, where not the default
+        parts.insert(0, activation)
+    label = architectures.registry().get(activation, Architecture).label
+    parts += [f"{short}{float(config[p]):.2g}" for p, short in label.items() if p in config]
     return " ".join(parts)
 
 

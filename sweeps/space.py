@@ -11,16 +11,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIVATIONS = ("topk", "batchtopk", "matryoshka", "jumprelu")
+from sae import architectures
+from sweeps.schema import NUMERIC_PARAMS, searched_fields
 
-#: name -> (value type, log scale by default for ranges, lower bound, bound is exclusive)
+#: name -> (value type, log scale by default for ranges, lower bound, bound is exclusive), from
+#: the one declaration of the searched hyperparameters (sweeps.schema.Hyperparams)
 PARAMS: dict[str, tuple[type, bool, float, bool]] = {
-    "layer": (int, False, 0, False),
-    "expansion_factor": (int, False, 1, False),
-    "k": (int, False, 1, False),
-    "lr": (float, True, 0.0, True),
-    "auxk_alpha": (float, False, 0.0, False),
-    "l0_coefficient": (float, True, 0.0, True),
+    f.name: (
+        {"int": int, "float": float}[f.type],
+        *map(f.metadata.get, ("log", "low", "exclusive")),
+    )
+    for f in searched_fields()
+    if f.name in NUMERIC_PARAMS
 }
 
 
@@ -151,9 +153,9 @@ class SearchSpace:
         if not auxk or not all(isinstance(a, bool) for a in auxk):
             raise ValueError(f"search.auxk: use true, false or [true, false] (got {cfg.auxk!r})")
         activation = cfg.activation if isinstance(cfg.activation, list) else [cfg.activation]
-        if not activation or not all(a in ACTIVATIONS for a in activation):
+        if not activation or not all(a in architectures.names() for a in activation):
             raise ValueError(
-                f"search.activation: use one or a list of {', '.join(ACTIVATIONS)} "
+                f"search.activation: use one or a list of {', '.join(architectures.names())} "
                 f"(got {cfg.activation!r})"
             )
         switches = {"auxk", "activation"}
@@ -217,10 +219,12 @@ class SearchSpace:
             activation = fixed["activation"] = self.activation[0]
         else:
             activation = trial.suggest_categorical("activation", [*self.activation])
-        if activation == "jumprelu":
-            ask(self.dims["l0_coefficient"])
-        else:
-            fixed["l0_coefficient"] = 0.0
+        own = architectures.get(activation).searched
+        for name in architectures.searched():  # another architecture's: 0 in this trial
+            if name in own:
+                ask(self.dims[name])
+            else:
+                fixed[name] = 0.0
         auxk = (
             self.auxk[0] if len(self.auxk) == 1 else trial.suggest_categorical("auxk", [*self.auxk])
         )

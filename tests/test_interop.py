@@ -17,12 +17,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sae import SaeConfig, TopKSae, TrainConfig, train_sae
+from sae import SaeConfig, TopKSae, TrainConfig, architectures, train_sae
 from sae.saelens import save_saelens
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import ConfigError, load_config
 from sweeps.results.best import best_trials
-from sweeps.results.export import ARCHITECTURE_NAMES, export_run, get_run
+from sweeps.results.export import export_run, get_run
 from tests.test_sweep import cli, overrides
 
 sparsify = pytest.importorskip("sparsify")
@@ -337,7 +337,7 @@ def test_a_sweep_over_every_architecture_hands_each_sae_to_saelens(demo_assets, 
             cfg, client.get_run(record.run_id), tmp_path / "export" / record.trial_id
         )
         card = (folder / "README.md").read_text()
-        name = ARCHITECTURE_NAMES[record.params.activation]
+        name = architectures.get(record.params.activation).title
         assert card.startswith(f"# {name} SAE:"), card[:200]
         assert ("SparseCoder" in card) == (record.params.activation == "topk")
         theirs = sae_lens.SAE.load_from_disk(str(folder))

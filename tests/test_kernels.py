@@ -189,7 +189,7 @@ def test_matryoshka_loss_and_gradients_match_a_dense_reference():
     params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec]
     out = sae(x, batch_topk=True)
     ref_loss, ref_fvu, ref_inner, z = dense_matryoshka_forward(x, *params, 4, [0.1, 0.5])
-    assert sae.cfg.matryoshka_widths(64) == [6, 32]
+    assert sae.architecture.widths(64) == [6, 32]
     torch.testing.assert_close(out.dense_latents(z.shape[1]), z)
     torch.testing.assert_close(out.fvu, ref_fvu)
     torch.testing.assert_close(out.inner_fvu, ref_inner)

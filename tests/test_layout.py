@@ -174,7 +174,8 @@ def test_a_new_train_field_reaches_every_trial():
 def test_hyperparams_read_back_from_mlflow_text_are_typed():
     params = {"layer": "9", "k": "32", "expansion_factor": "8", "lr": "0.0003"}
     point = Hyperparams.from_values(params | {"auxk_alpha": "0.03125", "activation": "batchtopk"})
-    assert point == Hyperparams(9, 32, 8, 3e-4, 0.03125, "batchtopk")
+    want = dict(layer=9, k=32, expansion_factor=8, lr=3e-4, auxk_alpha=0.03125)
+    assert point == Hyperparams(**want, activation="batchtopk")
     assert isinstance(point.layer, int) and isinstance(point.lr, float)
     with pytest.raises(ValueError, match="lack layer"):
         Hyperparams.from_values({"k": "32", "expansion_factor": "8", "lr": "1e-3"})
