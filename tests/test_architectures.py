@@ -136,7 +136,8 @@ def test_a_new_architecture_in_one_file_is_searched_trained_logged_and_exported(
     run = client.get_run(toy_trial.run_id)
     assert run.data.params["activation"] == "relu"
     assert run.info.run_name.startswith("relu L2 ")
-    assert any(line.split()[3:4] == ["relu"] for line in log.splitlines()), log  # leaderboard
+    row = next(line.split() for line in log.splitlines() if line.startswith(toy_trial.trial_id))
+    assert row[4] == "relu", log  # the leaderboard: trial_id, front, status, layer, activation
     ours = TopKSae.load(toy_trial.sae_dir)
     assert ours.cfg.activation == "relu" and toy_trial.metrics["val/l0"] > ours.cfg.k
     folder = export_run(cfg, run, tmp_path / "export")

@@ -23,7 +23,7 @@ from sweeps.results.best import sae_folder, trial_sae_dir, why_no_sae
 from sweeps.results.export import download_sae, get_run
 from sweeps.schema import CONTROL_KEYS, NUMERIC_PARAMS, STABILITY_KEYS, check_name, final_name
 from sweeps.tracking.client import sweep_client
-from sweeps.tracking.records import TrialRecord, TrialRun
+from sweeps.tracking.records import TrialRecord
 from sweeps.tracking.runs import (
     as_metrics,
     check_quotable,
@@ -84,7 +84,7 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
         runs = child_runs(client, parent, f"tags.trial_id = '{name}'") if parent else []
         layer = opts.layer
         if layer is None and runs:
-            layer = TrialRecord.from_run(TrialRun.from_mlflow(runs[0])).layer
+            layer = TrialRecord.from_mlflow(runs[0]).layer
         if layer is None:
             if len(layers) != 1:
                 raise ValueError(
@@ -99,7 +99,7 @@ def resolve_target(cfg: Config, opts: AnalyzeOptions, client, parent, layers: li
             )
         return Target(sae_dir, layer, name, runs[0].info.run_id if runs else None)
     run = get_run(cfg, opts.run_id)  # by default the best trial that finished, as `export`'s
-    record = TrialRecord.from_run(TrialRun.from_mlflow(run))
+    record = TrialRecord.from_mlflow(run)
     trial_id, layer = record.trial_id or run.info.run_id, record.layer
     found = trial_sae_dir(cfg, trial_id, layer)
     if found is None and opts.run_id is None:  # never another trial in its place
@@ -140,7 +140,7 @@ def sweep_trials(client, parent) -> list[dict]:
     row of hyperparameters, fvu, l0 and whether ASHA stopped it."""
     trials = []
     for run in child_runs(client, parent, "status = 'FINISHED'"):
-        r = TrialRecord.from_run(TrialRun.from_mlflow(run))
+        r = TrialRecord.from_mlflow(run)
         fvu, l0 = r.metrics.get("val/fvu"), r.metrics.get("val/l0")
         if fvu is None or l0 is None:
             continue

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+from sae import architectures
+from sae.architectures import Architecture
 from sweeps import storage
 from sweeps.config import Config
 from sweeps.ranking import DEAD_METRIC, PickRule, feasible_front, pick, rank
 from sweeps.schema import SEARCHED_PARAMS, SUMMARY_METRICS, final_name, final_sae_dir, format_value
-from sweeps.tracking.records import TrialRecord, finished_trial_runs
+from sweeps.tracking.records import TrialRecord, trial_records
 
 MAX_RANKED = 50_000
 """Trials read back to rank: all of any sweep's (MLflow's most runs per search)."""
@@ -46,7 +49,7 @@ def best_trials(cfg: Config, top: int = 5, finished_only: bool = True) -> list[T
     uri = sweep.resolved_tracking_uri()
     rule = PickRule.from_tune(cfg.tune)
     metric, mode = next(iter(rule.objectives.items()))
-    runs = finished_trial_runs(
+    records = trial_records(
         uri,
         sweep.experiment_name(),
         sweep.experiment_path(),
@@ -55,16 +58,15 @@ def best_trials(cfg: Config, top: int = 5, finished_only: bool = True) -> list[T
         top=MAX_RANKED,
         finished_only=finished_only,
     )
-    if runs is None:
+    if records is None:
         raise FileNotFoundError(
             f"no sweep {sweep.name!r} with results {sweep.experiment_path()} in MLflow "
             f"store {uri}: run `sae-sweep sweep` with this config first"
         )
-    records = [TrialRecord.from_run(run) for run in runs]
     records = [records[i] for i in rank([r.metrics for r in records], rule)][:top]
-    for r in records:
-        r.sae_dir = trial_sae_dir(cfg, r.trial_id, r.layer)
-    return records
+    return [
+        dataclasses.replace(r, sae_dir=trial_sae_dir(cfg, r.trial_id, r.layer)) for r in records
+    ]
 
 
 def format_table(records: Sequence[TrialRecord], rule: PickRule, limit: int = 10) -> str:
@@ -72,9 +74,11 @@ def format_table(records: Sequence[TrialRecord], rule: PickRule, limit: int = 10
     several objectives a `front` column marks the feasible Pareto front."""
     objectives = rule.objectives
     shown = records[:limit]
-    # JumpReLU's weight is 0 in every other trial: a column of zeros says nothing
-    jumprelu = any(r.params is not None and r.params.activation == "jumprelu" for r in shown)
-    params = [p for p in SEARCHED_PARAMS if jumprelu or p != "l0_coefficient"]
+    # An architecture's own hyperparameter (JumpReLU's l0_coefficient) is 0 in every other
+    # trial: a column of zeros says nothing
+    kinds = {r.params.activation for r in shown if r.params is not None}
+    own = {p for kind in kinds for p in architectures.registry().get(kind, Architecture).searched}
+    params = [p for p in SEARCHED_PARAMS if p in own or p not in architectures.searched()]
     metrics = [*SUMMARY_METRICS, *objectives, DEAD_METRIC]
     for key in ("control/margin_fvu", "stability/decoder_mcc"):
         if any(key in r.metrics for r in shown):

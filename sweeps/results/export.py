@@ -14,14 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sae import TopKSae
+from sae import TopKSae, architectures
 from sae.saelens import save_saelens
 from sweeps.config import Config
 from sweeps.redact import redact
 from sweeps.results.best import best_trials
 from sweeps.schema import check_model_name, format_value
 from sweeps.tracking.client import sweep_client
-from sweeps.tracking.records import TrialRecord, TrialRun
+from sweeps.tracking.records import TrialRecord
 from sweeps.tracking.registry import download_artifacts, register_folder, trial_run
 
 if TYPE_CHECKING:
@@ -30,14 +30,6 @@ if TYPE_CHECKING:
 
 #: The run artifact that a registered model version points to: `export/layers.<L>`.
 EXPORT_ARTIFACT = "export"
-
-#: How the model card names each activation.
-ARCHITECTURE_NAMES = {
-    "topk": "TopK",
-    "batchtopk": "BatchTopK",
-    "matryoshka": "Matryoshka",
-    "jumprelu": "JumpReLU",
-}
 
 #: The registered model's description (set when `register_run` creates it).
 DESCRIPTION = (
@@ -138,7 +130,7 @@ def version_tags(cfg: Config, run: Run) -> dict[str, str]:
 
 def record_of(run: Run) -> TrialRecord:
     """The trial record of an MLflow trial run."""
-    return TrialRecord.from_run(TrialRun.from_mlflow(run))
+    return TrialRecord.from_mlflow(run)
 
 
 def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
@@ -164,7 +156,7 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "expansion_factor": params.expansion_factor,
         "lr": params.lr,
         "auxk_alpha": params.auxk_alpha,
-        **({"l0_coefficient": params.l0_coefficient} if params.activation == "jumprelu" else {}),
+        **{name: getattr(params, name) for name in sae.architecture.searched},
         "batch_size (images)": train.batch_size,
         "length": length,
         "lr_schedule": f"{train.lr_schedule}, {train.lr_warmup_steps} warmup steps",
@@ -177,7 +169,7 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
         "dead fraction (never fired on validation)": m.get("dead_frac"),
     }
     folder = f"layers.{layer}"
-    arch = ARCHITECTURE_NAMES[sae.cfg.activation]
+    arch = sae.architecture.title
     lines = [
         f"# {arch} SAE: {cfg.model.name_or_path}, layer {layer}",
         "",
@@ -216,9 +208,8 @@ def model_card(cfg: Config, run: Run, sae: TopKSae) -> str:
 
 
 def sparsify_loads(activation: str) -> bool:
-    """Whether sparsify's SparseCoder loads an SAE of this activation: TopK only (it has no
-    thresholds)."""
-    return activation == "topk"
+    """Whether sparsify's SparseCoder loads an SAE of this activation (TopK alone)."""
+    return architectures.get(activation).sparsify
 
 
 def _loading(sae: TopKSae, folder: str) -> list[str]:

@@ -39,7 +39,7 @@ from sweeps.activations.extract import ExtractResult, extract
 from sweeps.config import Config, fixed_fields
 from sweeps.ranking import DEAD_METRIC, PickRule, feasible_front, rank
 from sweeps.redact import redact
-from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, is_num
+from sweeps.schema import METRIC_KEYS, is_num
 from sweeps.search.data import layer_sources
 from sweeps.search.mlflow_callback import MlflowTrialCallback
 from sweeps.search.snapshots import set_aside_torn_snapshot
@@ -336,7 +336,7 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     followups = _followups(cfg, rows, rule, fixed, sources)
     tracking.log_followups(uri, parent, followups)
     for row in rows:
-        row.metrics |= followups.get(row.trial_id, {})
+        row.metrics.update(followups.get(row.trial_id, {}))  # a frozen record, its own dict
     best = tracking.log_sweep_summary(uri, parent, grid, rule, followups=followups)
     experiment_id = mlflow_client(uri).get_run(parent).info.experiment_id
     return SweepResult(
@@ -398,21 +398,7 @@ def _followups(cfg: Config, rows, rule: PickRule, fixed: TrialSettings, sources)
 def _records(grid, rule: PickRule) -> list[TrialRecord]:
     """Tune's results as trial records, failed ones last, the rest best first (the pick
     first: sweeps.ranking.rank)."""
-    objectives = rule.objectives
-    records = []
-    for r in grid:
-        m = r.metrics or {}
-        failed = r.error or m.get("error")
-        records.append(
-            TrialRecord(
-                trial_id=m.get("trial_id", ""),
-                status="FAILED" if failed else ("DONE" if m.get(SAE_DIR_KEY) else "STOPPED"),
-                params=Hyperparams.from_values(r.config) if r.config else None,
-                metrics={k: m[k] for k in (*METRIC_KEYS, *objectives) if is_num(m.get(k))},
-                sae_dir=m.get(SAE_DIR_KEY),
-                error=str(r.error).strip().splitlines()[-1] if r.error else m.get("error", ""),
-                step=m.get("step"),
-            )
-        )
+    keys = (*METRIC_KEYS, *rule.objectives)
+    records = [TrialRecord.from_tune(r, keys) for r in grid]
     order = rank([r.metrics for r in records], rule)
     return sorted((records[i] for i in order), key=lambda r: r.status == "FAILED")

@@ -79,6 +79,23 @@ def tracking_failure(tracking_uri: str, error: Exception, doing: str) -> Trackin
     return _lost[uri]
 
 
+def read_failure(tracking_uri: str, error: Exception) -> TrackingError:
+    """`error`, raised by an MLflow call reading a sweep's trials back (`best`, `export`,
+    `analyze`, `load_sweep`), as a one-line TrackingError without credentials; no sweep ends
+    on it, so no server is remembered as lost."""
+    cause = _no_answer(error)
+    if cause is None:
+        text = redact(" ".join(str(getattr(error, "message", None) or error).split()))
+        return TrackingError(
+            f"MLflow tracking store {hide(tracking_uri)} failed while reading the sweep's "
+            f"trials: {text[:300]}"
+        )
+    return TrackingError(
+        f"MLflow tracking server {hide(tracking_uri)} is not reachable ({cause}): start it, or "
+        "point sweep.tracking_uri (or MLFLOW_TRACKING_URI) at the sweep's store"
+    )
+
+
 def server_lost(tracking_uri: str) -> TrackingError | None:
     """How the tracking server of `tracking_uri` stopped answering in this process, or None."""
     return _lost.get(redact(tracking_uri))

@@ -1,55 +1,38 @@
-"""A sweep's trials as typed records, and its finished trial runs read from its MLflow store
-without importing mlflow.
+"""A sweep's trials as one typed record, `TrialRecord`, and one function that reads a sweep's
+trial runs back from its MLflow store: `trial_records`.
 
-Importing mlflow and opening its SQLAlchemy store takes about 3 s, which `best` should not
-cost. A SQLite store is read with SQL (read-only), a tracking server through its REST API;
-other stores, and a SQLite schema this reader does not know, go through MlflowClient. All
-three return the same runs in the same order as MlflowClient.search_runs would.
+`trial_records` goes through MlflowClient, except on a SQLite store, which it reads with SQL
+(read-only, without importing mlflow): at 1,000 trials MlflowClient took 2.2 s against 0.1 s,
+and a new process (`sae-sweep best`) 4.4 s against 0.35 s (`benchmarks/bench_trial_read.py`,
+docs/performance.md). Both return the same records in the same order (tests/test_tracking.py
+compares them on one store); a SQLite schema the SQL does not know goes through MlflowClient.
 """
 
 from __future__ import annotations
 
 import math
 import sqlite3
-import urllib.error
-import urllib.parse
-import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sweeps.schema import METRIC_KEYS, Hyperparams, final_name
-from sweeps.tracking.store import rest_call
+from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, final_name, is_num
 
 
 @dataclass(frozen=True)
-class TrialRun:
-    """A trial's MLflow run as the store holds it: params and tags are text."""
-
-    run_id: str
-    params: dict[str, str]
-    metrics: dict[str, float]
-    tags: dict[str, str]
-    status: str = "FINISHED"
-    """The run's MLflow status: RUNNING, FINISHED, FAILED or KILLED."""
-
-    @classmethod
-    def from_mlflow(cls, run) -> TrialRun:
-        """From an mlflow.entities.Run."""
-        data = run.data
-        return cls(run.info.run_id, data.params, data.metrics, data.tags, run.info.status)
-
-
-@dataclass
 class TrialRecord:
-    """One trial, read once from MLflow or from Tune's results and passed on typed: `best`,
-    `export`, `analyze` and the sweep's summary all read it."""
+    """One trial, read once from MLflow (`from_mlflow`) or from Tune's results (`from_tune`)
+    and passed on typed: `best`, `export`, `analyze`, the sweep's summary and its MLflow
+    leaderboard all read it."""
 
     trial_id: str
     status: str
     """DONE (a final SAE), STOPPED (early, by ASHA) or FAILED; read from MLflow, also RUNNING
     and KILLED (the run's status)."""
     params: Hyperparams | None
-    """None only for a trial that failed before Tune handed it a configuration."""
+    """None only for a trial without a sweep's configuration (one that failed before Tune
+    handed it one)."""
     metrics: dict[str, float]
     """Final metrics by result key (`val/fvu`, `dead_frac`, ...)."""
     sae_dir: str | None = None
@@ -57,6 +40,9 @@ class TrialRecord:
     run_id: str | None = None
     error: str = ""
     step: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    """The trial's configuration as Tune handed it (searched and fixed values); read from
+    MLflow, its run's params (text)."""
 
     @property
     def layer(self) -> int:
@@ -75,26 +61,55 @@ class TrialRecord:
         return self.metrics.get(column)
 
     @classmethod
-    def from_run(cls, run: TrialRun, sae_dir: str | None = None) -> TrialRecord:
-        """A finished trial run's record; its final metrics are kept by result key."""
-        metrics = {
-            k: run.metrics[final_name(k)] for k in METRIC_KEYS if final_name(k) in run.metrics
-        }
-        status = run.status
+    def from_mlflow(cls, run) -> TrialRecord:
+        """A trial's MLflow run (an mlflow.entities.Run); its final metrics by result key."""
+        return cls._of_run(
+            run.info.run_id, run.info.status, run.data.params, run.data.metrics, run.data.tags
+        )
+
+    @classmethod
+    def _of_run(cls, run_id, status, params, metrics, tags) -> TrialRecord:
         if status == "FINISHED":
-            status = "STOPPED" if run.tags.get("stopped_early") else "DONE"
+            status = "STOPPED" if tags.get("stopped_early") else "DONE"
         return cls(
-            trial_id=run.tags.get("trial_id", ""),
+            trial_id=tags.get("trial_id", ""),
             status=status,
-            params=Hyperparams.from_values(run.params),
-            metrics=metrics,
-            sae_dir=sae_dir,
-            run_id=run.run_id,
-            error=run.tags.get("error", ""),
+            params=Hyperparams.from_values(params),
+            metrics={k: metrics[final_name(k)] for k in METRIC_KEYS if final_name(k) in metrics},
+            run_id=run_id,
+            error=tags.get("error", ""),
+            config=dict(params),
+        )
+
+    @classmethod
+    def from_tune(cls, result, keys: Iterable[str] | None = None) -> TrialRecord:
+        """A trial's result from Tune: a ray.tune.Result, or a dict with its trial_id, config,
+        metrics and, when it failed, error. Its numeric metrics (of `keys` where given) by
+        result key; its params None where its config is not a sweep's."""
+        if isinstance(result, Mapping):
+            m, config = result.get("metrics") or {}, result.get("config") or {}
+            trial_id, raised, reported = result.get("trial_id", ""), None, result.get("error")
+        else:
+            m, config, raised = result.metrics or {}, result.config or {}, result.error
+            trial_id, reported = m.get("trial_id", ""), m.get("error")
+        try:
+            params = Hyperparams.from_values(config) if config else None
+        except ValueError:  # not a sweep's configuration
+            params = None
+        status = "DONE" if m.get(SAE_DIR_KEY) else "STOPPED"
+        return cls(
+            trial_id=trial_id,
+            status="FAILED" if raised or reported else status,
+            params=params,
+            metrics={k: m[k] for k in (m if keys is None else keys) if is_num(m.get(k))},
+            sae_dir=m.get(SAE_DIR_KEY),
+            error=str(raised).strip().splitlines()[-1] if raised else (reported or ""),
+            step=m.get("step"),
+            config=dict(config),
         )
 
 
-def finished_trial_runs(
+def trial_records(
     uri: str,
     experiment: str,
     sweep_id: str,
@@ -102,88 +117,52 @@ def finished_trial_runs(
     ascending: bool,
     top: int,
     finished_only: bool = True,
-) -> list[TrialRun] | None:
+) -> list[TrialRecord] | None:
     """The FINISHED trial runs of the sweep tagged `sweep_id` (with `finished_only=False`,
-    its trial runs of any status), best first by `metric` (runs without it last), at most
-    `top`; None when the store holds no such sweep."""
-    scheme = uri.split(":", 1)[0].lower()
+    its trial runs of any status), best first by the MLflow metric `metric` as MLflow orders
+    them (numbers, then NaN, then runs without it; ties newest first), at most `top` (MLflow
+    searches 50,000 at most); None when the store holds no such sweep."""
     args = (experiment, sweep_id, metric, ascending, top, finished_only)
-    if scheme == "sqlite":
+    if uri.split(":", 1)[0].lower() == "sqlite":
         path = uri.removeprefix("sqlite:///")
         if not Path(path).is_file():
             return None  # never ran: and opening it must not create an empty store
         try:
-            return _sqlite_runs(path, *args)
+            return _sqlite_records(path, *args)
         except sqlite3.OperationalError:  # another MLflow's schema: let MLflow read it
             pass
-    elif scheme in ("http", "https"):
-        return _rest_runs(uri, *args)
-    return _client_runs(uri, *args)
+    return _client_records(uri, *args)
 
 
-def _client_runs(
-    uri, experiment, sweep_id, metric, ascending, top, finished_only=True
-) -> list[TrialRun] | None:
-
-    from sweeps.tracking.client import mlflow_client
-    from sweeps.tracking.runs import find_sweep_run
-
-    parent = find_sweep_run(uri, experiment, sweep_id)
-    if parent is None:
-        return None
-    runs = mlflow_client(uri).search_runs(
-        [parent.info.experiment_id],
-        _child_filter(parent.info.run_id, finished_only),
-        order_by=[_order(metric, ascending)],
-        max_results=top,
-    )
-    return [TrialRun.from_mlflow(r) for r in runs]
-
-
-def _rest_runs(
+def _client_records(
     uri, experiment, sweep_id, metric, ascending, top, finished_only
-) -> list[TrialRun] | None:
-    query = urllib.parse.urlencode({"experiment_name": experiment})
-    found = rest_call(uri, f"experiments/get-by-name?{query}")
-    if found is None or found["experiment"].get("lifecycle_stage") == "deleted":
-        return None
-    exp = found["experiment"]
+) -> list[TrialRecord] | None:
+    import requests
+    from mlflow.exceptions import MlflowException
 
-    def search(filter_string: str, order_by: str, max_results: int) -> list[dict]:
-        body = {
-            "experiment_ids": [exp["experiment_id"]],
-            "filter": filter_string,
-            "order_by": [order_by],
-            "max_results": max_results,
-        }
-        return rest_call(uri, "runs/search", body).get("runs", [])
+    from sweeps.tracking.client import mlflow_client, read_failure
+    from sweeps.tracking.runs import child_filter, find_sweep_run
 
-    parents = search(f"tags.sweep_id = '{sweep_id}'", "attributes.start_time ASC", 1)
-    if not parents:
-        return None
-    runs = search(
-        _child_filter(parents[0]["info"]["run_id"], finished_only), _order(metric, ascending), top
-    )
-
-    def pairs(run: dict, kind: str) -> dict:
-        return {e["key"]: e["value"] for e in run["data"].get(kind, [])}
-
-    # JSON has no NaN or inf: the server sends them as the strings "NaN" and "Infinity"
-    return [
-        TrialRun(
-            r["info"]["run_id"],
-            pairs(r, "params"),
-            {k: float(v) for k, v in pairs(r, "metrics").items()},
-            pairs(r, "tags"),
-            r["info"]["status"],
+    try:
+        parent = find_sweep_run(uri, experiment, sweep_id)
+        if parent is None:
+            return None
+        where = child_filter(parent.info.run_id)
+        runs = mlflow_client(uri).search_runs(
+            [parent.info.experiment_id],
+            f"{where} and status = 'FINISHED'" if finished_only else where,
+            order_by=[f"metrics.`{metric}` {'ASC' if ascending else 'DESC'}"],
+            max_results=top,
         )
-        for r in runs
-    ]
+    except (MlflowException, requests.RequestException) as e:
+        raise read_failure(uri, e) from None
+    return [TrialRecord.from_mlflow(r) for r in runs]
 
 
-def _sqlite_runs(
+def _sqlite_records(
     path, experiment, sweep_id, metric, ascending, top, finished_only
-) -> list[TrialRun] | None:
+) -> list[TrialRecord] | None:
+    """What `_client_records` returns, read from MLflow's tables with SQL."""
     db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
     try:
         found = db.execute(
@@ -231,20 +210,6 @@ def _sqlite_runs(
 
         params, tags = table("params"), table("tags")
         metrics = table("latest_metrics", "key, value, is_nan")
-        return [TrialRun(i, params[i], metrics[i], tags[i], found_runs[i]) for i in ids]
+        return [TrialRecord._of_run(i, found_runs[i], params[i], metrics[i], tags[i]) for i in ids]
     finally:
         db.close()
-
-
-def child_filter(parent_run_id: str) -> str:
-    """The MLflow search filter of a sweep's trial runs."""
-    return f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
-
-
-def _child_filter(parent_run_id: str, finished_only: bool = True) -> str:
-    where = child_filter(parent_run_id)
-    return f"{where} and status = 'FINISHED'" if finished_only else where
-
-
-def _order(metric: str, ascending: bool) -> str:
-    return f"metrics.`{metric}` {'ASC' if ascending else 'DESC'}"

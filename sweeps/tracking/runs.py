@@ -11,6 +11,7 @@ param to everyone who can open the UI.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -41,7 +42,7 @@ from sweeps.schema import (
     trial_label,
 )
 from sweeps.tracking.client import mlflow_client, server_answers, server_lost
-from sweeps.tracking.records import child_filter
+from sweeps.tracking.records import TrialRecord
 from sweeps.tracking.store import TrackingError
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,11 @@ def find_sweep_run(tracking_uri: str, experiment: str, sweep_id: str):
         [exp.experiment_id], f"tags.sweep_id = '{sweep_id}'", max_results=1, order_by=["start_time"]
     )
     return found[0] if found else None
+
+
+def child_filter(parent_run_id: str) -> str:
+    """The MLflow search filter of a sweep's trial runs."""
+    return f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
 
 
 def child_runs(client: MlflowClient, parent, where: str = "") -> list:
@@ -227,22 +233,28 @@ def log_sweep_summary(
     """Log the pick (sweeps.ranking) and, with several objectives, the Pareto front to the
     parent run.
 
-    `results` is a ray.tune.ResultGrid or dicts with trial_id, config and metrics; errored
-    trials are left out. The pick: tags best.trial_id, best.run_id, best.rule (why it is the
-    pick), best.params.<key> and metrics best/<name>. Several objectives: also the artifact
-    pareto_front.json, tags pareto.size and pareto.trial_ids, and tag pareto_front=true on
-    the front's child runs (the front of the feasible trials: ranking.feasible_front). Tags
-    rather than params, so that a resumed sweep can log its summary again. Returns the pick,
-    then the rest of the front.
+    `results` is a ray.tune.ResultGrid or dicts with trial_id, config and metrics (read as
+    TrialRecord.from_tune); errored trials are left out. The pick: tags best.trial_id,
+    best.run_id, best.rule (why it is the pick), best.params.<key> and metrics best/<name>.
+    Several objectives: also the artifact pareto_front.json, tags pareto.size and
+    pareto.trial_ids, and tag pareto_front=true on the front's child runs (the front of the
+    feasible trials: ranking.feasible_front). Tags rather than params, so that a resumed sweep
+    can log its summary again. Returns the pick, then the rest of the front, each as a dict of
+    its trial_id, run_id, config and metrics.
     """
-    trials = [_trial_dict(r) for r in results]
-    trials = [t for t in trials if t is not None]
-    for t in trials:  # `followups`: each trial's control and stability metrics, shown too
-        t["metrics"] = {**t["metrics"], **(followups or {}).get(t["trial_id"], {})}
     client = mlflow_client(tracking_uri)
     children = child_runs(client, client.get_run(parent_run_id))
     run_ids = {r.data.tags.get("trial_id"): r.info.run_id for r in children}
-    points = [t["metrics"] for t in trials]
+    # `followups`: each trial's control and stability metrics, shown too
+    trials = [
+        dataclasses.replace(
+            t,
+            metrics={**t.metrics, **(followups or {}).get(t.trial_id, {})},
+            run_id=run_ids.get(t.trial_id),
+        )
+        for t in (TrialRecord.from_tune(r) for r in results if not _errored(r))
+    ]
+    points = [t.metrics for t in trials]
     chosen, why = pick(points, rule)
     if chosen is None:
         logger.warning(
@@ -251,54 +263,51 @@ def log_sweep_summary(
         return []
     front = [trials[i] for i in feasible_front(points, rule)]
     best = trials[chosen]
-    for t in [best, *front]:
-        t["run_id"] = run_ids.get(t["trial_id"])
-    note = leaderboard(trials, rule, run_ids, front, chosen, why)
+    note = leaderboard(trials, rule, front, chosen, why)
     log_batch(client, parent_run_id, tags=as_tags({"mlflow.note.content": note}))
     # The pick's final evaluation; the schedule's lr and throughput are no result.
     keys = dict.fromkeys([*rule.objectives, *(k for k in metric_keys if k in EVAL_KEYS)])
     metrics = [
-        Metric(f"best/{final_name(k)}", float(best["metrics"][k]), int(time.time() * 1000), 0)
+        Metric(f"best/{final_name(k)}", float(best.metrics[k]), int(time.time() * 1000), 0)
         for k in keys
-        if is_num(best["metrics"].get(k))
+        if is_num(best.metrics.get(k))
     ]
-    tags = {
-        "best.trial_id": best["trial_id"],
-        "best.run_id": best["run_id"] or "",
-        "best.rule": why,
-    }
-    tags |= {f"best.params.{k}": v for k, v in flatten(best["config"]).items()}
+    tags = {"best.trial_id": best.trial_id, "best.run_id": best.run_id or "", "best.rule": why}
+    tags |= {f"best.params.{k}": v for k, v in flatten(best.config).items()}
     log_batch(client, parent_run_id, metrics=metrics, tags=as_tags(tags))
     if len(rule.objectives) > 1:
         summary = [
             {
-                "trial_id": t["trial_id"],
-                "run_id": t["run_id"],
-                "config": t["config"],
-                "metrics": {k: t["metrics"][k] for k in rule.objectives},
+                "trial_id": t.trial_id,
+                "run_id": t.run_id,
+                "config": t.config,
+                "metrics": {k: t.metrics[k] for k in rule.objectives},
                 "pick": t is best,
             }
             for t in front
         ]
         text = redact(json.dumps(summary, indent=2, default=str))
         client.log_text(parent_run_id, text, "pareto_front.json")
-        ids = ",".join(t["trial_id"] for t in front)
+        ids = ",".join(t.trial_id for t in front)
         log_batch(
             client,
             parent_run_id,
             tags=as_tags({"pareto.size": len(front), "pareto.trial_ids": ids}),
         )
         for t in front:
-            if t["run_id"]:
-                client.set_tag(t["run_id"], "pareto_front", "true")
-    return [best, *(t for t in front if t is not best)]
+            if t.run_id:
+                client.set_tag(t.run_id, "pareto_front", "true")
+    chosen_first = [best, *(t for t in front if t is not best)]
+    return [
+        {"trial_id": t.trial_id, "run_id": t.run_id, "config": t.config, "metrics": t.metrics}
+        for t in chosen_first
+    ]
 
 
 def leaderboard(
-    trials: Sequence[Mapping[str, Any]],
+    trials: Sequence[TrialRecord],
     rule: PickRule,
-    run_ids: Mapping[str, str],
-    front: Sequence[Mapping[str, Any]],
+    front: Sequence[TrialRecord],
     chosen: int | None,
     why: str,
     top: int = 20,
@@ -306,9 +315,9 @@ def leaderboard(
     """The sweep's trials as a Markdown table, the pick first (sweeps.ranking.rank): the
     parent run's description."""
     cols = list(dict.fromkeys([*rule.objectives, *SUMMARY_METRICS]))
-    if any("control/margin_fvu" in t["metrics"] for t in trials):
+    if any("control/margin_fvu" in t.metrics for t in trials):
         cols.append("control/margin_fvu")
-    on_front = {t["trial_id"] for t in front}
+    on_front = {t.trial_id for t in front}
     several = len(rule.objectives) > 1
     lines = [
         f"**{len(trials)} trials**. The pick (first row) is {why}."
@@ -317,17 +326,16 @@ def leaderboard(
         "| trial | run | " + " | ".join(f"`{c}`" for c in cols) + " |",
         "|---|---|" + "---:|" * len(cols),
     ]
-    order = rank([t["metrics"] for t in trials], rule)
+    order = rank([t.metrics for t in trials], rule)
     for i in order[:top]:
         t = trials[i]
-        label = trial_label(t["config"]) or t["trial_id"]
-        if several and t["trial_id"] in on_front:
+        label = trial_label(t.config) or t.trial_id
+        if several and t.trial_id in on_front:
             label = f"**{label}**"
         if i == chosen:
             label = f"pick: {label}"
-        values = [t["metrics"].get(c) for c in cols]
-        cells = [f"{v:.4g}" if is_num(v) else "-" for v in values]
-        lines.append(f"| {label} | {run_ids.get(t['trial_id'], '')[:8]} | {' | '.join(cells)} |")
+        cells = [f"{v:.4g}" if is_num(v) else "-" for v in (t.metrics.get(c) for c in cols)]
+        lines.append(f"| {label} | {(t.run_id or '')[:8]} | {' | '.join(cells)} |")
     if len(trials) > top:
         lines.append(f"\n{len(trials) - top} more: `sae-sweep best --top N`")
     ticks = "; ".join(
@@ -338,17 +346,12 @@ def leaderboard(
     return "\n".join(lines)
 
 
-def _trial_dict(result) -> dict | None:
-    """A ResultGrid entry or a trial dict as {trial_id, config, metrics}; None if errored."""
+def _errored(result) -> bool:
+    """Whether a ResultGrid entry or a trial dict is left out of the summary: it errored (or
+    reported nothing)."""
     if isinstance(result, Mapping):
-        return None if result.get("error") else dict(result)
-    if result.error is not None or not result.metrics:
-        return None
-    return {
-        "trial_id": result.metrics["trial_id"],
-        "config": result.config,
-        "metrics": result.metrics,
-    }
+        return bool(result.get("error"))
+    return result.error is not None or not result.metrics
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:

@@ -1,6 +1,6 @@
-"""Whether a tracking URI names a store this service can use, and one request to a tracking
-server's REST API: neither imports mlflow, which `best`, `export` and `analyze` check before
-they spend its 3 s import (or MLflow's two minutes of retries on a store it cannot open)."""
+"""Whether a tracking URI names a store this service can use, checked without importing mlflow
+(3 s), and without MLflow's two minutes of retries on a store it cannot open, before a command
+reads or writes it."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 30.0) -> None:
     if scheme in ("http", "https"):
         # MLflow's REST API itself, not any answer: another server on the port once passed.
         try:
-            answer = rest_call(uri, "experiments/search", {"max_results": 1}, timeout_s)
+            answer = _rest_call(uri, "experiments/search", {"max_results": 1}, timeout_s)
         except ConnectionError as e:
             if "not reachable" not in str(e):
                 raise TrackingError(
@@ -84,13 +84,11 @@ def check_tracking_uri(uri: str, timeout_s: float = 30.0) -> None:
         )
 
 
-def rest_call(
-    uri: str, endpoint: str, body: dict | None = None, timeout_s: float = 30
-) -> dict | None:
+def _rest_call(uri: str, endpoint: str, body: dict | None = None, timeout_s: float = 30):
     """One request to the tracking server's REST API, with MLflow's credentials: the URI's own
     (http://user:password@host, which MLflow's client sends as basic auth), else those of the
-    environment where they are set; None when what it asks for does not exist. Errors show the
-    URI without its password."""
+    environment where they are set; its answer as JSON. Errors show the URI without its
+    password."""
     parts = urllib.parse.urlsplit(uri)
     host = parts.netloc.rpartition("@")[2]  # urllib would read user:password@host as a host
     request = urllib.request.Request(
@@ -114,8 +112,6 @@ def rest_call(
             return json.load(response)
     except urllib.error.HTTPError as e:
         text = e.read().decode(errors="replace")
-        if e.code == 404 and "RESOURCE_DOES_NOT_EXIST" in text:
-            return None
         raise ConnectionError(
             f"MLflow tracking server {redact(uri)} answered HTTP {e.code} to {endpoint}: "
             f"{redact(text)[:300]}"

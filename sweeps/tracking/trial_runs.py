@@ -25,8 +25,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from sweeps.redact import redact
 from sweeps.schema import is_num
 from sweeps.tracking.client import mlflow_client, tracking_failure
-from sweeps.tracking.records import child_filter
-from sweeps.tracking.runs import as_params, check_quotable, flatten, log_batch
+from sweeps.tracking.runs import as_params, check_quotable, child_filter, flatten, log_batch
 
 
 class TrialRuns:
