@@ -1,14 +1,39 @@
-"""Configs of the SAE and of its training. Each field's docstring is its help text."""
+"""Configs of the SAE and of its training: dataclasses that pydantic reads (`from_dict`). Each
+field's docstring is its help text."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import math
+import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError, with_config
+
+from sae import architectures
+
+#: How pydantic reads a config: unknown keys are errors, each field's docstring is its
+#: description, and the types are JSON's, exactly (no "3" for 3, no true for 1): `from_dict`.
+CONFIG = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
+def _number(value):
+    """YAML 1.1 reads 1e-3 (no dot) as a string: where a number is expected, it is one."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+#: A float field: a number, or a string that reads as one.
+Float = Annotated[float, BeforeValidator(_number)]
+
+
+@with_config(CONFIG)
 @dataclass
 class SaeConfig:
     """Shape of a TopK sparse autoencoder (the fields of sparsify's `cfg.json`)."""
@@ -25,44 +50,29 @@ class SaeConfig:
     normalize_decoder: bool = True
     """Keep every decoder row at unit norm during training."""
 
-    activation: Literal["topk", "batchtopk", "matryoshka", "jumprelu"] = "topk"
-    """topk: the k largest latents of each input (sparsify's). batchtopk (Bussmann et al.
-    2024): the k * B largest over a training batch of B inputs, so inputs share the budget;
-    at inference a latent fires above a threshold estimated during training. matryoshka
-    (Bussmann et al. 2025): batchtopk whose first latents must also reconstruct the input on
-    their own, at each width of matryoshka_fractions (nested dictionaries, against feature
-    absorption); it runs as a batchtopk SAE. jumprelu (Rajamanoharan et al. 2024): a latent
-    fires where its pre-activation exceeds its own learnt threshold; k is the L0 that training
-    aims at (TrainConfig.l0_coefficient), and the L0 reached is measured, not fixed."""
+    activation: str = "topk"
+    """The architecture: topk, batchtopk, matryoshka, jumprelu, or one a package registers
+    (sae/architectures/__init__.py). topk: the k largest latents of each input (sparsify's).
+    batchtopk (Bussmann et al. 2024): the k * B largest over a training batch of B inputs,
+    so inputs share the budget; at inference a latent fires above a threshold estimated
+    during training. matryoshka (Bussmann et al. 2025): batchtopk whose first latents must
+    also reconstruct the input on their own, at each width of matryoshka_fractions (nested
+    dictionaries, against feature absorption); it runs as a batchtopk SAE. jumprelu
+    (Rajamanoharan et al. 2024): a latent fires where its pre-activation exceeds its own
+    learnt threshold; k is the L0 that training aims at (TrainConfig.l0_coefficient), and
+    the L0 reached is measured, not fixed."""
 
-    matryoshka_fractions: list[float] = dataclasses.field(
+    matryoshka_fractions: list[Float] = dataclasses.field(
         default_factory=lambda: [0.125, 0.25, 0.5]
     )
     """matryoshka: the inner dictionaries' widths as fractions of the SAE's, increasing; the
     whole width is always the last level. Each level adds its reconstruction's FVU to the
     loss. Training only: what the SAE computes does not depend on it."""
 
-    jumprelu_bandwidth: float = 0.05
+    jumprelu_bandwidth: Float = 0.05
     """jumprelu: width of the straight-through rectangle kernel of the thresholds' gradient.
     Only pre-activations within bandwidth / 2 of a threshold move it. In the units of the
     pre-activations (SAELens's default). Training only."""
-
-    @property
-    def thresholded(self) -> bool:
-        """Whether the SAE selects by one learnt threshold at inference (batchtopk's rule)."""
-        return self.activation in ("batchtopk", "matryoshka")
-
-    @property
-    def jumprelu(self) -> bool:
-        """Whether each latent has its own learnt threshold (a `threshold` parameter, (M,))."""
-        return self.activation == "jumprelu"
-
-    def matryoshka_widths(self, num_latents: int) -> list[int]:
-        """The inner levels' widths in latents (the whole width not included)."""
-        if self.activation != "matryoshka":
-            return []
-        widths = sorted({max(1, round(f * num_latents)) for f in self.matryoshka_fractions})
-        return [w for w in widths if w < num_latents]
 
     def resolve_num_latents(self, d_in: int) -> int:
         """Width of the SAE for an input of width d_in."""
@@ -78,11 +88,7 @@ class SaeConfig:
             raise ValueError(f"num_latents must be >= 0 (got {self.num_latents})")
         if self.k <= 0:
             raise ValueError(f"k must be > 0 (got {self.k})")
-        if self.activation not in ("topk", "batchtopk", "matryoshka", "jumprelu"):
-            raise ValueError(
-                "activation must be topk, batchtopk, matryoshka or jumprelu "
-                f"(got {self.activation!r})"
-            )
+        architectures.get(self.activation)  # a ValueError naming the registered ones
         if not (math.isfinite(self.jumprelu_bandwidth) and self.jumprelu_bandwidth > 0):
             raise ValueError(f"jumprelu_bandwidth must be > 0 (got {self.jumprelu_bandwidth})")
         f = list(self.matryoshka_fractions)
@@ -105,23 +111,23 @@ class SaeConfig:
 class TrainConfig:
     """How to train one SAE on a matrix of activations."""
 
-    lr: float | None = None
+    lr: Float | None = None
     """Peak Adam learning rate. Unset: 2e-4 / sqrt(num_latents / 2**14), as in sparsify."""
 
     batch_size: int = 4096
     """Activations per optimizer step."""
 
-    auxk_alpha: float = 1.0
+    auxk_alpha: Float = 1.0
     """Weight of the AuxK loss that revives dead latents (0 turns it off). Gao et al. and
     sparsify use 1/32; on the ground-truth benchmark 1 (SAELens's) with a window of 20,000
     recovered more true features with every architecture (docs/performance.md)."""
 
-    l0_coefficient: float = 1.0
+    l0_coefficient: Float = 1.0
     """jumprelu: weight of the sparsity loss (L0 / k - 1)^2 (L0: the batch's mean count).
     L0 is counted straight-through; the loss pulls it towards k from either side. Higher: an
     L0 closer to k, at some cost in reconstruction."""
 
-    jumprelu_init_threshold: float | None = None
+    jumprelu_init_threshold: Float | None = None
     """jumprelu: every latent's initial threshold. Unset: each latent's threshold starts where
     it fires on a third of the first batch (sae.trainer.JUMPRELU_INIT_FIRING), low, so the
     L0 loss raises it, as Rajamanoharan et al. start at 0.001, but in the data's units."""
@@ -137,13 +143,13 @@ class TrainConfig:
     weights. The scale is estimated on training rows; the saved weights read raw activations,
     and layers whose norms differ share one lr range. On in sweeps."""
 
-    encoder_init_norm: float = 0.1
+    encoder_init_norm: Float = 0.1
     """Norm of each encoder row at the start: the decoder's unit row scaled down (the encoder
     starts as the decoder's transpose). Small rows let Adam turn them towards features in
     few steps, which left almost no latent dead at k = 16 on the ground-truth benchmark (MCC
     0.93 against 0.86 at nn.Linear's ~0.58, docs/performance.md)."""
 
-    decoder_lr_scale: float = 10.0
+    decoder_lr_scale: Float = 10.0
     """The decoder rows' Adam learning rate as a multiple of lr. Adam moves each weight by
     about lr per step, so a unit-norm decoder row turns towards a feature ten times slower
     than an encoder row of norm 0.1; SAELens's decoder rows start at norm 0.1 (free, with
@@ -165,15 +171,15 @@ class TrainConfig:
     steps: int = 0
     """Optimizer steps to train. When 0, `epochs` decides."""
 
-    epochs: float = 1.0
+    epochs: Float = 1.0
     """Passes over the training split, used when steps is 0."""
 
-    diverged_fvu: float = 100.0
+    diverged_fvu: Float = 100.0
     """Training stops with DivergedError when the mean training FVU between two evaluations
     passes this (or the loss is NaN or infinite). FVU 1 is what b_dec alone
     scores; a run at lr 1e6 reached 10^12."""
 
-    val_fraction: float = 0.05
+    val_fraction: Float = 0.05
     """Fraction of rows held out for validation when no validation set is given."""
 
     eval_every: int = 100
@@ -203,194 +209,100 @@ class TrainConfig:
     Where capture fails, training goes on eagerly and says why once."""
 
     def validate(self) -> None:
-        # (the field, whether its rule holds, what to do); the error shows the field's value
-        checks = [
-            (
-                "lr",
-                self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
-                "lr must be > 0",
-            ),
-            ("batch_size", self.batch_size > 0, "batch_size must be > 0"),
-            (
-                "auxk_alpha",
-                self.auxk_alpha >= 0 and math.isfinite(self.auxk_alpha),
-                "auxk_alpha must be >= 0",
-            ),
-            (
-                "l0_coefficient",
-                self.l0_coefficient >= 0 and math.isfinite(self.l0_coefficient),
-                "l0_coefficient must be >= 0",
-            ),
-            (
-                "jumprelu_init_threshold",
-                self.jumprelu_init_threshold is None
-                or (
-                    math.isfinite(self.jumprelu_init_threshold)
-                    and self.jumprelu_init_threshold >= 0
-                ),
-                "jumprelu_init_threshold must be >= 0 or unset",
-            ),
-            (
-                "dead_feature_threshold",
-                self.dead_feature_threshold > 0,
-                "dead_feature_threshold must be > 0",
-            ),
-            (
-                "encoder_init_norm",
-                math.isfinite(self.encoder_init_norm) and self.encoder_init_norm > 0,
-                "encoder_init_norm must be > 0",
-            ),
-            (
-                "decoder_lr_scale",
-                math.isfinite(self.decoder_lr_scale) and self.decoder_lr_scale > 0,
-                "decoder_lr_scale must be > 0",
-            ),
-            (
-                "b_dec_init",
-                self.b_dec_init in ("mean", "geometric_median"),
-                "b_dec_init must be mean or geometric_median",
-            ),
-            ("lr_warmup_steps", self.lr_warmup_steps >= 0, "lr_warmup_steps must be >= 0"),
-            (
-                "lr_schedule",
-                self.lr_schedule in ("constant", "linear", "cosine"),
-                "lr_schedule must be constant, linear or cosine",
-            ),
-            ("steps", self.steps >= 0, "steps must be >= 0"),
-            ("epochs", math.isfinite(self.epochs) and self.epochs > 0, "epochs must be > 0"),
-            (
-                "diverged_fvu",
-                self.diverged_fvu > 1,  # NaN fails too
-                "diverged_fvu must be > 1 (FVU 1 is the mean's)",
-            ),
-            ("val_fraction", 0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
-            ("eval_every", self.eval_every > 0, "eval_every must be > 0"),
-            ("checkpoint_every", self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (
-                "device",
-                self.device in ("auto", "cpu", "cuda"),
-                "device must be auto, cpu or cuda",
-            ),
+        def pos(v):  # NaN fails, as in every rule here
+            return math.isfinite(v) and v > 0
+
+        def nonneg(v):
+            return math.isfinite(v) and v >= 0
+
+        t, init = self, self.jumprelu_init_threshold
+        rules = [  # (the field, whether its rule holds, the rule)
+            ("lr", t.lr is None or pos(t.lr), "must be > 0"),
+            ("batch_size", t.batch_size > 0, "must be > 0"),
+            ("auxk_alpha", nonneg(t.auxk_alpha), "must be >= 0"),
+            ("l0_coefficient", nonneg(t.l0_coefficient), "must be >= 0"),
+            ("jumprelu_init_threshold", init is None or nonneg(init), "must be >= 0 or unset"),
+            ("dead_feature_threshold", t.dead_feature_threshold > 0, "must be > 0"),
+            ("encoder_init_norm", pos(t.encoder_init_norm), "must be > 0"),
+            ("decoder_lr_scale", pos(t.decoder_lr_scale), "must be > 0"),
+            ("lr_warmup_steps", t.lr_warmup_steps >= 0, "must be >= 0"),
+            ("steps", t.steps >= 0, "must be >= 0"),
+            ("epochs", pos(t.epochs), "must be > 0"),
+            ("diverged_fvu", t.diverged_fvu > 1, "must be > 1 (FVU 1 is the mean's)"),
+            ("val_fraction", 0 <= t.val_fraction < 1, "must be in [0, 1)"),
+            ("eval_every", t.eval_every > 0, "must be > 0"),
+            ("checkpoint_every", t.checkpoint_every >= 0, "must be >= 0"),
         ]
-        for name, ok, message in checks:
+        for name, hint in typing.get_type_hints(TrainConfig).items():
+            if typing.get_origin(hint) is Literal:  # b_dec_init, lr_schedule, device
+                *some, last = choices = typing.get_args(hint)
+                one_of = f"{', '.join(some)} or {last}"
+                rules.append((name, getattr(t, name) in choices, f"must be {one_of}"))
+        for name, ok, rule in rules:
             if not ok:
-                raise ValueError(f"{message} (got {getattr(self, name)!r})")
+                raise ValueError(f"{name} {rule} (got {getattr(self, name)!r})")
 
 
-def from_dict(cls, values: dict, where: str = ""):
-    """Build a config dataclass from a dict (parsed YAML or JSON), checking every value against
-    its field's annotation and naming unknown keys instead of ignoring them."""
-    import typing
+def from_dict(cls, values: dict, where: str | None = None):
+    """A config dataclass (CONFIG) from a dict of parsed YAML or JSON, nested sections too,
+    checked by pydantic against the annotations. Every error is one ValueError line naming the
+    field (`where.field`; where: the class's name by default); unknown keys list the valid ones.
+    """
+    # As JSON: strict Python validation would take only dataclass instances, not mappings.
+    try:
+        return _adapter(cls).validate_json(json.dumps(values, default=str))
+    except ValidationError as e:
+        where = cls.__name__ if where is None else where
+        raise ValueError(_one_line(cls, e.errors(), where)) from None
 
-    where = where or cls.__name__
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+
+_adapter = functools.cache(TypeAdapter)
+
+#: How the errors name what pydantic expected, by its error types.
+EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}
+EXPECTED |= {"string_type": "a string", "dict_type": "a mapping", "dataclass_type": "a mapping"}
+PLURAL = {int: "integers", float: "numbers", str: "strings", dict: "mappings"}
+
+
+def _one_line(cls, errors: list[dict], where: str) -> str:
+    unknown = [e["loc"] for e in errors if e["type"] == "unexpected_keyword_argument"]
     if unknown:
-        raise ValueError(
-            f"unknown {where} field(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
-        )
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+        *section, _ = unknown[0]
+        names = sorted(str(loc[-1]) for loc in unknown if list(loc[:-1]) == section)
+        valid = sorted(f.name for f in dataclasses.fields(_field_type(cls, section)))
+        what = [where, *section][-1]
+        return f"unknown {what} field(s): {', '.join(names)}; valid: {', '.join(valid)}"
+    error, name = errors[0], where
+    for key in error["loc"]:
+        name += f"[{key}]" if isinstance(key, int) else f".{key}" if name else key
+    expected = EXPECTED.get(error["type"])
+    if error["type"] == "list_type":
+        expected = "a list of " + PLURAL[typing.get_args(_field_type(cls, error["loc"]))[0]]
+    if error["type"] == "literal_error":
+        expected = "one of " + error["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+    if expected:
+        return f"{name}: expected {expected}, got {error['input']!r}"
+    return f"{name}: {error['msg']} (got {error['input']!r})"
 
 
-def coerce(value, hint, name: str):
-    """`value` as the type `hint` (int, float, bool, str, Literal, list[...], X | None, Any).
-
-    Numeric strings are accepted where a float is expected, since YAML reads `1e-3` as a
-    string; nothing else is converted. Raises ValueError naming the field, type and value."""
-    import types
-    import typing
-
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is typing.Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:
-            try:
-                return coerce(value, option, name)
-            except ValueError:
-                pass
-        raise ValueError(f"{name}: expected {_type_name(hint)}, got {value!r}")
-    if origin is typing.Literal:
-        if value in args and not (isinstance(value, bool) and True in args):
-            return value
-        raise ValueError(f"{name}: expected one of {', '.join(map(str, args))}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{name}: expected {_type_name(hint)}, got {value!r}")
-        return [coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping, got {value!r}")
-        return value
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }
-    if ok.get(hint):
-        return float(value) if hint is float else value
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint not in ok:
-        raise TypeError(f"{name}: no rule for the annotation {hint!r}")
-    raise ValueError(f"{name}: expected {_type_name(hint)}, got {value!r}")
-
-
-def _type_name(hint) -> str:
-    import typing
-
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    if hint in names:
-        return names[hint]
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is list:
-        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
-        return f"a list of {plural.get(args[0]) or _type_name(args[0])}"
-    text = " or ".join(_type_name(a) for a in args)
-    return text + " or null" if type(None) in typing.get_args(hint) else text
-
-
-def field_help(cls) -> dict[str, str]:
-    """Field docstrings of a config dataclass and of the dataclasses it extends, read from
-    their modules' source: the CLI's help."""
-    helps: dict[str, str] = {}
-    for base in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(base):
-            helps |= _module_field_docs(base.__module__).get(base.__qualname__, {})
-    return helps
+def _field_type(cls, path) -> type:
+    """The annotation of the field at `path` (names of nested fields) in dataclass cls."""
+    for key in path:
+        cls = typing.get_type_hints(cls)[key]
+    return cls
 
 
 @functools.cache
-def _module_field_docs(module: str) -> dict[str, dict[str, str]]:
-    # One parse per module: inspect.getsource(cls) parses the whole module for every class.
-    import ast
-    import inspect
-    import sys
-
-    docs = {}
-    for node in ast.parse(inspect.getsource(sys.modules[module])).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        fields = docs[node.name] = {}
-        for field, nxt in zip(node.body, node.body[1:]):
-            if (
-                isinstance(field, ast.AnnAssign)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                fields[field.target.id] = " ".join(nxt.value.value.split())
-    return docs
+def field_help(cls) -> dict[str, str]:
+    """{field: its docstring on one line} of a config dataclass and of the dataclasses it
+    extends, as pydantic reads them (CONFIG's use_attribute_docstrings): the CLI's help."""
+    helps = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        # In a list, so that CONFIG applies to a dataclass without one of its own too
+        schema = TypeAdapter(list[base], config=CONFIG).json_schema()["$defs"][base.__name__]
+        docs = {k: v.get("description") for k, v in schema["properties"].items()}
+        helps |= {k: " ".join(v.split()) for k, v in docs.items() if v}
+    return helps
 
 
-__all__ = ["SaeConfig", "TrainConfig", "coerce", "from_dict", "field_help"]
+__all__ = ["CONFIG", "Float", "SaeConfig", "TrainConfig", "from_dict", "field_help"]

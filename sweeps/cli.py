@@ -11,6 +11,8 @@ import signal
 import socket
 import sys
 import threading
+import types
+import typing
 from pathlib import Path
 
 from sae.config import field_help
@@ -369,12 +371,14 @@ def _int_list(text: str) -> list[int]:
 
 
 def _analyze_flags(cmd: argparse.ArgumentParser) -> None:
-    helps = field_help(AnalyzeOptions)
-    types = {"layer": int, "latents": _int_list, "top_latents": int, "top_images": int}
-    types |= {"batch_size": int, "downstream_images": int}
+    """One flag per AnalyzeOptions field, its type from the annotation, its help the docstring."""
+    helps, hints = field_help(AnalyzeOptions), typing.get_type_hints(AnalyzeOptions)
     for f in dataclasses.fields(AnalyzeOptions):
-        flag = f"--{f.name.replace('_', '-')}"
-        cmd.add_argument(flag, type=types.get(f.name), help=helps[f.name])
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType):  # X | None: X
+            hint = next(h for h in typing.get_args(hint) if h is not type(None))
+        kind = {int: int, list[int]: _int_list}.get(hint)  # str: argparse's own
+        cmd.add_argument(f"--{f.name.replace('_', '-')}", type=kind, help=helps[f.name])
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""The sweep service's YAML config: one dataclass per section, field docstrings as help text.
+"""The sweep service's YAML config: one dataclass per section, read by pydantic
+(`sae.config.from_dict`); each field's docstring is its help text.
 
 A config file is a mapping of sections (`model:`, `data:`, `extract:`) to fields; `--set
 section.field=value` overrides take YAML values. Adding a section is adding a field to Config.
@@ -10,14 +11,14 @@ import dataclasses
 import math
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
+from pydantic import with_config
 
-from sae.config import SaeConfig, TrainConfig, field_help, from_dict
+from sae.config import CONFIG, Float, SaeConfig, TrainConfig, field_help, from_dict
 from sweeps.space import SearchConfig
 
 #: Fields set per trial by the search space, so not settable in the fixed sections.
@@ -69,15 +70,6 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Compute dtype on CUDA (auto: float16). CPU always computes in float32."""
 
-    def validate(self) -> None:
-        _check(bool(self.name_or_path), "model.name_or_path", "set a hub id or a local directory")
-        _check(
-            self.dtype in ("auto", "float32", "float16", "bfloat16"),
-            "model.dtype",
-            "use auto, float32, float16 or bfloat16",
-            self.dtype,
-        )
-
 
 @dataclass
 class DataConfig:
@@ -106,23 +98,11 @@ class DataConfig:
     limit: int = 0
     """Keep only the first this many selected rows (0: all)."""
 
-    fraction: float = 1.0
+    fraction: Float = 1.0
     """Keep this fraction of rows, chosen by a hash of the row id (stable across runs)."""
 
     seed: int = 0
     """Seed of the fraction's row hash."""
-
-    def validate(self) -> None:
-        _check(
-            self.source in ("hf", "folder", "parquet"),
-            "data.source",
-            "use hf, folder or parquet",
-            self.source,
-        )
-        _check(bool(self.path), "data.path", "set the dataset name, directory or Parquet path")
-        _check(self.limit >= 0, "data.limit", "use 0 (all) or a positive count", self.limit)
-        _check(0 < self.fraction <= 1, "data.fraction", "use a value in (0, 1]", self.fraction)
-        _check(bool(self.image_column), "data.image_column", "name the image column")
 
 
 @dataclass
@@ -151,7 +131,7 @@ class ExtractConfig:
     """Model actors on Ray Data (one model copy each); one machine without GPUs runs one model
     in the calling process instead."""
 
-    num_gpus_per_actor: float | None = None
+    num_gpus_per_actor: Float | None = None
     """GPUs per model actor; null: 1 when the cluster has GPUs, else 0 (CPU)."""
 
     cpu_threads: int = 0
@@ -163,69 +143,11 @@ class ExtractConfig:
     files on the CPU); cpu: in CPU processes (tasks ahead of GPU models); auto: device where
     the models get GPUs and torchvision imports, else cpu."""
 
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: Float = 0.01
     """Fail when more than this fraction of images is unusable (they are skipped below it)."""
 
     max_image_pixels: int = 100_000_000
     """Images with more pixels (before or after resizing) are skipped as too_large."""
-
-    def validate(self) -> None:
-        layers_ok = (
-            isinstance(self.layers, list)
-            and len(self.layers) > 0
-            and all(isinstance(x, int) and x >= 0 for x in self.layers)
-            and len(set(self.layers)) == len(self.layers)
-        )
-        _check(
-            layers_ok, "extract.layers", "give distinct layers >= 0, e.g. [7, 9, 11]", self.layers
-        )
-        _check(
-            self.token_mode in ("cls", "all"),
-            "extract.token_mode",
-            "use cls or all",
-            self.token_mode,
-        )
-        _check(
-            self.decode in ("auto", "device", "cpu"),
-            "extract.decode",
-            "use auto, device or cpu",
-            self.decode,
-        )
-        _check(
-            self.cache_dtype in ("float16", "float32"),
-            "extract.cache_dtype",
-            "use float16 or float32",
-            self.cache_dtype,
-        )
-        _check(
-            "://" not in self.cache_dir,
-            "extract.cache_dir",
-            "a cache is published by renaming its directory, which object stores cannot do: use "
-            "a directory every node mounts (NFS, e.g. EFS at /mnt/shared as in cluster.yaml)",
-            self.cache_dir,
-        )
-        for name in ("batch_size", "rows_per_task", "num_actors", "max_image_pixels"):
-            _check(
-                getattr(self, name) > 0, f"extract.{name}", "use a value > 0", getattr(self, name)
-            )
-        _check(
-            self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0,
-            "extract.num_gpus_per_actor",
-            "use null or a value >= 0",
-            self.num_gpus_per_actor,
-        )
-        _check(
-            self.cpu_threads >= 0,
-            "extract.cpu_threads",
-            "use 0 (auto) or a count",
-            self.cpu_threads,
-        )
-        _check(
-            0 <= self.max_bad_fraction <= 1,
-            "extract.max_bad_fraction",
-            "use a value in [0, 1]",
-            self.max_bad_fraction,
-        )
 
 
 @dataclass
@@ -240,10 +162,10 @@ class TuneSettings:
     gives the same sweep on the same machine; above, the order in which trials report, which
     Optuna and ASHA act on, depends on the machine's timing."""
 
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: Float = 1.0
     """CPUs reserved per trial."""
 
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: Float = 0.0
     """GPUs per trial; fractions share a GPU between trials (0.25: four per GPU)."""
 
     seed: int = 0
@@ -256,11 +178,11 @@ class TuneSettings:
     """metric:mode pairs; several give a Pareto front. The default, reconstruction against
     sparsity, cannot be won by width or k alone."""
 
-    max_dead_frac: float = 0.2
+    max_dead_frac: Float = 0.2
     """Largest share of latents never fired on validation rows (1: any). Above it a trial is
     infeasible: a constraint for Optuna's sampler, never the pick."""
 
-    pick_l0: list[float] = field(default_factory=list)
+    pick_l0: list[Float] = field(default_factory=list)
     """[low, high]: pick the lowest val/fvu with val/l0 in it; []: of all feasible trials.
     The rule is in docs/sweeps.md, 'The pick'."""
 
@@ -286,7 +208,7 @@ class TuneSettings:
     max_failures: int = 2
     """Retries of a failed trial, each from its last checkpoint."""
 
-    checkpoint_interval_s: float = 60.0
+    checkpoint_interval_s: Float = 60.0
     """Least seconds between saves of a trial's training state. The SAE and Adam's state are
     saved at an eval (see train.checkpoint_every) to <storage_path>/<name>/trial_state: a
     retried or resumed trial goes on from there and redoes at most this much work. 0: at
@@ -310,78 +232,6 @@ class TuneSettings:
     def objective_modes(self) -> dict[str, str]:
         """{metric: mode} of `objectives`, in order."""
         return dict(o.rsplit(":", 1) for o in self.objectives)
-
-    def validate(self) -> None:
-        for name in ("num_samples", "max_concurrent", "grace_period", "show_top"):
-            _check(getattr(self, name) > 0, f"tune.{name}", "use a value > 0", getattr(self, name))
-        _check(
-            self.cpus_per_trial > 0, "tune.cpus_per_trial", "use a value > 0", self.cpus_per_trial
-        )
-        _check(
-            0 <= self.gpus_per_trial <= 1,
-            "tune.gpus_per_trial",
-            "use 0 (CPU), a fraction to share a GPU, or 1: a trial trains on one GPU",
-            self.gpus_per_trial,
-        )
-        _check(
-            self.reduction_factor >= 2,
-            "tune.reduction_factor",
-            "use 2 or more",
-            self.reduction_factor,
-        )
-        _check(self.max_failures >= 0, "tune.max_failures", "use 0 or more", self.max_failures)
-        _check(self.controls >= 0, "tune.controls", "use 0 (none) or more", self.controls)
-        _check(
-            self.stability_seeds >= 0,
-            "tune.stability_seeds",
-            "use 0 (none) or more",
-            self.stability_seeds,
-        )
-        _check(
-            self.checkpoint_interval_s >= 0,
-            "tune.checkpoint_interval_s",
-            "use 0 (every eval) or more seconds",
-            self.checkpoint_interval_s,
-        )
-        _check(self.sampler in ("tpe", "nsga2"), "tune.sampler", "use tpe or nsga2", self.sampler)
-        _check(
-            self.data in ("auto", "object_store", "cache"),
-            "tune.data",
-            "use auto, object_store or cache",
-            self.data,
-        )
-        from sweeps.schema import OBJECTIVES
-
-        for o in self.objectives:
-            metric, _, mode = o.rpartition(":")
-            _check(
-                OBJECTIVES.get(metric) == mode,
-                "tune.objectives",
-                "give metric:mode pairs from "
-                + ", ".join(f"{m}:{d}" for m, d in OBJECTIVES.items()),
-                o,
-            )
-        _check(bool(self.objectives), "tune.objectives", "give at least one metric:mode pair")
-        _check(
-            0 < self.max_dead_frac <= 1,
-            "tune.max_dead_frac",
-            "use a fraction in (0, 1]; 1 puts no bound on dead latents",
-            self.max_dead_frac,
-        )
-        band = self.pick_l0
-        _check(
-            band == [] or (len(band) == 2 and 0 <= band[0] < band[1]),
-            "tune.pick_l0",
-            "give [low, high] with 0 <= low < high (e.g. [20, 200]), or [] for no band",
-            band,
-        )
-        _check(
-            not (self.asha and len(self.objectives) > 1),
-            "tune.asha",
-            "ASHA stops trials on one metric, which would cut trials on the Pareto front of "
-            "several objectives: set tune.asha=false for a multi-objective sweep",
-            self.asha,
-        )
 
 
 @dataclass
@@ -442,33 +292,8 @@ class SweepSettings:
             return ""
         return self.optuna_storage or default_optuna_storage(self.out_dir)
 
-    def validate(self) -> None:
-        from sweeps.schema import NO_OPTUNA_STORAGE, check_model_name, check_name
 
-        # Both become paths (the Tune experiment, the SAEs) or MLflow names: identifiers only,
-        # so that no name reaches outside the sweep's own directory (`--overwrite` deletes it).
-        names = [("sweep.name", self.name)]
-        names += [("sweep.experiment", self.experiment)] if self.experiment else []
-        for where, value in names:
-            try:
-                check_name(value, where)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        _check(bool(self.out_dir), "sweep.out_dir", "give a directory")
-        url = self.optuna_storage
-        _check(
-            not url or url.strip().lower() == NO_OPTUNA_STORAGE or "://" in url,
-            "sweep.optuna_storage",
-            "give an SQLAlchemy URL such as sqlite:////abs/path/optuna.db, or none",
-            url,
-        )
-        if self.register_as:  # empty: register nothing
-            try:
-                check_model_name(self.register_as, "sweep.register_as")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-
-
+@with_config(CONFIG)
 @dataclass
 class Config:
     """A whole config file: one attribute per section."""
@@ -497,23 +322,34 @@ class Config:
             self.sweep.optuna_storage = f"sqlite:///{Path(name).resolve()}{sep}{query}"
 
     def validate(self) -> None:
-        _check_placeholders(self)
-        _check_numbers(self)
-        for name, path in (
-            ("extract.cache_dir", self.extract.cache_dir),
-            ("sweep.out_dir", self.sweep.out_dir),
-            ("sweep.storage_path", self.sweep.storage_path),
-        ):
-            _check_directory(path, name)
-        for section in dataclasses.fields(self):
+        """The project's own checks, after pydantic's of the types (`from_mapping`)."""
+        from sweeps.schema import check_model_name, check_name
+
+        _check_values(self)
+        for name in ("extract.cache_dir", "sweep.out_dir", "sweep.storage_path"):
+            _check_directory(_get(self, name), name)
+        for name, ok, fix, *shown in _rules(self):
+            _check(ok, name, fix, *shown or [_get(self, name)])
+        s = self.sweep
+        try:
+            # Both become paths (the Tune experiment, the SAEs) or MLflow names: identifiers
+            # only, so that no name reaches outside the sweep's own directory (`--overwrite`
+            # deletes it).
+            check_name(s.name, "sweep.name")
+            if s.experiment:
+                check_name(s.experiment, "sweep.experiment")
+            if s.register_as:  # empty: register nothing
+                check_model_name(s.register_as, "sweep.register_as")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for section in ("sae", "train", "search"):  # the SAE library's and the search's own
             try:
-                getattr(self, section.name).validate()
-            except ConfigError:
-                raise
+                getattr(self, section).validate()
             except ValueError as e:
                 msg = str(e)
-                prefix = "" if msg.startswith(f"{section.name}.") else f"{section.name}."
-                raise ConfigError(prefix + msg) from None
+                raise ConfigError(
+                    msg if msg.startswith(f"{section}.") else f"{section}.{msg}"
+                ) from None
         probed = [m for m in self.tune.objective_modes() if m.startswith("val/probe_acc")]
         _check(
             self.train.probe or not probed,
@@ -521,6 +357,87 @@ class Config:
             "val/probe_acc is reported only with train.probe=true",
             probed,
         )
+
+
+def _rules(cfg: Config) -> list[tuple]:
+    """(field, whether its rule holds, the fix[, the value to show: the field's by default]) of
+    the sweep's own sections. Types and choices are pydantic's, from the annotations."""
+    from sweeps.schema import NO_OPTUNA_STORAGE, OBJECTIVES
+
+    d, x, t, url = cfg.data, cfg.extract, cfg.tune, cfg.sweep.optuna_storage
+    layers, gpus, band = x.layers, x.num_gpus_per_actor, t.pick_l0
+    pairs = ", ".join(f"{m}:{mode}" for m, mode in OBJECTIVES.items())
+
+    def known(objective: str) -> bool:
+        metric, _, mode = objective.rpartition(":")
+        return OBJECTIVES.get(metric) == mode
+
+    positive = [f"extract.{n}" for n in ("batch_size", "rows_per_task", "num_actors")]
+    positive += ["extract.max_image_pixels", "tune.num_samples", "tune.max_concurrent"]
+    positive += ["tune.grace_period", "tune.show_top", "tune.cpus_per_trial"]
+    return [
+        ("model.name_or_path", bool(cfg.model.name_or_path), "set a hub id or a local directory"),
+        ("data.path", bool(d.path), "set the dataset name, directory or Parquet path"),
+        ("data.limit", d.limit >= 0, "use 0 (all) or a positive count"),
+        ("data.fraction", 0 < d.fraction <= 1, "use a value in (0, 1]"),
+        ("data.image_column", bool(d.image_column), "name the image column"),
+        (
+            "extract.layers",
+            bool(layers) and min(layers) >= 0 and len(set(layers)) == len(layers),
+            "give distinct layers >= 0, e.g. [7, 9, 11]",
+        ),
+        (
+            "extract.cache_dir",
+            "://" not in x.cache_dir,
+            "a cache is published by renaming its directory, which object stores cannot do: use "
+            "a directory every node mounts (NFS, e.g. EFS at /mnt/shared as in cluster.yaml)",
+        ),
+        *[(name, _get(cfg, name) > 0, "use a value > 0") for name in positive],
+        ("extract.num_gpus_per_actor", gpus is None or gpus >= 0, "use null or a value >= 0"),
+        ("extract.cpu_threads", x.cpu_threads >= 0, "use 0 (auto) or a count"),
+        ("extract.max_bad_fraction", 0 <= x.max_bad_fraction <= 1, "use a value in [0, 1]"),
+        (
+            "tune.gpus_per_trial",
+            0 <= t.gpus_per_trial <= 1,
+            "use 0 (CPU), a fraction to share a GPU, or 1: a trial trains on one GPU",
+        ),
+        ("tune.reduction_factor", t.reduction_factor >= 2, "use 2 or more"),
+        ("tune.max_failures", t.max_failures >= 0, "use 0 or more"),
+        ("tune.controls", t.controls >= 0, "use 0 (none) or more"),
+        ("tune.stability_seeds", t.stability_seeds >= 0, "use 0 (none) or more"),
+        (
+            "tune.checkpoint_interval_s",
+            t.checkpoint_interval_s >= 0,
+            "use 0 (every eval) or more seconds",
+        ),
+        *[
+            ("tune.objectives", known(o), f"give metric:mode pairs from {pairs}", o)
+            for o in t.objectives
+        ],
+        ("tune.objectives", bool(t.objectives), "give at least one metric:mode pair"),
+        (
+            "tune.max_dead_frac",
+            0 < t.max_dead_frac <= 1,
+            "use a fraction in (0, 1]; 1 puts no bound on dead latents",
+        ),
+        (
+            "tune.pick_l0",
+            band == [] or (len(band) == 2 and 0 <= band[0] < band[1]),
+            "give [low, high] with 0 <= low < high (e.g. [20, 200]), or [] for no band",
+        ),
+        (
+            "tune.asha",
+            not (t.asha and len(t.objectives) > 1),
+            "ASHA stops trials on one metric, which would cut trials on the Pareto front of "
+            "several objectives: set tune.asha=false for a multi-objective sweep",
+        ),
+        ("sweep.out_dir", bool(cfg.sweep.out_dir), "give a directory"),
+        (
+            "sweep.optuna_storage",
+            not url or url.strip().lower() == NO_OPTUNA_STORAGE or "://" in url,
+            "give an SQLAlchemy URL such as sqlite:////abs/path/optuna.db, or none",
+        ),
+    ]
 
 
 # Here, not in analyze.py: the CLI builds its parser from these before it quiets MLflow's
@@ -589,14 +506,28 @@ class ConfigError(ValueError):
 #: Seeds reach numpy's and Optuna's generators, which take 0 .. 2**32 - 1.
 SEED_MAX = 2**32 - 1
 
+#: Marks a value the cluster YAMLs leave for the user to fill in (a bucket, a file system).
+PLACEHOLDER = "REPLACE_ME"
 
-def _check_numbers(cfg: Config) -> None:
-    """Every number of every section is finite and fits what consumes it: 64-bit integers,
-    seeds in numpy's range. (inf epochs or a seed of 2**64 once failed after Ray started.)"""
+#: Written by cluster/prepare-head.sh on a cluster's head: the address of its MLflow server, for
+#: sweeps started there however they are launched (`ray job submit`, `ray submit`, `ray exec`).
+CLUSTER_TRACKING_FILE = "~/.clip-sae/tracking_uri"
+
+
+def _cluster_tracking_uri() -> str:
+    path = Path(CLUSTER_TRACKING_FILE).expanduser()
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def _check_values(cfg: Config) -> None:
+    """No value still holds a placeholder copied from a cluster YAML or the README, and every
+    number is finite and fits what consumes it: 64-bit integers, seeds in numpy's range. (inf
+    epochs or a seed of 2**64 once failed after Ray started.)"""
     for section in dataclasses.fields(cfg):
-        body = getattr(cfg, section.name)
-        for f in dataclasses.fields(body):
-            v, where = getattr(body, f.name), f"{section.name}.{f.name}"
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            v, where = getattr(getattr(cfg, section.name), f.name), f"{section.name}.{f.name}"
+            fix = f"replace the placeholder {PLACEHOLDER}... with your own value"
+            _check(PLACEHOLDER not in str(v), where, fix, v)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             _check(math.isfinite(v), where, "use a finite number", v)
@@ -622,35 +553,10 @@ def _check(ok: bool, name: str, fix: str, value=dataclasses.MISSING) -> None:
         raise ConfigError(f"{name}{got}: {fix}")
 
 
-#: Marks a value the cluster YAMLs leave for the user to fill in (a bucket, a file system).
-PLACEHOLDER = "REPLACE_ME"
-
-#: Written by cluster/prepare-head.sh on a cluster's head: the address of its MLflow server, for
-#: sweeps started there however they are launched (`ray job submit`, `ray submit`, `ray exec`).
-CLUSTER_TRACKING_FILE = "~/.clip-sae/tracking_uri"
-
-
-def _cluster_tracking_uri() -> str:
-    path = Path(CLUSTER_TRACKING_FILE).expanduser()
-    return path.read_text().strip() if path.is_file() else ""
-
-
-def _check_placeholders(cfg: Config) -> None:
-    """Refuse values still holding a placeholder copied from a cluster YAML or the README."""
-    for section in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            value = getattr(getattr(cfg, section.name), f.name)
-            _check(
-                PLACEHOLDER not in str(value),
-                f"{section.name}.{f.name}",
-                f"replace the placeholder {PLACEHOLDER}... with your own value",
-                value,
-            )
-
-
-def _sections() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+def _get(cfg: Config, name: str):
+    """The value of `section.field` in cfg."""
+    section, _, field_name = name.partition(".")
+    return getattr(getattr(cfg, section), field_name)
 
 
 def to_mapping(cfg: Config) -> dict:
@@ -661,21 +567,21 @@ def to_mapping(cfg: Config) -> dict:
 
 
 def _check_sections(values: dict, where: str = "") -> None:
-    unknown = sorted(set(values) - set(_sections()))
+    sections = [f.name for f in dataclasses.fields(Config)]
+    unknown = sorted(set(values) - set(sections))
     if unknown:
         raise ConfigError(
             f"{where + ': ' if where else ''}unknown config section(s): {', '.join(unknown)}; "
-            f"valid: {', '.join(_sections())}"
+            f"valid: {', '.join(sections)}"
         )
 
 
 def from_mapping(values: dict) -> Config:
     """Build and validate a Config; unknown sections and fields are errors that list the valid
     ones."""
-    sections = _sections()
     _check_sections(values)
-    built = {}
-    for name, cls in sections.items():
+    sections = {}
+    for name in (f.name for f in dataclasses.fields(Config)):
         body = values.get(name) or {}
         if not isinstance(body, dict):
             raise ConfigError(f"section {name} must be a mapping of fields (got {body!r})")
@@ -686,11 +592,11 @@ def from_mapping(values: dict) -> Config:
                     if searched != "num_latents"
                     else f"{name}.num_latents: the width comes from search.expansion_factor"
                 )
-        try:
-            built[name] = from_dict(cls, {**SWEEP_DEFAULTS.get(name, {}), **body}, where=name)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    cfg = Config(**built)
+        sections[name] = {**SWEEP_DEFAULTS.get(name, {}), **body}
+    try:
+        cfg = from_dict(Config, sections, where="")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     cfg.validate()
     return cfg
 
@@ -843,12 +749,12 @@ def config_help(cfg: Config | None = None, width: int = 100) -> str:
 
     cfg = cfg or Config()
     lines = []
-    for name, cls in _sections().items():
-        lines.append(f"{name}:")
-        helps = field_help(cls)
-        section = getattr(cfg, name)
-        for f in dataclasses.fields(cls):
+    for section in dataclasses.fields(cfg):
+        lines.append(f"{section.name}:")
+        body = getattr(cfg, section.name)
+        helps = field_help(type(body))
+        for f in dataclasses.fields(body):
             first = re.split(r"(?<=\.)\s", helps.get(f.name, ""), maxsplit=1)[0]
-            text = f"{name}.{f.name} = {getattr(section, f.name)!r}: {first}"
+            text = f"{section.name}.{f.name} = {getattr(body, f.name)!r}: {first}"
             lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="      ")
     return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""The configs as pydantic reads them: JSON's types exactly, YAML's `1e-3` as a number, every
+field with its help, and the configs still plain dataclasses (pickled to Ray workers, saved as
+cfg.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+
+from sae.config import SaeConfig, TrainConfig, field_help, from_dict
+from sweeps.config import (
+    AnalyzeOptions,
+    Config,
+    ConfigError,
+    config_help,
+    from_mapping,
+    load_config,
+)
+
+
+def _load(*sets: str) -> Config:
+    return load_config(None, ["data.path=some/dataset", *sets])
+
+
+def test_every_field_of_every_section_has_help_and_is_listed():
+    listed = config_help()
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            assert helps.get(f.name), f"{section.name}.{f.name} has no docstring"
+            assert f"  {section.name}.{f.name} = " in listed
+    assert all(field_help(AnalyzeOptions).get(f.name) for f in dataclasses.fields(AnalyzeOptions))
+    # inherited fields keep theirs (TrainSettings extends TrainConfig)
+    assert field_help(type(Config().train))["lr"] == field_help(TrainConfig)["lr"]
+
+
+@pytest.mark.parametrize("value, want", [("1e-3", 0.001), ("'2e-1'", 0.2), ("3", 3.0)])
+def test_a_number_field_takes_yamls_numeric_strings_and_integers(value, want):
+    # YAML 1.1 reads 1e-3 (no dot) as a string
+    cfg = load_config(None, ["data.path=x", f"train.jumprelu_init_threshold={value}"])
+    assert cfg.train.jumprelu_init_threshold == want
+    assert type(cfg.train.jumprelu_init_threshold) is float
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        ("tune.num_samples=true", "tune.num_samples: expected an integer, got True"),
+        ("tune.num_samples='3'", "tune.num_samples: expected an integer, got '3'"),
+        ("tune.num_samples=3.0", "tune.num_samples: expected an integer, got 3.0"),
+        ("tune.asha=1", "tune.asha: expected true or false, got 1"),
+        ("tune.asha='yes'", "tune.asha: expected true or false, got 'yes'"),
+        ("train.epochs=true", "train.epochs: expected a number, got True"),
+        ("sweep.name=3", "sweep.name: expected a string, got 3"),
+        ("tune.pick_l0=[1, x]", "tune.pick_l0[1]: expected a number, got 'x'"),
+        ("tune.objectives=val/fvu:min", "tune.objectives: expected a list of strings"),
+        ("search.points_to_evaluate=[3]", "search.points_to_evaluate[0]: expected a mapping"),
+        ("model.dtype=half", "model.dtype: expected one of auto, float32, float16, bfloat16"),
+    ],
+)
+def test_nothing_else_is_converted(value, want):
+    with pytest.raises(ConfigError) as error:
+        _load(value)
+    assert want in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_fields_are_named_together_with_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown train field\(s\): nope, zz; valid: .*lr"):
+        _load("train.zz=1", "train.nope=2")
+    with pytest.raises(ConfigError, match=r"unknown search field\(s\): kk; valid: "):
+        from_mapping({"data": {"path": "x"}, "search": {"kk": 1}})
+
+
+def test_an_sae_config_reads_back_from_its_own_dict():
+    cfg = SaeConfig(k=4, matryoshka_fractions=[0.25, 0.5], jumprelu_bandwidth=0.1)
+    assert from_dict(SaeConfig, dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ValueError, match=r"^SaeConfig\.k: expected an integer, got '4'$"):
+        from_dict(SaeConfig, {"k": "4"})
+
+
+def test_a_loaded_config_is_plain_dataclasses_that_pickle():
+    cfg = _load("train.epochs=2", "search.lr=1e-3")
+    assert type(cfg) is Config and dataclasses.is_dataclass(cfg.train)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert dataclasses.replace(cfg.sae, k=3).k == 3
