@@ -5,7 +5,7 @@ and all-token caches), and the size and build time of the HTML feature browser.
         [--only throughput,memory,tokens,browser]
 
 Throughput, one run on the same synthetic cache: a plain batched `sae.encode` over the layer
-in memory, the same encode streamed from the Parquet cache, and the whole `analysis.scan`
+in memory, the same encode streamed from the Parquet cache, and the whole `scan.scan`
 (statistics, top images, probe sums, then the probe's validation pass). Memory: each size runs
 `scan` in a fresh subprocess and reports its peak RSS over the RSS before the scan (on CUDA,
 the peak of allocated GPU memory); a whole-layer `load_layer` is measured the same way for
@@ -39,7 +39,7 @@ from sweeps.activations import cache  # noqa: E402
 from sweeps.activations.clip import Preprocessing  # noqa: E402
 from sweeps.activations.sources import index_source  # noqa: E402
 from sweeps.config import DataConfig  # noqa: E402
-from sweeps.results import analysis, analyze, report  # noqa: E402
+from sweeps.results import analyze, report, scan  # noqa: E402
 
 LAYER = 0
 
@@ -120,7 +120,7 @@ def measure(mode: str, cache_dir: str, d: int, expansion: int, k: int, batch: in
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to now
     before_rss = _status_mb("VmRSS")
     if mode == "scan":
-        analysis.scan(sae, cache_dir, LAYER, top_n=16, batch_size=batch)
+        scan.scan(sae, cache_dir, LAYER, top_n=16, batch_size=batch)
     else:
         cache.load_layer(cache_dir, LAYER, "all").astype(np.float32)
     if cuda:
@@ -168,10 +168,10 @@ def bench_browser(tmp: Path, n: int, latents: int, top_n: int, d: int = 64, k: i
     cache_dir = make_cache(tmp, n, d, labels=labels)
     torch.manual_seed(0)
     sae = TopKSae(d, SaeConfig(num_latents=latents, k=k)).eval()
-    stats, _ = analysis.scan(sae, cache_dir, LAYER, top_n=top_n)
+    stats, _ = scan.scan(sae, cache_dir, LAYER, top_n=top_n)
     out = tmp / "report"
     out.mkdir()
-    chosen = analysis.select_latents(stats, "max_act", 0)
+    chosen = scan.select_latents(stats, "max_act", 0)
     names = [f"class{c:03d}" for c in range(labels.max() + 1)]
     steps = {}
     start = time.perf_counter()
@@ -230,8 +230,8 @@ def main() -> None:
                     timed(lambda: streamed_encode(sae, cache_dir, bs)),
                 ),
                 (
-                    "analysis.scan (stats+top+probe, 2 passes)",
-                    timed(lambda: analysis.scan(sae, cache_dir, LAYER, top_n=16, batch_size=bs)),
+                    "scan.scan (stats+top+probe, 2 passes)",
+                    timed(lambda: scan.scan(sae, cache_dir, LAYER, top_n=16, batch_size=bs)),
                 ),
             ]
             base = rows[0][1]
@@ -252,8 +252,8 @@ def main() -> None:
             print(f"{'method':32s} {small:>10d} {10 * small:>10d} {'ratio':>7s}")
             caches = [make_cache(Path(tmp), m, d) for m in (small, 10 * small)]
             modes = {
-                "scan": "analysis.scan",
-                "scan/mmap": "analysis.scan, fixed mmap thr.",
+                "scan": "scan.scan",
+                "scan/mmap": "scan.scan, fixed mmap thr.",
                 "load": "load_layer (whole layer)",
             }
             for mode, label in modes.items():

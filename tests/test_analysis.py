@@ -28,7 +28,9 @@ from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import AnalyzeOptions, load_config
 from sweeps.demo import make_image_folder, make_tiny_clip
 from sweeps.results import report
-from sweeps.results.analysis import (
+from sweeps.results.analyze import class_names, resolve_target, templates
+from sweeps.results.best import best_trials
+from sweeps.results.scan import (
     HIST_EDGES,
     PROMPT_ENSEMBLE,
     TIE_BITS,
@@ -40,8 +42,6 @@ from sweeps.results.analysis import (
     zero_shot,
     zero_shot_sample,
 )
-from sweeps.results.analyze import class_names, resolve_target, templates
-from sweeps.results.best import best_trials
 from sweeps.search.driver import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -556,7 +556,7 @@ def test_hostile_label_names_neither_break_the_report_nor_become_formulas(tmp_pa
     from types import SimpleNamespace
 
     from sweeps.results import analyze, report
-    from sweeps.results.analysis import HIST_EDGES
+    from sweeps.results.scan import HIST_EDGES
 
     m, c = 4, len(HOSTILE)
     counts = np.zeros((c, m), np.int64)

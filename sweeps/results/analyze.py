@@ -18,7 +18,7 @@ from sweeps.activations.clip import Preprocessing
 from sweeps.activations.extract import absolute_paths, locate_cache
 from sweeps.activations.sources import index_source
 from sweeps.config import AnalyzeOptions, Config
-from sweeps.results import analysis, plots, report
+from sweeps.results import plots, report, scan
 from sweeps.results.best import sae_folder, trial_sae_dir, why_no_sae
 from sweeps.results.export import download_sae, get_run
 from sweeps.schema import CONTROL_KEYS, NUMERIC_PARAMS, STABILITY_KEYS, check_name, final_name
@@ -219,7 +219,7 @@ def class_names(label_names: list[str], mapping: str) -> list[str]:
 def templates(prompts: str) -> tuple[str, ...]:
     """--prompts as templates: "ensemble", or templates separated by |."""
     if prompts.strip() == "ensemble":
-        return analysis.PROMPT_ENSEMBLE
+        return scan.PROMPT_ENSEMBLE
     found = tuple(t.strip() for t in prompts.split("|") if t.strip())
     bad = [t for t in found if t.count("{}") != 1]
     if not found or bad:
@@ -250,21 +250,21 @@ def downstream(cfg, target, sae, source, pre, manifest, cache_dir, opts, mean_TD
     clip = CLIPModel.from_pretrained(model.name_or_path, revision=model.revision).eval()
     clip.to(sae.device)
     split = ("val", cfg.train.val_fraction, cfg.train.seed)
-    ids = analysis.zero_shot_sample(
+    ids = scan.zero_shot_sample(
         cache.load_row_ids(cache_dir, *split),
         cache.load_labels(cache_dir, *split),
         opts.downstream_images,
         cfg.train.seed,
     )
-    batches = analysis.iter_images(source.index, ids, cfg.data, pre)
-    return analysis.zero_shot(
+    batches = scan.iter_images(source.index, ids, cfg.data, pre)
+    return scan.zero_shot(
         clip,
         tokenizer,
         names,
         batches,
         target.layer,
         manifest["token_mode"],
-        analysis.reconstruct_with(sae),
+        scan.reconstruct_with(sae),
         pre,
         mean_TD,
         prompts,
@@ -277,7 +277,7 @@ def write_thumbnails(stats, latents, source, data, pre, directory: Path) -> int:
     directory.mkdir(exist_ok=True)
     rows = {int(r) for r in stats.top_row_MN[latents].flat if r >= 0}
     written = 0
-    for row_B, _, pixels_BCHW in analysis.iter_images(source.index, sorted(rows), data, pre):
+    for row_B, _, pixels_BCHW in scan.iter_images(source.index, sorted(rows), data, pre):
         for r, p in zip(row_B, pixels_BCHW):
             (directory / f"{int(r)}.jpg").write_bytes(report.thumbnail(p))
             written += 1
@@ -333,7 +333,7 @@ def browser_data(stats, latents, label_names, token_mode: str, criterion: str) -
         "sort": criterion,
         "shown": report.SHOWN_ROWS,
         "labels": list(label_names or []),
-        "edges": [_round(e) for e in analysis.HIST_EDGES],
+        "edges": [_round(e) for e in scan.HIST_EDGES],
         "latents": rows,
         "details": details,
     }
@@ -397,7 +397,7 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
     out = Path(opts.out or Path(cfg.sweep.out_dir) / "analysis" / name)
     out.mkdir(parents=True, exist_ok=True)
 
-    stats, probe = analysis.scan(
+    stats, probe = scan.scan(
         sae,
         cache_dir,
         target.layer,
@@ -410,7 +410,7 @@ def analyze(cfg: Config, opts: AnalyzeOptions) -> Analysis:
         **probe,
         **downstream(cfg, target, sae, source, pre, manifest, cache_dir, opts, stats.mean_TD),
     }
-    latents = opts.latents or analysis.select_latents(stats, opts.criterion, opts.top_latents)
+    latents = opts.latents or scan.select_latents(stats, opts.criterion, opts.top_latents)
     label_names = manifest.get("label_names")
     thumbs = write_thumbnails(stats, latents, source, cfg.data, pre, out / "thumbs")
 

@@ -1,6 +1,6 @@
 """The HTML feature browser of an analysis, and its JPEG thumbnails.
 
-Pure rendering: everything shown is computed by results.analysis and results.analyze, and the
+Pure rendering: everything shown is computed by results.scan and results.analyze, and the
 figures it embeds are drawn by results.plots.
 """
 
