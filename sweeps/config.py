@@ -13,18 +13,22 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import with_config
+from pydantic import BeforeValidator, with_config
+from pydantic_core import PydanticCustomError
 
 from sae.config import CONFIG, Float, SaeConfig, TrainConfig, field_help, from_dict
+from sweeps.schema import searched_fields
 from sweeps.space import SearchConfig
 
-#: Fields set per trial by the search space, so not settable in the fixed sections.
+#: Fields set per trial by the search space, so not settable in the fixed sections: the
+#: searched hyperparameters' (sweeps.schema.Hyperparams), and num_latents, the width that
+#: expansion_factor sets.
 SEARCHED = {
-    "sae": ("k", "expansion_factor", "num_latents", "activation"),
-    "train": ("lr", "auxk_alpha", "l0_coefficient"),
+    section: (*(f.name for f in searched_fields(section)), *extra)
+    for section, extra in (("sae", ("num_latents",)), ("train", ()))
 }
 
 #: Library defaults a sweep changes. Sweeps compare layers whose activation norms differ, so
@@ -150,6 +154,13 @@ class ExtractConfig:
     """Images with more pixels (before or after resizing) are skipped as too_large."""
 
 
+def _no_bool(value):
+    """pydantic's Literal[0, 1, 2] takes true for 1, strict or not."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("literal_error", "not a bool", {"expected": "0, 1 or 2"})
+    return value
+
+
 @dataclass
 class TuneSettings:
     """How Ray Tune runs the trials."""
@@ -225,7 +236,7 @@ class TuneSettings:
     show_top: int = 10
     """Trials in the summary table."""
 
-    verbose: Literal[0, 1, 2] = 0
+    verbose: Annotated[Literal[0, 1, 2], BeforeValidator(_no_bool)] = 0
     """Console output: 0 a progress bar and a line per trial event; 1 Tune's status tables;
     2 also every result (the --verbose flag)."""
 
@@ -402,6 +413,8 @@ def _rules(cfg: Config) -> list[tuple]:
             "use 0 (CPU), a fraction to share a GPU, or 1: a trial trains on one GPU",
         ),
         ("tune.reduction_factor", t.reduction_factor >= 2, "use 2 or more"),
+        # (pydantic's Literal[0, 1, 2] takes true for 1, strict or not)
+        ("tune.verbose", not isinstance(t.verbose, bool), "use 0, 1 or 2"),
         ("tune.max_failures", t.max_failures >= 0, "use 0 or more"),
         ("tune.controls", t.controls >= 0, "use 0 (none) or more"),
         ("tune.stability_seeds", t.stability_seeds >= 0, "use 0 (none) or more"),

@@ -59,6 +59,7 @@ def test_a_number_field_takes_yamls_numeric_strings_and_integers(value, want):
         ("tune.objectives=val/fvu:min", "tune.objectives: expected a list of strings"),
         ("search.points_to_evaluate=[3]", "search.points_to_evaluate[0]: expected a mapping"),
         ("model.dtype=half", "model.dtype: expected one of auto, float32, float16, bfloat16"),
+        ("tune.verbose=true", "tune.verbose: expected one of 0, 1, 2, got True"),
     ],
 )
 def test_nothing_else_is_converted(value, want):
@@ -86,3 +87,18 @@ def test_a_loaded_config_is_plain_dataclasses_that_pickle():
     assert type(cfg) is Config and dataclasses.is_dataclass(cfg.train)
     assert pickle.loads(pickle.dumps(cfg)) == cfg
     assert dataclasses.replace(cfg.sae, k=3).k == 3
+
+
+def test_the_searched_hyperparameters_are_declared_once():
+    """sweeps.schema.Hyperparams declares them: the search section holds one field per
+    searched hyperparameter (beside its switch auxk and its points), the space's dimensions
+    are the numeric ones, and a config may fix none of them."""
+    from sweeps.config import SEARCHED
+    from sweeps.schema import NUMERIC_PARAMS, SEARCHED_PARAMS
+    from sweeps.space import PARAMS, SearchConfig
+
+    search = {f.name for f in dataclasses.fields(SearchConfig)}
+    assert search - {"auxk", "points_to_evaluate"} == set(SEARCHED_PARAMS)
+    assert tuple(PARAMS) == NUMERIC_PARAMS
+    fixed_nowhere = {name for names in SEARCHED.values() for name in names}
+    assert fixed_nowhere == set(SEARCHED_PARAMS) - {"layer"} | {"num_latents"}

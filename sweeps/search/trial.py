@@ -48,16 +48,9 @@ class TrialSettings:
 def trial_configs(point: Hyperparams, fixed: TrialSettings) -> tuple[SaeConfig, TrainConfig]:
     """The SAE and training configs of one trial: its sampled point over the fixed settings.
     In `all` token mode a batch of images holds `tokens_per_image` activations each."""
-    sae_cfg = dataclasses.replace(
-        fixed.sae, k=point.k, expansion_factor=point.expansion_factor, activation=point.activation
-    )
-    train_cfg = dataclasses.replace(
-        fixed.train,
-        batch_size=fixed.train.batch_size * fixed.tokens_per_image,
-        lr=point.lr,
-        auxk_alpha=point.auxk_alpha,
-        l0_coefficient=point.l0_coefficient,
-    )
+    sae_cfg = dataclasses.replace(fixed.sae, **point.section("sae"))
+    batch_size = fixed.train.batch_size * fixed.tokens_per_image
+    train_cfg = dataclasses.replace(fixed.train, batch_size=batch_size, **point.section("train"))
     return sae_cfg, train_cfg
 
 
