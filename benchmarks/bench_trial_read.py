@@ -53,8 +53,8 @@ def log_trials(uri: str, parent: str, start: int, stop: int, steps: int) -> None
     stopped early and every twentieth failed."""
     from sweeps.cli import DEMO_CONFIG
     from sweeps.config import fixed_fields, load_config
-    from sweeps.schema import METRIC_KEYS, final_name, trial_label
     from sweeps.tracking.trial_runs import TrialRuns
+    from sweeps.vocabulary import METRIC_KEYS, final_name, trial_label
 
     cfg = load_config(DEMO_CONFIG, [])
     shared = {"sae": fixed_fields(cfg, "sae"), "train": fixed_fields(cfg, "train")}

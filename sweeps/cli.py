@@ -29,8 +29,8 @@ from sweeps.local_ray import join_ray, start_local_ray
 from sweeps.progress import progress_bar
 from sweeps.ranking import PickRule
 from sweeps.redact import redact
-from sweeps.schema import check_model_name, check_name, leaderboard_url
 from sweeps.tracking.store import TrackingError
+from sweeps.vocabulary import check_model_name, check_name, leaderboard_url
 
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 

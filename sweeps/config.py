@@ -20,11 +20,11 @@ from pydantic import BeforeValidator, with_config
 from pydantic_core import PydanticCustomError
 
 from sae.config import CONFIG, Float, SaeConfig, TrainConfig, field_help, from_dict
-from sweeps.schema import searched_fields
 from sweeps.space import SearchConfig
+from sweeps.vocabulary import searched_fields
 
 #: Fields set per trial by the search space, so not settable in the fixed sections: the
-#: searched hyperparameters' (sweeps.schema.Hyperparams), and num_latents, the width that
+#: searched hyperparameters' (sweeps.vocabulary.Hyperparams), and num_latents, the width that
 #: expansion_factor sets.
 SEARCHED = {
     section: (*(f.name for f in searched_fields(section)), *extra)
@@ -44,7 +44,7 @@ def fixed_fields(cfg: Config, section: str) -> dict:
 
 
 @dataclass
-class TrainSettings(TrainConfig):
+class SweepTrainConfig(TrainConfig):
     """The `train` section: the SAE library's training settings (the searched lr, auxk_alpha
     and l0_coefficient aside), and what the sweep measures beside them."""
 
@@ -162,7 +162,7 @@ def _no_bool(value):
 
 
 @dataclass
-class TuneSettings:
+class TuneConfig:
     """How Ray Tune runs the trials."""
 
     num_samples: int = 8
@@ -246,7 +246,7 @@ class TuneSettings:
 
 
 @dataclass
-class SweepSettings:
+class SweepConfig:
     """Names and places of a sweep's results."""
 
     name: str = "sweep"
@@ -289,7 +289,7 @@ class SweepSettings:
         return storage.join(self.storage_path, self.name)
 
     def resolved_tracking_uri(self) -> str:
-        from sweeps.schema import default_tracking_uri
+        from sweeps.vocabulary import default_tracking_uri
 
         env = os.environ.get("MLFLOW_TRACKING_URI")
         uri = self.tracking_uri or env or _cluster_tracking_uri()
@@ -297,7 +297,7 @@ class SweepSettings:
 
     def resolved_optuna_storage(self) -> str:
         """The URL of the study's copy, or "" for none."""
-        from sweeps.schema import NO_OPTUNA_STORAGE, default_optuna_storage
+        from sweeps.vocabulary import NO_OPTUNA_STORAGE, default_optuna_storage
 
         if self.optuna_storage.strip().lower() == NO_OPTUNA_STORAGE:
             return ""
@@ -313,10 +313,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(**SWEEP_DEFAULTS["train"]))
+    train: SweepTrainConfig = field(
+        default_factory=lambda: SweepTrainConfig(**SWEEP_DEFAULTS["train"])
+    )
     search: SearchConfig = field(default_factory=SearchConfig)
-    tune: TuneSettings = field(default_factory=TuneSettings)
-    sweep: SweepSettings = field(default_factory=SweepSettings)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
         for section, name in PATH_FIELDS:  # `~/x` is the user's; readers do not expand it
@@ -334,7 +336,7 @@ class Config:
 
     def validate(self) -> None:
         """The project's own checks, after pydantic's of the types (`from_mapping`)."""
-        from sweeps.schema import check_model_name, check_name
+        from sweeps.vocabulary import check_model_name, check_name
 
         _check_values(self)
         for name in ("extract.cache_dir", "sweep.out_dir", "sweep.storage_path"):
@@ -373,7 +375,7 @@ class Config:
 def _rules(cfg: Config) -> list[tuple]:
     """(field, whether its rule holds, the fix[, the value to show: the field's by default]) of
     the sweep's own sections. Types and choices are pydantic's, from the annotations."""
-    from sweeps.schema import NO_OPTUNA_STORAGE, OBJECTIVES
+    from sweeps.vocabulary import NO_OPTUNA_STORAGE, OBJECTIVES
 
     d, x, t, url = cfg.data, cfg.extract, cfg.tune, cfg.sweep.optuna_storage
     layers, gpus, band = x.layers, x.num_gpus_per_actor, t.pick_l0

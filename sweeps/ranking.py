@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sweeps.schema import is_num
+from sweeps.vocabulary import is_num
 
 DEAD_METRIC = "val/never_fired_frac"
 

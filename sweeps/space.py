@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae import architectures
-from sweeps.schema import NUMERIC_PARAMS, searched_fields
+from sweeps.vocabulary import NUMERIC_PARAMS, searched_fields
 
 #: name -> (value type, log scale by default for ranges, lower bound, bound is exclusive), from
-#: the one declaration of the searched hyperparameters (sweeps.schema.Hyperparams)
+#: the one declaration of the searched hyperparameters (sweeps.vocabulary.Hyperparams)
 PARAMS: dict[str, tuple[type, bool, float, bool]] = {
     f.name: (
         {"int": int, "float": float}[f.type],

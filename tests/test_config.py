@@ -33,7 +33,7 @@ def test_every_field_of_every_section_has_help_and_is_listed():
             assert helps.get(f.name), f"{section.name}.{f.name} has no docstring"
             assert f"  {section.name}.{f.name} = " in listed
     assert all(field_help(AnalyzeOptions).get(f.name) for f in dataclasses.fields(AnalyzeOptions))
-    # inherited fields keep theirs (TrainSettings extends TrainConfig)
+    # inherited fields keep theirs (SweepTrainConfig extends TrainConfig)
     assert field_help(type(Config().train))["lr"] == field_help(TrainConfig)["lr"]
 
 
@@ -90,12 +90,12 @@ def test_a_loaded_config_is_plain_dataclasses_that_pickle():
 
 
 def test_the_searched_hyperparameters_are_declared_once():
-    """sweeps.schema.Hyperparams declares them: the search section holds one field per
+    """sweeps.vocabulary.Hyperparams declares them: the search section holds one field per
     searched hyperparameter (beside its switch auxk and its points), the space's dimensions
     are the numeric ones, and a config may fix none of them."""
     from sweeps.config import SEARCHED
-    from sweeps.schema import NUMERIC_PARAMS, SEARCHED_PARAMS
     from sweeps.space import PARAMS, SearchConfig
+    from sweeps.vocabulary import NUMERIC_PARAMS, SEARCHED_PARAMS
 
     search = {f.name for f in dataclasses.fields(SearchConfig)}
     assert search - {"auxk", "points_to_evaluate"} == set(SEARCHED_PARAMS)

@@ -12,9 +12,9 @@ import pytest
 from sae import SaeConfig
 from sweeps.cli import DEMO_CONFIG
 from sweeps.config import fixed_fields, load_config
-from sweeps.schema import Hyperparams
 from sweeps.search.driver import trial_settings
 from sweeps.search.trial import trial_configs
+from sweeps.vocabulary import Hyperparams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ CORE = {
     f"sweeps.{m}"
     for m in (
         "config",
-        "schema",
+        "vocabulary",
         "ranking",
         "space",
         "storage",

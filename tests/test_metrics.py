@@ -223,7 +223,7 @@ def test_decoder_similarity_against_the_whole_cosine_matrix():
 
 def test_density_histogram_bins_by_decade_and_names_the_swept_keys():
     from sae.metrics import density_histogram, dictionary_metrics
-    from sweeps.schema import DICTIONARY_KEYS
+    from sweeps.vocabulary import DICTIONARY_KEYS
 
     freq = torch.tensor(
         [0.0, 0, 3e-7, 1e-6, 2e-5, 9.9e-5, 1e-3, 0.05, 0.1, 0.7], dtype=torch.float64

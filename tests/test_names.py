@@ -11,7 +11,7 @@ import pytest
 from sweeps.cli import DEMO_CONFIG, main
 from sweeps.config import ConfigError, load_config
 from sweeps.results.best import trial_sae_dir
-from sweeps.schema import check_name
+from sweeps.vocabulary import check_name
 
 BAD_NAMES = ["..", ".", "/etc", "a/b", "a\x00b", "it's", 'say "hi"', "x" * 300, "", " lead"]
 

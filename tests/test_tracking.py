@@ -26,11 +26,6 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.ranking import PickRule
 from sweeps.results.plots import trial_plots
-from sweeps.schema import (
-    FREQUENCY_FILE,
-    RUNS_PAGE_COLUMNS,
-    default_tracking_uri,
-)
 from sweeps.search.console import SweepDisplay
 from sweeps.search.mlflow_callback import MlflowTrialCallback
 from sweeps.search.snapshots import set_aside_torn_snapshot
@@ -42,6 +37,11 @@ from sweeps.tracking.runs import (
     sweep_run_name,
 )
 from sweeps.tracking.store import TrackingError, check_tracking_uri
+from sweeps.vocabulary import (
+    FREQUENCY_FILE,
+    RUNS_PAGE_COLUMNS,
+    default_tracking_uri,
+)
 from tests.helpers import page_text, stop_group, sweep_runs
 
 STEPS = 4
@@ -433,7 +433,7 @@ def test_mlflow_ui_shows_trials_by_name_and_the_leaderboard(
     browser, ui_sweep, mlflow_server, tmp_path
 ):
     """A small sweep logged to a real `mlflow server`, then its pages in headless Chromium."""
-    from sweeps.schema import leaderboard_url, trial_label
+    from sweeps.vocabulary import leaderboard_url, trial_label
 
     result, _ = ui_sweep
     client = MlflowClient(mlflow_server)

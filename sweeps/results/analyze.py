@@ -21,7 +21,6 @@ from sweeps.config import AnalyzeOptions, Config
 from sweeps.results import plots, report, scan
 from sweeps.results.best import sae_folder, trial_sae_dir, why_no_sae
 from sweeps.results.export import download_sae, get_run
-from sweeps.schema import CONTROL_KEYS, NUMERIC_PARAMS, STABILITY_KEYS, check_name, final_name
 from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord
 from sweeps.tracking.runs import (
@@ -31,6 +30,7 @@ from sweeps.tracking.runs import (
     find_sweep_run,
     log_batch,
 )
+from sweeps.vocabulary import CONTROL_KEYS, NUMERIC_PARAMS, STABILITY_KEYS, check_name, final_name
 
 
 @dataclass

@@ -10,8 +10,14 @@ from sae.architectures import Architecture
 from sweeps import storage
 from sweeps.config import Config
 from sweeps.ranking import DEAD_METRIC, PickRule, feasible_front, pick, rank
-from sweeps.schema import SEARCHED_PARAMS, SUMMARY_METRICS, final_name, final_sae_dir, format_value
 from sweeps.tracking.records import TrialRecord, trial_records
+from sweeps.vocabulary import (
+    SEARCHED_PARAMS,
+    SUMMARY_METRICS,
+    final_name,
+    final_sae_dir,
+    format_value,
+)
 
 MAX_RANKED = 50_000
 """Trials read back to rank: all of any sweep's (MLflow's most runs per search)."""

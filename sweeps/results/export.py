@@ -19,10 +19,10 @@ from sae.saelens import save_saelens
 from sweeps.config import Config
 from sweeps.redact import redact
 from sweeps.results.best import best_trials
-from sweeps.schema import check_model_name, format_value
 from sweeps.tracking.client import sweep_client
 from sweeps.tracking.records import TrialRecord
 from sweeps.tracking.registry import download_artifacts, register_folder, trial_run
+from sweeps.vocabulary import check_model_name, format_value
 
 if TYPE_CHECKING:
     from mlflow.entities import Run

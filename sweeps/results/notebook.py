@@ -16,7 +16,7 @@ import pandas as pd
 from sweeps import storage
 from sweeps.config import Config, load_config
 from sweeps.results.best import best_trials, why_no_sae
-from sweeps.schema import METRIC_KEYS, SEARCHED_PARAMS
+from sweeps.vocabulary import METRIC_KEYS, SEARCHED_PARAMS
 
 #: Trial runs read at most: MLflow's own limit on one search.
 MAX_TRIALS = 50_000

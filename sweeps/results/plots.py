@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sweeps.ranking import pareto_front  # noqa: E402
-from sweeps.schema import FREQUENCY_FILE, NUMERIC_PARAMS  # noqa: E402
+from sweeps.vocabulary import FREQUENCY_FILE, NUMERIC_PARAMS  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

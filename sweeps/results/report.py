@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sweeps.schema import format_value
+from sweeps.vocabulary import format_value
 
 THUMB_PX = 112
 SHOWN_ROWS = 500

@@ -10,8 +10,8 @@ from __future__ import annotations
 from ray import tune
 
 from sweeps.progress import progress_bar
-from sweeps.schema import SUMMARY_METRICS, trial_label
 from sweeps.search.callback_state import LocalState
+from sweeps.vocabulary import SUMMARY_METRICS, trial_label
 
 #: Result keys shown on a trial's closing line, with their labels.
 SHOWN = tuple(SUMMARY_METRICS.items())

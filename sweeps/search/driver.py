@@ -39,17 +39,17 @@ from sweeps.activations.extract import ExtractResult, extract
 from sweeps.config import Config, fixed_fields
 from sweeps.ranking import DEAD_METRIC, PickRule, feasible_front, rank
 from sweeps.redact import redact
-from sweeps.schema import METRIC_KEYS, is_num
 from sweeps.search.data import layer_sources
 from sweeps.search.mlflow_callback import MlflowTrialCallback
 from sweeps.search.snapshots import set_aside_torn_snapshot
 from sweeps.search.study import StudyCopy
-from sweeps.search.trial import TrialSettings, TrialState, retrain, run_trial
+from sweeps.search.trial import TrialConfig, TrialState, retrain, run_trial
 from sweeps.space import SearchSpace
 from sweeps.tracking import runs as tracking
 from sweeps.tracking.client import mlflow_client
 from sweeps.tracking.records import TrialRecord
 from sweeps.tracking.store import TrackingError
+from sweeps.vocabulary import METRIC_KEYS, is_num
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,10 @@ def _sampler(cfg: Config):
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
 
 
-def trial_settings(cfg: Config, tokens_per_image: int) -> TrialSettings:
+def trial_settings(cfg: Config, tokens_per_image: int) -> TrialConfig:
     """What every trial shares: the config's `sae` and `train` sections as they are (each trial
     sets the searched fields), and where SAEs and training states go."""
-    return TrialSettings(
+    return TrialConfig(
         sae=dataclasses.replace(cfg.sae),
         train=cfg.train.library_config(),
         probe=cfg.train.probe,
@@ -110,7 +110,7 @@ def trial_settings(cfg: Config, tokens_per_image: int) -> TrialSettings:
     )
 
 
-def _trainable(cfg: Config, sources, fixed: TrialSettings):
+def _trainable(cfg: Config, sources, fixed: TrialConfig):
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
     trainable = tune.with_parameters(run_trial, layers=sources, fixed=fixed)
     return tune.with_resources(trainable, resources)
@@ -352,7 +352,7 @@ def _run(cfg: Config, space: SearchSpace, parent: str, uri, resume, callbacks, p
     )
 
 
-def _followups(cfg: Config, rows, rule: PickRule, fixed: TrialSettings, sources) -> dict:
+def _followups(cfg: Config, rows, rule: PickRule, fixed: TrialConfig, sources) -> dict:
     """After the trials: the pick (rows[0]) and the rest of the feasible front, the first
     max(tune.controls, 1) of them, each retrained as Ray tasks with a trial's resources, as
     its control (tune.controls) and with tune.stability_seeds other seeds. {trial_id: its

@@ -15,9 +15,9 @@ from ray import tune
 
 from sweeps import storage
 from sweeps.redact import hide, redact
-from sweeps.schema import METRIC_KEYS, final_name, trial_label
 from sweeps.search.callback_state import LocalState
 from sweeps.tracking.trial_runs import TrialRuns
+from sweeps.vocabulary import METRIC_KEYS, final_name, trial_label
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from sae import SaeConfig, TrainConfig
 from sae.metrics import dictionary_metrics
 from sae.trainer import DivergedError, Trainer
 from sweeps import storage
-from sweeps.schema import FINAL_METRICS, FREQUENCY_FILE, SAE_DIR_KEY, Hyperparams, final_sae_dir
 from sweeps.search.data import layer_arrays, layer_labels
 from sweeps.search.probe import fit_probe, probe_metrics
+from sweeps.vocabulary import FINAL_METRICS, FREQUENCY_FILE, SAE_DIR_KEY, Hyperparams, final_sae_dir
 
 
 @dataclass(frozen=True)
-class TrialSettings:
+class TrialConfig:
     """What every trial of a sweep shares; the sampled hyperparameters come on top."""
 
     sae: SaeConfig
@@ -45,7 +45,7 @@ class TrialSettings:
     checkpoint_interval_s: float
 
 
-def trial_configs(point: Hyperparams, fixed: TrialSettings) -> tuple[SaeConfig, TrainConfig]:
+def trial_configs(point: Hyperparams, fixed: TrialConfig) -> tuple[SaeConfig, TrainConfig]:
     """The SAE and training configs of one trial: its sampled point over the fixed settings.
     In `all` token mode a batch of images holds `tokens_per_image` activations each."""
     sae_cfg = dataclasses.replace(fixed.sae, **point.section("sae"))
@@ -92,7 +92,7 @@ class TrialState:
             storage.delete_dir(self.root)
 
 
-def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: TrialSettings) -> None:
+def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: TrialConfig) -> None:
     """Tune function trainable. `layers` maps a layer to its source: object refs of its
     (train, val) arrays or a CachedLayer."""
     point = Hyperparams.from_values(config)
@@ -161,7 +161,7 @@ def run_trial(config: dict[str, Any], *, layers: dict[int, Any], fixed: TrialSet
         _fail(fixed, point, trainer.step, str(e))
 
 
-def _fail(fixed: TrialSettings, point: Hyperparams, step: int, reason: str) -> None:
+def _fail(fixed: TrialConfig, point: Hyperparams, step: int, reason: str) -> None:
     """End a trial that would fail the same way on every retry (same data, config and seed):
     one last result holding its reason, which ends it FAILED without a retry, its objectives
     NaN so that it is never the best."""
@@ -170,7 +170,7 @@ def _fail(fixed: TrialSettings, point: Hyperparams, step: int, reason: str) -> N
 
 
 def retrain(
-    point: Hyperparams, fixed: TrialSettings, source, *, seed: int | None = None, control=False
+    point: Hyperparams, fixed: TrialConfig, source, *, seed: int | None = None, control=False
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """Train a trial's point again after the sweep: with another `seed` (seed stability), or
     as its `control`, the decoder frozen at its random start (TrainConfig.freeze_decoder).

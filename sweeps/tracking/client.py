@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from sweeps.config import SweepSettings
+from sweeps.config import SweepConfig
 from sweeps.redact import hide, redact, unhide
 from sweeps.tracking.store import TrackingError
 
@@ -57,7 +57,7 @@ def _client(tracking_uri: str) -> MlflowClient:
         return MlflowClient(tracking_uri)
 
 
-def sweep_client(sweep: SweepSettings) -> MlflowClient:
+def sweep_client(sweep: SweepConfig) -> MlflowClient:
     """The client of a sweep's tracking store (`sweep.tracking_uri` as resolved)."""
     return mlflow_client(sweep.resolved_tracking_uri())
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeps.schema import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, final_name, is_num
+from sweeps.vocabulary import METRIC_KEYS, SAE_DIR_KEY, Hyperparams, final_name, is_num
 
 
 @dataclass(frozen=True)

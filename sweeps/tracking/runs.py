@@ -32,7 +32,10 @@ from mlflow.utils.validation import (
 
 from sweeps.ranking import PickRule, feasible_front, pick, rank
 from sweeps.redact import redact, redact_values
-from sweeps.schema import (
+from sweeps.tracking.client import mlflow_client, server_answers, server_lost
+from sweeps.tracking.records import TrialRecord
+from sweeps.tracking.store import TrackingError
+from sweeps.vocabulary import (
     EVAL_KEYS,
     METRIC_KEYS,
     RUNS_PAGE_COLUMNS,
@@ -41,9 +44,6 @@ from sweeps.schema import (
     is_num,
     trial_label,
 )
-from sweeps.tracking.client import mlflow_client, server_answers, server_lost
-from sweeps.tracking.records import TrialRecord
-from sweeps.tracking.store import TrackingError
 
 logger = logging.getLogger(__name__)
 

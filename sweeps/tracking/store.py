@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from sweeps.redact import redact
-from sweeps.schema import default_tracking_uri
+from sweeps.vocabulary import default_tracking_uri
 
 
 class TrackingError(RuntimeError):

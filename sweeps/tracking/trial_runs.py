@@ -23,9 +23,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from sweeps.redact import redact
-from sweeps.schema import is_num
 from sweeps.tracking.client import mlflow_client, tracking_failure
 from sweeps.tracking.runs import as_params, check_quotable, child_filter, flatten, log_batch
+from sweeps.vocabulary import is_num
 
 
 class TrialRuns:
