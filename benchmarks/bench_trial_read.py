@@ -30,14 +30,11 @@ import argparse
 import contextlib
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,40 +118,6 @@ def timed(path: str, uri: str, top: int, repeats: int, cold: bool, expect: int) 
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def mlflow_server(root: Path, store: str):
-    """A real `mlflow server` on 127.0.0.1 over `store`, on a free port; yields its URI."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--workers", "1", "--backend-store-uri", store]
-    cmd += ["--artifacts-destination", str(root / "artifacts")]
-    env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.3)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,7 +159,11 @@ def main() -> None:
         from sweeps.tracking.runs import start_sweep_run
 
         parent = start_sweep_run(store, EXPERIMENT, SWEEP_ID, {"tune": {"num_samples": 1}}, {})
-        server = stack.enter_context(mlflow_server(root, store)) if args.server else None
+        server = None
+        if args.server:  # the suite's real `mlflow server`, started and stopped the same way
+            from tests.helpers import mlflow_server
+
+            server = stack.enter_context(mlflow_server(root, store, root / "artifacts"))
         rows = []
         logged = 0
         for size in sorted(args.sizes):
