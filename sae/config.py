@@ -7,18 +7,18 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from annotated_types import Ge, Gt, Lt
 from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError, with_config
 
 from sae import architectures
 
 #: How pydantic reads a config: unknown keys are errors, each field's docstring is its
 #: description, and the types are JSON's, exactly (no "3" for 3, no true for 1): `from_dict`.
-CONFIG = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+CONFIG = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 def _number(value):
@@ -32,6 +32,12 @@ def _number(value):
 #: A float field: a number, or a string that reads as one.
 Float = Annotated[float, BeforeValidator(_number)]
 
+#: Bounded numbers, checked by pydantic with the types (`from_dict`).
+PositiveInt = Annotated[int, Gt(0)]
+Count = Annotated[int, Ge(0)]
+PositiveFloat = Annotated[Float, Gt(0)]
+NonNegativeFloat = Annotated[Float, Ge(0)]
+
 
 @with_config(CONFIG)
 @dataclass
@@ -41,10 +47,10 @@ class SaeConfig:
     expansion_factor: int = 8
     """Number of latents as a multiple of the input width d_in."""
 
-    num_latents: int = 0
+    num_latents: Count = 0
     """Number of latents. When > 0 it overrides expansion_factor."""
 
-    k: int = 32
+    k: PositiveInt = 32
     """Number of latents kept active per input (TopK)."""
 
     normalize_decoder: bool = True
@@ -69,7 +75,7 @@ class SaeConfig:
     whole width is always the last level. Each level adds its reconstruction's FVU to the
     loss. Training only: what the SAE computes does not depend on it."""
 
-    jumprelu_bandwidth: Float = 0.05
+    jumprelu_bandwidth: PositiveFloat = 0.05
     """jumprelu: width of the straight-through rectangle kernel of the thresholds' gradient.
     Only pre-activations within bandwidth / 2 of a threshold move it. In the units of the
     pre-activations (SAELens's default). Training only."""
@@ -79,18 +85,13 @@ class SaeConfig:
         return self.num_latents if self.num_latents > 0 else d_in * self.expansion_factor
 
     def validate(self, d_in: int | None = None) -> None:
+        from_dict(type(self), dataclasses.asdict(self), where="")  # types and bounds
         if self.expansion_factor <= 0 and self.num_latents <= 0:
             raise ValueError(
                 f"expansion_factor must be > 0 (got {self.expansion_factor}) "
                 "unless num_latents is set"
             )
-        if self.num_latents < 0:
-            raise ValueError(f"num_latents must be >= 0 (got {self.num_latents})")
-        if self.k <= 0:
-            raise ValueError(f"k must be > 0 (got {self.k})")
         architectures.get(self.activation)  # a ValueError naming the registered ones
-        if not (math.isfinite(self.jumprelu_bandwidth) and self.jumprelu_bandwidth > 0):
-            raise ValueError(f"jumprelu_bandwidth must be > 0 (got {self.jumprelu_bandwidth})")
         f = list(self.matryoshka_fractions)
         if not all(a < b for a, b in zip([0.0, *f], [*f, 1.0])):
             raise ValueError(
@@ -107,32 +108,33 @@ class SaeConfig:
                 )
 
 
+@with_config(CONFIG)
 @dataclass
 class TrainConfig:
     """How to train one SAE on a matrix of activations."""
 
-    lr: Float | None = None
+    lr: PositiveFloat | None = None
     """Peak Adam learning rate. Unset: 2e-4 / sqrt(num_latents / 2**14), as in sparsify."""
 
-    batch_size: int = 4096
+    batch_size: PositiveInt = 4096
     """Activations per optimizer step."""
 
-    auxk_alpha: Float = 1.0
+    auxk_alpha: NonNegativeFloat = 1.0
     """Weight of the AuxK loss that revives dead latents (0 turns it off). Gao et al. and
     sparsify use 1/32; on the ground-truth benchmark 1 (SAELens's) with a window of 20,000
     recovered more true features with every architecture (docs/performance.md)."""
 
-    l0_coefficient: Float = 1.0
+    l0_coefficient: NonNegativeFloat = 1.0
     """jumprelu: weight of the sparsity loss (L0 / k - 1)^2 (L0: the batch's mean count).
     L0 is counted straight-through; the loss pulls it towards k from either side. Higher: an
     L0 closer to k, at some cost in reconstruction."""
 
-    jumprelu_init_threshold: Float | None = None
+    jumprelu_init_threshold: NonNegativeFloat | None = None
     """jumprelu: every latent's initial threshold. Unset: each latent's threshold starts where
     it fires on a third of the first batch (sae.trainer.JUMPRELU_INIT_FIRING), low, so the
     L0 loss raises it, as Rajamanoharan et al. start at 0.001, but in the data's units."""
 
-    dead_feature_threshold: int = 20_000
+    dead_feature_threshold: PositiveInt = 20_000
     """A latent is dead once it has not fired for this many training activations; AuxK
     trains the dead ones. 20,000 is a fifth of an epoch of a 10^5-image CLS dataset. On the
     ground-truth benchmark it beat 100,000 (fewer latents left dead, more features found);
@@ -143,13 +145,13 @@ class TrainConfig:
     weights. The scale is estimated on training rows; the saved weights read raw activations,
     and layers whose norms differ share one lr range. On in sweeps."""
 
-    encoder_init_norm: Float = 0.1
+    encoder_init_norm: PositiveFloat = 0.1
     """Norm of each encoder row at the start: the decoder's unit row scaled down (the encoder
     starts as the decoder's transpose). Small rows let Adam turn them towards features in
     few steps, which left almost no latent dead at k = 16 on the ground-truth benchmark (MCC
     0.93 against 0.86 at nn.Linear's ~0.58, docs/performance.md)."""
 
-    decoder_lr_scale: Float = 10.0
+    decoder_lr_scale: PositiveFloat = 10.0
     """The decoder rows' Adam learning rate as a multiple of lr. Adam moves each weight by
     about lr per step, so a unit-norm decoder row turns towards a feature ten times slower
     than an encoder row of norm 0.1; SAELens's decoder rows start at norm 0.1 (free, with
@@ -162,30 +164,30 @@ class TrainConfig:
     """Initial b_dec: the first batch's mean, or its geometric median (Gao et al.), which
     outlier rows and dimensions move less."""
 
-    lr_warmup_steps: int = 100
+    lr_warmup_steps: Count = 100
     """Linear warmup steps from 0 to lr."""
 
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     """Decay after warmup: constant, linear to 0 (sparsify's), or cosine to 0."""
 
-    steps: int = 0
+    steps: Count = 0
     """Optimizer steps to train. When 0, `epochs` decides."""
 
-    epochs: Float = 1.0
+    epochs: PositiveFloat = 1.0
     """Passes over the training split, used when steps is 0."""
 
-    diverged_fvu: Float = 100.0
+    diverged_fvu: Annotated[Float, Gt(1)] = 100.0
     """Training stops with DivergedError when the mean training FVU between two evaluations
     passes this (or the loss is NaN or infinite). FVU 1 is what b_dec alone
     scores; a run at lr 1e6 reached 10^12."""
 
-    val_fraction: Float = 0.05
+    val_fraction: Annotated[Float, Ge(0), Lt(1)] = 0.05
     """Fraction of rows held out for validation when no validation set is given."""
 
-    eval_every: int = 100
+    eval_every: PositiveInt = 100
     """Steps between validation passes (each one calls the callback)."""
 
-    checkpoint_every: int = 0
+    checkpoint_every: Count = 0
     """Steps between full-state checkpoints offered to the callback (0: at every eval)."""
 
     exact_topk: bool = False
@@ -209,38 +211,8 @@ class TrainConfig:
     Where capture fails, training goes on eagerly and says why once."""
 
     def validate(self) -> None:
-        def pos(v):  # NaN fails, as in every rule here
-            return math.isfinite(v) and v > 0
-
-        def nonneg(v):
-            return math.isfinite(v) and v >= 0
-
-        t, init = self, self.jumprelu_init_threshold
-        rules = [  # (the field, whether its rule holds, the rule)
-            ("lr", t.lr is None or pos(t.lr), "must be > 0"),
-            ("batch_size", t.batch_size > 0, "must be > 0"),
-            ("auxk_alpha", nonneg(t.auxk_alpha), "must be >= 0"),
-            ("l0_coefficient", nonneg(t.l0_coefficient), "must be >= 0"),
-            ("jumprelu_init_threshold", init is None or nonneg(init), "must be >= 0 or unset"),
-            ("dead_feature_threshold", t.dead_feature_threshold > 0, "must be > 0"),
-            ("encoder_init_norm", pos(t.encoder_init_norm), "must be > 0"),
-            ("decoder_lr_scale", pos(t.decoder_lr_scale), "must be > 0"),
-            ("lr_warmup_steps", t.lr_warmup_steps >= 0, "must be >= 0"),
-            ("steps", t.steps >= 0, "must be >= 0"),
-            ("epochs", pos(t.epochs), "must be > 0"),
-            ("diverged_fvu", t.diverged_fvu > 1, "must be > 1 (FVU 1 is the mean's)"),
-            ("val_fraction", 0 <= t.val_fraction < 1, "must be in [0, 1)"),
-            ("eval_every", t.eval_every > 0, "must be > 0"),
-            ("checkpoint_every", t.checkpoint_every >= 0, "must be >= 0"),
-        ]
-        for name, hint in typing.get_type_hints(TrainConfig).items():
-            if typing.get_origin(hint) is Literal:  # b_dec_init, lr_schedule, device
-                *some, last = choices = typing.get_args(hint)
-                one_of = f"{', '.join(some)} or {last}"
-                rules.append((name, getattr(t, name) in choices, f"must be {one_of}"))
-        for name, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"{name} {rule} (got {getattr(self, name)!r})")
+        """Types, choices and bounds as the annotations give them."""
+        from_dict(type(self), dataclasses.asdict(self), where="")
 
 
 def from_dict(cls, values: dict, where: str | None = None):
@@ -262,6 +234,12 @@ _adapter = functools.cache(TypeAdapter)
 EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}
 EXPECTED |= {"string_type": "a string", "dict_type": "a mapping", "dataclass_type": "a mapping"}
 PLURAL = {int: "integers", float: "numbers", str: "strings", dict: "mappings"}
+BOUNDS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
 
 
 def _one_line(cls, errors: list[dict], where: str) -> str:
@@ -282,6 +260,11 @@ def _one_line(cls, errors: list[dict], where: str) -> str:
         expected = "one of " + error["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
     if expected:
         return f"{name}: expected {expected}, got {error['input']!r}"
+    if error["type"] in BOUNDS:
+        (bound,) = error["ctx"].values()
+        return f"{name} must be {BOUNDS[error['type']]} {bound} (got {error['input']!r})"
+    if error["type"] == "finite_number":
+        return f"{name} (got {error['input']!r}): use a finite number"
     return f"{name}: {error['msg']} (got {error['input']!r})"
 
 

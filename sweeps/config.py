@@ -16,10 +16,22 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Le
 from pydantic import BeforeValidator, with_config
 from pydantic_core import PydanticCustomError
 
-from sae.config import CONFIG, Float, SaeConfig, TrainConfig, field_help, from_dict
+from sae.config import (
+    CONFIG,
+    Count,
+    Float,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SaeConfig,
+    TrainConfig,
+    field_help,
+    from_dict,
+)
 from sweeps.space import SearchConfig
 from sweeps.vocabulary import searched_fields
 
@@ -99,10 +111,10 @@ class DataConfig:
     label_column: str | None = "label"
     """hf/parquet: integer label column; null when there are no labels (labels are -1)."""
 
-    limit: int = 0
+    limit: Count = 0
     """Keep only the first this many selected rows (0: all)."""
 
-    fraction: Float = 1.0
+    fraction: Annotated[Float, Gt(0), Le(1)] = 1.0
     """Keep this fraction of rows, chosen by a hash of the row id (stable across runs)."""
 
     seed: int = 0
@@ -125,20 +137,20 @@ class ExtractConfig:
     cache_dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the activations."""
 
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     """Images per model forward (and per Parquet part)."""
 
-    rows_per_task: int = 128
+    rows_per_task: PositiveInt = 128
     """Images decoded and preprocessed per CPU task (on Ray Data with GPUs)."""
 
-    num_actors: int = 1
+    num_actors: PositiveInt = 1
     """Model actors on Ray Data (one model copy each); one machine without GPUs runs one model
     in the calling process instead."""
 
-    num_gpus_per_actor: Float | None = None
+    num_gpus_per_actor: NonNegativeFloat | None = None
     """GPUs per model actor; null: 1 when the cluster has GPUs, else 0 (CPU)."""
 
-    cpu_threads: int = 0
+    cpu_threads: Count = 0
     """Torch threads per model on CPU; 0: this machine's cores / num_actors on Ray Data, all of
     them in the calling process."""
 
@@ -147,10 +159,10 @@ class ExtractConfig:
     files on the CPU); cpu: in CPU processes (tasks ahead of GPU models); auto: device where
     the models get GPUs and torchvision imports, else cpu."""
 
-    max_bad_fraction: Float = 0.01
+    max_bad_fraction: Annotated[Float, Ge(0), Le(1)] = 0.01
     """Fail when more than this fraction of images is unusable (they are skipped below it)."""
 
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: PositiveInt = 100_000_000
     """Images with more pixels (before or after resizing) are skipped as too_large."""
 
 
@@ -165,15 +177,15 @@ def _no_bool(value):
 class TuneConfig:
     """How Ray Tune runs the trials."""
 
-    num_samples: int = 8
+    num_samples: PositiveInt = 8
     """Trials to run."""
 
-    max_concurrent: int = 2
+    max_concurrent: PositiveInt = 2
     """Trials running at once (Optuna proposes the next from the finished ones). At 1 a seed
     gives the same sweep on the same machine; above, the order in which trials report, which
     Optuna and ASHA act on, depends on the machine's timing."""
 
-    cpus_per_trial: Float = 1.0
+    cpus_per_trial: PositiveFloat = 1.0
     """CPUs reserved per trial."""
 
     gpus_per_trial: Float = 0.0
@@ -189,7 +201,7 @@ class TuneConfig:
     """metric:mode pairs; several give a Pareto front. The default, reconstruction against
     sparsity, cannot be won by width or k alone."""
 
-    max_dead_frac: Float = 0.2
+    max_dead_frac: Annotated[Float, Gt(0), Le(1)] = 0.2
     """Largest share of latents never fired on validation rows (1: any). Above it a trial is
     infeasible: a constraint for Optuna's sampler, never the pick."""
 
@@ -197,11 +209,11 @@ class TuneConfig:
     """[low, high]: pick the lowest val/fvu with val/l0 in it; []: of all feasible trials.
     The rule is in docs/sweeps.md, 'The pick'."""
 
-    controls: int = 1
+    controls: Count = 1
     """Trials of the feasible front, the pick first, that get a control after the sweep: an
     SAE trained alike with its decoder frozen at random (each costs one trial; 0: none)."""
 
-    stability_seeds: int = 0
+    stability_seeds: Count = 0
     """Other seeds to retrain the pick with after the sweep (0: none). The front too, as far
     as tune.controls reaches; stability/decoder_mcc, the Hungarian-matched decoder cosine
     between seeds, goes to each one's run."""
@@ -210,16 +222,16 @@ class TuneConfig:
     """Stop trials early with ASHA (one objective only, e.g. [val/fvu:min]). With several,
     ASHA would cut the sparse trials of the front."""
 
-    grace_period: int = 100
+    grace_period: PositiveInt = 100
     """ASHA: optimizer steps every trial runs before it can be stopped."""
 
-    reduction_factor: int = 2
+    reduction_factor: Annotated[int, Ge(2)] = 2
     """ASHA: keep the best 1/reduction_factor of trials at each rung."""
 
-    max_failures: int = 2
+    max_failures: Count = 2
     """Retries of a failed trial, each from its last checkpoint."""
 
-    checkpoint_interval_s: Float = 60.0
+    checkpoint_interval_s: NonNegativeFloat = 60.0
     """Least seconds between saves of a trial's training state. The SAE and Adam's state are
     saved at an eval (see train.checkpoint_every) to <storage_path>/<name>/trial_state: a
     retried or resumed trial goes on from there and redoes at most this much work. 0: at
@@ -233,7 +245,7 @@ class TuneConfig:
     which can outgrow memory, and when extract.cache_dir is on a network file system such as
     a cluster's NFS/EFS; else object_store. Never from which nodes happen to be up."""
 
-    show_top: int = 10
+    show_top: PositiveInt = 10
     """Trials in the summary table."""
 
     verbose: Annotated[Literal[0, 1, 2], BeforeValidator(_no_bool)] = 0
@@ -335,9 +347,14 @@ class Config:
             self.sweep.optuna_storage = f"sqlite:///{Path(name).resolve()}{sep}{query}"
 
     def validate(self) -> None:
-        """The project's own checks, after pydantic's of the types (`from_mapping`)."""
+        """pydantic's checks of the types, choices and bounds (again, after `from_mapping`'s,
+        for a Config built in Python), then the project's own."""
         from sweeps.vocabulary import check_model_name, check_name
 
+        try:
+            from_dict(type(self), dataclasses.asdict(self), where="")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _check_values(self)
         for name in ("extract.cache_dir", "sweep.out_dir", "sweep.storage_path"):
             _check_directory(_get(self, name), name)
@@ -378,21 +395,16 @@ def _rules(cfg: Config) -> list[tuple]:
     from sweeps.vocabulary import NO_OPTUNA_STORAGE, OBJECTIVES
 
     d, x, t, url = cfg.data, cfg.extract, cfg.tune, cfg.sweep.optuna_storage
-    layers, gpus, band = x.layers, x.num_gpus_per_actor, t.pick_l0
+    layers, band = x.layers, t.pick_l0
     pairs = ", ".join(f"{m}:{mode}" for m, mode in OBJECTIVES.items())
 
     def known(objective: str) -> bool:
         metric, _, mode = objective.rpartition(":")
         return OBJECTIVES.get(metric) == mode
 
-    positive = [f"extract.{n}" for n in ("batch_size", "rows_per_task", "num_actors")]
-    positive += ["extract.max_image_pixels", "tune.num_samples", "tune.max_concurrent"]
-    positive += ["tune.grace_period", "tune.show_top", "tune.cpus_per_trial"]
     return [
         ("model.name_or_path", bool(cfg.model.name_or_path), "set a hub id or a local directory"),
         ("data.path", bool(d.path), "set the dataset name, directory or Parquet path"),
-        ("data.limit", d.limit >= 0, "use 0 (all) or a positive count"),
-        ("data.fraction", 0 < d.fraction <= 1, "use a value in (0, 1]"),
         ("data.image_column", bool(d.image_column), "name the image column"),
         (
             "extract.layers",
@@ -405,36 +417,16 @@ def _rules(cfg: Config) -> list[tuple]:
             "a cache is published by renaming its directory, which object stores cannot do: use "
             "a directory every node mounts (NFS, e.g. EFS at /mnt/shared as in cluster.yaml)",
         ),
-        *[(name, _get(cfg, name) > 0, "use a value > 0") for name in positive],
-        ("extract.num_gpus_per_actor", gpus is None or gpus >= 0, "use null or a value >= 0"),
-        ("extract.cpu_threads", x.cpu_threads >= 0, "use 0 (auto) or a count"),
-        ("extract.max_bad_fraction", 0 <= x.max_bad_fraction <= 1, "use a value in [0, 1]"),
         (
             "tune.gpus_per_trial",
             0 <= t.gpus_per_trial <= 1,
             "use 0 (CPU), a fraction to share a GPU, or 1: a trial trains on one GPU",
-        ),
-        ("tune.reduction_factor", t.reduction_factor >= 2, "use 2 or more"),
-        # (pydantic's Literal[0, 1, 2] takes true for 1, strict or not)
-        ("tune.verbose", not isinstance(t.verbose, bool), "use 0, 1 or 2"),
-        ("tune.max_failures", t.max_failures >= 0, "use 0 or more"),
-        ("tune.controls", t.controls >= 0, "use 0 (none) or more"),
-        ("tune.stability_seeds", t.stability_seeds >= 0, "use 0 (none) or more"),
-        (
-            "tune.checkpoint_interval_s",
-            t.checkpoint_interval_s >= 0,
-            "use 0 (every eval) or more seconds",
         ),
         *[
             ("tune.objectives", known(o), f"give metric:mode pairs from {pairs}", o)
             for o in t.objectives
         ],
         ("tune.objectives", bool(t.objectives), "give at least one metric:mode pair"),
-        (
-            "tune.max_dead_frac",
-            0 < t.max_dead_frac <= 1,
-            "use a fraction in (0, 1]; 1 puts no bound on dead latents",
-        ),
         (
             "tune.pick_l0",
             band == [] or (len(band) == 2 and 0 <= band[0] < band[1]),

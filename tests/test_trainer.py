@@ -390,12 +390,10 @@ def test_jumprelu_constant_initial_threshold():
     [
         ({"steps": 0, "epochs": 0}, "epochs must be > 0 (got 0)"),
         ({"steps": 100, "epochs": -1}, "epochs must be > 0 (got -1)"),
-        (
-            {"diverged_fvu": float("nan")},
-            "diverged_fvu must be > 1 (FVU 1 is the mean's) (got nan)",
-        ),
+        ({"diverged_fvu": float("nan")}, "diverged_fvu (got nan): use a finite number"),
+        ({"diverged_fvu": 0.5}, "diverged_fvu must be > 1 (got 0.5)"),
         ({"lr": -1e-3}, "lr must be > 0 (got -0.001)"),
-        ({"device": "tpu"}, "device must be auto, cpu or cuda (got 'tpu')"),
+        ({"device": "tpu"}, "device: expected one of auto, cpu, cuda, got 'tpu'"),
     ],
 )
 def test_train_config_errors_show_the_values_they_name(kw, message):
