@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from sae import SaeConfig, TopKSae, architectures
 from sae.architectures import Architecture
+from sae.architectures.batchtopk import THRESHOLD_LR
 from sweeps.cli import DEMO_CONFIG
 from sweeps.config import load_config
 from sweeps.results.best import best_trials
@@ -150,3 +152,38 @@ def test_a_new_architecture_in_one_file_is_searched_trained_logged_and_exported(
         acts, idx = ours.encode(x)
         dense = torch.zeros(len(x), ours.num_latents).scatter_(1, idx, acts)
         torch.testing.assert_close(theirs.encode(x), dense)
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka", "jumprelu"])
+def test_thresholds_are_state_of_the_sae_s_dtype_and_fire_strictly_above(activation):
+    """A latent fires where its pre-activation exceeds the threshold, as SAELens's JumpReLU
+    (relu(pre) where pre > threshold): one exactly at it stays silent."""
+    sae = TopKSae(8, SaeConfig(activation=activation, expansion_factor=2, k=2), dtype=torch.float64)
+    assert sae.threshold.dtype == torch.float64 and "threshold" in sae.state_dict()
+    with torch.no_grad():
+        sae.encoder.weight.zero_()
+        sae.encoder.bias.fill_(0.5)
+        sae.threshold.fill_(0.5)
+    acts, _ = sae.encode(torch.randn(4, 8, dtype=torch.float64))
+    assert not acts.any()
+    with torch.no_grad():
+        sae.threshold.fill_(0.25)
+    acts, _ = sae.encode(torch.randn(4, 8, dtype=torch.float64))
+    assert (acts == 0.5).all() and acts.shape == (4, 16)
+
+
+def test_batchtopk_s_threshold_follows_the_smallest_positive_activation_kept():
+    sae = TopKSae(8, SaeConfig(activation="batchtopk", expansion_factor=2, k=2))
+    step = sae.architecture.after_step
+    step(sae, SimpleNamespace(latent_acts=torch.tensor([0.0, 0.5, 2.0, 0.0])))
+    assert sae.threshold.item() == 0.5  # the first batch sets it; kept zeros do not count
+    step(sae, SimpleNamespace(latent_acts=torch.tensor([1.5, 0.0])))
+    assert sae.threshold.item() == pytest.approx(0.5 + THRESHOLD_LR * (1.5 - 0.5))
+    before = sae.threshold.item()
+    step(sae, SimpleNamespace(latent_acts=torch.zeros(3)))  # nothing positive: unchanged
+    assert sae.threshold.item() == before
+
+
+def test_matryoshka_levels_are_the_fractions_widths_below_the_whole():
+    cfg = SaeConfig(activation="matryoshka", matryoshka_fractions=[0.01, 0.5, 0.999])
+    assert architectures.get("matryoshka")(cfg).widths(64) == [1, 32]  # 0.999 rounds to 64
