@@ -131,8 +131,8 @@ class TrainConfig:
 
     jumprelu_init_threshold: NonNegativeFloat | None = None
     """jumprelu: every latent's initial threshold. Unset: each latent's threshold starts where
-    it fires on a third of the first batch (sae.trainer.JUMPRELU_INIT_FIRING), low, so the
-    L0 loss raises it, as Rajamanoharan et al. start at 0.001, but in the data's units."""
+    it fires on a third of the first batch (sae.architectures.jumprelu.INIT_FIRING), low, so
+    the L0 loss raises it, as Rajamanoharan et al. start at 0.001, but in the data's units."""
 
     dead_feature_threshold: PositiveInt = 20_000
     """A latent is dead once it has not fired for this many training activations; AuxK
