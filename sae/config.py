@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Gt, Lt
-from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError, with_config
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
 
 from sae import architectures
 
@@ -29,12 +37,37 @@ def _number(value):
     return value
 
 
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the field and the fix."""
+
+
+def rule(ok, fix: str) -> AfterValidator:
+    """A field's own check, run by pydantic after its type's: a value failing ok(value) is
+    refused as "field (got value): fix" (`from_dict`)."""
+
+    def check(value):
+        if not ok(value):
+            raise PydanticCustomError("rule", "{fix}", {"fix": fix})
+        return value
+
+    return AfterValidator(check)
+
+
+#: Seeds reach numpy's and Optuna's generators, which take 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+#: Numbers fit what consumes them, 64-bit integers (a huge step count once failed after Ray
+#: started).
+_FITS = rule(lambda v: abs(v) < 2**63, "use a number below 2**63")
+
 #: A float field: a number, or a string that reads as one.
-Float = Annotated[float, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number), _FITS]
 
 #: Bounded numbers, checked by pydantic with the types (`from_dict`).
-PositiveInt = Annotated[int, Gt(0)]
-Count = Annotated[int, Ge(0)]
+Int = Annotated[int, _FITS]
+Seed = Annotated[int, rule(lambda v: 0 <= v <= SEED_MAX, f"use a seed in 0..{SEED_MAX}")]
+PositiveInt = Annotated[Int, Gt(0)]
+Count = Annotated[Int, Ge(0)]
 PositiveFloat = Annotated[Float, Gt(0)]
 NonNegativeFloat = Annotated[Float, Ge(0)]
 
@@ -44,7 +77,7 @@ NonNegativeFloat = Annotated[Float, Ge(0)]
 class SaeConfig:
     """Shape of a TopK sparse autoencoder (the fields of sparsify's `cfg.json`)."""
 
-    expansion_factor: int = 8
+    expansion_factor: Int = 8
     """Number of latents as a multiple of the input width d_in."""
 
     num_latents: Count = 0
@@ -195,7 +228,7 @@ class TrainConfig:
     faster, a bf16 matmul picks 2k candidates per row that are then rescored in fp32 (the same
     latents in every case tested, about 1.8x faster per step)."""
 
-    seed: int = 0
+    seed: Seed = 0
     """Seed of initialisation, split and shuffling."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -225,7 +258,7 @@ def from_dict(cls, values: dict, where: str | None = None):
         return _adapter(cls).validate_json(json.dumps(values, default=str))
     except ValidationError as e:
         where = cls.__name__ if where is None else where
-        raise ValueError(_one_line(cls, e.errors(), where)) from None
+        raise ConfigError(_one_line(cls, e.errors(), where)) from None
 
 
 _adapter = functools.cache(TypeAdapter)
@@ -234,6 +267,7 @@ _adapter = functools.cache(TypeAdapter)
 EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}
 EXPECTED |= {"string_type": "a string", "dict_type": "a mapping", "dataclass_type": "a mapping"}
 PLURAL = {int: "integers", float: "numbers", str: "strings", dict: "mappings"}
+FIXES = {"finite_number": "use a finite number"}
 BOUNDS = {
     "greater_than": ">",
     "greater_than_equal": ">=",
@@ -263,8 +297,11 @@ def _one_line(cls, errors: list[dict], where: str) -> str:
     if error["type"] in BOUNDS:
         (bound,) = error["ctx"].values()
         return f"{name} must be {BOUNDS[error['type']]} {bound} (got {error['input']!r})"
-    if error["type"] == "finite_number":
-        return f"{name} (got {error['input']!r}): use a finite number"
+    if error["type"] == "value_error":  # a validator's own one-line message
+        return str(error["ctx"]["error"])
+    fix = error.get("ctx", {}).get("fix") or FIXES.get(error["type"])
+    if fix:
+        return f"{name} (got {error['input']!r}): {fix}"
     return f"{name}: {error['msg']} (got {error['input']!r})"
 
 
@@ -277,15 +314,24 @@ def _field_type(cls, path) -> type:
 
 @functools.cache
 def field_help(cls) -> dict[str, str]:
-    """{field: its docstring on one line} of a config dataclass and of the dataclasses it
-    extends, as pydantic reads them (CONFIG's use_attribute_docstrings): the CLI's help."""
+    """{field: its docstring on one line} of a config dataclass (CONFIG) and of the dataclasses
+    it extends, as pydantic's schema has them (use_attribute_docstrings): the CLI's help."""
     helps = {}
     for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
-        # In a list, so that CONFIG applies to a dataclass without one of its own too
-        schema = TypeAdapter(list[base], config=CONFIG).json_schema()["$defs"][base.__name__]
-        docs = {k: v.get("description") for k, v in schema["properties"].items()}
-        helps |= {k: " ".join(v.split()) for k, v in docs.items() if v}
+        props = _adapter(base).json_schema()["properties"]
+        helps |= {
+            k: " ".join(v["description"].split()) for k, v in props.items() if "description" in v
+        }
     return helps
 
 
-__all__ = ["CONFIG", "Float", "SaeConfig", "TrainConfig", "from_dict", "field_help"]
+__all__ = [
+    "CONFIG",
+    "ConfigError",
+    "Float",
+    "SaeConfig",
+    "TrainConfig",
+    "from_dict",
+    "field_help",
+    "rule",
+]

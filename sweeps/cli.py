@@ -401,21 +401,28 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _fields_epilog(cfg=None) -> str:
-    """The config fields for a subcommand's --help, with cfg's values (default: the defaults)."""
-    return (
-        "config fields (--set section.field=value; each in full in docs/configuration.md):\n"
-        + config_help(cfg)
-    )
+class _Command(argparse.ArgumentParser):
+    """A subcommand whose --help ends with every config field and its value in `fields_of`, a
+    config file (None: the defaults). Read when help is shown, so running a command costs none
+    of it."""
+
+    fields_of: str | None = None
+
+    def format_help(self) -> str:
+        cfg = load_config(self.fields_of) if self.fields_of else None
+        self.epilog = (
+            "config fields (--set section.field=value; each in full in docs/configuration.md):\n"
+            + config_help(cfg)
+        )
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-sweep", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Command)
     extract = sub.add_parser(
         "extract",
         help="cache CLIP vision activations of a dataset",
-        epilog=_fields_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(extract)
@@ -441,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=text,
             description=text,
-            epilog=_fields_epilog(load_config(DEMO_CONFIG) if name == "demo" else None),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        cmd.fields_of = DEMO_CONFIG if name == "demo" else None
         _common(cmd)
         if name == "sweep":
             cmd.add_argument(

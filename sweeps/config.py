@@ -8,7 +8,6 @@ section.field=value` overrides take YAML values. Adding a section is adding a fi
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,23 +16,32 @@ from typing import Annotated, Literal
 
 import yaml
 from annotated_types import Ge, Gt, Le
-from pydantic import BeforeValidator, with_config
+from pydantic import AfterValidator, BeforeValidator, with_config
 from pydantic_core import PydanticCustomError
 
 from sae.config import (
     CONFIG,
+    ConfigError,
     Count,
     Float,
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     SaeConfig,
+    Seed,
     TrainConfig,
     field_help,
     from_dict,
+    rule,
 )
 from sweeps.space import SearchConfig
-from sweeps.vocabulary import searched_fields
+from sweeps.vocabulary import (
+    NO_OPTUNA_STORAGE,
+    OBJECTIVES,
+    check_model_name,
+    check_name,
+    searched_fields,
+)
 
 #: Fields set per trial by the search space, so not settable in the fixed sections: the
 #: searched hyperparameters' (sweeps.vocabulary.Hyperparams), and num_latents, the width that
@@ -43,10 +51,6 @@ SEARCHED = {
     for section, extra in (("sae", ("num_latents",)), ("train", ()))
 }
 
-#: Library defaults a sweep changes. Sweeps compare layers whose activation norms differ, so
-#: one lr range needs normalised input.
-SWEEP_DEFAULTS = {"train": {"normalize_input": True}}
-
 
 def fixed_fields(cfg: Config, section: str) -> dict:
     """A section's fields that every trial shares: all of them but those the search sets."""
@@ -55,10 +59,16 @@ def fixed_fields(cfg: Config, section: str) -> dict:
     return {k: v for k, v in values.items() if k not in searched}
 
 
+@with_config(CONFIG)
 @dataclass
 class SweepTrainConfig(TrainConfig):
     """The `train` section: the SAE library's training settings (the searched lr, auxk_alpha
     and l0_coefficient aside), and what the sweep measures beside them."""
+
+    normalize_input: bool = True
+    """Scale the activations to a mean squared norm of d_in, folded back into the saved
+    weights. On in sweeps (off in the SAE library): they compare layers whose activation norms
+    differ, and one lr range needs normalised input."""
 
     probe: bool = False
     """Sweeps on a cache with labels: at each evaluation also report val/probe_acc, the
@@ -73,11 +83,14 @@ class SweepTrainConfig(TrainConfig):
         return TrainConfig(**(own | values))
 
 
+@with_config(CONFIG)
 @dataclass
 class ModelConfig:
     """The CLIP checkpoint whose vision activations are cached."""
 
-    name_or_path: str = "openai/clip-vit-base-patch32"
+    name_or_path: Annotated[str, rule(bool, "set a hub id or a local directory")] = (
+        "openai/clip-vit-base-patch32"
+    )
     """Hub id or local directory of a CLIPModel or CLIPVisionModel checkpoint."""
 
     revision: str | None = None
@@ -87,6 +100,7 @@ class ModelConfig:
     """Compute dtype on CUDA (auto: float16). CPU always computes in float32."""
 
 
+@with_config(CONFIG)
 @dataclass
 class DataConfig:
     """Where the images come from."""
@@ -95,7 +109,7 @@ class DataConfig:
     """hf: a Hugging Face dataset; folder: a directory of images (class subdirectories give
     labels); parquet: Parquet files with an image column."""
 
-    path: str = ""
+    path: Annotated[str, rule(bool, "set the dataset name, directory or Parquet path")] = ""
     """hf: hub name or local save_to_disk directory; folder: the directory; parquet: a file, a
     directory or a glob."""
 
@@ -105,7 +119,7 @@ class DataConfig:
     split: str = "train"
     """hf: the split to read."""
 
-    image_column: str = "image"
+    image_column: Annotated[str, rule(bool, "name the image column")] = "image"
     """hf/parquet: column holding the images (HF Image feature, bytes, or file paths)."""
 
     label_column: str | None = "label"
@@ -117,21 +131,35 @@ class DataConfig:
     fraction: Annotated[Float, Gt(0), Le(1)] = 1.0
     """Keep this fraction of rows, chosen by a hash of the row id (stable across runs)."""
 
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the fraction's row hash."""
 
 
+@with_config(CONFIG)
 @dataclass
 class ExtractConfig:
     """How the activation cache is built."""
 
-    layers: list[int] = field(default_factory=lambda: [9, 11])
+    layers: Annotated[
+        list[int],
+        rule(
+            lambda v: v and min(v) >= 0 and len(set(v)) == len(v),
+            "give distinct layers >= 0, e.g. [7, 9, 11]",
+        ),
+    ] = field(default_factory=lambda: [9, 11])
     """Encoder blocks to cache (0-based; layer L = hidden_states[L + 1]), all in one forward."""
 
     token_mode: Literal["cls", "all"] = "cls"
     """cls: the class token only, (N, d); all: every token, (N, T, d)."""
 
-    cache_dir: str = "cache"
+    cache_dir: Annotated[
+        str,
+        rule(
+            lambda v: "://" not in v,
+            "a cache is published by renaming its directory, which object stores cannot do: use "
+            "a directory every node mounts (NFS, e.g. EFS at /mnt/shared as in cluster.yaml)",
+        ),
+    ] = "cache"
     """Root of the content-addressed caches; shared storage (NFS/...) on a multi-node cluster."""
 
     cache_dtype: Literal["float16", "float32"] = "float16"
@@ -166,6 +194,15 @@ class ExtractConfig:
     """Images with more pixels (before or after resizing) are skipped as too_large."""
 
 
+#: The objectives a sweep can have: each metric with its one sensible mode.
+_PAIRS = ", ".join(f"{m}:{mode}" for m, mode in OBJECTIVES.items())
+
+
+def _known(objective: str) -> bool:
+    metric, _, mode = objective.rpartition(":")
+    return OBJECTIVES.get(metric) == mode
+
+
 def _no_bool(value):
     """pydantic's Literal[0, 1, 2] takes true for 1, strict or not."""
     if isinstance(value, bool):
@@ -173,6 +210,7 @@ def _no_bool(value):
     return value
 
 
+@with_config(CONFIG)
 @dataclass
 class TuneConfig:
     """How Ray Tune runs the trials."""
@@ -188,16 +226,26 @@ class TuneConfig:
     cpus_per_trial: PositiveFloat = 1.0
     """CPUs reserved per trial."""
 
-    gpus_per_trial: Float = 0.0
+    gpus_per_trial: Annotated[
+        Float,
+        rule(
+            lambda v: 0 <= v <= 1,
+            "use 0 (CPU), a fraction to share a GPU, or 1: a trial trains on one GPU",
+        ),
+    ] = 0.0
     """GPUs per trial; fractions share a GPU between trials (0.25: four per GPU)."""
 
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the Optuna sampler."""
 
     sampler: Literal["tpe", "nsga2"] = "tpe"
     """Optuna sampler: tpe (multivariate; multi-objective too) or nsga2."""
 
-    objectives: list[str] = field(default_factory=lambda: ["val/fvu:min", "val/l0:min"])
+    objectives: Annotated[
+        list[str],
+        rule(bool, "give at least one metric:mode pair"),
+        rule(lambda v: all(_known(o) for o in v), f"give metric:mode pairs from {_PAIRS}"),
+    ] = field(default_factory=lambda: ["val/fvu:min", "val/l0:min"])
     """metric:mode pairs; several give a Pareto front. The default, reconstruction against
     sparsity, cannot be won by width or k alone."""
 
@@ -205,7 +253,13 @@ class TuneConfig:
     """Largest share of latents never fired on validation rows (1: any). Above it a trial is
     infeasible: a constraint for Optuna's sampler, never the pick."""
 
-    pick_l0: list[Float] = field(default_factory=list)
+    pick_l0: Annotated[
+        list[Float],
+        rule(
+            lambda b: b == [] or (len(b) == 2 and 0 <= b[0] < b[1]),
+            "give [low, high] with 0 <= low < high (e.g. [20, 200]), or [] for no band",
+        ),
+    ] = field(default_factory=list)
     """[low, high]: pick the lowest val/fvu with val/l0 in it; []: of all feasible trials.
     The rule is in docs/sweeps.md, 'The pick'."""
 
@@ -257,14 +311,15 @@ class TuneConfig:
         return dict(o.rsplit(":", 1) for o in self.objectives)
 
 
+@with_config(CONFIG)
 @dataclass
 class SweepConfig:
     """Names and places of a sweep's results."""
 
-    name: str = "sweep"
+    name: Annotated[str, AfterValidator(lambda v: check_name(v, "sweep.name"))] = "sweep"
     """Sweep name: the Tune experiment directory and the MLflow experiment."""
 
-    out_dir: str = "runs"
+    out_dir: Annotated[str, rule(bool, "give a directory")] = "runs"
     """Local output directory (Tune results and the MLflow SQLite store by default)."""
 
     storage_path: str = ""
@@ -276,10 +331,18 @@ class SweepConfig:
     server` on a cluster (the address cluster/prepare-head.sh writes to ~/.clip-sae/tracking_uri),
     else sqlite:///<out_dir>/mlflow.db."""
 
-    experiment: str = ""
+    experiment: Annotated[
+        str, AfterValidator(lambda v: v and check_name(v, "sweep.experiment"))
+    ] = ""
     """MLflow experiment; empty: the sweep name."""
 
-    optuna_storage: str = ""
+    optuna_storage: Annotated[
+        str,
+        rule(
+            lambda u: not u or u.strip().lower() == NO_OPTUNA_STORAGE or "://" in u,
+            "give an SQLAlchemy URL such as sqlite:////abs/path/optuna.db, or none",
+        ),
+    ] = ""
     """Optuna RDB storage for a copy of the sweep's study, which optuna-dashboard opens. An
     SQLAlchemy URL such as sqlite:////abs/optuna.db (a relative
     sqlite:///optuna.db is resolved where the command runs) or postgresql://user@host/db;
@@ -287,7 +350,9 @@ class SweepConfig:
     writable database of its own, not MLflow's; a sweep writes and deletes only the study it
     created (a study of the same name made elsewhere is refused)."""
 
-    register_as: str = ""
+    register_as: Annotated[
+        str, AfterValidator(lambda v: v and check_model_name(v, "sweep.register_as"))
+    ] = ""
     """At the end of `sweep`, `resume` and `demo`, register the best trial's SAE in MLflow's
     model registry under this name (a new version each time); empty: register nothing."""
 
@@ -325,9 +390,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
-    train: SweepTrainConfig = field(
-        default_factory=lambda: SweepTrainConfig(**SWEEP_DEFAULTS["train"])
-    )
+    train: SweepTrainConfig = field(default_factory=SweepTrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -347,108 +410,33 @@ class Config:
             self.sweep.optuna_storage = f"sqlite:///{Path(name).resolve()}{sep}{query}"
 
     def validate(self) -> None:
-        """pydantic's checks of the types, choices and bounds (again, after `from_mapping`'s,
-        for a Config built in Python), then the project's own."""
-        from sweeps.vocabulary import check_model_name, check_name
-
-        try:
-            from_dict(type(self), dataclasses.asdict(self), where="")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        _check_values(self)
+        """pydantic's checks of every field's type, bounds and rule (again after
+        `from_mapping`'s, for a Config built in Python), then those across fields and on disk."""
+        from_dict(type(self), dataclasses.asdict(self), where="")
+        for section in dataclasses.fields(self):  # a value copied from a cluster YAML or README
+            for name, value in dataclasses.asdict(getattr(self, section.name)).items():
+                fix = f"replace the placeholder {PLACEHOLDER}... with your own value"
+                _check(PLACEHOLDER not in str(value), f"{section.name}.{name}", fix, value)
         for name in ("extract.cache_dir", "sweep.out_dir", "sweep.storage_path"):
-            _check_directory(_get(self, name), name)
-        for name, ok, fix, *shown in _rules(self):
-            _check(ok, name, fix, *shown or [_get(self, name)])
-        s = self.sweep
-        try:
-            # Both become paths (the Tune experiment, the SAEs) or MLflow names: identifiers
-            # only, so that no name reaches outside the sweep's own directory (`--overwrite`
-            # deletes it).
-            check_name(s.name, "sweep.name")
-            if s.experiment:
-                check_name(s.experiment, "sweep.experiment")
-            if s.register_as:  # empty: register nothing
-                check_model_name(s.register_as, "sweep.register_as")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        for section in ("sae", "train", "search"):  # the SAE library's and the search's own
+            section, _, field_name = name.partition(".")
+            _check_directory(getattr(getattr(self, section), field_name), name)
+        for section in ("sae", "search"):  # the SAE library's and the search's own
             try:
                 getattr(self, section).validate()
             except ValueError as e:
-                msg = str(e)
-                raise ConfigError(
-                    msg if msg.startswith(f"{section}.") else f"{section}.{msg}"
-                ) from None
-        probed = [m for m in self.tune.objective_modes() if m.startswith("val/probe_acc")]
-        _check(
-            self.train.probe or not probed,
-            "tune.objectives",
-            "val/probe_acc is reported only with train.probe=true",
-            probed,
-        )
-
-
-def _rules(cfg: Config) -> list[tuple]:
-    """(field, whether its rule holds, the fix[, the value to show: the field's by default]) of
-    the sweep's own sections. Types and choices are pydantic's, from the annotations."""
-    from sweeps.vocabulary import NO_OPTUNA_STORAGE, OBJECTIVES
-
-    d, x, t, url = cfg.data, cfg.extract, cfg.tune, cfg.sweep.optuna_storage
-    layers, band = x.layers, t.pick_l0
-    pairs = ", ".join(f"{m}:{mode}" for m, mode in OBJECTIVES.items())
-
-    def known(objective: str) -> bool:
-        metric, _, mode = objective.rpartition(":")
-        return OBJECTIVES.get(metric) == mode
-
-    return [
-        ("model.name_or_path", bool(cfg.model.name_or_path), "set a hub id or a local directory"),
-        ("data.path", bool(d.path), "set the dataset name, directory or Parquet path"),
-        ("data.image_column", bool(d.image_column), "name the image column"),
-        (
-            "extract.layers",
-            bool(layers) and min(layers) >= 0 and len(set(layers)) == len(layers),
-            "give distinct layers >= 0, e.g. [7, 9, 11]",
-        ),
-        (
-            "extract.cache_dir",
-            "://" not in x.cache_dir,
-            "a cache is published by renaming its directory, which object stores cannot do: use "
-            "a directory every node mounts (NFS, e.g. EFS at /mnt/shared as in cluster.yaml)",
-        ),
-        (
-            "tune.gpus_per_trial",
-            0 <= t.gpus_per_trial <= 1,
-            "use 0 (CPU), a fraction to share a GPU, or 1: a trial trains on one GPU",
-        ),
-        *[
-            ("tune.objectives", known(o), f"give metric:mode pairs from {pairs}", o)
-            for o in t.objectives
-        ],
-        ("tune.objectives", bool(t.objectives), "give at least one metric:mode pair"),
-        (
-            "tune.pick_l0",
-            band == [] or (len(band) == 2 and 0 <= band[0] < band[1]),
-            "give [low, high] with 0 <= low < high (e.g. [20, 200]), or [] for no band",
-        ),
-        (
-            "tune.asha",
-            not (t.asha and len(t.objectives) > 1),
-            "ASHA stops trials on one metric, which would cut trials on the Pareto front of "
-            "several objectives: set tune.asha=false for a multi-objective sweep",
-        ),
-        ("sweep.out_dir", bool(cfg.sweep.out_dir), "give a directory"),
-        (
-            "sweep.optuna_storage",
-            not url or url.strip().lower() == NO_OPTUNA_STORAGE or "://" in url,
-            "give an SQLAlchemy URL such as sqlite:////abs/path/optuna.db, or none",
-        ),
-    ]
+                raise ConfigError(re.sub(rf"^(?!{section}\.)", f"{section}.", str(e))) from None
+        objectives = self.tune.objectives
+        asha = "ASHA stops trials on one metric, which would cut trials on the Pareto front of "
+        fix = asha + "several objectives: set tune.asha=false for a multi-objective sweep"
+        _check(not (self.tune.asha and len(objectives) > 1), "tune.asha", fix, True)
+        probed = [o for o in objectives if o.startswith("val/probe_acc")]
+        fix = "val/probe_acc is reported only with train.probe=true"
+        _check(self.train.probe or not probed, "tune.objectives", fix, probed)
 
 
 # Here, not in analyze.py: the CLI builds its parser from these before it quiets MLflow's
 # logging, and importing analyze.py loads MLflow, torch and matplotlib.
+@with_config(CONFIG)
 @dataclass
 class AnalyzeOptions:
     """What `analyze` looks at; the CLI flags of the same names."""
@@ -506,13 +494,6 @@ class AnalyzeOptions:
             _check(value >= low, f"--{name.replace('_', '-')}", fix, value)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-#: Seeds reach numpy's and Optuna's generators, which take 0 .. 2**32 - 1.
-SEED_MAX = 2**32 - 1
-
 #: Marks a value the cluster YAMLs leave for the user to fill in (a bucket, a file system).
 PLACEHOLDER = "REPLACE_ME"
 
@@ -524,23 +505,6 @@ CLUSTER_TRACKING_FILE = "~/.clip-sae/tracking_uri"
 def _cluster_tracking_uri() -> str:
     path = Path(CLUSTER_TRACKING_FILE).expanduser()
     return path.read_text().strip() if path.is_file() else ""
-
-
-def _check_values(cfg: Config) -> None:
-    """No value still holds a placeholder copied from a cluster YAML or the README, and every
-    number is finite and fits what consumes it: 64-bit integers, seeds in numpy's range. (inf
-    epochs or a seed of 2**64 once failed after Ray started.)"""
-    for section in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            v, where = getattr(getattr(cfg, section.name), f.name), f"{section.name}.{f.name}"
-            fix = f"replace the placeholder {PLACEHOLDER}... with your own value"
-            _check(PLACEHOLDER not in str(v), where, fix, v)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            _check(math.isfinite(v), where, "use a finite number", v)
-            _check(abs(v) < 2**63, where, "use a number below 2**63", v)
-            if f.name == "seed":
-                _check(0 <= v <= SEED_MAX, where, f"use a seed in 0..{SEED_MAX}", v)
 
 
 def _check_directory(path: str, name: str) -> None:
@@ -560,12 +524,6 @@ def _check(ok: bool, name: str, fix: str, value=dataclasses.MISSING) -> None:
         raise ConfigError(f"{name}{got}: {fix}")
 
 
-def _get(cfg: Config, name: str):
-    """The value of `section.field` in cfg."""
-    section, _, field_name = name.partition(".")
-    return getattr(getattr(cfg, section), field_name)
-
-
 def to_mapping(cfg: Config) -> dict:
     """cfg as a config file holds it, which `from_mapping` reads back: without the sections'
     fields that the search sets per trial."""
@@ -573,37 +531,23 @@ def to_mapping(cfg: Config) -> dict:
     return values | {name: fixed_fields(cfg, name) for name in SEARCHED}
 
 
-def _check_sections(values: dict, where: str = "") -> None:
+def from_mapping(values: dict, where: str = "") -> Config:
+    """Build and validate a Config from a config file's sections (`where`: the file); unknown
+    sections and fields are errors that list the valid ones."""
     sections = [f.name for f in dataclasses.fields(Config)]
-    unknown = sorted(set(values) - set(sections))
-    if unknown:
+    if unknown := sorted(set(values) - set(sections)):
+        where += ": " if where else ""
         raise ConfigError(
-            f"{where + ': ' if where else ''}unknown config section(s): {', '.join(unknown)}; "
-            f"valid: {', '.join(sections)}"
+            f"{where}unknown config section(s): {', '.join(unknown)}; valid: {', '.join(sections)}"
         )
-
-
-def from_mapping(values: dict) -> Config:
-    """Build and validate a Config; unknown sections and fields are errors that list the valid
-    ones."""
-    _check_sections(values)
-    sections = {}
-    for name in (f.name for f in dataclasses.fields(Config)):
-        body = values.get(name) or {}
-        if not isinstance(body, dict):
-            raise ConfigError(f"section {name} must be a mapping of fields (got {body!r})")
-        for searched in SEARCHED.get(name, ()):
-            if searched in body:
-                raise ConfigError(
-                    f"{name}.{searched} is chosen per trial: set it under search.{searched}"
-                    if searched != "num_latents"
-                    else f"{name}.num_latents: the width comes from search.expansion_factor"
-                )
-        sections[name] = {**SWEEP_DEFAULTS.get(name, {}), **body}
-    try:
-        cfg = from_dict(Config, sections, where="")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    for section, searched in SEARCHED.items():
+        for name in set(searched) & set(values.get(section) or ()):
+            raise ConfigError(
+                f"{section}.{name} is chosen per trial: set it under search.{name}"
+                if name != "num_latents"
+                else f"{section}.num_latents: the width comes from search.expansion_factor"
+            )
+    cfg = from_dict(Config, {k: {} if v is None else v for k, v in values.items()}, where="")
     cfg.validate()
     return cfg
 
@@ -613,11 +557,16 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     for item in overrides:
         target, sep, raw = item.partition("=")
         section, dot, name = target.strip().partition(".")
-        if not sep or not dot or not section or not name:
-            raise ConfigError(f"override {item!r}: write it as section.field=value")
-        values.setdefault(section, {})
-        if not isinstance(values[section], dict):
-            raise ConfigError(f"section {section} must be a mapping of fields")
+        _check(
+            bool(sep and dot and section and name),
+            f"override {item!r}",
+            "write it as section.field=value",
+        )
+        if values.get(section) is None:  # absent, or a section left empty in the file
+            values[section] = {}
+        _check(
+            isinstance(values[section], dict), f"section {section}", "must be a mapping of fields"
+        )
         try:
             values[section][name] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
@@ -626,13 +575,14 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def _read_yaml(path: Path) -> list:
-    """The YAML documents of a config file; syntax errors name the file, line and column."""
+    """The YAML documents of a config file, empty ones left out; syntax errors name the file,
+    line and column."""
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        docs = list(yaml.safe_load_all(text))
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -641,11 +591,10 @@ def _read_yaml(path: Path) -> list:
         hint = " (indent with spaces: YAML forbids tabs)" if "'\\t'" in problem else ""
         detail = f"{context}, {problem}" if context else problem
         raise ConfigError(f"{where}: invalid YAML: {detail}{hint}") from None
-    if _too_big(docs, MAX_VALUES):
-        raise ConfigError(
-            f"{path}: expands to more than {MAX_VALUES} values (nested YAML aliases?): a config "
-            "is a few sections of fields"
-        )
+    fix = "nested YAML aliases? A config is a few sections of fields"
+    _check(not _too_big(docs, MAX_VALUES), f"{path} expands to more than {MAX_VALUES} values", fix)
+    fix = "write its sections (model:, data:, sweep:, ...), or leave out --config for all defaults"
+    _check(bool(docs), f"{path} holds no config (it is empty or only comments)", fix)
     return docs
 
 
@@ -683,23 +632,18 @@ def load_configs(
     so a command finds the same sweep from any directory; paths in overrides resolve against
     the current directory. one: the file must hold exactly one document."""
     docs = _read_yaml(Path(path)) if path is not None else [{}]
-    docs = [d for d in docs if d is not None]  # empty and comment-only documents
-    if not docs:
-        raise ConfigError(
-            f"{path} holds no config (it is empty or only comments): write its sections "
-            "(model:, data:, sweep:, ...), or leave out --config for all defaults"
-        )
+    _check(not one or len(docs) == 1, f"{path} holds {len(docs)} configs", "this command takes one")
     base = Path(base if base is not None else Path(path).parent if path is not None else ".")
     configs = []
-    if one and len(docs) != 1:
-        raise ConfigError(f"{path} holds {len(docs)} configs; this command takes one")
     for i, values in enumerate(docs):
-        where = f"{path} (document {i + 1})" if len(docs) > 1 else str(path)
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: a config is a mapping of sections (model:, data:, ...)")
-        _check_sections(values, where)
+        where = f"{path} (document {i + 1})" if len(docs) > 1 else str(path or "")
+        _check(
+            isinstance(values, dict),
+            where,
+            "a config is a mapping of sections (model:, data:, ...)",
+        )
         _resolve_paths(values, base.resolve())
-        configs.append(from_mapping(apply_overrides(values, list(overrides))))
+        configs.append(from_mapping(apply_overrides(values, list(overrides)), where))
     return configs
 
 

@@ -11,7 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import with_config
+
 from sae import architectures
+from sae.config import CONFIG
 from sweeps.vocabulary import NUMERIC_PARAMS, searched_fields
 
 #: name -> (value type, log scale by default for ranges, lower bound, bound is exclusive), from
@@ -26,6 +29,7 @@ PARAMS: dict[str, tuple[type, bool, float, bool]] = {
 }
 
 
+@with_config(CONFIG)
 @dataclass
 class SearchConfig:
     """Search space. Each of lr, k, layer, expansion_factor, auxk_alpha and l0_coefficient is a

@@ -185,13 +185,14 @@ def check_name(value: str, where: str) -> str:
     )
 
 
-def check_model_name(name: str, where: str = "cannot register model") -> None:
-    """A ValueError, starting with `where`, unless MLflow's model registry takes `name`."""
+def check_model_name(name: str, where: str = "cannot register model") -> str:
+    """`name` if MLflow's model registry takes it, else a ValueError starting with `where`."""
     if not name.strip() or name != name.strip() or set(name) & set("/:"):
         raise ValueError(
             f"{where} {name!r}: give a name that is not empty, holds no '/' or ':' and neither "
             "starts nor ends with a space"
         )
+    return name
 
 
 def final_sae_dir(sae_root: str, trial_id: str, layer: int) -> str:
