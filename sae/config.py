@@ -89,7 +89,7 @@ class SaeConfig:
     normalize_decoder: bool = True
     """Keep every decoder row at unit norm during training."""
 
-    activation: str = "topk"
+    activation: Annotated[str, AfterValidator(lambda v: architectures.get(v).name)] = "topk"
     """The architecture: topk, batchtopk, matryoshka, jumprelu, or one a package registers
     (sae/architectures/__init__.py). topk: the k largest latents of each input (sparsify's).
     batchtopk (Bussmann et al. 2024): the k * B largest over a training batch of B inputs,
@@ -101,9 +101,13 @@ class SaeConfig:
     learnt threshold; k is the L0 that training aims at (TrainConfig.l0_coefficient), and
     the L0 reached is measured, not fixed."""
 
-    matryoshka_fractions: list[Float] = dataclasses.field(
-        default_factory=lambda: [0.125, 0.25, 0.5]
-    )
+    matryoshka_fractions: Annotated[
+        list[Float],
+        rule(
+            lambda f: all(a < b for a, b in zip([0.0, *f], [*f, 1.0])),
+            "use fractions that increase within (0, 1), e.g. [0.125, 0.25, 0.5]",
+        ),
+    ] = dataclasses.field(default_factory=lambda: [0.125, 0.25, 0.5])
     """matryoshka: the inner dictionaries' widths as fractions of the SAE's, increasing; the
     whole width is always the last level. Each level adds its reconstruction's FVU to the
     loss. Training only: what the SAE computes does not depend on it."""
@@ -118,18 +122,11 @@ class SaeConfig:
         return self.num_latents if self.num_latents > 0 else d_in * self.expansion_factor
 
     def validate(self, d_in: int | None = None) -> None:
-        from_dict(type(self), dataclasses.asdict(self), where="")  # types and bounds
+        from_dict(type(self), dataclasses.asdict(self), where="")  # types, bounds, rules
         if self.expansion_factor <= 0 and self.num_latents <= 0:
             raise ValueError(
                 f"expansion_factor must be > 0 (got {self.expansion_factor}) "
                 "unless num_latents is set"
-            )
-        architectures.get(self.activation)  # a ValueError naming the registered ones
-        f = list(self.matryoshka_fractions)
-        if not all(a < b for a, b in zip([0.0, *f], [*f, 1.0])):
-            raise ValueError(
-                "matryoshka_fractions must increase within (0, 1), e.g. [0.125, 0.25, 0.5] "
-                f"(got {self.matryoshka_fractions!r})"
             )
         if d_in is not None:
             if d_in <= 0:

@@ -453,21 +453,23 @@ class AnalyzeOptions:
     latents: list[int] = field(default_factory=list)
     """Latents whose top images are shown, e.g. 1,2,3 (default: --top-latents)."""
 
-    top_latents: int = 0
+    top_latents: Annotated[int, rule(lambda v: v >= 0, "use 0 (every live latent) or more")] = 0
     """Latents whose top images are shown when --latents is not given: the top N by
     --criterion (0: every live latent). The report lists every latent either way."""
 
     criterion: str = "max_act"
     """How latents are ranked: max_act, mean_act (when firing) or frequency."""
 
-    top_images: int = 16
+    top_images: Annotated[int, rule(lambda v: v >= 1, "use 1 or more")] = 16
     """Top-activating images shown per latent."""
 
-    batch_size: int = 1024
+    batch_size: Annotated[int, rule(lambda v: v >= 1, "use 1 or more")] = 1024
     """Inputs per encode batch (tokens in all-token mode; whole images); memory grows with it
     and the SAE's width, not with the dataset."""
 
-    downstream_images: int = 1000
+    downstream_images: Annotated[
+        int, rule(lambda v: v >= 0, "use 0 (skip the zero-shot check) or more")
+    ] = 1000
     """Validation images for the zero-shot check, stratified by class (0: skip it)."""
 
     class_names: str = ""
@@ -483,15 +485,12 @@ class AnalyzeOptions:
     """Output directory (default: <sweep.out_dir>/analysis/<trial id or checkpoint name>)."""
 
     def validate(self) -> None:
-        """Sizes and counts that make sense; the errors name the flags."""
-        for name, low, fix in (
-            ("top_latents", 0, "use 0 (every live latent) or more"),
-            ("top_images", 1, "use 1 or more"),
-            ("batch_size", 1, "use 1 or more"),
-            ("downstream_images", 0, "use 0 (skip the zero-shot check) or more"),
-        ):
-            value = getattr(self, name)
-            _check(value >= low, f"--{name.replace('_', '-')}", fix, value)
+        """Types and each field's rule; the errors name the flags (--top-images, ...)."""
+        try:
+            from_dict(type(self), dataclasses.asdict(self), where="")
+        except ConfigError as e:
+            flag = re.sub(r"^\w+", lambda m: "--" + m[0].replace("_", "-"), str(e))
+            raise ConfigError(flag) from None
 
 
 #: Marks a value the cluster YAMLs leave for the user to fill in (a bucket, a file system).

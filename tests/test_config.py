@@ -102,3 +102,71 @@ def test_the_searched_hyperparameters_are_declared_once():
     assert tuple(PARAMS) == NUMERIC_PARAMS
     fixed_nowhere = {name for names in SEARCHED.values() for name in names}
     assert fixed_nowhere == set(SEARCHED_PARAMS) - {"layer"} | {"num_latents"}
+
+
+@pytest.mark.parametrize(
+    "build, want",
+    [
+        (lambda: Config(), "data.path (got ''): set the dataset name"),
+        (lambda: _load("data.image_column=''"), "data.image_column (got ''): name the image"),
+        (lambda: _load("extract.layers=[9, 9]"), "extract.layers (got [9, 9]): give distinct"),
+        (lambda: _load("tune.pick_l0=[200, 20]"), "tune.pick_l0 (got [200, 20]): give [low"),
+        (lambda: _load("tune.gpus_per_trial=2"), "tune.gpus_per_trial (got 2): use 0 (CPU)"),
+        (lambda: _load("tune.objectives=[]"), "tune.objectives (got []): give at least one"),
+        (lambda: _load("data.seed=-1"), "data.seed (got -1): use a seed in 0..4294967295"),
+        (lambda: _load("train.steps=1e30"), "train.steps: expected an integer, got '1e30'"),
+        (lambda: _load("train.steps=10**19"), "train.steps: expected an integer"),
+        (lambda: _load("data.limit=10000000000000000000"), "data.limit (got 10000000000000000000)"),
+        (lambda: _load("train.lr_warmup_steps=9223372036854775808"), "use a number below 2**63"),
+        (lambda: _load("sweep.experiment=a/b"), "sweep.experiment 'a/b' is not a name"),
+        (
+            lambda: _load("sae.matryoshka_fractions=[0.5, 0.25]"),
+            "sae.matryoshka_fractions (got [0.5, 0.25]): use fractions that increase within (0, 1)",
+        ),
+    ],
+)
+def test_each_fields_own_rule_is_checked_with_its_type(build, want):
+    """The rules sit on their fields (sae.config.rule): a loaded config and one built in Python
+    are refused alike, in one line that names the field, the value and the fix."""
+    cfg = None
+    with pytest.raises(ConfigError) as e:
+        cfg = build()
+        cfg.validate()
+    assert want in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_built_in_python_is_checked_like_a_loaded_one():
+    cfg = _load()
+    cfg.tune.seed = 2**32
+    with pytest.raises(ConfigError, match=r"tune.seed \(got 4294967296\): use a seed in"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match=r"--top-images \(got 0\): use 1 or more"):
+        AnalyzeOptions(top_images=0).validate()
+
+
+def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
+    # `model:` with nothing under it is YAML's null; --set once failed on it
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\ndata:\n  path: some/dataset\n")
+    cfg = load_config(path, ["model.name_or_path=my/model"])
+    assert cfg.model.name_or_path == "my/model"
+
+
+def test_building_the_parser_reads_no_config(monkeypatch, capsys):
+    """The config fields in a command's --help (the demo's with the demo config's values) are
+    read when help is shown, not each time a command starts."""
+    import sweeps.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("build_parser read a config")
+
+    monkeypatch.setattr(cli, "load_config", refuse)
+    monkeypatch.setattr(cli, "config_help", refuse)
+    parser = cli.build_parser()
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--help"])
+    out = capsys.readouterr().out
+    demo = load_config(cli.DEMO_CONFIG)
+    assert f"  sweep.name = {demo.sweep.name!r}: " in out
+    assert "  train.normalize_input = True: " in out
