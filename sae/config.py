@@ -320,15 +320,3 @@ def field_help(cls) -> dict[str, str]:
             k: " ".join(v["description"].split()) for k, v in props.items() if "description" in v
         }
     return helps
-
-
-__all__ = [
-    "CONFIG",
-    "ConfigError",
-    "Float",
-    "SaeConfig",
-    "TrainConfig",
-    "from_dict",
-    "field_help",
-    "rule",
-]

@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from annotated_types import Ge, Gt, Le
-from pydantic import AfterValidator, BeforeValidator, with_config
-from pydantic_core import PydanticCustomError
+from pydantic import AfterValidator, with_config
 
 from sae.config import (
     CONFIG,
@@ -159,6 +159,7 @@ class ExtractConfig:
             "a cache is published by renaming its directory, which object stores cannot do: use "
             "a directory every node mounts (NFS, e.g. EFS at /mnt/shared as in cluster.yaml)",
         ),
+        DIRECTORY,
     ] = "cache"
     """Root of the content-addressed caches; shared storage (NFS/...) on a multi-node cluster."""
 
@@ -194,6 +195,17 @@ class ExtractConfig:
     """Images with more pixels (before or after resizing) are skipped as too_large."""
 
 
+def _not_a_file(path: str) -> bool:
+    """Whether a local directory field is one: it may not exist yet, but where it does (or any
+    folder above it does), that is a directory, not a file. A URI is not local."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return "://" in path or p.is_dir()
+
+
+DIRECTORY = rule(_not_a_file, "it, or a folder above it, is a file, not a directory")
+
 #: The objectives a sweep can have: each metric with its one sensible mode.
 _PAIRS = ", ".join(f"{m}:{mode}" for m, mode in OBJECTIVES.items())
 
@@ -201,13 +213,6 @@ _PAIRS = ", ".join(f"{m}:{mode}" for m, mode in OBJECTIVES.items())
 def _known(objective: str) -> bool:
     metric, _, mode = objective.rpartition(":")
     return OBJECTIVES.get(metric) == mode
-
-
-def _no_bool(value):
-    """pydantic's Literal[0, 1, 2] takes true for 1, strict or not."""
-    if isinstance(value, bool):
-        raise PydanticCustomError("literal_error", "not a bool", {"expected": "0, 1 or 2"})
-    return value
 
 
 @with_config(CONFIG)
@@ -302,7 +307,7 @@ class TuneConfig:
     show_top: PositiveInt = 10
     """Trials in the summary table."""
 
-    verbose: Annotated[Literal[0, 1, 2], BeforeValidator(_no_bool)] = 0
+    verbose: Annotated[int, Ge(0), Le(2)] = 0
     """Console output: 0 a progress bar and a line per trial event; 1 Tune's status tables;
     2 also every result (the --verbose flag)."""
 
@@ -319,10 +324,10 @@ class SweepConfig:
     name: Annotated[str, AfterValidator(lambda v: check_name(v, "sweep.name"))] = "sweep"
     """Sweep name: the Tune experiment directory and the MLflow experiment."""
 
-    out_dir: Annotated[str, rule(bool, "give a directory")] = "runs"
+    out_dir: Annotated[str, rule(bool, "give a directory"), DIRECTORY] = "runs"
     """Local output directory (Tune results and the MLflow SQLite store by default)."""
 
-    storage_path: str = ""
+    storage_path: Annotated[str, DIRECTORY] = ""
     """Tune's storage and the final SAEs: a directory (on a cluster, shared by every node, e.g.
     NFS) or a URI such as s3://bucket/sweeps; empty: <out_dir>/ray_results."""
 
@@ -397,9 +402,8 @@ class Config:
 
     def __post_init__(self):
         for section, name in PATH_FIELDS:  # `~/x` is the user's; readers do not expand it
-            value = getattr(getattr(self, section), name)
-            if isinstance(value, str) and value.startswith("~"):
-                setattr(getattr(self, section), name, str(Path(value).expanduser()))
+            body, value = getattr(self, section), getattr(getattr(self, section), name)
+            setattr(body, name, os.path.expanduser(value) if isinstance(value, str) else value)
         # Storage must be absolute for Ray; resolve local paths against where the command runs.
         storage = self.sweep.storage_path or str(Path(self.sweep.out_dir) / "ray_results")
         self.sweep.storage_path = storage if "://" in storage else str(Path(storage).resolve())
@@ -417,9 +421,6 @@ class Config:
             for name, value in dataclasses.asdict(getattr(self, section.name)).items():
                 fix = f"replace the placeholder {PLACEHOLDER}... with your own value"
                 _check(PLACEHOLDER not in str(value), f"{section.name}.{name}", fix, value)
-        for name in ("extract.cache_dir", "sweep.out_dir", "sweep.storage_path"):
-            section, _, field_name = name.partition(".")
-            _check_directory(getattr(getattr(self, section), field_name), name)
         for section in ("sae", "search"):  # the SAE library's and the search's own
             try:
                 getattr(self, section).validate()
@@ -506,17 +507,6 @@ def _cluster_tracking_uri() -> str:
     return path.read_text().strip() if path.is_file() else ""
 
 
-def _check_directory(path: str, name: str) -> None:
-    """A local directory field may not exist yet, but where it does (or any folder above it
-    does), that is a directory, not a file."""
-    if not path or "://" in path:
-        return
-    p = Path(path).expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    _check(p.is_dir(), name, f"{p} is a file, not a directory: give a directory", path)
-
-
 def _check(ok: bool, name: str, fix: str, value=dataclasses.MISSING) -> None:
     if not ok:
         got = "" if value is dataclasses.MISSING else f" (got {value!r})"
@@ -541,11 +531,10 @@ def from_mapping(values: dict, where: str = "") -> Config:
         )
     for section, searched in SEARCHED.items():
         for name in set(searched) & set(values.get(section) or ()):
-            raise ConfigError(
-                f"{section}.{name} is chosen per trial: set it under search.{name}"
-                if name != "num_latents"
-                else f"{section}.num_latents: the width comes from search.expansion_factor"
-            )
+            fix = f"is chosen per trial: set it under search.{name}"
+            if name == "num_latents":
+                fix = "is the width search.expansion_factor sets: set that"
+            raise ConfigError(f"{section}.{name} {fix}")
     cfg = from_dict(Config, {k: {} if v is None else v for k, v in values.items()}, where="")
     cfg.validate()
     return cfg
@@ -555,19 +544,16 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Apply `section.field=value` strings (value parsed as YAML) to a raw config mapping."""
     for item in overrides:
         target, sep, raw = item.partition("=")
-        section, dot, name = target.strip().partition(".")
+        section, _, name = target.strip().partition(".")
         _check(
-            bool(sep and dot and section and name),
-            f"override {item!r}",
-            "write it as section.field=value",
+            bool(sep and section and name), f"override {item!r}", "write it as section.field=value"
         )
         if values.get(section) is None:  # absent, or a section left empty in the file
             values[section] = {}
-        _check(
-            isinstance(values[section], dict), f"section {section}", "must be a mapping of fields"
-        )
+        body = values[section]
+        _check(isinstance(body, dict), f"section {section}", "give a mapping of fields")
         try:
-            values[section][name] = yaml.safe_load(raw)
+            body[name] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
     return values
@@ -577,18 +563,15 @@ def _read_yaml(path: Path) -> list:
     """The YAML documents of a config file, empty ones left out; syntax errors name the file,
     line and column."""
     try:
-        text = path.read_text()
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e)
-        context = getattr(e, "context", None)
+        detail = ", ".join(filter(None, [getattr(e, "context", None), problem]))
         hint = " (indent with spaces: YAML forbids tabs)" if "'\\t'" in problem else ""
-        detail = f"{context}, {problem}" if context else problem
         raise ConfigError(f"{where}: invalid YAML: {detail}{hint}") from None
     fix = "nested YAML aliases? A config is a few sections of fields"
     _check(not _too_big(docs, MAX_VALUES), f"{path} expands to more than {MAX_VALUES} values", fix)
@@ -605,17 +588,13 @@ def _too_big(value, limit: int) -> bool:
     """Whether `value` holds more than `limit` values once its aliases are expanded; stops
     counting there, so an alias bomb costs at most `limit` steps."""
     stack, seen = [value], 0
-    while stack:
+    while stack and seen <= limit:
         v = stack.pop()
         seen += 1
-        if seen > limit:
-            return True
-        if isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return False
+        stack += (
+            [*v.keys(), *v.values()] if isinstance(v, dict) else v if isinstance(v, list) else []
+        )
+    return seen > limit
 
 
 def load_configs(
@@ -636,11 +615,7 @@ def load_configs(
     configs = []
     for i, values in enumerate(docs):
         where = f"{path} (document {i + 1})" if len(docs) > 1 else str(path or "")
-        _check(
-            isinstance(values, dict),
-            where,
-            "a config is a mapping of sections (model:, data:, ...)",
-        )
+        _check(isinstance(values, dict), where, "a config is a mapping of sections (model:, ...)")
         _resolve_paths(values, base.resolve())
         configs.append(from_mapping(apply_overrides(values, list(overrides)), where))
     return configs
@@ -661,14 +636,11 @@ def _resolve_paths(values: dict, base: Path) -> None:
     for (section, name), maybe_hub in PATH_FIELDS.items():
         body = values.get(section)
         value = body.get(name) if isinstance(body, dict) else None
-        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
-            continue
-        if value.startswith("~"):  # the user's home: Config expands it
-            continue
+        if not value or not isinstance(value, str) or "://" in value or value[0] in "/~":
+            continue  # ~: the user's home, which Config expands
         resolved = base / value
-        if maybe_hub and not (resolved.exists() or value.startswith(("./", "../"))):
-            continue
-        body[name] = str(resolved)
+        if not maybe_hub or resolved.exists() or value.startswith(("./", "../")):
+            body[name] = str(resolved)
 
 
 def save_config(cfg: Config, path: Path) -> Path:
@@ -695,16 +667,12 @@ def load_config(
 def config_help(cfg: Config | None = None, width: int = 100) -> str:
     """Every `section.field` with its value in `cfg` (default: the defaults) and the first
     sentence of its help, wrapped to `width`, for the CLI; docs/configuration.md has the rest."""
-    import textwrap
-
-    cfg = cfg or Config()
-    lines = []
+    cfg, lines = cfg or Config(), []
     for section in dataclasses.fields(cfg):
-        lines.append(f"{section.name}:")
         body = getattr(cfg, section.name)
-        helps = field_help(type(body))
-        for f in dataclasses.fields(body):
-            first = re.split(r"(?<=\.)\s", helps.get(f.name, ""), maxsplit=1)[0]
-            text = f"{section.name}.{f.name} = {getattr(body, f.name)!r}: {first}"
+        lines.append(f"{section.name}:")
+        for name, text in field_help(type(body)).items():  # every field has help (a test)
+            first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+            text = f"{section.name}.{name} = {getattr(body, name)!r}: {first}"
             lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="      ")
     return "\n".join(lines)

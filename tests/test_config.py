@@ -59,7 +59,7 @@ def test_a_number_field_takes_yamls_numeric_strings_and_integers(value, want):
         ("tune.objectives=val/fvu:min", "tune.objectives: expected a list of strings"),
         ("search.points_to_evaluate=[3]", "search.points_to_evaluate[0]: expected a mapping"),
         ("model.dtype=half", "model.dtype: expected one of auto, float32, float16, bfloat16"),
-        ("tune.verbose=true", "tune.verbose: expected one of 0, 1, 2, got True"),
+        ("tune.verbose=true", "tune.verbose: expected an integer, got True"),
     ],
 )
 def test_nothing_else_is_converted(value, want):
