@@ -370,15 +370,17 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: give latent ids like 1,2,3") from None
 
 
-def _analyze_flags(cmd: argparse.ArgumentParser) -> None:
+def _analyze_flags() -> list[tuple[str, dict]]:
     """One flag per AnalyzeOptions field, its type from the annotation, its help the docstring."""
     helps, hints = field_help(AnalyzeOptions), typing.get_type_hints(AnalyzeOptions)
+    flags = []
     for f in dataclasses.fields(AnalyzeOptions):
         hint = hints[f.name]
         if isinstance(hint, types.UnionType):  # X | None: X
             hint = next(h for h in typing.get_args(hint) if h is not type(None))
         kind = {int: int, list[int]: _int_list}.get(hint)  # str: argparse's own
-        cmd.add_argument(f"--{f.name.replace('_', '-')}", type=kind, help=helps[f.name])
+        flags.append((f"--{f.name.replace('_', '-')}", {"type": kind, "help": helps[f.name]}))
+    return flags
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -417,62 +419,66 @@ class _Command(argparse.ArgumentParser):
         return super().format_help()
 
 
+def _commands() -> dict[str, tuple]:
+    """name: (its function, what it does, its own flags as (flag, add_argument's keywords))."""
+    switch = {"action": "store_true"}
+    verify = "on a cache hit, check every part against its checksum (reads the whole cache)"
+    overwrite = "delete an existing sweep of the same name (Tune state, SAEs, MLflow runs) "
+    register = "register the best trial's SAE as a new version of this MLflow model"
+    return {
+        "extract": (
+            cmd_extract,
+            "cache CLIP vision activations of a dataset",
+            [
+                ("--verify", switch | {"help": verify}),
+                ("--rebuild", switch | {"help": "delete this config's cache and build it again"}),
+            ],
+        ),
+        "demo": (cmd_demo, "the offline demo: a tiny CLIP, generated images, a real sweep", []),
+        "sweep": (
+            cmd_sweep,
+            "extract when the cache is missing, then run the sweep",
+            [("--overwrite", switch | {"help": overwrite + "before starting"})],
+        ),
+        "resume": (cmd_resume, "continue an interrupted sweep (same config)", []),
+        "best": (
+            cmd_best,
+            "the top trials and where their SAEs are",
+            [
+                ("--top", {"type": int, "default": 5, "help": "how many trials to list"}),
+                ("--register", {"metavar": "NAME", "help": register}),
+            ],
+        ),
+        "export": (
+            cmd_export,
+            "write a trial's SAE for sparsify and SAELens, with a model card",
+            [
+                ("--run-id", {"help": "MLflow run of the trial (default: the best one)"}),
+                (
+                    "--out",
+                    {"help": "output directory (default: <sweep.out_dir>/export/<trial id>)"},
+                ),
+            ],
+        ),
+        "analyze": (
+            cmd_analyze,
+            "latent statistics, top images, downstream checks, sweep plots",
+            _analyze_flags(),
+        ),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-sweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Command)
-    extract = sub.add_parser(
-        "extract",
-        help="cache CLIP vision activations of a dataset",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _common(extract)
-    extract.add_argument(
-        "--verify",
-        action="store_true",
-        help="on a cache hit, check every part against its checksum (reads the whole cache)",
-    )
-    extract.add_argument(
-        "--rebuild", action="store_true", help="delete this config's cache and build it again"
-    )
-    extract.set_defaults(func=cmd_extract)
-    commands = [
-        ("demo", cmd_demo, "the offline demo: a tiny CLIP, generated images, a real sweep"),
-        ("sweep", cmd_sweep, "extract when the cache is missing, then run the sweep"),
-        ("resume", cmd_resume, "continue an interrupted sweep (same config)"),
-        ("best", cmd_best, "the top trials and where their SAEs are"),
-        ("export", cmd_export, "write a trial's SAE for sparsify and SAELens, with a model card"),
-        ("analyze", cmd_analyze, "latent statistics, top images, downstream checks, sweep plots"),
-    ]
-    for name, func, text in commands:
+    for name, (func, text, flags) in _commands().items():
         cmd = sub.add_parser(
-            name,
-            help=text,
-            description=text,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            name, help=text, description=text, formatter_class=argparse.RawDescriptionHelpFormatter
         )
-        cmd.fields_of = DEMO_CONFIG if name == "demo" else None
+        cmd.fields_of = DEMO_CONFIG if name == "demo" else None  # its help shows the demo's
         _common(cmd)
-        if name == "sweep":
-            cmd.add_argument(
-                "--overwrite",
-                action="store_true",
-                help="delete an existing sweep of the same name (Tune state, SAEs, MLflow runs) "
-                "before starting",
-            )
-        if name == "best":
-            cmd.add_argument("--top", type=int, default=5, help="how many trials to list")
-            cmd.add_argument(
-                "--register",
-                metavar="NAME",
-                help="register the best trial's SAE as a new version of this MLflow model",
-            )
-        if name == "export":
-            cmd.add_argument("--run-id", help="MLflow run of the trial (default: the best one)")
-            cmd.add_argument(
-                "--out", help="output directory (default: <sweep.out_dir>/export/<trial id>)"
-            )
-        if name == "analyze":
-            _analyze_flags(cmd)
+        for flag, options in flags:
+            cmd.add_argument(flag, **options)
         cmd.set_defaults(func=func)
     return parser
 
