@@ -56,15 +56,14 @@ def rule(ok, fix: str) -> AfterValidator:
 #: Seeds reach numpy's and Optuna's generators, which take 0 .. 2**32 - 1.
 SEED_MAX = 2**32 - 1
 
-#: Numbers fit what consumes them, 64-bit integers (a huge step count once failed after Ray
-#: started).
-_FITS = rule(lambda v: abs(v) < 2**63, "use a number below 2**63")
+#: A float field: a finite number (CONFIG), or a string that reads as one.
+Float = Annotated[float, BeforeValidator(_number)]
 
-#: A float field: a number, or a string that reads as one.
-Float = Annotated[float, BeforeValidator(_number), _FITS]
+#: An integer that fits what consumes it: numpy's, torch's and Arrow's 64-bit integers (a seed
+#: of 2**64 once failed after Ray started).
+Int = Annotated[int, rule(lambda v: abs(v) < 2**63, "use a number below 2**63")]
 
 #: Bounded numbers, checked by pydantic with the types (`from_dict`).
-Int = Annotated[int, _FITS]
 Seed = Annotated[int, rule(lambda v: 0 <= v <= SEED_MAX, f"use a seed in 0..{SEED_MAX}")]
 PositiveInt = Annotated[Int, Gt(0)]
 Count = Annotated[Int, Ge(0)]

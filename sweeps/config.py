@@ -1,5 +1,6 @@
 """The sweep service's YAML config: one dataclass per section, read by pydantic
-(`sae.config.from_dict`); each field's docstring is its help text.
+(`sae.config.from_dict`). Each field's docstring is its help text; its bounds and its own rule
+(`sae.config.rule`) are in its annotation, checks across fields in `Config.validate`.
 
 A config file is a mapping of sections (`model:`, `data:`, `extract:`) to fields; `--set
 section.field=value` overrides take YAML values. Adding a section is adding a field to Config.
@@ -210,9 +211,14 @@ DIRECTORY = rule(_not_a_file, "it, or a folder above it, is a file, not a direct
 _PAIRS = ", ".join(f"{m}:{mode}" for m, mode in OBJECTIVES.items())
 
 
-def _known(objective: str) -> bool:
+def _known(objective: str) -> str:
+    """The objective if it is a metric with its mode, else a ValueError that names it."""
     metric, _, mode = objective.rpartition(":")
-    return OBJECTIVES.get(metric) == mode
+    if OBJECTIVES.get(metric) != mode:
+        raise ValueError(
+            f"tune.objectives (got {objective!r}): give metric:mode pairs from {_PAIRS}"
+        )
+    return objective
 
 
 @with_config(CONFIG)
@@ -249,7 +255,7 @@ class TuneConfig:
     objectives: Annotated[
         list[str],
         rule(bool, "give at least one metric:mode pair"),
-        rule(lambda v: all(_known(o) for o in v), f"give metric:mode pairs from {_PAIRS}"),
+        AfterValidator(lambda v: list(map(_known, v))),
     ] = field(default_factory=lambda: ["val/fvu:min", "val/l0:min"])
     """metric:mode pairs; several give a Pareto front. The default, reconstruction against
     sparsity, cannot be won by width or k alone."""
@@ -321,6 +327,8 @@ class TuneConfig:
 class SweepConfig:
     """Names and places of a sweep's results."""
 
+    # Names become paths (the Tune experiment, the SAEs) and MLflow names: identifiers only, so
+    # that none reaches outside the sweep's own directory (`--overwrite` deletes it).
     name: Annotated[str, AfterValidator(lambda v: check_name(v, "sweep.name"))] = "sweep"
     """Sweep name: the Tune experiment directory and the MLflow experiment."""
 

@@ -117,6 +117,7 @@ def test_the_searched_hyperparameters_are_declared_once():
         (lambda: _load("train.steps=1e30"), "train.steps: expected an integer, got '1e30'"),
         (lambda: _load("train.steps=10**19"), "train.steps: expected an integer"),
         (lambda: _load("data.limit=10000000000000000000"), "data.limit (got 10000000000000000000)"),
+        (lambda: _load("tune.objectives=[val/fvu:min, lr:max]"), "tune.objectives (got 'lr:max')"),
         (lambda: _load("train.lr_warmup_steps=9223372036854775808"), "use a number below 2**63"),
         (lambda: _load("sweep.experiment=a/b"), "sweep.experiment 'a/b' is not a name"),
         (
