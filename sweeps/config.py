@@ -35,12 +35,15 @@ from sae.config import (
     from_dict,
     rule,
 )
+from sweeps import storage
 from sweeps.space import SearchConfig
 from sweeps.vocabulary import (
     NO_OPTUNA_STORAGE,
     OBJECTIVES,
     check_model_name,
     check_name,
+    default_optuna_storage,
+    default_tracking_uri,
     searched_fields,
 )
 
@@ -374,21 +377,15 @@ class SweepConfig:
 
     def experiment_path(self) -> str:
         """The sweep's Tune experiment: an absolute directory or a URI (s3://...)."""
-        from sweeps import storage
-
         return storage.join(self.storage_path, self.name)
 
     def resolved_tracking_uri(self) -> str:
-        from sweeps.vocabulary import default_tracking_uri
-
         env = os.environ.get("MLFLOW_TRACKING_URI")
         uri = self.tracking_uri or env or _cluster_tracking_uri()
         return uri or default_tracking_uri(self.out_dir)
 
     def resolved_optuna_storage(self) -> str:
         """The URL of the study's copy, or "" for none."""
-        from sweeps.vocabulary import NO_OPTUNA_STORAGE, default_optuna_storage
-
         if self.optuna_storage.strip().lower() == NO_OPTUNA_STORAGE:
             return ""
         return self.optuna_storage or default_optuna_storage(self.out_dir)
