@@ -28,6 +28,11 @@ SHELL_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 PATH_ROOTS = ("sweeps", "sae", "benchmarks", "tests", "cluster")
 SHELL_OPERATORS = {"&&", "||", "|", ";", "&", ">", ">>", "<", "2>", "2>&1", "(", ")"}
 README_MAX_LINES = 300
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+FIELDS = (
+    "<!-- every field: written by `python tests/test_docs.py` from the fields' docstrings -->",
+    "<!-- end of every field -->",
+)
 
 
 @dataclasses.dataclass
@@ -426,3 +431,42 @@ def test_help_fits_a_terminal_and_shows_the_commands_own_defaults(command, capsy
     assert "  train.lr = None: Peak Adam learning rate." in lines
     source = "'folder'" if command == "demo" else "'hf'"
     assert any(line.startswith(f"  data.source = {source}: ") for line in lines)
+
+
+def fields_reference() -> str:
+    """Every field a config file sets, by section, with its default (as JSON, which YAML reads)
+    and its whole help: the reference at the end of docs/configuration.md."""
+    import json
+    import textwrap
+
+    from sae.config import field_help
+    from sweeps.config import SEARCHED, Config
+
+    cfg, lines = Config(), []
+    for section in dataclasses.fields(cfg):
+        body, searched = getattr(cfg, section.name), SEARCHED.get(section.name, ())
+        lines += ["", f"### `{section.name}`", ""]
+        for name, text in field_help(type(body)).items():
+            if name not in searched:
+                item = f"- `{section.name}.{name}` = `{json.dumps(getattr(body, name))}`: {text}"
+                lines += textwrap.wrap(item, 100, subsequent_indent="  ", break_on_hyphens=False)
+        if searched:
+            names = ", ".join(f"`{name}`" for name in searched)
+            lines += ["", f"Set per trial by the search (refused here): {names}."]
+    return "\n".join(lines[1:])
+
+
+def test_configuration_md_holds_every_fields_whole_help():
+    """`--help` shows a field's first sentence and sends the reader to docs/configuration.md,
+    which once listed the fields' names only."""
+    text = CONFIGURATION.read_text()
+    assert all(marker in text for marker in FIELDS), f"{CONFIGURATION} lost its markers {FIELDS}"
+    written = text.split(FIELDS[0])[1].split(FIELDS[1])[0].strip()
+    assert written == fields_reference(), "stale: run `python tests/test_docs.py` to rewrite it"
+
+
+if __name__ == "__main__":  # rewrite the field reference in docs/configuration.md
+    head, rest = CONFIGURATION.read_text().split(FIELDS[0])
+    CONFIGURATION.write_text(
+        f"{head}{FIELDS[0]}\n{fields_reference()}\n{FIELDS[1]}{rest.split(FIELDS[1])[1]}"
+    )
