@@ -295,7 +295,7 @@ def _one_line(cls, errors: list[dict], where: str) -> str:
         return f"{name} must be {BOUNDS[error['type']]} {bound} (got {error['input']!r})"
     if error["type"] == "value_error":  # a validator's own one-line message
         return str(error["ctx"]["error"])
-    fix = error.get("ctx", {}).get("fix") or FIXES.get(error["type"])
+    fix = error["msg"] if error["type"] == "rule" else FIXES.get(error["type"])
     if fix:
         return f"{name} (got {error['input']!r}): {fix}"
     return f"{name}: {error['msg']} (got {error['input']!r})"

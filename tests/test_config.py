@@ -171,3 +171,35 @@ def test_building_the_parser_reads_no_config(monkeypatch, capsys):
     demo = load_config(cli.DEMO_CONFIG)
     assert f"  sweep.name = {demo.sweep.name!r}: " in out
     assert "  train.normalize_input = True: " in out
+
+
+def test_num_latents_sets_the_width_from_one_latent_up():
+    assert SaeConfig(num_latents=1, k=1).resolve_num_latents(8) == 1
+    assert SaeConfig(expansion_factor=3).resolve_num_latents(8) == 24
+
+
+@pytest.mark.parametrize(
+    "sae, d_in, message",
+    [
+        (SaeConfig(k=0), None, "k must be > 0 (got 0)"),
+        (SaeConfig(expansion_factor=0), None, "expansion_factor must be > 0 (got 0) unless"),
+        (SaeConfig(), 0, "d_in must be > 0 (got 0)"),
+        (SaeConfig(k=17, num_latents=16), 8, "k=17 is larger than num_latents=16: lower k"),
+    ],
+)
+def test_an_sae_config_names_what_cannot_work(sae, d_in, message):
+    with pytest.raises(ValueError) as e:
+        sae.validate(d_in)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "sae, d_in",
+    [
+        (SaeConfig(expansion_factor=0, num_latents=1, k=1), 8),
+        (SaeConfig(expansion_factor=1, k=1), 1),
+        (SaeConfig(k=16, num_latents=16), 8),
+    ],
+)
+def test_an_sae_config_at_its_limits_is_valid(sae, d_in):
+    sae.validate(d_in)
