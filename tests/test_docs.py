@@ -442,13 +442,18 @@ def fields_reference() -> str:
     from sae.config import field_help
     from sweeps.config import SEARCHED, Config
 
-    cfg, lines = Config(), []
-    for section in dataclasses.fields(cfg):
-        body, searched = getattr(cfg, section.name), SEARCHED.get(section.name, ())
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls, searched = typing.get_type_hints(Config)[section.name], SEARCHED.get(section.name, ())
+        # As declared: a Config resolves some (storage_path) against where it is built
+        defaults = {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)
+        }
         lines += ["", f"### `{section.name}`", ""]
-        for name, text in field_help(type(body)).items():
+        for name, text in field_help(cls).items():
             if name not in searched:
-                item = f"- `{section.name}.{name}` = `{json.dumps(getattr(body, name))}`: {text}"
+                item = f"- `{section.name}.{name}` = `{json.dumps(defaults[name])}`: {text}"
                 lines += textwrap.wrap(item, 100, subsequent_indent="  ", break_on_hyphens=False)
         if searched:
             names = ", ".join(f"`{name}`" for name in searched)
